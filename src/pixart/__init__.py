@@ -1,0 +1,9 @@
+"""pixart: PixArt-α and PixArt-Σ text-to-image diffusion transformers — generate, train, ship."""
+
+from pixart.config import PRESETS, PixArtConfig, preset
+from pixart.errors import PixArtError
+from pixart.model import PixArtTransformer
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "PixArtConfig", "PixArtError", "PixArtTransformer", "preset", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from pixart.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""Model configuration for the PixArt transformer, and the presets of the released checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixart.errors import PixArtError
+
+FAMILIES = ("alpha", "sigma")
+
+
+@dataclass(frozen=True)
+class PixArtConfig:
+    """The shape of a PixArt transformer: everything needed to build it, nothing about sampling."""
+
+    family: str = "alpha"
+    """'alpha' or 'sigma'. Decides defaults the weights cannot tell (text length, null caption, VAE)."""
+
+    sample_size: int = 128
+    """Latent side the model was trained at (image side / 8): 32, 64, 128, 256 for 256…2048 px.
+    Sets the position-embedding base size (sample_size // patch_size)."""
+
+    pe_scale: float = 2.0
+    """Position-embedding interpolation scale (official `lewei_scale` / `pe_interpolation`,
+    diffusers `interpolation_scale`). Positions are divided by it so a 1024-px model (scale 2)
+    sees the same coordinate range as the 512-px model it was fine-tuned from."""
+
+    patch_size: int = 2
+    in_channels: int = 4
+    """Latent channels of the VAE (4 for the SD and SDXL VAEs)."""
+
+    learn_sigma: bool = True
+    """Predict the learned-range variance too: the output has 2 × in_channels channels."""
+
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+    caption_channels: int = 4096
+    """Width of the text-encoder features (T5-XXL: 4096)."""
+
+    model_max_length: int = 120
+    """Text tokens the model was trained with (α 120, Σ 300); the null caption has this length."""
+
+    micro_conditions: bool = False
+    """α-1024-MS only: add embeddings of the image (h, w) and aspect ratio to the timestep."""
+
+    kv_compress: dict[int, int] = field(default_factory=dict)
+    """Σ KV token compression: {layer index: downsampling factor}. Keys and values of those layers'
+    self-attention are pooled factor × factor by a learned depthwise conv."""
+
+    qk_norm: bool = False
+    """Σ option: LayerNorm on queries and keys of self-attention."""
+
+    def __post_init__(self) -> None:
+        # JSON turns dict keys into strings; accept them so a saved config reloads unchanged.
+        object.__setattr__(self, "kv_compress", {int(k): int(v) for k, v in dict(self.kv_compress).items()})
+        self.validate()
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def base_size(self) -> int:
+        """Token-grid side the position embedding is anchored to."""
+        return self.sample_size // self.patch_size
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> PixArtError:
+            return PixArtError(f"invalid model config: {name}={getattr(self, name)!r}: {why}")
+
+        if self.family not in FAMILIES:
+            raise bad("family", f"expected one of {', '.join(FAMILIES)}")
+        for name in (
+            "sample_size",
+            "patch_size",
+            "in_channels",
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "caption_channels",
+            "model_max_length",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "expected a positive integer")
+        if self.sample_size % self.patch_size:
+            raise bad("sample_size", f"must be a multiple of patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise bad("hidden_size", f"must be divisible by num_heads={self.num_heads}")
+        if (self.hidden_size // 2) % 2:
+            raise bad("hidden_size", "must be a multiple of 4 (2-D sin-cos position embedding)")
+        if not (isinstance(self.pe_scale, (int, float)) and math.isfinite(self.pe_scale) and self.pe_scale > 0):
+            raise bad("pe_scale", "expected a positive number")
+        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
+            raise bad("mlp_ratio", "expected a positive number")
+        if self.micro_conditions and self.hidden_size % 3:
+            raise bad("hidden_size", "must be divisible by 3 with micro_conditions (h, w, aspect ratio)")
+        for layer, factor in self.kv_compress.items():
+            if not 0 <= layer < self.depth:
+                raise bad("kv_compress", f"layer {layer} is outside 0..{self.depth - 1}")
+            if factor < 1:
+                raise bad("kv_compress", f"factor {factor} for layer {layer} must be >= 1")
+
+    def kv_factor(self, layer: int) -> int:
+        return self.kv_compress.get(layer, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PixArtConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PixArtError(
+                f"invalid model config: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> PixArtConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _alpha(image_size: int, micro_conditions: bool = False) -> PixArtConfig:
+    # Official α scripts: lewei_scale = {256: 1, 512: 1, 1024: 2}.
+    return PixArtConfig(
+        family="alpha",
+        sample_size=image_size // 8,
+        pe_scale={256: 1.0, 512: 1.0, 1024: 2.0}[image_size],
+        model_max_length=120,
+        micro_conditions=micro_conditions,
+    )
+
+
+def _sigma(image_size: int, kv_compress: dict[int, int] | None = None) -> PixArtConfig:
+    # Official Σ configs: pe_interpolation 0.5 / 1 / 2 / 4 for 256 / 512 / 1024 / 2048 px.
+    return PixArtConfig(
+        family="sigma",
+        sample_size=image_size // 8,
+        pe_scale={256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0}[image_size],
+        model_max_length=300,
+        kv_compress=kv_compress or {},
+    )
+
+
+def sigma_kv_compress(depth: int = 28, factor: int = 2) -> dict[int, int]:
+    """The Σ paper's KV-compression setting: the deeper half of the layers, factor 2."""
+    return {layer: factor for layer in range(depth // 2, depth)}
+
+
+PRESETS: dict[str, PixArtConfig] = {
+    "alpha-256": _alpha(256),
+    "alpha-512": _alpha(512),
+    "alpha-1024-ms": _alpha(1024, micro_conditions=True),  # also PixArt-LCM-XL-2-1024-MS
+    "sigma-256": _sigma(256),
+    "sigma-512-ms": _sigma(512),
+    "sigma-1024-ms": _sigma(1024),
+    "sigma-2k-ms": _sigma(2048),
+    # Tiny models for tests and CPU experiments; same code paths, seconds to run.
+    "debug-alpha": PixArtConfig(
+        family="alpha",
+        sample_size=8,
+        pe_scale=1.0,
+        hidden_size=48,
+        depth=2,
+        num_heads=2,
+        caption_channels=32,
+        model_max_length=16,
+        micro_conditions=True,
+    ),
+    "debug-sigma": PixArtConfig(
+        family="sigma",
+        sample_size=8,
+        pe_scale=1.0,
+        hidden_size=48,
+        depth=3,
+        num_heads=2,
+        caption_channels=32,
+        model_max_length=24,
+        kv_compress={1: 2, 2: 2},
+        qk_norm=True,
+    ),
+}
+"""Configs of the released XL-2 checkpoints (≈611 M parameters) and of small debug models."""
+
+
+def preset(name: str) -> PixArtConfig:
+    """Look up a preset by name, with an error that lists the known names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise PixArtError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None

@@ -1,0 +1,320 @@
+"""The PixArt-α / PixArt-Σ diffusion transformer (one file, official parameter names).
+
+Parameter names follow the official code (``x_embedder``, ``t_embedder``, ``t_block``, ``y_embedder``,
+``blocks.i.attn.qkv`` …) so an official checkpoint loads with no renaming; :mod:`pixart.convert`
+maps them to and from diffusers. The model only predicts: it knows nothing of noise schedules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pixart.config import PixArtConfig
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def sincos_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of scalars (timesteps, sizes): cos first, then sin, as in GLIDE/DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    args = values.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+
+def pos_embed_2d(dim: int, h: int, w: int, base_size: int, scale: float, device=None) -> torch.Tensor:
+    """2-D sin-cos position embedding of an h × w token grid, (h*w, dim).
+
+    Coordinates are stretched so that any grid spans the range of the base_size grid, then divided by
+    ``scale``; the first dim/2 channels encode the column (width) coordinate, the rest the row.
+    Frequencies are computed in float64 as the reference implementations do.
+    """
+    rows = torch.arange(h, dtype=torch.float32, device=device) / (h / base_size) / scale
+    cols = torch.arange(w, dtype=torch.float32, device=device) / (w / base_size) / scale
+    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")  # (h, w) each
+    dtype = torch.float32 if (device is not None and torch.device(device).type == "mps") else torch.float64
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=dtype, device=device) / (dim / 4))
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1).to(dtype)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([axis(grid_cols), axis(grid_rows)], dim=1).float()
+
+
+class Mlp(nn.Module):
+    """Two linears around an activation (official ``fc1``/``fc2`` names)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PatchEmbed(nn.Module):
+    """Latents (B, C, H, W) → tokens (B, H/p · W/p, D) by a strided convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar (timestep, or a size for micro-conditions) → 256-d sinusoid → MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sincos_embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype))
+
+
+class CaptionEmbedder(nn.Module):
+    """Projects T5 features to the model width; holds α's learned null caption ``y_embedding``."""
+
+    def __init__(self, caption_channels: int, hidden_size: int, max_length: int):
+        super().__init__()
+        self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
+        self.register_buffer("y_embedding", torch.randn(max_length, caption_channels) / caption_channels**0.5)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(y)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with optional Σ KV token compression and qk-norm.
+
+    With compression factor r > 1, keys and values (after projection and qk-norm) are pooled r × r
+    on the token grid by a depthwise conv (initialised to average pooling) followed by a LayerNorm;
+    the same ``sr``/``norm`` serve both, as in the official code.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kv_factor: int = 1, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.kv_factor = kv_factor
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        if kv_factor > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=kv_factor, stride=kv_factor, groups=dim)
+            self.norm = nn.LayerNorm(dim)
+        self.q_norm = nn.LayerNorm(dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim) if qk_norm else nn.Identity()
+
+    def compress(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        b, _, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, *hw)  # (B, C, h, w)
+        return self.norm(self.sr(x).flatten(2).transpose(1, 2))  # (B, h/r · w/r, C)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.kv_factor > 1:
+            k, v = self.compress(k, hw), self.compress(v, hw)
+        q, k, v = (t.reshape(b, -1, self.num_heads, c // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to caption tokens; padded caption tokens are masked out."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, c = x.shape
+        heads, head_dim = self.num_heads, c // self.num_heads
+        q = self.q_linear(x).reshape(b, n, heads, head_dim).transpose(1, 2)
+        k, v = (t.reshape(b, -1, heads, head_dim).transpose(1, 2) for t in self.kv_linear(y).chunk(2, dim=-1))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class PixArtBlock(nn.Module):
+    """Self-attention and MLP modulated by adaLN-single; cross-attention to text in between."""
+
+    def __init__(self, config: PixArtConfig, kv_factor: int = 1):
+        super().__init__()
+        c = config.hidden_size
+        self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(c, config.num_heads, kv_factor=kv_factor, qk_norm=config.qk_norm)
+        self.cross_attn = CrossAttention(c, config.num_heads)
+        self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(c, int(c * config.mlp_ratio), c)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, c) / c**0.5)
+
+    def forward(self, x, y, t0, mask, hw):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t0.reshape(x.shape[0], 6, -1)
+        ).chunk(6, dim=1)  # each (B, 1, C)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw)
+        x = x + self.cross_attn(x, y, mask)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, modulation by the timestep embedding t (not t0), linear to patch² · out channels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def text_attention_mask(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop padding columns no caption in the batch uses and turn the mask into an SDPA key mask.
+
+    Trimming is exact (masked keys have zero weight) and makes cross-attention cheaper: captions are
+    padded to 120/300 tokens but usually use a few dozen. Returns (y, mask (B, 1, 1, L) bool or None).
+    """
+    if mask is None:
+        return y, None
+    keep = mask.to(device=y.device, dtype=torch.bool).reshape(y.shape[0], -1).clone()
+    keep[~keep.any(dim=1)] = True  # an all-padding caption attends to everything, as with diffusers' -10000 bias
+    length = int(keep.any(dim=0).nonzero().max()) + 1
+    y, keep = y[:, :length], keep[:, :length]
+    return y, (None if bool(keep.all()) else keep[:, None, None, :])
+
+
+class PixArtTransformer(nn.Module):
+    """PixArt-α/Σ: noisy latents, timesteps and T5 caption features → ε (and variance) prediction."""
+
+    def __init__(self, config: PixArtConfig):
+        super().__init__()
+        self.config = config
+        c = config.hidden_size
+        self.gradient_checkpointing = False
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, c)
+        self.t_embedder = TimestepEmbedder(c)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+        self.y_embedder = CaptionEmbedder(config.caption_channels, c, config.model_max_length)
+        if config.micro_conditions:
+            self.csize_embedder = TimestepEmbedder(c // 3)  # image (h, w), one embedding each
+            self.ar_embedder = TimestepEmbedder(c // 3)  # aspect ratio h / w
+        self.blocks = nn.ModuleList(PixArtBlock(config, config.kv_factor(i)) for i in range(config.depth))
+        self.final_layer = FinalLayer(c, config.patch_size, config.out_channels)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official initialisation, which matters when training from scratch."""
+
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight.data  # like a linear on the flattened patch
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        embedders = [self.t_embedder] + (
+            [self.csize_embedder, self.ar_embedder] if self.config.micro_conditions else []
+        )
+        for emb in embedders:
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)  # each block starts as identity on the text path
+            nn.init.zeros_(block.cross_attn.proj.bias)
+            if block.attn.kv_factor > 1:  # KV compression starts as plain average pooling
+                nn.init.constant_(block.attn.sr.weight, 1.0 / block.attn.kv_factor**2)
+                nn.init.zeros_(block.attn.sr.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    def pos_embed(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        key = (h, w, str(device))
+        if key not in self._pos_cache:
+            cfg = self.config
+            self._pos_cache[key] = pos_embed_2d(cfg.hidden_size, h, w, cfg.base_size, cfg.pe_scale, device)[None]
+        return self._pos_cache[key]
+
+    def embed_timestep(self, timestep, resolution=None, aspect_ratio=None) -> torch.Tensor:
+        """Timestep (+ micro-conditions) → t, (B, C)."""
+        t = self.t_embedder(timestep)
+        if self.config.micro_conditions:
+            if resolution is None or aspect_ratio is None:
+                raise ValueError("this model has micro-conditions: pass resolution (B, 2) and aspect_ratio (B,)")
+            b = t.shape[0]
+            resolution = resolution.reshape(-1, 2).to(t.device).expand(b, 2)
+            aspect_ratio = aspect_ratio.reshape(-1, 1).to(t.device).expand(b, 1)
+            csize = self.csize_embedder(resolution.reshape(-1)).reshape(b, -1)  # (B, 2C/3): h then w
+            ar = self.ar_embedder(aspect_ratio.reshape(-1)).reshape(b, -1)  # (B, C/3)
+            t = t + torch.cat([csize, ar], dim=1)
+        return t
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        resolution: torch.Tensor | None = None,
+        aspect_ratio: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict noise (and variance) for latents.
+
+        x: (B, in_channels, H, W) latents, H and W multiples of patch_size.
+        timestep: (B,) or scalar diffusion timesteps in [0, 1000).
+        y: (B, L, caption_channels) caption features; mask: (B, L), 1 for real tokens, 0 for padding.
+        resolution: (B, 2) image (height, width) in pixels; aspect_ratio: (B,) height / width
+        (both only for models with micro-conditions).
+        Returns (B, out_channels, H, W).
+        """
+        b, _, height, width = x.shape
+        p = self.config.patch_size
+        h, w = height // p, width // p
+        x = x.to(self.dtype)
+        x = self.x_embedder(x) + self.pos_embed(h, w, x.device).to(x.dtype)  # (B, h*w, C)
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
+        t = self.embed_timestep(timestep, resolution, aspect_ratio).to(x.dtype)  # (B, C)
+        t0 = self.t_block(t)  # (B, 6C)
+        y, mask = text_attention_mask(y, mask)
+        y = self.y_embedder(y.to(x.dtype))  # (B, L, C)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, t0, mask, (h, w), use_reentrant=False)
+            else:
+                x = block(x, y, t0, mask, (h, w))
+        x = self.final_layer(x, t)  # (B, h*w, p*p*out)
+        return self.unpatchify(x, h, w)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h*w, p*p*C) → (B, C, h*p, w*p)."""
+        p, c = self.config.patch_size, self.config.out_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)

@@ -1,0 +1,148 @@
+"""The transformer on its own: shapes, the official initialisation, KV compression, config checks."""
+
+import pytest
+import torch
+
+from pixart import PixArtConfig, PixArtError, PixArtTransformer, preset
+from pixart.model import pos_embed_2d
+
+
+def inputs(cfg, b=2, h=8, w=12, valid=(5, 9)):
+    x = torch.randn(b, cfg.in_channels, h, w)
+    t = torch.tensor([10.0, 700.0])[:b]
+    y = torch.randn(b, cfg.model_max_length, cfg.caption_channels)
+    mask = torch.zeros(b, cfg.model_max_length, dtype=torch.long)
+    for i, n in enumerate(valid[:b]):
+        mask[i, :n] = 1
+    res = torch.tensor([[h * 8.0, w * 8.0]] * b)
+    ar = torch.tensor([h / w] * b)
+    return x, t, y, mask, res, ar
+
+
+def perturbed(cfg):
+    torch.manual_seed(0)
+    model = PixArtTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name", ["debug-alpha", "debug-sigma"])
+def test_output_shape_non_square(name):
+    cfg = preset(name)
+    model = perturbed(cfg)
+    out = model(*inputs(cfg, h=6, w=10))
+    assert out.shape == (2, cfg.out_channels, 6, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_fresh_model_predicts_zero():
+    # The final linear is zero-initialised, so an untrained model predicts exactly zero.
+    cfg = preset("debug-alpha")
+    out = PixArtTransformer(cfg)(*inputs(cfg))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_official_init_values():
+    cfg = preset("debug-sigma")
+    model = PixArtTransformer(cfg)
+    for block in model.blocks:
+        assert torch.equal(block.cross_attn.proj.weight, torch.zeros_like(block.cross_attn.proj.weight))
+    attn = model.blocks[1].attn
+    assert attn.kv_factor == 2
+    assert torch.allclose(attn.sr.weight, torch.full_like(attn.sr.weight, 0.25))
+    assert model.blocks[0].attn.kv_factor == 1 and not hasattr(model.blocks[0].attn, "sr")
+
+
+def test_padding_does_not_change_the_output():
+    # Extra padding tokens (whatever their features) must not change the prediction.
+    cfg = preset("debug-alpha")
+    model = perturbed(cfg)
+    x, t, y, mask, res, ar = inputs(cfg)
+    y2 = y.clone()
+    y2[mask == 0] = torch.randn_like(y2[mask == 0]) * 100
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, y, mask, res, ar), model(x, t, y2, mask, res, ar), atol=1e-6)
+
+
+def test_kv_compress_factor_one_equals_plain_attention():
+    base = preset("debug-sigma").replace(kv_compress={})
+    plain = perturbed(base)
+    compressed_cfg = base.replace(kv_compress={0: 1, 1: 1, 2: 1})
+    compressed = PixArtTransformer(compressed_cfg).eval()
+    compressed.load_state_dict(plain.state_dict())
+    args = inputs(base)
+    with torch.no_grad():
+        assert torch.equal(plain(*args), compressed(*args))
+
+
+def test_kv_compress_as_average_pooling():
+    # At init (sr = average pooling) and with the LayerNorm's affine at identity, compressed keys equal
+    # LayerNorm(avg_pool(k)).
+    cfg = preset("debug-sigma")
+    attn = PixArtTransformer(cfg).blocks[1].attn
+    k = torch.randn(2, 6 * 10, cfg.hidden_size)
+    pooled = torch.nn.functional.avg_pool2d(k.transpose(1, 2).reshape(2, -1, 6, 10), 2).flatten(2).transpose(1, 2)
+    expected = torch.nn.functional.layer_norm(pooled, (cfg.hidden_size,))
+    assert torch.allclose(attn.compress(k, (6, 10)), expected, atol=1e-5)
+
+
+def test_pos_embed_layout():
+    # First half encodes the column (width) coordinate, sin before cos; the origin token is sin 0, cos 1.
+    emb = pos_embed_2d(16, 3, 5, base_size=4, scale=1.0)
+    assert emb.shape == (15, 16)
+    assert torch.equal(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))
+    assert torch.equal(emb[1, 8:], emb[0, 8:])  # same row, next column: the height half is unchanged
+    assert not torch.equal(emb[1, :8], emb[0, :8])
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    cfg = preset("debug-sigma")
+    model = perturbed(cfg).train()
+    args = inputs(cfg)
+
+    def grads():
+        model.zero_grad()
+        model(*args).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.gradient_checkpointing = True
+    for a, b in zip(plain, grads(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_micro_conditions_required():
+    cfg = preset("debug-alpha")
+    x, t, y, mask, _, _ = inputs(cfg)
+    with pytest.raises(ValueError, match="micro-conditions"):
+        PixArtTransformer(cfg)(x, t, y, mask)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"family": "gamma"}, "family='gamma'"),
+        ({"hidden_size": 50}, "hidden_size=50"),
+        ({"depth": 0}, "depth=0"),
+        ({"pe_scale": float("nan")}, "pe_scale"),
+        ({"kv_compress": {40: 2}}, "layer 40"),
+        ({"hidden_size": 64, "num_heads": 2, "micro_conditions": True}, "divisible by 3"),
+    ],
+)
+def test_config_validation_names_the_bad_value(changes, message):
+    with pytest.raises(PixArtError, match=message):
+        preset("debug-alpha").replace(**changes)
+
+
+def test_config_round_trips_through_dict():
+    cfg = preset("sigma-1024-ms").replace(kv_compress={14: 2, 20: 4})
+    data = cfg.to_dict()
+    data["kv_compress"] = {str(k): v for k, v in data["kv_compress"].items()}  # as JSON gives it back
+    assert PixArtConfig.from_dict(data) == cfg
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(PixArtError, match="alpha-1024-ms"):
+        preset("alpha-2048")
