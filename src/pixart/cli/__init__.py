@@ -1,7 +1,8 @@
 """The `pixart` command: a thin shell over the library. Each subcommand lives in its own module here.
 
-A subcommand module defines ``register(subparsers)``, which adds its parser and sets ``func`` to a
-function taking the parsed arguments and returning an exit code.
+Every public module of this package is a subcommand: it defines ``register(subparsers)``, which adds
+its parser and sets ``func`` to a function taking the parsed arguments and returning an exit code.
+Adding a command is adding a module; nothing here lists them.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 import sys
 
 from pixart import __version__
 from pixart.errors import PixArtError
 
-COMMANDS: tuple[str, ...] = ()
-"""Subcommand modules of pixart.cli, in the order `pixart --help` lists them."""
+
+def command_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pixart {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in command_modules():
         importlib.import_module(f"pixart.cli.{name}").register(subparsers)
     return parser
 

@@ -1,0 +1,112 @@
+"""Tiny real components for tests: a diffusers PixArt pipeline folder with random weights.
+
+Everything is a real class users have (T5EncoderModel, ByT5Tokenizer, AutoencoderKL,
+PixArtTransformer2DModel, DPMSolverMultistepScheduler), only small, so tests run in seconds and
+never touch the network. ByT5's tokenizer is byte-level and needs no vocabulary file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+)
+from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+T5_WIDTH = 32
+"""Feature width of the tiny text encoder (the caption_channels of the tiny transformers)."""
+
+
+def tiny_text_encoder(seed: int = 0) -> tuple[ByT5Tokenizer, T5EncoderModel]:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=384,
+        d_model=T5_WIDTH,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return ByT5Tokenizer(), T5EncoderModel(config).eval()
+
+
+def tiny_vae(seed: int = 0, scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """An AutoencoderKL with the real VAE's downsampling factor of 8 (four blocks) and 4 latent channels."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    ).eval()
+
+
+def tiny_transformer(family: str = "alpha", seed: int = 0) -> PixArtTransformer2DModel:
+    """A 2-layer diffusers PixArt transformer with every weight random and non-zero.
+
+    Shaped like the 1024-px releases (sample_size 128, position-embedding scale 2) because diffusers'
+    α pipeline passes micro-conditions only when sample_size == 128; α has them, Σ does not.
+    """
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=24,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=48,
+        sample_size=128,
+        patch_size=2,
+        caption_channels=T5_WIDTH,
+        interpolation_scale=2,
+        use_additional_conditions=(family == "alpha"),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def scheduler() -> DPMSolverMultistepScheduler:
+    # The released pipelines' scheduler: 1000 linear betas 1e-4…0.02, DPM-Solver++ 2M.
+    return DPMSolverMultistepScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000
+    )
+
+
+def build_pipeline(family: str = "alpha", seed: int = 0):
+    tokenizer, text_encoder = tiny_text_encoder(seed)
+    cls = PixArtAlphaPipeline if family == "alpha" else PixArtSigmaPipeline
+    vae = tiny_vae(seed, scaling_factor=0.18215 if family == "alpha" else 0.13025)
+    return cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=tiny_transformer(family, seed),
+        scheduler=scheduler(),
+    )
+
+
+def save_pipeline(path: str | Path, family: str = "alpha", seed: int = 0) -> Path:
+    """Write a diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, vae/, transformer/,
+    scheduler/) that both diffusers and pixart load."""
+    path = Path(path)
+    build_pipeline(family, seed).save_pretrained(path)
+    return path
