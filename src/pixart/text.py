@@ -1,0 +1,246 @@
+"""The T5 text side of PixArt: caption cleaning, tokenisation and encoding to (features, mask).
+
+Captions are preprocessed the way diffusers' PixArt pipelines do it, so features match theirs: always
+lower-cased and stripped; with ``clean=True`` (the default) also the DeepFloyd-IF cleaning (URLs, HTML,
+@names, CJK, odd punctuation, mojibake via ftfy), applied twice as diffusers does. The full cleaning
+needs the ``clean`` extra (ftfy, beautifulsoup4); without it only lower-casing and stripping happen.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import logging
+import re
+import urllib.parse as ul
+import warnings
+from pathlib import Path
+
+import torch
+
+from pixart.errors import PixArtError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = {"alpha": 120, "sigma": 300}
+"""T5 tokens per caption each family was trained with (PixArt-α paper §3.1; Σ raised it for long captions).
+Also the length of α's learned null caption ``y_embedding``."""
+
+QUANTIZATIONS = ("int8-dynamic", "8bit", "4bit")
+"""Ways to shrink T5: dynamic int8 linears on CPU (torch), or bitsandbytes 8/4-bit (CUDA only)."""
+
+# DeepFloyd-IF caption cleaning as (pattern, replacement) steps, in the order diffusers applies them.
+_URL = r"[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)"
+_BEFORE_HTML = (
+    (r"<person>", "person"),
+    (r"\b((?:https?:(?:\/{1,3}|[a-zA-Z0-9%])|" + _URL + r"))", ""),
+    (r"\b((?:www:(?:\/{1,3}|[a-zA-Z0-9%])|" + _URL + r"))", ""),
+)
+_DASHES = (
+    r"[\u002D\u058A\u05BE\u1400\u1806\u2010-\u2015\u2E17\u2E1A\u2E3A\u2E3B\u2E40\u301C\u3030\u30A0"
+    r"\uFE31\uFE32\uFE58\uFE63\uFF0D]+"
+)
+_AFTER_HTML = (
+    (r"@[\w\d]+\b", ""),  # @nicknames
+    # CJK strokes, katakana extensions, enclosed CJK, CJK compatibility, ideographs (ext. A, main), Yijing
+    (r"[\u31c0-\u31ef\u31f0-\u31ff\u3200-\u32ff\u3300-\u33ff\u3400-\u4dbf\u4dc0-\u4dff\u4e00-\u9fff]+", ""),
+    (_DASHES, "-"),
+    (r"[`´«»“”¨]", '"'),
+    (r"[‘’]", "'"),
+    (r"&quot;?", ""),
+    (r"&amp", ""),
+    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),  # IP addresses
+    (r"\d:\d\d\s+$", ""),  # article ids
+    (r"\\n", " "),
+    (r"#\d{1,3}\b", ""),
+    (r"#\d{5,}\b", ""),
+    (r"\b\d{6,}\b", ""),
+    (r"[\S]+\.(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)", ""),  # file names
+    (r"[\"\']{2,}", '"'),
+    (r"[\.]{2,}", " "),
+    (r"[#®•©™&@·º½¾¿¡§~)(\]\[}{|\\/*]+", " "),  # decorative punctuation: ***SALE***
+    (r"\s+\.\s+", " "),
+)
+_AFTER_FTFY = (
+    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""),  # product codes: jc6640
+    (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),
+    (r"\b\d+[a-zA-Z]+\d+\b", ""),
+    (r"(worldwide\s+)?(free\s+)?shipping", ""),
+    (r"(free\s)?download(\sfree)?", ""),
+    (r"\bclick\b\s(?:for|on)\s\w+", ""),
+    (r"\b(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)(\simage[s]?)?", ""),
+    (r"\bpage\s+\d+\b", ""),
+    (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),
+    (r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),  # sizes: 1920x1080
+    (r"\b\s+\:\s+", ": "),
+    (r"(\D[,\./])\b", r"\1 "),
+    (r"\s+", " "),
+    (r"^[\"\']([\w\W]+)[\"\']$", r"\1"),
+    (r"^[\'\_,\-\:;]", ""),
+    (r"[\'\_,\-\:\-\+]$", ""),
+    (r"^\.\S+$", ""),
+)
+
+
+def full_cleaning_available() -> bool:
+    """Whether the optional ``clean`` extra (ftfy, beautifulsoup4) is installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("ftfy", "bs4"))
+
+
+def _sub_all(rules: tuple[tuple[str, str], ...], text: str) -> str:
+    for pattern, replacement in rules:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def _clean_once(caption: str) -> str:
+    import ftfy
+    from bs4 import BeautifulSoup
+
+    caption = ul.unquote_plus(str(caption)).strip().lower()
+    caption = _sub_all(_BEFORE_HTML, caption)
+    caption = BeautifulSoup(caption, features="html.parser").text
+    caption = _sub_all(_AFTER_HTML, caption)
+    # snake_or-kebab-case file-name-like captions become words; a dash or two stays
+    if len(re.findall(r"[-_]", caption)) > 3:
+        caption = re.sub(r"[-_]", " ", caption)
+    caption = html.unescape(html.unescape(ftfy.fix_text(caption)))
+    return _sub_all(_AFTER_FTFY, caption).strip()
+
+
+def preprocess_caption(caption: str, clean: bool = True) -> str:
+    """A caption as T5 should see it: lower-cased and stripped, plus the full cleaning when asked and available."""
+    if clean and full_cleaning_available():
+        # Twice, as diffusers does: one pass can expose patterns (e.g. nested quotes) for the next.
+        return _clean_once(_clean_once(caption))
+    return caption.lower().strip()
+
+
+class TextEncoder:
+    """A T5 tokenizer and encoder that turn captions into the (features, mask) a PixArt transformer reads."""
+
+    def __init__(self, tokenizer, model: torch.nn.Module):
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        *,
+        subfolder: str | None = "text_encoder",
+        tokenizer_subfolder: str | None = "tokenizer",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        quantization: str | None = None,
+    ) -> TextEncoder:
+        """Load tokenizer and T5 encoder, by default from a diffusers pipeline folder or hub id.
+
+        ``quantization``: None, "int8-dynamic" (CPU), "8bit" or "4bit" (bitsandbytes, CUDA only).
+        """
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        device = torch.device(device or "cpu")
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise PixArtError(f"unknown T5 quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+        if quantization in ("8bit", "4bit") and device.type != "cuda":
+            raise PixArtError(f"T5 {quantization} quantization (bitsandbytes) needs CUDA; on CPU use int8-dynamic")
+        if quantization == "int8-dynamic" and device.type != "cpu":
+            raise PixArtError(f"dynamic int8 quantization of T5 runs on CPU only, not {device.type}")
+        model_kwargs: dict = {"dtype": dtype} if dtype is not None else {}
+        if quantization in ("8bit", "4bit"):
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise PixArtError(f"T5 {quantization} quantization needs bitsandbytes: pip install bitsandbytes")
+            from transformers import BitsAndBytesConfig
+
+            bits = {"load_in_8bit": True} if quantization == "8bit" else {"load_in_4bit": True}
+            model_kwargs.update(quantization_config=BitsAndBytesConfig(**bits), device_map={"": device.index or 0})
+        source = str(path_or_hub_id)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **_sub(tokenizer_subfolder))
+            model = T5EncoderModel.from_pretrained(source, **_sub(subfolder), **model_kwargs)
+        except OSError as err:
+            raise PixArtError(f"cannot load the T5 text encoder from {source!r}: {_first_line(err)}") from None
+        if quantization not in ("8bit", "4bit"):
+            model = model.to(device)
+        if quantization == "int8-dynamic":
+            model = quantize_int8_dynamic(model)
+        return cls(tokenizer, model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters(), torch.empty(0)).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
+    @property
+    def width(self) -> int:
+        """Feature channels per token (4096 for T5-XXL); must equal the transformer's caption_channels."""
+        return int(self.model.config.d_model)
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: list[str], max_length: int, clean: bool = True, batch_size: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode captions to features (B, max_length, C) and mask (B, max_length) long, 1 = token, 0 = padding.
+
+        Captions are padded to max_length; longer ones are truncated with a warning saying how many
+        tokens were dropped. Duplicate captions are encoded once.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(max_length, int) or max_length < 1:
+            raise PixArtError(f"max tokens must be a positive integer, got {max_length!r}")
+        texts = [preprocess_caption(p, clean) for p in prompts]
+        unique = list(dict.fromkeys(texts))
+        features, masks = [], []
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start : start + batch_size]
+            self._warn_truncation(chunk, max_length)
+            tokens = self.tokenizer(
+                chunk,
+                padding="max_length",
+                max_length=max_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            )
+            ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+            features.append(self.model(ids, attention_mask=mask)[0])
+            masks.append(mask.long())
+        index = torch.tensor([unique.index(t) for t in texts], device=self.device)
+        return torch.cat(features)[index], torch.cat(masks)[index]
+
+    def _warn_truncation(self, texts: list[str], max_length: int) -> None:
+        for text in texts:
+            dropped = len(self.tokenizer(text, add_special_tokens=True).input_ids) - max_length
+            if dropped > 0:
+                log.warning(
+                    "caption truncated to %d tokens, %d token(s) dropped: %r", max_length, dropped, _preview(text)
+                )
+
+
+def quantize_int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """Int8 weights for every nn.Linear, activations quantised on the fly: ~4× less T5 memory on CPU."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch marks eager quantization deprecated in favour of torchao; it still works and torchao is optional.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=UserWarning)
+        return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _sub(subfolder: str | None) -> dict:
+    return {"subfolder": subfolder} if subfolder else {}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
