@@ -1,0 +1,426 @@
+"""`TrainConfig`: everything a training run needs, as typed sections loaded from a TOML file.
+
+A run is described by one TOML file (a recipe) with one table per section, plus ``--section.key=value``
+overrides from the command line. Shipped recipes live in ``pixart/recipes/*.toml``; a recipe is a
+file, not a registry entry, so it can be copied and edited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pixart.errors import PixArtError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes and how it is seeded."""
+
+    output_dir: str = "runs/pixart"
+    """Run directory: checkpoints/, validation/, logs/ and final.safetensors are written here."""
+
+    seed: int = 0
+    """Seeds the data order and every sample's noise, timestep and caption dropout."""
+
+    resume: str = ""
+    """'' to start fresh, 'latest' for the newest complete checkpoint in output_dir, or a checkpoint path."""
+
+
+@dataclass
+class ModelConfig:
+    """The transformer to train and where the text encoder and VAE come from."""
+
+    source: str = ""
+    """Checkpoint to fine-tune: a hub id, a diffusers pipeline or transformer folder, an official .pth or
+    our .safetensors. Leave empty to train from scratch from `preset`."""
+
+    preset: str = ""
+    """Preset name (see `pixart.config.PRESETS`) for training from scratch; empty when fine-tuning."""
+
+    pipeline: str = ""
+    """Pipeline folder or hub id holding tokenizer/, text_encoder/ and vae/. Empty: use `source`."""
+
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass: less memory, about 30% more compute."""
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how it is batched."""
+
+    dataset: str = ""
+    """Image folder, Hugging Face dataset id, or webdataset tar path/pattern. Not needed with `cache`."""
+
+    cache: str = ""
+    """Feature-cache folder made by `pixart cache`: precomputed T5 features and VAE latents."""
+
+    image_size: int = 1024
+    """Training resolution: the aspect-ratio bucket table (256, 512, 1024 or 2048)."""
+
+    batch_size: int = 1
+    """Samples per micro-step summed over all processes (each process gets batch_size / processes)."""
+
+    caption_column: str = "text"
+    """Caption column for Hugging Face datasets."""
+
+    num_workers: int = 0
+    """Data-loader worker processes per training process."""
+
+
+@dataclass
+class DiffusionConfig:
+    """The training objective."""
+
+    caption_dropout: float = 0.1
+    """Probability of replacing a caption by the null caption, so the model learns classifier-free guidance."""
+
+    null_caption: str = "auto"
+    """What a dropped caption becomes: 'embedding' (the model's learned y_embedding, α-style), 't5' (the T5
+    features of ""), or 'auto' (embedding for the alpha family, t5 for sigma)."""
+
+    snr_gamma: float = 0.0
+    """Min-SNR-γ weighting of the ε-MSE term (5.0 is the paper's value); 0 turns it off."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, precision and the update step."""
+
+    optimizer: str = "adamw"
+    """'adamw' (torch) or 'came' (pip install came-pytorch; the Σ recipe)."""
+
+    lr: float = 2e-5
+    """Peak learning rate, reached after the warmup."""
+
+    weight_decay: float = 0.03
+    """Decoupled weight decay."""
+
+    betas: list[float] = field(default_factory=list)
+    """Optimizer betas; empty for the defaults: AdamW (0.9, 0.999), CAME (0.9, 0.999, 0.9999)."""
+
+    eps: float = 1e-10
+    """AdamW epsilon (official 1e-10). CAME keeps its own (1e-30, 1e-16)."""
+
+    grad_clip: float = 0.01
+    """Clip the global gradient norm to this (official 0.01); 0 disables clipping."""
+
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16'. Mixed precision needs a GPU: on a CPU it is refused."""
+
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (official α 0.9999); 0 disables."""
+
+
+@dataclass
+class ScheduleConfig:
+    """How long to train and the learning-rate curve."""
+
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means run `epochs` epochs."""
+
+    epochs: int = 1
+    """Passes over the data when max_steps is 0."""
+
+    warmup_steps: int = 0
+    """Linear warmup from 0 to `lr` over this many steps (official 1000)."""
+
+    lr_schedule: str = "constant"
+    """After warmup: 'constant' or 'cosine' (decays to 0 at the last step)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints."""
+
+    every: int = 500
+    """Write a checkpoint every this many optimizer steps (and at the end); 0 only at the end."""
+
+    keep_last: int = 3
+    """Keep only the newest this many checkpoints."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics and progress."""
+
+    every: int = 10
+    """Log loss, learning rate and samples/s every this many steps."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN/logs."""
+
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install wandb)."""
+
+    wandb_project: str = "pixart"
+    """Weights & Biases project name."""
+
+    progress: bool = True
+    """Show a progress bar with loss and samples/s."""
+
+
+@dataclass
+class ValidationConfig:
+    """Images rendered from fixed prompts during training, written as PNGs to RUN/validation."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Prompts to render; empty disables validation."""
+
+    every: int = 0
+    """Render every this many steps (and at the end); 0 only at the end."""
+
+    steps: int = 20
+    """Sampler steps per image."""
+
+    guidance_scale: float = 4.5
+    """Classifier-free guidance scale."""
+
+    image_size: int = 0
+    """Image side in pixels; 0 means data.image_size."""
+
+    seed: int = 0
+    """Seed of the initial noise, so images are comparable across steps."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning: only the adapters are trained, optimized and checkpointed."""
+
+    rank: int = 0
+    """Adapter rank; 0 trains the full model."""
+
+    alpha: float = 0.0
+    """Adapter scaling numerator (scale = alpha / rank); 0 means alpha = rank."""
+
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Layers to adapt, in pixart.lora's naming."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check values the types alone do not constrain; raise PixArtError naming the first bad one."""
+        m, d, o, s = self.model, self.data, self.optim, self.schedule
+        if bool(m.source) == bool(m.preset):
+            raise PixArtError("model: set exactly one of model.source (fine-tune) or model.preset (from scratch)")
+        if m.preset and not m.pipeline and not d.cache:
+            raise PixArtError("model.pipeline is required with model.preset: the folder holding text_encoder/ and vae/")
+        if not d.dataset and not d.cache:
+            raise PixArtError("data: set data.dataset (images + captions) or data.cache (a feature cache folder)")
+        if d.dataset and d.cache:
+            raise PixArtError("data: set only one of data.dataset and data.cache")
+        _choice("data.image_size", d.image_size, (256, 512, 1024, 2048))
+        _choice("diffusion.null_caption", self.diffusion.null_caption, ("auto", "embedding", "t5"))
+        _choice("optim.optimizer", o.optimizer, ("adamw", "came"))
+        _choice("optim.mixed_precision", o.mixed_precision, ("no", "fp16", "bf16"))
+        _choice("schedule.lr_schedule", s.lr_schedule, ("constant", "cosine"))
+        _in_range("diffusion.caption_dropout", self.diffusion.caption_dropout, 0.0, 1.0)
+        _in_range("optim.ema_decay", o.ema_decay, 0.0, 1.0, high_open=True)
+        for name, value in [
+            ("diffusion.snr_gamma", self.diffusion.snr_gamma),
+            ("optim.weight_decay", o.weight_decay),
+            ("optim.grad_clip", o.grad_clip),
+            ("lora.alpha", self.lora.alpha),
+            ("validation.guidance_scale", self.validation.guidance_scale),
+        ]:
+            _in_range(name, value, 0.0, math.inf)
+        if not (o.lr > 0 and math.isfinite(o.lr)):
+            raise PixArtError(f"optim.lr={o.lr!r}: expected a positive number")
+        if not o.eps > 0:
+            raise PixArtError(f"optim.eps={o.eps!r}: expected a positive number")
+        want_betas = 3 if o.optimizer == "came" else 2
+        if o.betas and (len(o.betas) != want_betas or not all(0 <= b < 1 for b in o.betas)):
+            raise PixArtError(f"optim.betas={o.betas!r}: {o.optimizer} takes {want_betas} values in [0, 1)")
+        for name, value, low in [
+            ("data.batch_size", d.batch_size, 1),
+            ("data.num_workers", d.num_workers, 0),
+            ("optim.grad_accum", o.grad_accum, 1),
+            ("schedule.max_steps", s.max_steps, 0),
+            ("schedule.epochs", s.epochs, 1),
+            ("schedule.warmup_steps", s.warmup_steps, 0),
+            ("checkpoint.every", self.checkpoint.every, 0),
+            ("checkpoint.keep_last", self.checkpoint.keep_last, 1),
+            ("logging.every", self.logging.every, 1),
+            ("validation.every", self.validation.every, 0),
+            ("validation.steps", self.validation.steps, 1),
+            ("validation.image_size", self.validation.image_size, 0),
+            ("lora.rank", self.lora.rank, 0),
+        ]:
+            if value < low:
+                raise PixArtError(f"{name}={value!r}: expected an integer >= {low}")
+        if self.validation.image_size % 8:
+            raise PixArtError(f"validation.image_size={self.validation.image_size}: expected a multiple of 8")
+        if self.lora.rank and not self.lora.targets:
+            raise PixArtError("lora.targets is empty: name the layers to adapt, e.g. to_q,to_k,to_v,to_out.0")
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise PixArtError(f"{name}={value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    ok = math.isfinite(value) or high == math.inf and value == math.inf
+    ok = ok and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bound = ")" if high_open else "]"
+        raise PixArtError(f"{name}={value!r}: expected a number in [{low}, {high}{bound}")
+
+
+def recipes_dir() -> Path:
+    """The folder of recipes shipped with the package."""
+    return Path(str(resources.files("pixart") / "recipes"))
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A TOML file path as given, or the shipped recipe of that name (``pokemon-lora``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = recipes_dir() / f"{name_or_path}.toml"
+    if path.suffix == "" and shipped.is_file():
+        return shipped
+    known = ", ".join(recipe_names())
+    raise PixArtError(f"config {str(name_or_path)!r} is neither a TOML file nor a shipped recipe; recipes: {known}")
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a TOML recipe (file path or shipped recipe name), apply ``section.key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = resolve_recipe(name_or_path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise PixArtError(f"config {path}: not valid TOML: {err}") from None
+    config = from_dict(data)
+    for item in overrides:
+        apply_override(config, item)
+    config.validate()
+    return config
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from nested dicts, checking every key and type (not the ranges)."""
+    config = TrainConfig()
+    sections = _fields(TrainConfig)
+    for section_name, values in data.items():
+        if section_name not in sections:
+            raise PixArtError(f"unknown config section {section_name!r}; known sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise PixArtError(f"config section {section_name!r} must be a table ([{section_name}])")
+        section = getattr(config, section_name)
+        for key, value in values.items():
+            _set(section, section_name, key, value, from_text=False)
+    return config
+
+
+def apply_override(config: TrainConfig, item: str) -> None:
+    """Apply one ``section.key=value`` override, parsing value to the field's type."""
+    name, sep, text = item.removeprefix("--").partition("=")
+    section_name, dot, key = name.partition(".")
+    if not sep or not dot:
+        raise PixArtError(f"override {item!r}: expected --section.key=value, e.g. --optim.lr=1e-5")
+    sections = _fields(TrainConfig)
+    if section_name not in sections:
+        raise PixArtError(f"override {item!r}: unknown section {section_name!r}; known sections: {', '.join(sections)}")
+    _set(getattr(config, section_name), section_name, key, text, from_text=True)
+
+
+def _fields(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _set(section: Any, section_name: str, key: str, value: Any, from_text: bool) -> None:
+    fields = _fields(type(section))
+    if key not in fields:
+        raise PixArtError(f"unknown key {section_name}.{key!r}; known keys of [{section_name}]: {', '.join(fields)}")
+    kind = fields[key]
+    try:
+        parsed = _parse_text(kind, value) if from_text else _check_type(kind, value)
+    except (TypeError, ValueError):
+        raise PixArtError(f"{section_name}.{key}={value!r}: expected {_type_name(kind)}") from None
+    setattr(section, key, parsed)
+
+
+def _parse_text(kind: Any, text: str) -> Any:
+    if kind is str:
+        return text
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(text)
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    item = typing.get_args(kind)[0]
+    if text.strip().startswith("["):  # a TOML array, for values that contain commas
+        try:
+            return _check_type(kind, tomllib.loads(f"v = {text}")["v"])
+        except tomllib.TOMLDecodeError:
+            raise ValueError(text) from None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    return [_parse_text(item, p) for p in parts]
+
+
+def _check_type(kind: Any, value: Any) -> Any:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, bool, str):
+        if type(value) is not kind:
+            raise TypeError(value)
+        return value
+    origin = typing.get_origin(kind)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(value)
+        item = typing.get_args(kind)[0]
+        return [_check_type(item, v) for v in value]
+    raise TypeError(f"unsupported field type {kind}")  # pragma: no cover
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) in (list, types.GenericAlias):
+        return f"a list of {_type_name(typing.get_args(kind)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
