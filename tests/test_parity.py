@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
-from tiny import save_pipeline
 
 from pixart import PixArtTransformer, preset
 from pixart.convert import load_transformer, save_diffusers
+from tiny import save_pipeline
 
 TOLERANCE = 1e-5
 

@@ -142,7 +142,9 @@ def to_diffusers_state_dict(state_dict: dict[str, torch.Tensor], config: PixArtC
             raise PixArtError(f"{ours} has shape {tuple(tensor.shape)}, which does not split in {len(theirs)}")
         # Clones: safetensors refuses to save views that share one storage.
         parts = tensor.chunk(len(theirs)) if len(theirs) > 1 else (tensor,)
-        out.update({name: (part.clone() if len(theirs) > 1 else part) for name, part in zip(theirs, parts)})
+        out.update(
+            {name: (part.clone() if len(theirs) > 1 else part) for name, part in zip(theirs, parts, strict=True)}
+        )
     _check_consumed(source, "state dict")
     return out
 
