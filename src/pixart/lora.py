@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pixart.config import PixArtConfig
+from pixart.convert import diffusers_key_map
 from pixart.errors import PixArtError
 
 logger = logging.getLogger(__name__)
@@ -46,45 +47,18 @@ TARGET_GROUPS = {
 }
 """Names accepted in ``add_lora(targets=…)`` for the linears of every block."""
 
-BLOCK_MODULES = {
-    "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-    "attn.proj": ("attn1.to_out.0",),
-    "cross_attn.q_linear": ("attn2.to_q",),
-    "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
-    "cross_attn.proj": ("attn2.to_out.0",),
-    "mlp.fc1": ("ff.net.0.proj",),
-    "mlp.fc2": ("ff.net.2",),
-}
-"""Linears of block i (``blocks.i.…``) → diffusers' ``transformer_blocks.i.…``; fused ones split by output rows."""
-
-TOP_MODULES = {
-    "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
-    "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
-    "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
-    "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
-    "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
-    "t_block.1": "adaln_single.linear",
-    "y_embedder.y_proj.fc1": "caption_projection.linear_1",
-    "y_embedder.y_proj.fc2": "caption_projection.linear_2",
-    "final_layer.linear": "proj_out",
-}
-"""Linears outside the blocks → diffusers names."""
-
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # peft's PeftModel.save_pretrained writes keys under this prefix
 
 
 def diffusers_module_names(config: PixArtConfig) -> dict[str, tuple[str, ...]]:
-    """Every linear LoRA can target: our module name → the diffusers module(s) holding its output rows."""
-    names = {ours: (theirs,) for ours, theirs in TOP_MODULES.items()}
-    if not config.micro_conditions:
-        names = {k: v for k, v in names.items() if not k.startswith(("csize_", "ar_"))}
-    for i in range(config.depth):
-        for ours, theirs in BLOCK_MODULES.items():
-            names[f"blocks.{i}.{ours}"] = tuple(f"transformer_blocks.{i}.{t}" for t in theirs)
-    return names
+    """Our module name → the diffusers module(s) holding its output rows (several for a fused linear)."""
+    return {
+        ours.removesuffix(".weight"): tuple(t.removesuffix(".weight") for t in theirs)
+        for ours, theirs in diffusers_key_map(config)
+        if ours.endswith(".weight")
+    }
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
