@@ -167,6 +167,11 @@ class TextEncoder:
             model = quantize_int8_dynamic(model)
         return cls(tokenizer, model)
 
+    def to(self, device: str | torch.device) -> TextEncoder:
+        """Move the encoder (e.g. between CPU and GPU for model offload); returns self."""
+        self.model.to(device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters(), torch.empty(0)).device

@@ -1,0 +1,153 @@
+"""`pixart generate`: prompts in, PNGs (with their generation settings as metadata) out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pixart.errors import PixArtError
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  pixart generate "a red fox in the snow" --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS
+  pixart generate --prompts-file prompts.txt --num-images 4 --seed 7 --width 1024 --height 768
+  pixart generate "a castle" --model PixArt-alpha/PixArt-LCM-XL-2-1024-MS --sampler lcm
+  pixart generate "a castle" --model ./my-pipeline --transformer ./finetuned.pth --low-memory
+  pixart generate --from-png outputs/00003-42.png      # reproduce an image from its metadata
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from pixart.sampling import SAMPLERS
+
+    p = subparsers.add_parser(
+        "generate",
+        help="generate images from text prompts",
+        description="Generate images from text prompts with a PixArt-α or PixArt-Σ model. "
+        "Each PNG carries its prompt, seed and settings as text metadata.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts")
+    p.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--from-png", type=Path, help="reproduce the image whose PNG metadata is in this file")
+    p.add_argument("--negative-prompt", help='what to steer away from (default: the model\'s null caption, T5 of "")')
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="diffusers pipeline folder or hub id (default: the bundled demo model)")
+    m.add_argument("--transformer", help="other transformer weights: official .pth, pixart .safetensors or a folder")
+    m.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
+    m.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    m.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16")
+    m.add_argument("--low-memory", action="store_true", help="load T5, transformer and VAE one at a time")
+    m.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+    m.add_argument("--t5-int8", action="store_true", help="dynamic int8 quantisation of T5 (CPU)")
+    m.add_argument("--t5-bits", type=int, metavar="{8,4}", help="bitsandbytes 8- or 4-bit T5 (CUDA only)")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: dpm++, lcm for LCM models)")
+    s.add_argument("--steps", type=int, help="denoising steps (default: the sampler's, e.g. dpm++ 20, lcm 4)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale, ≤ 1 is off (default 4.5; lcm 1)")
+    s.add_argument("--seed", type=int, help="seed of the first image; the k-th image uses seed + k (default random)")
+    s.add_argument("--num-images", type=int, help="images per prompt (default 1)")
+    s.add_argument("--batch-size", type=int, help="images denoised together (default 1)")
+    s.add_argument("--width", type=int, help="image width in pixels (default: the model's, e.g. 1024)")
+    s.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    s.add_argument(
+        "--no-binning",
+        action="store_true",
+        help="sample at exactly width × height (multiples of 16) instead of the nearest trained aspect-ratio bin",
+    )
+    s.add_argument("--max-tokens", type=int, help="T5 tokens per prompt (default: α 120, Σ 300)")
+    s.add_argument("--no-clean", action="store_true", help="skip caption cleaning (lower-casing still happens)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default ./outputs)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pixart.lora import parse_lora_spec
+    from pixart.pipeline import GenerationOptions, PixArtPipeline, save_image
+
+    prompts, options, model, transformer = _inputs(args, GenerationOptions)
+    loras = [parse_lora_spec(spec) for spec in args.lora]
+    if args.t5_int8 and args.t5_bits:
+        raise PixArtError("choose one of --t5-int8 and --t5-bits")
+    if args.t5_bits not in (None, 8, 4):
+        raise PixArtError(f"--t5-bits {args.t5_bits} is not supported; use 8 or 4")
+    quantization = "int8-dynamic" if args.t5_int8 else (f"{args.t5_bits}bit" if args.t5_bits else None)
+
+    pipe = PixArtPipeline.from_pretrained(
+        model,
+        transformer,
+        device=args.device,
+        dtype=args.dtype,
+        low_memory=args.low_memory,
+        vae_tiling=args.vae_tiling,
+        t5_quantization=quantization,
+        loras=loras,
+    )
+    images = pipe(prompts, options)
+    for image in images:
+        print(save_image(image, args.out))
+    log.info("%s", pipe.last_run.summary())
+    return 0
+
+
+def _inputs(args: argparse.Namespace, options_cls):
+    """Prompts, options, model and transformer from the command line (or from --from-png)."""
+    given = {
+        "negative_prompt": args.negative_prompt,
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "width": args.width,
+        "height": args.height,
+        "binning": False if args.no_binning else None,
+        "max_tokens": args.max_tokens,
+        "clean": False if args.no_clean else None,
+        "batch_size": args.batch_size,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.from_png is None:
+        prompts = list(args.prompts)
+        if args.prompts_file is not None:
+            prompts += _read_prompts_file(args.prompts_file)
+        if not prompts:
+            raise PixArtError("no prompt given: pass prompts as arguments, --prompts-file or --from-png")
+        return prompts, options_cls(**given), args.model, args.transformer
+    if args.prompts or args.prompts_file:
+        raise PixArtError("--from-png takes the prompt from the image; do not also give prompts")
+    info = _png_text(args.from_png)
+    prompt, saved = options_cls.from_metadata(info)
+    # Flags given on the command line win over the image's settings.
+    model, transformer = args.model or info.get("model"), args.transformer or info.get("transformer")
+    return [prompt], saved.replace(**given), model, transformer
+
+
+def _read_prompts_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PixArtError(f"prompts file {path} does not exist") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise PixArtError(f"cannot read prompts file {path}: {err}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PixArtError(f"prompts file {path} has no prompts (expected one prompt per line)")
+    return prompts
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return {k: v for k, v in image.info.items() if isinstance(v, str)}
+    except FileNotFoundError:
+        raise PixArtError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise PixArtError(f"cannot read {path} as an image: {err}") from None
