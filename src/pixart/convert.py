@@ -10,6 +10,8 @@ tell (image size and family for an official .pth).
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -166,12 +168,10 @@ def _scalar(value: float) -> float | int:
 
 def diffusers_config(config: PixArtConfig) -> dict[str, Any]:
     """The config.json of a diffusers PixArtTransformer2DModel equal to our config, every field explicit."""
-    import diffusers
-
     check_diffusers_compatible(config)
     return {
         "_class_name": "PixArtTransformer2DModel",
-        "_diffusers_version": diffusers.__version__,
+        "_diffusers_version": importlib.metadata.version("diffusers"),
         "num_attention_heads": config.num_heads,
         "attention_head_dim": config.head_dim,
         "in_channels": config.in_channels,
@@ -197,13 +197,33 @@ def diffusers_config(config: PixArtConfig) -> dict[str, Any]:
     }
 
 
-def _diffusers_defaults(class_name: str) -> dict[str, Any]:
-    import inspect
+_DIFFUSERS_FIELDS = (
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "sample_size",
+    "patch_size",
+    "caption_channels",
+    "cross_attention_dim",
+    "norm_type",
+    "activation_fn",
+    "attention_bias",
+    "norm_elementwise_affine",
+    "attention_type",
+)
 
+
+def _with_diffusers_defaults(class_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Fill fields a config.json leaves out with that diffusers class's defaults."""
+    if all(name in config for name in _DIFFUSERS_FIELDS):
+        return dict(config)  # importing diffusers costs seconds; configs it writes list every field
     import diffusers
 
     init = inspect.signature(getattr(diffusers, class_name).__init__)
-    return {name: p.default for name, p in init.parameters.items() if p.default is not inspect.Parameter.empty}
+    defaults = {name: p.default for name, p in init.parameters.items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, **config}
 
 
 def config_from_diffusers(
@@ -220,7 +240,7 @@ def config_from_diffusers(
             f"diffusers config is for {class_name!r}, not a PixArt transformer "
             "(expected Transformer2DModel or PixArtTransformer2DModel)"
         )
-    cfg = {**_diffusers_defaults(class_name), **diffusers_config_dict}
+    cfg = _with_diffusers_defaults(class_name, diffusers_config_dict)
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     required = {
         "norm_type": "ada_norm_single",
@@ -387,7 +407,7 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # torch raises pickle, zip and key errors alike for bad files
         text = str(err)
         if "Weights only load failed" in text:
-            culprit = re.search(r"Unsupported global: ([^\s]+)", text)
+            culprit = re.search(r"Unsupported global: (?:GLOBAL )?(\S+)", text)
             detail = f" ({culprit.group(1)})" if culprit else ""
             raise PixArtError(
                 f"refusing to load {path}: it holds pickled objects other than tensors{detail}, which could run code"
@@ -418,9 +438,12 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception:
         raise PixArtError(f"cannot read {path}: truncated or corrupt safetensors file") from None
+    # Tensors at unaligned addresses take other CPU matmul kernels and give outputs that differ in the
+    # last bits from the same weights loaded from a .pth; aligned copies make every format compute alike.
+    return {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in tensors.items()}
 
 
 def _read_pixart(path: Path, config: PixArtConfig | None, **hints: Any) -> tuple[dict, PixArtConfig]:
