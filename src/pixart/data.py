@@ -479,6 +479,8 @@ class BatchLoader:
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise PixArtError(f"batch size must be a positive integer, got {batch_size!r}")
+        if flip and not getattr(data, "supports_flip", True):
+            raise PixArtError("this feature cache was built without --flip; rebuild it with --flip to train with flips")
         self.data = data
         self.batch_size = batch_size
         self.options = dict(
