@@ -19,6 +19,7 @@ from pixart.convert import (
     diffusers_config,
     from_diffusers_state_dict,
     load_transformer,
+    placeholder_y_embedding,
     save_diffusers,
     save_official,
     save_pixart,
@@ -231,6 +232,9 @@ def test_sharded_diffusers_folder_loads(tmp_path):
     state, expected = loaded.state_dict(), original.state_dict()
     # diffusers' own save has no null caption; everything else must come back exactly.
     assert all(torch.equal(state[k], expected[k]) for k in expected if k != "y_embedder.y_embedding")
+    # …which is the documented placeholder, so callers can tell it from a real null caption.
+    assert torch.equal(loaded.y_embedder.y_embedding, placeholder_y_embedding(ALPHA_1024_MS))
+    assert not torch.equal(original.y_embedder.y_embedding, placeholder_y_embedding(ALPHA_1024_MS))
 
 
 def test_state_dict_helpers_are_inverse_and_strict():

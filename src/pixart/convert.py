@@ -619,16 +619,24 @@ def load_transformer(
     return _build(state_dict, config, str(path)).to(device=device, dtype=dtype or torch.float32).eval()
 
 
+def placeholder_y_embedding(config: PixArtConfig) -> torch.Tensor:
+    """The null-caption buffer given to models whose checkpoint has none (diffusers folders).
+
+    Only official checkpoints carry α's null caption; diffusers pipelines encode "" with T5 instead.
+    This fills the buffer the way the official model initialises it, from a fixed seed, so loads are
+    reproducible and callers can tell it from a real one by comparing with this function's result.
+    """
+    generator = torch.Generator().manual_seed(0)
+    shape = (config.model_max_length, config.caption_channels)
+    return torch.randn(shape, generator=generator) / config.caption_channels**0.5
+
+
 def _build(state_dict: dict[str, torch.Tensor], config: PixArtConfig, what: str) -> PixArtTransformer:
     _check_shapes(state_dict, config, what)
     state_dict = dict(state_dict)
     if Y_EMBEDDING not in state_dict:
-        # Only official checkpoints carry α's null caption; diffusers pipelines encode "" with T5 instead.
-        # Fill the buffer the way the official model initialises it, seeded so loads are reproducible.
-        log.debug("%s has no %s; using a fixed random one", what, Y_EMBEDDING)
-        generator = torch.Generator().manual_seed(0)
-        shape = (config.model_max_length, config.caption_channels)
-        state_dict[Y_EMBEDDING] = torch.randn(shape, generator=generator) / config.caption_channels**0.5
+        log.debug("%s has no %s; using the placeholder", what, Y_EMBEDDING)
+        state_dict[Y_EMBEDDING] = placeholder_y_embedding(config)
     with torch.device("meta"):  # skip the random init of weights about to be replaced
         model = PixArtTransformer(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
