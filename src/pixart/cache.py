@@ -173,6 +173,8 @@ def build_cache(
     )
     fingerprint = _hash(depends)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PixArtError(f"cache output {out} is a file; expected a folder (new or a previous cache)")
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete cache; drop an old one first so a killed run never looks finished.
     (out / MANIFEST).unlink(missing_ok=True)
@@ -373,7 +375,6 @@ class FeatureCache:
                 sample["latent_mean"] = f.get_slice(f"latent_mean{suffix}")[row]
                 sample["latent_std"] = f.get_slice(f"latent_std{suffix}")[row]
             sample["key"] = json.loads(meta["keys"])[row]
-            sample["caption"] = json.loads(meta["captions"])[row]
             rows.append(sample)
         length, width = self.max_tokens, rows[0]["text_features"].shape[-1]
         features = torch.zeros(len(rows), length, width)
@@ -388,7 +389,6 @@ class FeatureCache:
             "text_mask": mask,
             "resolution": torch.stack([s["resolution"] for s in rows]),
             "aspect_ratio": torch.full((len(rows),), ratio, dtype=torch.float32),
-            "caption": [s["caption"] for s in rows],
             "key": [s["key"] for s in rows],
         }
         return batch, []

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
 
@@ -269,7 +270,7 @@ class ImageDataset:
         self.fingerprint = source.fingerprint()
         self.records: list[Record] = []
         self.skipped: list[tuple[str, str]] = []
-        for key, caption, locator, header in source.scan():
+        for key, caption, locator, header in tqdm(source.scan(), desc="reading image sizes", unit="img", leave=False):
             if caption is None:
                 self.skipped.append((key, "no caption"))
                 continue
