@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from pixart import PixArtConfig, PixArtError, PixArtTransformer, preset
+from pixart.cli import main as cli_main
 from pixart.convert import (
     config_from_diffusers,
     convert_checkpoint,
@@ -327,6 +328,8 @@ def test_corrupt_and_foreign_files_are_one_line_errors(tmp_path):
     save_file(tiny_vae().state_dict(), tmp_path / "vae.safetensors")
     torch.save({"model": {"w": torch.zeros(2)}, "note": "hi"}, tmp_path / "other.pth")
     tiny_vae().save_pretrained(tmp_path / "vae-folder")
+    save_diffusers(model, tmp_path / "diffusers")
+    (tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "loose.safetensors")
     (tmp_path / "empty").mkdir()
     (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
 
@@ -337,6 +340,8 @@ def test_corrupt_and_foreign_files_are_one_line_errors(tmp_path):
         "vae.safetensors": r"vae\.safetensors is not a PixArt transformer checkpoint",
         "other.pth": r"other\.pth is not a PixArt checkpoint: expected a dict of tensors",
         "vae-folder": r"'AutoencoderKL', not a PixArt transformer",
+        "loose.safetensors": r"loose\.safetensors holds diffusers-named weights; load their folder",
+        "diffusers": r"diffusers has no diffusion_pytorch_model\.safetensors or .*index\.json",
         "empty": r"empty is neither a diffusers transformer folder .* nor a pipeline folder",
         "weights.bin": r"cannot load .*weights\.bin: expected an official \.pth",
         "missing.pth": r"no such file or directory: .*missing\.pth",
@@ -406,13 +411,7 @@ def test_convert_checkpoint_refuses_to_overwrite_and_checks_the_output_name(tmp_
         convert_checkpoint(tmp_path / "a.safetensors", tmp_path / "b.onnx", "onnx")
 
 
-def test_cli_bad_input_and_offline_hub_id_are_one_line_errors(tmp_path):
-    done = run_cli("convert", "nowhere.pth", "out.safetensors", "--to", "pixart", cwd=tmp_path)
-    assert done.returncode == 2
-    assert (
-        done.stderr.strip() == "error: no such file or directory: nowhere.pth (expected a checkpoint path or a hub id)"
-    )
-
+def test_cli_offline_hub_id_is_a_one_line_error(tmp_path):
     done = run_cli(
         "convert", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "out.safetensors", "--to", "pixart", cwd=tmp_path
     )
@@ -424,8 +423,19 @@ def test_cli_bad_input_and_offline_hub_id_are_one_line_errors(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_cli_help_lists_formats_and_options(tmp_path):
-    done = run_cli("convert", "--help", cwd=tmp_path)
-    assert done.returncode == 0
-    for text in ("diffusers,official,pixart", "--image-size", "--family", "--num-heads", "hub id"):
-        assert text in done.stdout
+# In-process through the same entry point, to keep the suite fast: each `pixart` process imports every command.
+def test_cli_missing_source_is_a_one_line_error(tmp_path, capsys):
+    assert cli_main(["convert", str(tmp_path / "nowhere.pth"), str(tmp_path / "o.safetensors"), "--to", "pixart"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: no such file or directory: {tmp_path / 'nowhere.pth'} (expected a checkpoint path or a hub id)\n"
+    )
+
+
+def test_cli_help_lists_formats_and_options(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["convert", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("diffusers,official,pixart", "--image-size", "--family", "--num-heads", "hub id", "examples:"):
+        assert text in out

@@ -312,6 +312,8 @@ def config_from_state_dict(
     image_size defaults to a size in ``name`` (a file name such as PixArt-XL-2-512x512.pth), else 1024;
     family to the null caption length (120 α, 300 Σ); num_heads to width / 72 as in every release.
     """
+    if "adaln_single.linear.weight" in state_dict:
+        raise PixArtError(f"{name or 'checkpoint'} holds diffusers-named weights; load their folder (with config.json)")
     if "x_embedder.proj.weight" not in state_dict or "final_layer.linear.weight" not in state_dict:
         keys = ", ".join(sorted(state_dict)[:3]) or "nothing"
         raise PixArtError(f"{name or 'checkpoint'} is not a PixArt transformer checkpoint (it holds {keys}…)")
@@ -549,7 +551,7 @@ def _hub_snapshot(repo_id: str) -> Path:
             f"{repo_id!r} is not a local path, and the hub is unreachable (offline?) with no cached copy; "
             "pass a local path or connect and retry"
         ) from None
-    except (HfHubHTTPError, ValueError) as err:
+    except (HfHubHTTPError, ValueError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PixArtError(
             f"{repo_id!r} is not a local path, and the hub cannot provide it ({reason}); pass a local path"
