@@ -327,6 +327,8 @@ def test_corrupt_and_foreign_files_are_one_line_errors(tmp_path):
     (tmp_path / "notes.pth").write_text("these are not weights\n" * 20)
     save_file(tiny_vae().state_dict(), tmp_path / "vae.safetensors")
     torch.save({"model": {"w": torch.zeros(2)}, "note": "hi"}, tmp_path / "other.pth")
+    dit_like = {k: v for k, v in model.state_dict().items() if not k.startswith("y_embedder")}
+    torch.save(dit_like, tmp_path / "dit.pth")
     tiny_vae().save_pretrained(tmp_path / "vae-folder")
     save_diffusers(model, tmp_path / "diffusers")
     (tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "loose.safetensors")
@@ -339,6 +341,7 @@ def test_corrupt_and_foreign_files_are_one_line_errors(tmp_path):
         "notes.pth": r"cannot read .*notes\.pth: not a PyTorch checkpoint",
         "vae.safetensors": r"vae\.safetensors is not a PixArt transformer checkpoint",
         "other.pth": r"other\.pth is not a PixArt checkpoint: expected a dict of tensors",
+        "dit.pth": r"dit\.pth is not a PixArt transformer checkpoint \(it holds ar_embedder",
         "vae-folder": r"'AutoencoderKL', not a PixArt transformer",
         "loose.safetensors": r"loose\.safetensors holds diffusers-named weights; load their folder",
         "diffusers": r"diffusers has no diffusion_pytorch_model\.safetensors or .*index\.json",

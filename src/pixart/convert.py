@@ -292,6 +292,16 @@ def config_from_diffusers(
 # Config inference for official state dicts
 
 
+# What config_from_state_dict reads; a DiT or other foreign checkpoint lacks some of them.
+_INFERENCE_KEYS = (
+    "x_embedder.proj.weight",
+    "final_layer.linear.weight",
+    "y_embedder.y_proj.fc1.weight",
+    "t_block.1.weight",
+    "blocks.0.mlp.fc1.weight",
+)
+
+
 def _image_size_from_name(name: str) -> int | None:
     if re.search(r"(?<![a-z0-9])2k(?![a-z0-9])", name.lower()):
         return 2048
@@ -314,7 +324,7 @@ def config_from_state_dict(
     """
     if "adaln_single.linear.weight" in state_dict:
         raise PixArtError(f"{name or 'checkpoint'} holds diffusers-named weights; load their folder (with config.json)")
-    if "x_embedder.proj.weight" not in state_dict or "final_layer.linear.weight" not in state_dict:
+    if not all(key in state_dict for key in _INFERENCE_KEYS):
         keys = ", ".join(sorted(state_dict)[:3]) or "nothing"
         raise PixArtError(f"{name or 'checkpoint'} is not a PixArt transformer checkpoint (it holds {keys}…)")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
@@ -357,7 +367,7 @@ def config_from_state_dict(
         hidden_size=hidden,
         depth=depth,
         num_heads=num_heads,
-        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden if depth else 4.0,
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
         model_max_length=len(y_embedding) if y_embedding is not None else TEXT_LENGTHS[family],
         micro_conditions=micro,
