@@ -1,0 +1,92 @@
+"""`pixart export <target>`: ship a trained transformer in a form other tools run (diffusers for now)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pixart.convert import IMAGE_SIZES
+
+DIFFUSERS_EXAMPLES = """\
+examples:
+  pixart export diffusers my-pixart --base PixArt-alpha/PixArt-XL-2-1024-MS --transformer finetuned.safetensors
+  pixart export diffusers my-sigma --base ./PixArt-Sigma-XL-2-1024-MS --transformer run/ckpt \\
+      --lora run/lora:0.8 --force
+
+then, in Python:
+  from diffusers import PixArtAlphaPipeline   # PixArtSigmaPipeline for a Σ base
+  pipe = PixArtAlphaPipeline.from_pretrained("my-pixart")
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a trained model in a form other tools load (diffusers pipeline folder)",
+        description="Write a trained PixArt transformer in a form other tools load. Pick a target:",
+    )
+    targets = parser.add_subparsers(dest="target", metavar="TARGET")
+
+    def no_target(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=no_target)
+
+    diffusers = targets.add_parser(
+        "diffusers",
+        help="a diffusers pipeline folder (PixArtAlphaPipeline / PixArtSigmaPipeline)",
+        description=(
+            "Write a diffusers pipeline folder: the tokenizer, text encoder, VAE and scheduler of --base and "
+            "the transformer from --transformer (with LoRAs merged in). diffusers' PixArtAlphaPipeline or "
+            "PixArtSigmaPipeline (chosen by the base) loads it unchanged. The folder is built next to OUT "
+            "and renamed into place."
+        ),
+        epilog=DIFFUSERS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    diffusers.add_argument("out", metavar="OUT", help="output pipeline folder (must be absent or empty unless --force)")
+    diffusers.add_argument(
+        "--base",
+        required=True,
+        metavar="MODEL",
+        help="diffusers PixArt pipeline folder or hub id supplying text encoder, tokenizer, VAE and scheduler",
+    )
+    diffusers.add_argument(
+        "--transformer",
+        required=True,
+        metavar="CKPT",
+        help="the transformer: pixart .safetensors, official .pth, diffusers transformer/pipeline folder or hub id",
+    )
+    diffusers.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA adapter folder or .safetensors merged into the transformer, scaled by SCALE (default 1); "
+        "repeat to merge several",
+    )
+    diffusers.add_argument(
+        "--image-size",
+        type=int,
+        choices=IMAGE_SIZES,
+        help="training resolution of an official .pth transformer (other formats know theirs)",
+    )
+    diffusers.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    diffusers.set_defaults(func=run_diffusers)
+
+
+def run_diffusers(args: argparse.Namespace) -> int:
+    # peft and diffusers take seconds to import: only pay for them when exporting, not on `pixart --help`.
+    from pixart.export import export_pipeline
+    from pixart.lora import parse_lora_spec
+
+    export_pipeline(
+        args.base,
+        args.transformer,
+        args.out,
+        loras=[parse_lora_spec(spec) for spec in args.lora],
+        image_size=args.image_size,
+        force=args.force,
+    )
+    print(args.out)
+    return 0

@@ -1,0 +1,190 @@
+"""Ship a trained transformer: a diffusers pipeline folder that diffusers' PixArt pipelines load unchanged.
+
+The folder takes the tokenizer, text encoder, VAE and scheduler of a base pipeline (a local folder or
+a hub id) and our transformer, written by :func:`pixart.convert.save_diffusers`. It is built in a
+temporary folder next to the output and renamed into place, so an interrupted export leaves nothing
+half-written and an existing folder is only replaced when asked to.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pixart.convert import check_diffusers_compatible, load_transformer, save_diffusers
+from pixart.errors import PixArtError
+from pixart.lora import load_lora, lora_layers, merge_lora
+from pixart.model import PixArtTransformer
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = {"alpha": "PixArtAlphaPipeline", "sigma": "PixArtSigmaPipeline"}
+"""diffusers pipeline class written to model_index.json for each family."""
+
+BASE_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
+"""Components taken from the base pipeline; the transformer is ours."""
+
+# Weights in safetensors only: hub repos often hold .bin duplicates we would otherwise download twice.
+HUB_PATTERNS = ["model_index.json", "tokenizer/*", "scheduler/*"] + [
+    f"{c}/{p}" for c in ("text_encoder", "vae") for p in ("*.json", "*.safetensors")
+]
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_base(base: str | os.PathLike) -> Path:
+    """A local pipeline folder as is; a hub id downloaded (only the components we copy) or taken from the cache."""
+    path = Path(base)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise PixArtError(f"base {str(base)!r} is not a diffusers pipeline folder (it has no model_index.json)")
+        return path
+    if not HUB_ID.fullmatch(str(base)):
+        raise PixArtError(
+            f"base {str(base)!r} does not exist; expected a pipeline folder or a hub id "
+            "like PixArt-alpha/PixArt-XL-2-1024-MS"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    logger.info("fetching the text encoder, VAE, tokenizer and scheduler of %s from the hub", base)
+    try:
+        return Path(snapshot_download(str(base), allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise PixArtError(
+            f"base {str(base)!r} is not a local folder and the hub is unreachable (offline?) with no cached copy; "
+            "pass a local pipeline folder or connect and retry"
+        ) from None
+    except (HfHubHTTPError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PixArtError(f"base {str(base)!r} cannot be fetched from the hub ({reason})") from None
+
+
+def base_family(base_dir: Path, name: str) -> str:
+    """The family a base pipeline serves, from its model_index.json; checks it has every component we copy."""
+    try:
+        index = json.loads((base_dir / "model_index.json").read_text())
+    except (OSError, ValueError):
+        raise PixArtError(f"base {name!r} has an unreadable model_index.json") from None
+    families = {cls: family for family, cls in PIPELINE_CLASSES.items()}
+    if index.get("_class_name") not in families:
+        raise PixArtError(
+            f"base {name!r} is a {index.get('_class_name')!r}; expected {' or '.join(PIPELINE_CLASSES.values())}"
+        )
+    missing = [c for c in BASE_COMPONENTS if not (base_dir / c).is_dir()]
+    if missing:
+        raise PixArtError(
+            f"base {name!r} has no {', '.join(missing)} folder; use a full pipeline "
+            "(e.g. PixArt-alpha/PixArt-XL-2-1024-MS or PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers)"
+        )
+    return families[index["_class_name"]]
+
+
+def _text_width(base_dir: Path) -> int | None:
+    try:
+        return json.loads((base_dir / "text_encoder" / "config.json").read_text()).get("d_model")
+    except (OSError, ValueError):
+        return None
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.is_file():
+        raise PixArtError(f"output {str(out)!r} is a file; give a folder path for the pipeline")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PixArtError(f"output {str(out)!r} exists and is not empty; pass --force (force=True) to replace it")
+
+
+def _copy_tree(src: Path, dst: Path, progress: tqdm) -> None:
+    for file in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dst / file.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)  # follows the hub cache's symlinks to the real blobs
+        progress.update(target.stat().st_size)
+
+
+def export_pipeline(
+    base: str | os.PathLike,
+    transformer: PixArtTransformer | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    loras: Iterable[tuple[str | os.PathLike, float]] = (),
+    image_size: int | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a diffusers pipeline folder: the base pipeline's components around our transformer.
+
+    base: a local diffusers PixArt pipeline folder or a hub id; it decides the family (α or Σ).
+    transformer: a model, or any checkpoint :func:`pixart.convert.load_transformer` reads (``image_size``
+    is its hint for an official .pth). loras: (path, scale) adapters merged into the weights in order; a
+    model's live LoRA is merged too (the caller's model is left untouched). Refuses a non-empty ``out``
+    unless ``force``.
+    """
+    out = Path(out)
+    _check_out(out, force)
+    base_dir = resolve_base(base)
+    family = base_family(base_dir, str(base))
+    if isinstance(transformer, PixArtTransformer):
+        model = transformer
+        if model.config.family != family:
+            raise PixArtError(f"the transformer is PixArt-{model.config.family} but base {str(base)!r} is {family}")
+        if lora_layers(model) or loras:
+            model = copy.deepcopy(model)
+    else:
+        model = load_transformer(transformer, family=family, image_size=image_size)
+    check_diffusers_compatible(model.config)  # before copying gigabytes
+    width = _text_width(base_dir)
+    if width is not None and width != model.config.caption_channels:
+        raise PixArtError(
+            f"the transformer expects {model.config.caption_channels}-wide text features but base "
+            f"{str(base)!r} has a {width}-wide text encoder"
+        )
+    if lora_layers(model):
+        merge_lora(model)
+    for path, scale in loras:
+        load_lora(model, path, scale=scale, merge=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        total = sum(p.stat().st_size for c in BASE_COMPONENTS for p in (base_dir / c).rglob("*") if p.is_file())
+        with tqdm(total=total, unit="B", unit_scale=True, desc="copying base components") as progress:
+            for component in BASE_COMPONENTS:
+                _copy_tree(base_dir / component, tmp / component, progress)
+        save_diffusers(model, tmp / "transformer")
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(base_dir, family), indent=2) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s pipeline %s", PIPELINE_CLASSES[family], out)
+    return out
+
+
+def _model_index(base_dir: Path, family: str) -> dict:
+    import diffusers
+
+    base = json.loads((base_dir / "model_index.json").read_text())
+    index = {"_class_name": PIPELINE_CLASSES[family], "_diffusers_version": diffusers.__version__}
+    index.update({c: base[c] for c in BASE_COMPONENTS})
+    index["transformer"] = ["diffusers", "PixArtTransformer2DModel"]
+    return index
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to ``out``; an existing ``out`` is moved aside first and deleted last."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
