@@ -206,6 +206,13 @@ def test_write_refuses_non_empty_folder_unless_forced(tmp_path):
         (lambda: Scene((SceneObject("circle", "pink", "small", "left"),)), "pink"),
         (lambda: Scene((SceneObject("circle", "red", "small"), SceneObject("square", "red", "large")), "above"), "red"),
         (lambda: check(Image.new("RGB", (48, 64)), Scene((SceneObject("circle", "red", "small", "left"),))), "48x64"),
+        (lambda: Scene.from_dict({"objects": [{"shape": "circle", "size": "small"}]}), "colour"),
+        (
+            lambda: Scene(
+                (SceneObject("circle", "red", "small", "left"), SceneObject("cross", "blue", "small")), "above"
+            ),
+            "lone object",
+        ),
         (lambda: write_dataset("/tmp/never", 0), "count 0"),
         (lambda: held_out_prompts(0), "0"),
     ],

@@ -115,6 +115,8 @@ class Scene:
         else:
             if self.relation not in RELATIONS:
                 raise PixArtError(f"relation {self.relation!r} is not one of {', '.join(RELATIONS)}")
+            if any(o.position is not None for o in self.objects):
+                raise PixArtError("position is for a lone object; two objects are placed by their relation")
             if self.objects[0].colour == self.objects[1].colour:
                 raise PixArtError(f"two objects need different colours, both are {self.objects[0].colour!r}")
 
@@ -130,9 +132,12 @@ class Scene:
     def from_dict(cls, data: dict) -> Scene:
         """Reads the structured fields of a metadata row (extra keys such as ``text`` are ignored)."""
         objects = []
-        for o in data["objects"]:
-            bbox = tuple(int(v) for v in o["bbox"]) if o.get("bbox") is not None else None
-            objects.append(SceneObject(o["shape"], o["colour"], o["size"], o.get("position"), bbox))
+        try:
+            for o in data["objects"]:
+                bbox = tuple(int(v) for v in o["bbox"]) if o.get("bbox") is not None else None
+                objects.append(SceneObject(o["shape"], o["colour"], o["size"], o.get("position"), bbox))
+        except KeyError as err:
+            raise PixArtError(f"scene {data!r} has no {err.args[0]!r}: need objects with shape, colour, size") from None
         return cls(tuple(objects), data.get("relation"))
 
 
@@ -189,12 +194,12 @@ def sample_scene(rng: np.random.Generator, split: str) -> Scene:
 def _layout(scene: Scene, width: int, height: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
     """(centre x, centre y, side) of each object, far enough from the decision boundaries of the checker."""
     m = min(width, height)
-    margin, gap, jitter = 0.04 * m, 0.08 * m, 0.05 * m
+    margin, gap, jitter = 0.04 * m, 0.08 * m, 0.04 * m
     sides = [rng.uniform(*SIZES[o.size]) * m for o in scene.objects]
     if len(scene.objects) == 1:
         s = sides[0]
-        cx = width / 2 + rng.uniform(-jitter, jitter) * 0.8
-        cy = height / 2 + rng.uniform(-jitter, jitter) * 0.8
+        cx = width / 2 + rng.uniform(-jitter, jitter)
+        cy = height / 2 + rng.uniform(-jitter, jitter)
         position = scene.objects[0].position
         if position in ("left", "right"):
             cx = rng.uniform(margin + s / 2, 0.3 * width)
@@ -315,6 +320,8 @@ def held_out_prompts(n: int, seed: int = 0) -> list[Prompt]:
     """`n` evaluation prompts built only from held-out combinations, each naming every attribute."""
     if not isinstance(n, int) or n < 1:
         raise PixArtError(f"number of prompts {n!r} must be a positive integer")
+    if not isinstance(seed, int) or seed < 0:
+        raise PixArtError(f"seed {seed!r} must be a non-negative integer")
     rng = np.random.default_rng([seed, 0x5EED])
     prompts = []
     for _ in range(n):
