@@ -37,9 +37,10 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_folder(root: Path) -> Path:
+def write_folder(root: Path, every: int = 1) -> Path:
+    """The fixture images (every n-th of them) as PNGs with .txt captions."""
     root.mkdir(parents=True)
-    for name, image, caption in fixture_images():
+    for name, image, caption in fixture_images()[::every]:
         image.save(root / f"{name}.png")
         (root / f"{name}.txt").write_text(caption)
     return root
