@@ -15,6 +15,7 @@ from pixart.errors import PixArtError
 from pixart.lora import (
     add_lora,
     load_lora,
+    load_lora_state_dict,
     lora_layers,
     lora_state_dict,
     merge_lora,
@@ -150,6 +151,26 @@ def test_save_then_load_live_and_merged_round_trips(base_folder, family, tmp_pat
     resaved = load_lora(ours(base_folder, family), tmp_path / "half")
     assert torch.allclose(run_ours(resaved, family), run_ours(half_live, family), atol=1e-6)
     assert not torch.allclose(run_ours(resaved, family), base, atol=1e-3)
+
+
+def test_lora_state_dict_resumes_into_a_fresh_adapter(base_folder, family):
+    model = ours(base_folder, family)
+    add_lora(model, rank=4, targets="attn")
+    perturb(model)
+    state = lora_state_dict(model)
+
+    resumed = ours(base_folder, family)
+    add_lora(resumed, rank=4, targets="attn")
+    load_lora_state_dict(resumed, state)
+    assert torch.equal(run_ours(resumed, family), run_ours(model, family))
+
+    other_rank = ours(base_folder, family)
+    add_lora(other_rank, rank=2, targets="attn")
+    one_line_error(lambda: load_lora_state_dict(other_rank, state), "shape (4, 48)", "(2, 48)")
+    other_targets = ours(base_folder, family)
+    add_lora(other_targets, rank=4, targets="mlp")
+    one_line_error(lambda: load_lora_state_dict(other_targets, state), "targets differ")
+    one_line_error(lambda: load_lora_state_dict(ours(base_folder, family), state), "no LoRA adapter")
 
 
 @pytest.mark.parametrize(

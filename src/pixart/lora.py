@@ -128,6 +128,23 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, adapter_name=ADAPTER)
 
 
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Put weights from :func:`lora_state_dict` back into the model's live adapter (resuming training)."""
+    if not lora_layers(model):
+        raise PixArtError("the model has no LoRA adapter; call add_lora() with the checkpoint's rank and targets first")
+    expected = lora_state_dict(model)
+    for key in sorted(set(expected) ^ set(state_dict)):
+        where = "the checkpoint" if key in state_dict else "the model's adapter"
+        raise PixArtError(f"LoRA weight {key!r} is only in {where}; add_lora() targets differ from the checkpoint's")
+    for key, value in state_dict.items():
+        if value.shape != expected[key].shape:
+            raise PixArtError(
+                f"LoRA weight {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(expected[key].shape)} in the model; add_lora() rank differs from the checkpoint's"
+            )
+    set_peft_model_state_dict(model, state_dict, adapter_name=ADAPTER)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold live LoRA layers into the base weights and remove them: a plain model again, as fast as the base."""
     for name, layer in lora_layers(model).items():
@@ -162,9 +179,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
         b = layer.lora_B[ADAPTER].weight.detach().float().cpu()
         rank, alpha = layer.r[ADAPTER], float(layer.lora_alpha[ADAPTER])
         # A scale set after loading (set_scale) lives only in the layer; bake it into B so the file says it all.
-        b = b * (layer.scaling[ADAPTER] / _scaling(rank, alpha, layer.use_rslora.get(ADAPTER, False)))
-        if layer.use_rslora.get(ADAPTER, False):
-            alpha = alpha / math.sqrt(rank) * rank  # same scaling without rslora, which diffusers files rarely use
+        # (Our layers never use rslora: load_lora folds it into B.)
+        b = b * (layer.scaling[ADAPTER] / (alpha / rank))
         drop = layer.lora_dropout[ADAPTER]
         dropout = max(dropout, drop.p if isinstance(drop, nn.Dropout) else 0.0)
         for part, b_part in zip(names[name], b.chunk(len(names[name]), dim=0), strict=True):
@@ -254,7 +270,9 @@ def _adapter_parts(tensors: dict[str, torch.Tensor], config: dict, where: str) -
     for key, value in tensors.items():
         match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         if not match:
-            raise PixArtError(f"{where} holds {key!r}, which is not a LoRA weight (expected '<module>.lora_A.weight')")
+            raise PixArtError(
+                f"{where} holds {key!r}, which is not a LoRA weight in peft/diffusers naming ('<module>.lora_A.weight')"
+            )
         pairs.setdefault(match[1], {})[match[2]] = value
     if not pairs:
         raise PixArtError(f"{where} holds no LoRA weights")
