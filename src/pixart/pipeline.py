@@ -36,7 +36,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pixart import __version__
 from pixart.errors import PixArtError
-from pixart.resolution import generation_size, resize_and_crop
+from pixart.resolution import check_size, generation_size, resize_and_crop
 from pixart.sampling import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
 from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder
 
@@ -102,8 +102,9 @@ class GenerationOptions:
         positive_int("batch_size", self.batch_size, optional=False)
         positive_int("steps", self.steps)
         positive_int("max_tokens", self.max_tokens)
-        positive_int("width", self.width)
-        positive_int("height", self.height)
+        if self.width is not None or self.height is not None:
+            # The model-independent part of the size rule; the pipeline checks the rest (patch grid, bins).
+            check_size(self.width or 8, self.height or 8, multiple=8, binned=True)
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
             raise PixArtError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.sampler is not None and self.sampler not in SAMPLERS:

@@ -52,9 +52,11 @@ def check_size(width: int, height: int, multiple: int, binned: bool) -> None:
     for name, value in (("width", width), ("height", height)):
         ok = isinstance(value, int) and not isinstance(value, bool) and step <= value <= MAX_SIDE
         if not ok or value % step:
-            how = "with aspect-ratio binning" if binned else "without binning (VAE factor × patch size)"
+            if binned:
+                raise PixArtError(f"{name} {value!r} is not allowed: use a multiple of 8 from 8 to {MAX_SIDE}")
             raise PixArtError(
-                f"{name} {value!r} is not allowed: use a multiple of {step} from {step} to {MAX_SIDE} {how}"
+                f"{name} {value!r} is not allowed without binning: use a multiple of {step} "
+                f"(VAE factor × patch size) from {step} to {MAX_SIDE}"
             )
 
 

@@ -124,7 +124,9 @@ def _inputs(args: argparse.Namespace, options_cls):
     info = _png_text(args.from_png)
     prompt, saved = options_cls.from_metadata(info)
     # Flags given on the command line win over the image's settings.
-    model, transformer = args.model or info.get("model"), args.transformer or info.get("transformer")
+    # Empty fields mean "the default", as recorded by a run without --model/--transformer.
+    model = args.model or info.get("model") or None
+    transformer = args.transformer or info.get("transformer") or None
     return [prompt], saved.replace(**given), model, transformer
 
 

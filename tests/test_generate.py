@@ -1,0 +1,323 @@
+"""Generation reproduces diffusers' PixArt pipelines pixel for pixel, and `pixart generate` behaves.
+
+The reference is diffusers' own PixArtAlphaPipeline / PixArtSigmaPipeline run on the same tiny
+pipeline folder with the same seed, steps, guidance and size.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+from PIL import Image
+from tests.tiny import T5_WIDTH, save_pipeline, scheduler, tiny_text_encoder, tiny_vae
+
+from pixart.cli import main
+from pixart.errors import PixArtError
+from pixart.pipeline import GenerationOptions, PixArtPipeline, save_image
+from pixart.sampling import make_scheduler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy machine OpenMP spin-waiting makes them ~10× slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def binned_pipeline(path: Path, family: str, sample_size: int) -> Path:
+    """A tiny pipeline whose transformer has a small bin table (256 px: 32, 512 px: 64), so binning is cheap."""
+    tokenizer, text_encoder = tiny_text_encoder()
+    torch.manual_seed(1)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=24,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=48,
+        sample_size=sample_size,
+        patch_size=2,
+        caption_channels=T5_WIDTH,
+        interpolation_scale=1,
+        use_additional_conditions=False,
+    )
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cls = PixArtAlphaPipeline if family == "alpha" else PixArtSigmaPipeline
+    cls(tokenizer, text_encoder, tiny_vae(), transformer.eval(), scheduler()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    return {
+        "alpha": save_pipeline(root / "alpha", "alpha"),
+        "sigma": save_pipeline(root / "sigma", "sigma"),
+        "alpha-512": binned_pipeline(root / "alpha-512", "alpha", 64),
+        "sigma-256": binned_pipeline(root / "sigma-256", "sigma", 32),
+    }
+
+
+def diffusers_image(folder: Path, prompt: str, *, sampler: str, seed: int, steps: int, guidance: float, **kwargs):
+    cls = PixArtSigmaPipeline if "sigma" in folder.name else PixArtAlphaPipeline
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator, **kwargs)
+    return out.images[0]
+
+
+def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    assert a.size == b.size
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
+
+
+@pytest.mark.parametrize(
+    "name, sampler, width, height, binning",
+    [
+        ("alpha", "dpm++", 128, 96, False),  # α with micro-conditions (sample_size 128)
+        ("sigma", "ddim", 96, 128, False),
+        ("alpha-512", "euler", 200, 96, True),  # → the 512-px bin of ratio ≈ 0.5, resized and cropped back
+        ("sigma-256", "dpm++", 96, 160, True),
+    ],
+)
+def test_matches_diffusers(folders, name, sampler, width, height, binning):
+    folder = folders[name]
+    prompt = "A small red fox in the snow, highly detailed"
+    pipe = PixArtPipeline.from_pretrained(folder, device="cpu")
+    ours = pipe(prompt, sampler=sampler, seed=11, steps=3, guidance=4.5, width=width, height=height, binning=binning)
+    ref = diffusers_image(
+        folder,
+        prompt,
+        sampler=sampler,
+        seed=11,
+        steps=3,
+        guidance=4.5,
+        width=width,
+        height=height,
+        use_resolution_binning=binning,
+    )
+    assert np.asarray(ours[0]).std() > 5  # a real image, not a flat one that would match anything
+    assert mean_abs_diff(ours[0], ref) <= 1.0
+
+
+def test_no_guidance_runs_conditional_only_and_matches_diffusers(folders):
+    pipe = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu")
+    ours = pipe("a lighthouse", seed=2, steps=2, guidance=1.0, width=64, height=64, binning=False)[0]
+    ref = diffusers_image(
+        folders["sigma"],
+        "a lighthouse",
+        sampler="dpm++",
+        seed=2,
+        steps=2,
+        guidance=1.0,
+        width=64,
+        height=64,
+        use_resolution_binning=False,
+    )
+    assert mean_abs_diff(ours, ref) <= 1.0
+
+
+def test_low_memory_gives_the_same_image(folders):
+    options = GenerationOptions(seed=4, steps=2, width=32, height=48, binning=False, negative_prompt="blurry")
+    normal = PixArtPipeline.from_pretrained(folders["alpha"], device="cpu")("a boat", options)[0]
+    low = PixArtPipeline.from_pretrained(folders["alpha"], device="cpu", low_memory=True)
+    assert low._loaded == {}  # nothing stays resident between calls
+    image = low("a boat", options)[0]
+    assert np.array_equal(np.asarray(normal), np.asarray(image))
+    assert low._loaded == {}
+
+
+def test_seeds_per_image_progress_and_prompt_deduplication(folders):
+    pipe = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu")
+    options = GenerationOptions(seed=20, steps=2, width=32, height=32, binning=False)
+    encoded = []
+    hook = pipe._loaded["text_encoder"].model.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+    calls = []
+    try:
+        images = pipe(["a cat", "a cat"], options.replace(num_images=2), progress=lambda d, t: calls.append((d, t)))
+    finally:
+        hook.remove()
+    assert encoded == [2]  # "a cat" and the negative "" once each
+    assert calls[-1] == (8, 8) and len(calls) == 8
+    assert [im.info["seed"] for im in images] == ["20", "21", "22", "23"]
+    alone = pipe("a cat", options.replace(seed=21))[0]
+    assert np.array_equal(np.asarray(images[1]), np.asarray(alone))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+def test_alpha_learned_null_caption_is_used_without_negative_prompt(folders):
+    from diffusers import AutoencoderKL
+
+    from pixart.convert import load_transformer
+    from pixart.text import TextEncoder
+
+    folder = folders["alpha"]
+    text_encoder = TextEncoder.from_pretrained(folder)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    learned = load_transformer(folder)
+    with torch.no_grad():  # what an official checkpoint has and a diffusers folder lacks
+        learned.y_embedder.y_embedding.copy_(torch.randn_like(learned.y_embedder.y_embedding))
+    flipped = load_transformer(folder)
+    with torch.no_grad():
+        flipped.y_embedder.y_embedding.copy_(-learned.y_embedder.y_embedding)
+    options = GenerationOptions(seed=1, steps=2, width=32, height=32, binning=False)
+
+    def run(transformer, negative):
+        pipe = PixArtPipeline(text_encoder, transformer, vae, {}, device=torch.device("cpu"), dtype=torch.float32)
+        return np.asarray(pipe("a tree", options.replace(negative_prompt=negative))[0]).astype(float)
+
+    # No negative prompt: the checkpoint's own null caption steers guidance, so changing it changes the image.
+    assert np.abs(run(learned, None) - run(flipped, None)).mean() > 1
+    # An explicit negative prompt (even "") is T5-encoded, and the null caption plays no part.
+    assert np.array_equal(run(learned, ""), run(flipped, ""))
+    # A diffusers folder has no null caption: no negative prompt means T5 of "", as in diffusers.
+    assert np.array_equal(run(load_transformer(folder), None), run(learned, ""))
+
+
+def test_save_image_never_overwrites(tmp_path):
+    image = Image.new("RGB", (8, 8), "red")
+    image.info.update({"prompt": "x", "seed": "5"})
+    (tmp_path / "00000-5.png").write_bytes(b"keep me")
+    first, second = save_image(image, tmp_path), save_image(image, tmp_path)
+    assert (tmp_path / "00000-5.png").read_bytes() == b"keep me"
+    assert {first.name, second.name} == {"00001-5.png", "00002-5.png"}
+    assert Image.open(first).info["prompt"] == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-5.png", "00001-5.png", "00002-5.png"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"width": 7}, "width 7 is not allowed: use a multiple of 8"),
+        ({"steps": 0}, "steps must be a positive integer, got 0"),
+        ({"steps": -3}, "steps must be a positive integer, got -3"),
+        ({"guidance": float("nan")}, "guidance must be a finite number"),
+        ({"sampler": "k_lms"}, "unknown sampler 'k_lms'; choose one of dpm++"),
+        ({"seed": -1}, "seed must be an integer from 0"),
+    ],
+)
+def test_options_refuse_bad_values(kwargs, message):
+    with pytest.raises(PixArtError, match=message):
+        GenerationOptions(**kwargs)
+
+
+def test_size_rule_without_binning_is_the_patch_grid(folders):
+    pipe = PixArtPipeline.from_pretrained(folders["sigma-256"], device="cpu", low_memory=True)
+    with pytest.raises(PixArtError, match="width 72 is not allowed without binning: use a multiple of 16"):
+        pipe.resolve(width=72, height=64, binning=False)
+    # 64 / 72 ≈ 0.89: diffusers' 256-px table maps ratio 0.88 to 240 × 272
+    assert pipe.sample_size_for(pipe.resolve(width=72, height=64)) == (240, 272)
+
+
+def test_missing_default_model_says_what_to_pass(monkeypatch, tmp_path):
+    import pixart.pipeline
+
+    monkeypatch.setattr(pixart.pipeline, "DEMO_MODEL", tmp_path / "absent")
+    with pytest.raises(PixArtError, match="pass --model with a pipeline folder or a hub id"):
+        PixArtPipeline.from_pretrained(None, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pixart", "generate", *args], capture_output=True, text=True, env=environment, cwd=REPO
+    )
+
+
+def test_cli_matches_diffusers_and_reproduces_from_metadata(folders, tmp_path):
+    out = tmp_path / "out"
+    args = ["a blue bird on a branch", "--model", str(folders["alpha"]), "--seed", "7", "--steps", "3"]
+    result = run_cli(*args, "--width", "128", "--height", "64", "--no-binning", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = Path(result.stdout.strip())
+    assert "steps/s" in result.stderr and "peak memory" in result.stderr
+    image = Image.open(saved)
+    ref = diffusers_image(
+        folders["alpha"], "a blue bird on a branch", sampler="dpm++", seed=7, steps=3, guidance=4.5,
+        width=128, height=64, use_resolution_binning=False,
+    )  # fmt: skip
+    assert mean_abs_diff(image, ref) <= 1.0
+    meta = image.info
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["sampler"]) == (
+        "a blue bird on a branch",
+        "7",
+        "3",
+        "dpm++",
+    )
+    assert (meta["guidance"], meta["width"], meta["height"], meta["binning"]) == ("4.5", "128", "64", "false")
+    assert meta["model"] == str(folders["alpha"]) and "negative_prompt" not in meta
+
+    # Regenerate from nothing but the PNG's text chunks.
+    assert main(["generate", "--from-png", str(saved), "--out", str(out)]) == 0
+    again = sorted(out.glob("*.png"))
+    assert len(again) == 2
+    assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(again[1])))
+
+
+def test_cli_offline_hub_id_is_one_line(tmp_path):
+    result = run_cli("a cat", "--model", "PixArt-alpha/PixArt-XL-2-1024-MS", env={"HF_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot fetch 'PixArt-alpha/PixArt-XL-2-1024-MS'")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["a", "--model", "/no/such/model"],
+            "error: model '/no/such/model' is neither an existing folder nor a hub id",
+        ),
+        (["a", "--width", "7"], "error: width 7 is not allowed"),
+        (["a", "--steps", "0"], "error: steps must be a positive integer, got 0"),
+        (["a", "--steps", "-3"], "error: steps must be a positive integer, got -3"),
+        (["a", "--guidance", "nan"], "error: guidance must be a finite number"),
+        (["a", "--sampler", "plms"], "error: unknown sampler 'plms'"),
+        (["--prompts-file", "EMPTY"], "error: prompts file"),
+        ([], "error: no prompt given"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    assert main(["generate", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+def test_cli_long_prompt_is_truncated_with_a_warning(folders, tmp_path, caplog):
+    prompt = "a very long prompt " * 527  # 10 013 characters
+    code = main(["generate", prompt[:10000], "--model", str(folders["sigma"]), "--steps", "1", "--width", "64",
+                 "--height", "64", "--no-binning", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert "caption truncated to 300 tokens" in caplog.text
+    assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_prompts_file_feeds_several_prompts(folders, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\n\na green tree\n")
+    args = ["--prompts-file", str(prompts), "--model", str(folders["sigma"]), "--steps", "1", "--seed", "3"]
+    assert main(["generate", *args, "--width", "64", "--height", "64", "--no-binning", "--out", str(tmp_path)]) == 0
+    saved = [Path(line) for line in capsys.readouterr().out.split()]
+    assert [Image.open(p).info["prompt"] for p in saved] == ["a red car", "a green tree"]
+    assert [Image.open(p).info["seed"] for p in saved] == ["3", "4"]
