@@ -73,8 +73,8 @@ class DataConfig:
     batch_size: int = 1
     """Samples per micro-step summed over all processes (each process gets batch_size / processes)."""
 
-    caption_column: str = "text"
-    """Caption column for Hugging Face datasets."""
+    caption_column: str = ""
+    """Caption column of a dataset with metadata or a Hugging Face dataset; empty tries text, caption, prompt."""
 
     num_workers: int = 0
     """Data-loader worker processes per training process."""
@@ -208,8 +208,9 @@ class LoraConfig:
     alpha: float = 0.0
     """Adapter scaling numerator (scale = alpha / rank); 0 means alpha = rank."""
 
-    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Layers to adapt, in pixart.lora's naming."""
+    targets: list[str] = field(default_factory=lambda: ["attn", "cross_attn"])
+    """Layers to adapt: groups 'attn', 'cross_attn', 'mlp' or module-name patterns (see pixart.lora).
+    The default is diffusers' to_q/to_k/to_v/to_out.0 of both attentions."""
 
 
 @dataclass

@@ -1,0 +1,353 @@
+"""The PixArt trainer on accelerate: one loop for one CPU, one GPU, multi-GPU DDP and FSDP.
+
+Run it as ``pixart train CONFIG`` (one process) or ``accelerate launch [--config_file …] -m pixart train
+CONFIG`` (several). Every sample's noise, timestep and caption-dropout decision comes from a generator
+seeded by (seed, step, index in the global batch), and the data order is a pure function of (seed, epoch),
+so a run gives the same weights on 1 or N processes (up to float reduction order) and a resumed run is
+bit-identical to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from tqdm.auto import tqdm
+
+from pixart.diffusion import GaussianDiffusion, drop_captions
+from pixart.errors import PixArtError
+from pixart.train_checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from pixart.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator of one sample of one step, the same whichever process draws it."""
+    state = np.random.SeedSequence([seed, step, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def draw_sample_randomness(seed, step, indices, latent_shape, num_timesteps, dropout):
+    """Per-sample (latent noise, diffusion noise, timestep, caption dropped) for these global indices."""
+    latent_eps, noise, timesteps, drops = [], [], [], []
+    for index in indices:
+        gen = sample_generator(seed, step, index)
+        timesteps.append(torch.randint(0, num_timesteps, (), generator=gen))
+        drops.append(torch.rand((), generator=gen) < dropout)
+        noise.append(torch.randn(latent_shape, generator=gen))
+        latent_eps.append(torch.randn(latent_shape, generator=gen))
+    return torch.stack(latent_eps), torch.stack(noise), torch.stack(timesteps), torch.stack(drops)
+
+
+def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
+    precision, trackers = config.optim.mixed_precision, []
+    # Without a GPU, accelerate must be told it runs on CPUs to join several processes with gloo.
+    cpu_only = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    if precision != "no" and cpu_only:
+        raise PixArtError(
+            f"optim.mixed_precision={precision!r} needs a GPU and this run is on the CPU; "
+            "pass --optim.mixed_precision=no"
+        )
+    if config.logging.tensorboard:
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise PixArtError("logging.tensorboard=true needs tensorboard: pip install tensorboard, or set it false")
+        trackers.append("tensorboard")
+    if config.logging.wandb:
+        if importlib.util.find_spec("wandb") is None:
+            raise PixArtError("logging.wandb=true needs wandb: pip install wandb, or set logging.wandb=false")
+        trackers.append("wandb")
+    return Accelerator(
+        cpu=cpu_only, mixed_precision=precision, log_with=trackers or None, project_dir=str(run_dir / "logs")
+    )
+
+
+def open_batches(config: TrainConfig, accelerator: Accelerator):
+    """The BatchLoader of this process: its slice of every global batch, from images or from the cache."""
+    from pixart.data import BatchLoader, ImageBuckets, open_dataset
+
+    n, batch_size = accelerator.num_processes, config.data.batch_size
+    if batch_size % n:
+        raise PixArtError(f"data.batch_size={batch_size} must be divisible by the number of processes ({n})")
+    if config.data.cache:
+        from pixart.cache import open_cache
+
+        buckets = open_cache(config.data.cache, expect={"resolution": config.data.image_size})
+    else:
+        dataset = open_dataset(config.data.dataset, caption_column=config.data.caption_column or None)
+        buckets = ImageBuckets(dataset, config.data.image_size)
+    return BatchLoader(
+        buckets,
+        batch_size // n,
+        seed=config.run.seed,
+        num_processes=n,
+        process_index=accelerator.process_index,
+        num_workers=config.data.num_workers,
+    )
+
+
+def load_model(config: TrainConfig):
+    from pixart.config import preset
+    from pixart.convert import load_transformer
+    from pixart.model import PixArtTransformer
+
+    if config.model.source:
+        return load_transformer(config.model.source)
+    torch.manual_seed(config.run.seed)  # the same initial weights on every process and every run
+    return PixArtTransformer(preset(config.model.preset))
+
+
+def load_frozen_encoders(config: TrainConfig, model, device, need_text: bool, need_vae: bool):
+    """T5 and the VAE from the pipeline folder, frozen, for uncached training and the T5 null caption."""
+    from diffusers import AutoencoderKL
+
+    from pixart.text import TextEncoder
+
+    source = config.model.pipeline or config.model.source
+    text = vae = None
+    if need_text:
+        text = TextEncoder.from_pretrained(source, device=device)
+        if text.width != model.config.caption_channels:
+            raise PixArtError(
+                f"text encoder in {source!r} gives {text.width}-d features but the model reads "
+                f"caption_channels={model.config.caption_channels}"
+            )
+    if need_vae:
+        try:
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device).eval().requires_grad_(False)
+        except OSError as err:
+            raise PixArtError(f"cannot load the VAE from {source!r} (vae/ subfolder): {err}") from None
+    return text, vae
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.optimizer == "came":
+        try:
+            from came_pytorch import CAME
+        except ImportError:
+            raise PixArtError("optim.optimizer='came' needs came-pytorch: pip install came-pytorch") from None
+        betas = tuple(o.betas) if o.betas else (0.9, 0.999, 0.9999)
+        return CAME(params, lr=o.lr, weight_decay=o.weight_decay, betas=betas)
+    betas = tuple(o.betas) if o.betas else (0.9, 0.999)
+    return torch.optim.AdamW(params, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def make_lr_schedule(config: TrainConfig, optimizer, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    name = "cosine" if config.schedule.lr_schedule == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=config.schedule.warmup_steps, num_training_steps=total_steps)
+
+
+def batch_stream(loader, epoch: int, skip: int):
+    """(epoch, index, batch) forever from a data position, moving through epochs."""
+    while True:
+        for index, batch in enumerate(loader.epoch(epoch, skip=skip), start=skip):
+            yield epoch, index, batch
+        epoch, skip = epoch + 1, 0
+
+
+class Objective:
+    """The loss of a micro-batch: latents and caption features (cached or encoded now), noise, dropout, loss."""
+
+    def __init__(self, config: TrainConfig, model, loader, device):
+        self.config, self.device = config, device
+        self.diffusion = GaussianDiffusion()
+        self.max_length = model.config.model_max_length
+        cached = bool(config.data.cache)
+        null_kind = config.diffusion.null_caption
+        if null_kind == "auto":
+            null_kind = "embedding" if model.config.family == "alpha" else "t5"
+        need_text = not cached or null_kind == "t5" or bool(config.validation.prompts)
+        self.text, self.vae = load_frozen_encoders(config, model, device, need_text, not cached)
+        if null_kind == "t5":
+            self.null = tuple(x[0] for x in self.text.encode([""], self.max_length))
+        else:
+            features = model.y_embedder.y_embedding.detach().clone().to(device)
+            self.null = (features, torch.ones(len(features), dtype=torch.long, device=device))
+        source = loader.data if cached else self.vae.config
+        self.vae_shift, self.vae_scale = getattr(source, "shift_factor", None) or 0.0, source.scaling_factor
+
+    def __call__(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
+        """Mean loss of a micro-batch whose first sample has index ``first`` in the global batch of ``step``."""
+        device, cfg = self.device, self.config
+        with torch.no_grad():
+            if "latent_mean" in batch:
+                mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
+            else:
+                posterior = self.vae.encode(batch["image"].to(device).float()).latent_dist
+                mean, std = posterior.mean, posterior.std
+            if "text_features" in batch:
+                features, mask = batch["text_features"].to(device).float(), batch["text_mask"].to(device)
+            else:
+                features, mask = self.text.encode(batch["caption"], self.max_length)
+            draws = draw_sample_randomness(cfg.run.seed, step, range(first, first + len(mean)), mean.shape[1:],
+                                           self.diffusion.num_timesteps, cfg.diffusion.caption_dropout)  # fmt: skip
+            latent_eps, noise, t = (x.to(device) for x in draws[:3])
+            x0 = (mean + std * latent_eps - self.vae_shift) * self.vae_scale  # a sample of the VAE posterior
+            xt = self.diffusion.q_sample(x0, t, noise)
+            features, mask = drop_captions(features, mask, draws[3], *self.null)
+        output = model(xt, t, features, mask, batch["resolution"].to(device), batch["aspect_ratio"].to(device))
+        return self.diffusion.training_loss(output, x0, xt, t, noise, cfg.diffusion.snr_gamma)["loss"].mean()
+
+
+def train(config: TrainConfig) -> Path:
+    """Train as the config says; returns the run folder, which ends up holding final.safetensors."""
+    run_dir = Path(config.run.output_dir)
+    accelerator = make_accelerator(config, run_dir)
+    device, main, accum = accelerator.device, accelerator.is_main_process, config.optim.grad_accum
+    loader = open_batches(config, accelerator)  # validates the dataset before the model loads
+    resume_from = find_checkpoint(run_dir, config.run.resume) if config.run.resume else None
+    model = load_model(config)
+    if config.lora.rank:
+        from pixart.lora import add_lora
+
+        add_lora(model, config.lora.rank, config.lora.alpha or None, config.lora.targets)
+    model.gradient_checkpointing = config.model.gradient_checkpointing
+    objective = Objective(config, model, loader, device)
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
+    optimizer = make_optimizer(config, params)
+    steps_per_epoch = max(1, len(loader) // accum)
+    total_steps = config.schedule.max_steps or config.schedule.epochs * steps_per_epoch
+    lr_schedule = make_lr_schedule(config, optimizer, total_steps)
+    ema = {n: p.detach().clone().float() for n, p in trainable} if config.optim.ema_decay else None
+    if ema is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise PixArtError("optim.ema_decay is not supported with FSDP yet; set --optim.ema_decay=0")
+    step, epoch, batch_index = 0, 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, lr_schedule, ema, accelerator.process_index)
+        step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_index)
+    ema = {n: v.to(device) for n, v in ema.items()} if ema is not None else None
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if main:
+        log.info("training %.2f M parameters for %d steps (%d per epoch) on %d process(es), %s",
+                 sum(p.numel() for p in params) / 1e6, total_steps, steps_per_epoch, accelerator.num_processes,
+                 device)  # fmt: skip
+        flat = {
+            f"{s}.{k}": str(v) if isinstance(v, list) else v for s, d in config.to_dict().items() for k, v in d.items()
+        }
+        accelerator.init_trackers("pixart", config=flat)
+    stream = batch_stream(loader, epoch, batch_index)
+    bar = tqdm(total=total_steps, initial=step, disable=not (main and config.logging.progress), unit="step")
+    tick = time.perf_counter()
+    while step < total_steps:
+        for micro in range(accum):
+            epoch, batch_index, batch = next(stream)
+            first = micro * config.data.batch_size + accelerator.process_index * loader.batch_size
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
+                loss = objective(model, batch, first, step)
+                accelerator.backward(loss / accum)
+        grad_norm = accelerator.clip_grad_norm_(params, config.optim.grad_clip) if config.optim.grad_clip else None
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.values()), [p.float() for p in params], 1 - config.optim.ema_decay)
+        step += 1
+        now = time.perf_counter()
+        speed, tick = config.data.batch_size * accum / (now - tick), now
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{speed:.1f}")
+        if step % config.logging.every == 0 or step == total_steps:
+            metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_schedule.get_last_lr()[0],
+                       "samples_per_s": speed}  # fmt: skip
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            accelerator.log(metrics, step=step)
+        if step == total_steps or (config.checkpoint.every and step % config.checkpoint.every == 0):
+            position = {"step": step, "epoch": epoch, "batch": batch_index + 1}
+            save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedule, ema, trainable, config)
+        if step == total_steps or (config.validation.every and step % config.validation.every == 0):
+            render_validation(config, accelerator, model, objective, ema, trainable, step, run_dir)
+    bar.close()
+    save_final(config, accelerator, model, ema, trainable, run_dir)
+    accelerator.end_training()
+    return run_dir
+
+
+@contextlib.contextmanager
+def ema_weights(model, ema, trainable):
+    """Temporarily put the EMA weights into the model (for validation and the final EMA save)."""
+    if ema is None:
+        yield
+        return
+    backup = [p.detach().clone() for _, p in trainable]
+    with torch.no_grad():
+        for name, p in trainable:
+            p.copy_(ema[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (_, p), saved in zip(trainable, backup, strict=True):
+                p.copy_(saved)
+
+
+def render_validation(config, accelerator, model, objective, ema, trainable, step, run_dir) -> None:
+    """Render the validation prompts to RUN/validation/step-N-i.png (main process only, EMA weights if kept)."""
+    if not config.validation.prompts or not accelerator.is_main_process:
+        return
+    try:
+        from pixart.pipeline import PixArtPipeline
+    except ImportError:
+        log.warning("validation skipped: pixart.pipeline is not available in this install")
+        return
+    v, model = config.validation, accelerator.unwrap_model(model)
+    vae = objective.vae or load_frozen_encoders(config, model, accelerator.device, False, True)[1]
+    scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    pipe = PixArtPipeline(objective.text, model, vae, scheduler, device=accelerator.device, dtype=torch.float32)
+    size = v.image_size or config.data.image_size
+    model.eval()
+    with ema_weights(model, ema, trainable), torch.no_grad():
+        images = pipe(v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance_scale, width=size, height=size,
+                      max_tokens=objective.max_length, show_progress=False)  # fmt: skip
+    model.train()
+    out = run_dir / "validation"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"step-{step:08d}-{i}.png")
+    log.info("validation images of step %d in %s", step, out)
+
+
+def save_final(config, accelerator, model, ema, trainable, run_dir) -> None:
+    """RUN/final.safetensors in our format (LoRA merged in), RUN/final-ema.safetensors, RUN/final-lora/."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    if ema is not None:
+        with ema_weights(model, ema, trainable):
+            save_final_weights(config, model, run_dir / "final-ema.safetensors")
+    save_final_weights(config, model, run_dir / "final.safetensors")
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+
+def save_final_weights(config, model, path: Path) -> None:
+    from pixart.convert import save_pixart
+
+    if not config.lora.rank:
+        save_pixart(model, path)
+        return
+    import copy
+
+    from pixart.lora import merge_lora, save_lora
+
+    save_lora(model, path.with_suffix("").with_name(path.stem + "-lora"))
+    save_pixart(merge_lora(copy.deepcopy(model)), path)

@@ -1,0 +1,143 @@
+"""Resumable training checkpoints: written atomically, rotated, found again by ``--resume latest``.
+
+A checkpoint is a folder ``RUN/checkpoints/step-00001000/`` holding the trained weights
+(``trainable.safetensors``: every parameter that trains, i.e. the whole model or only the LoRA adapters),
+``ema.safetensors``, ``optimizer.pt``, ``lr_schedule.pt``, one ``rng-<process>.pt`` per process and
+``state.json`` (step, data position, config). It is written under ``.tmp-step-…`` and renamed when
+complete, so a crash mid-write leaves only a temporary folder that resume ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pixart.errors import PixArtError
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"step-(\d+)")
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (temporary folders of interrupted writes excluded)."""
+    folder = checkpoints_dir(run_dir)
+    found = [p for p in folder.glob("step-*") if NAME.fullmatch(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint ``resume`` names: 'latest' (None if the run has none yet) or a checkpoint folder."""
+    if resume == "latest":
+        found = complete_checkpoints(run_dir)
+        if not found:
+            log.warning("--resume latest: no complete checkpoint in %s; starting from step 0", checkpoints_dir(run_dir))
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise PixArtError(
+            f"resume={resume!r}: not a checkpoint folder (no state.json); pass 'latest' or a step-N folder"
+        )
+    return path
+
+
+def _rng_state() -> dict:
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {
+        "python": torch.tensor(state, dtype=torch.int64),
+        "python_meta": [version, gauss],
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_meta": [kind, int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _set_rng_state(state: dict) -> None:
+    version, gauss = state["python_meta"]
+    random.setstate((version, tuple(state["python"].tolist()), gauss))
+    kind, pos, has_gauss, cached = state["numpy_meta"]
+    np.random.set_state((kind, state["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedule, ema, trainable, config) -> Path:
+    """Write one checkpoint from every process (each adds its RNG state), then rotate old ones."""
+    folder = checkpoints_dir(run_dir)
+    final = folder / f"step-{position['step']:08d}"
+    tmp = folder / f".tmp-{final.name}"
+    names = {n for n, _ in trainable}
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    full_state = accelerator.get_state_dict(model)  # every process must take part under FSDP
+    optimizer_state = optimizer.state_dict()
+    if accelerator.is_main_process:
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in full_state.items() if k in names}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        if ema is not None:
+            save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(lr_schedule.state_dict(), tmp / "lr_schedule.pt")
+        state = {**position, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(config)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(run_dir)[: -config.checkpoint.keep_last]:
+            shutil.rmtree(old)
+        log.info("checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, lr_schedule, ema, process_index: int) -> dict:
+    """Restore a checkpoint into the (not yet accelerate-prepared) model, optimizer, schedule and EMA."""
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "trainable.safetensors"))
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(weights)
+    if missing:
+        raise PixArtError(
+            f"checkpoint {path} lacks trained weights such as {sorted(missing)[0]}: another model/LoRA setup"
+        )
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    lr_schedule.load_state_dict(torch.load(path / "lr_schedule.pt", weights_only=True))
+    if ema is not None:
+        if not (path / "ema.safetensors").is_file():
+            raise PixArtError(f"checkpoint {path} has no EMA weights but optim.ema_decay is set")
+        ema.update(load_file(str(path / "ema.safetensors")))
+    rng = path / f"rng-{process_index}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    else:
+        log.warning("%s has no RNG state for process %d (saved with %d processes)", path, process_index,
+                    state.get("num_processes", 1))  # fmt: skip
+    return state

@@ -1,0 +1,267 @@
+"""The trainer end to end on tiny real models: learning, 1 vs 2 processes, kill and resume, config errors, CLI.
+
+Runs use one intra-op thread everywhere (in this process and in subprocesses): bit-identical resume needs
+the same float reductions on both sides, and 2-thread OpenMP on a busy 2-core machine is ~20× slower.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pixart.cache import build_cache, open_cache
+from pixart.cli import main as cli_main
+from pixart.config import preset
+from pixart.convert import load_transformer
+from pixart.data import open_dataset
+from pixart.diffusion import GaussianDiffusion
+from pixart.errors import PixArtError
+from pixart.model import PixArtTransformer
+from pixart.train import sample_generator, train
+from pixart.train_checkpoint import complete_checkpoints, find_checkpoint
+from pixart.train_config import load_config
+from tiny import save_pipeline
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny α pipeline folder, 8 captioned images (two colours × four shades) and their feature cache."""
+    root = tmp_path_factory.mktemp("train")
+    pipe = save_pipeline(root / "pipe", "alpha")
+    images = root / "images"
+    images.mkdir()
+    for i in range(8):
+        colour = "red" if i % 2 else "blue"
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        pixels[..., 0 if colour == "red" else 2] = 120 + 30 * (i // 2)
+        pixels[8:24, 8:24] = 255 - pixels[8:24, 8:24]  # some structure, not a flat field
+        Image.fromarray(pixels).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {colour} square, shade {i // 2}")
+    cache = root / "cache"
+    build_cache(pipe, open_dataset(images), cache, resolution=256, max_tokens=16, batch_size=8)
+    return root, pipe, images, cache
+
+
+def overrides(setup, out: Path, *extra: str) -> list[str]:
+    _, pipe, _, cache = setup
+    return [
+        f"--model.pipeline={pipe}",
+        f"--data.cache={cache}",
+        "--data.image_size=256",
+        f"--run.output_dir={out}",
+        "--logging.progress=false",
+        *extra,
+    ]
+
+
+def run_in_process(setup, out: Path, *extra: str) -> Path:
+    return train(load_config("debug", overrides(setup, out, *extra)))
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pixart", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
+def fixed_loss(model: PixArtTransformer, cache: Path) -> float:
+    """The training loss over the cached set at fixed timesteps and noise (independent of the trainer)."""
+    data = open_cache(cache)
+    batch, _ = data.load_batch(1.0, data.groups[1.0], [False] * len(data.groups[1.0]))
+    diffusion, gen = GaussianDiffusion(), torch.Generator().manual_seed(123)
+    x0 = batch["latent_mean"] * data.scaling_factor
+    total = 0.0
+    with torch.no_grad():
+        for t_value in (50, 250, 500, 750, 950):
+            t = torch.full((len(x0),), t_value)
+            noise = torch.randn(x0.shape, generator=gen)
+            xt = diffusion.q_sample(x0, t, noise)
+            out = model(xt, t, batch["text_features"], batch["text_mask"], batch["resolution"], batch["aspect_ratio"])
+            total += diffusion.training_loss(out, x0, xt, t, noise)["mse"].mean().item()
+    return total / 5
+
+
+def test_loss_falls_on_a_fixed_tiny_set(setup, tmp_path):
+    cache = setup[3]
+    torch.manual_seed(0)  # the trainer's from-scratch init for seed 0
+    before = fixed_loss(PixArtTransformer(preset("debug-alpha")).eval(), cache)
+    run = run_in_process(setup, tmp_path / "run", "--schedule.max_steps=40", "--checkpoint.every=0")
+    after = fixed_loss(load_transformer(run / "final.safetensors"), cache)
+    assert after < 0.7 * before, (before, after)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_two_processes_match_one_process(setup, tmp_path):
+    common = ["--schedule.max_steps=3", "--data.batch_size=4", "--optim.grad_accum=2", "--checkpoint.every=0"]
+    one = run_in_process(setup, tmp_path / "one", *common)
+    # torchrun starts 2 CPU processes; accelerate reads its environment and joins them with gloo.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    launch += ["-m", "pixart", "train", "debug"]
+    result = subprocess.run(
+        [*launch, *overrides(setup, tmp_path / "two", *common)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stderr
+    a, b = weights(one / "final.safetensors"), weights(tmp_path / "two" / "final.safetensors")
+    assert a.keys() == b.keys()
+    start = PixArtTransformer(preset("debug-alpha")).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_killed_run_resumes_bit_identically(setup, tmp_path):
+    extra = ["--schedule.max_steps=40", "--checkpoint.every=4", "--checkpoint.keep_last=2", "--optim.ema_decay=0.9"]
+    extra += ["--schedule.warmup_steps=5", "--schedule.lr_schedule=cosine", "--diffusion.snr_gamma=5"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pixart", "train", "debug", *overrides(setup, killed, *extra)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not complete_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    found = complete_checkpoints(killed)
+    assert found and not (killed / "final.safetensors").exists(), "the run must die between checkpoints"
+    # A checkpoint interrupted while being written leaves a temporary folder; resume must not use it.
+    fake = killed / "checkpoints" / ".tmp-step-00000039"
+    fake.mkdir(exist_ok=True)
+    (fake / "state.json").write_text('{"step": 39}')
+    assert find_checkpoint(killed, "latest") == found[-1]
+
+    run_in_process(setup, killed, *extra, "--run.resume=latest")
+    straight = run_in_process(setup, tmp_path / "straight", *extra)
+    for name in ("final.safetensors", "final-ema.safetensors"):
+        a, b = weights(straight / name), weights(killed / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # Rotation: only the newest keep_last=2 checkpoints remain.
+    assert [p.name for p in complete_checkpoints(straight)] == ["step-00000036", "step-00000040"]
+    assert [p.name for p in complete_checkpoints(killed)] == ["step-00000036", "step-00000040"]
+
+
+def test_lora_from_images_trains_only_adapters(setup, tmp_path):
+    root, pipe, images, _ = setup
+    source = tmp_path / "base.safetensors"
+    from pixart.convert import save_pixart
+
+    torch.manual_seed(1)
+    base_model = PixArtTransformer(preset("debug-alpha"))
+    with torch.no_grad():  # as if pretrained: the zero-initialised output layer would block every gradient
+        for p in base_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_pixart(base_model, source)
+    config = load_config(
+        "debug",
+        [
+            f"--model.source={source}",
+            "--model.preset=",
+            f"--model.pipeline={pipe}",
+            f"--data.dataset={images}",
+            "--data.image_size=256",
+            f"--run.output_dir={tmp_path / 'run'}",
+            "--schedule.max_steps=2",
+            "--lora.rank=4",
+            "--lora.targets=attn",
+            "--logging.progress=false",
+            "--validation.prompts=a red square",
+            "--validation.steps=2",
+        ],
+    )
+    run = train(config)
+    trained = weights(run / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    assert trained and all(".lora_" in k for k in trained)
+    assert (run / "final-lora").is_dir()
+    base, merged = weights(source), load_transformer(run / "final.safetensors").state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(".attn.qkv." in k or ".attn.proj." in k for k in changed)
+    assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-00000002-0.png"]
+
+
+def test_sample_randomness_depends_only_on_seed_step_and_index():
+    a = torch.randn(3, generator=sample_generator(0, 5, 2))
+    assert torch.equal(a, torch.randn(3, generator=sample_generator(0, 5, 2)))
+    for other in [(1, 5, 2), (0, 6, 2), (0, 5, 3)]:
+        assert not torch.equal(a, torch.randn(3, generator=sample_generator(*other)))
+
+
+def test_config_files_overrides_and_types(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[model]\nsource = "m.safetensors"\n[data]\ndataset = "imgs"\n'
+        "[optim]\nlr = 1\nbetas = [0.9, 0.99]\n[lora]\nrank = 8\n"
+    )
+    config = load_config(path, ["--optim.weight_decay=0", "--lora.targets=attn,cross_attn", "--logging.wandb=yes"])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.optim.betas == [0.9, 0.99] and config.optim.weight_decay == 0.0
+    assert config.lora.targets == ["attn", "cross_attn"] and config.logging.wandb is True
+    debug = load_config("debug", ["--model.pipeline=pipe", "--data.dataset=images"])  # a shipped recipe by name
+    assert debug.model.preset == "debug-alpha" and debug.data.dataset == "images"
+    for recipe in ("pokemon", "pokemon-lora", "scratch"):
+        load_config(recipe)  # every shipped recipe is valid as it stands
+    path.write_text('[optim]\nlr = "fast"\n')
+    with pytest.raises(PixArtError, match=r"^optim.lr='fast': expected a number$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.lrr=1"], "unknown key optim.'lrr'; known keys of [optim]: optimizer, lr,"),
+        (["--optim.lr=fast"], "optim.lr='fast': expected a number"),
+        (["--optim.lr=-1e-4"], "optim.lr=-0.0001: expected a positive number"),
+        (["--schedule.max_steps=2.5"], "schedule.max_steps='2.5': expected an integer"),
+        (["--optim.optimizer=sgd"], "optim.optimizer='sgd': expected one of adamw, came"),
+        (["--colour.key=1"], "unknown section 'colour'"),
+        (["--data.dataset=/no/such/folder"], "dataset '/no/such/folder' not found"),
+        (["--optim.mixed_precision=bf16"], "optim.mixed_precision='bf16' needs a GPU"),
+    ],
+)
+def test_bad_config_inputs_give_one_line(args, message, tmp_path, capsys):
+    base = [f"--model.pipeline={tmp_path}", f"--data.dataset={tmp_path}", f"--run.output_dir={tmp_path}"]
+    code = cli_main(["train", "debug", *base, *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_help_and_bad_input_as_real_processes(tmp_path):
+    helped = cli("train", "--help")
+    assert helped.returncode == 0 and "--section.key=value" in helped.stdout and "pokemon-lora" in helped.stdout
+    bad = cli("train", "no-such-recipe")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: config 'no-such-recipe' is neither a TOML file nor a shipped recipe")
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
