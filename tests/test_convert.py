@@ -426,6 +426,22 @@ def test_cli_offline_hub_id_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_hub_file_id_offline_is_a_one_line_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # The library reads HF_HUB_OFFLINE when imported; set it where it looks so nothing reaches the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(
+        PixArtError, match=r"^'PixArt-alpha/PixArt-Sigma/PixArt-Sigma-XL-2-2K-MS\.pth' is not a local path"
+    ):
+        load_transformer("PixArt-alpha/PixArt-Sigma/PixArt-Sigma-XL-2-2K-MS.pth")
+    with pytest.raises(
+        PixArtError, match=r"^'PixArt-alpha/PixArt-XL-2-512x512' is not a local path.*pass a local path"
+    ):
+        load_transformer("PixArt-alpha/PixArt-XL-2-512x512")
+
+
 # In-process through the same entry point, to keep the suite fast: each `pixart` process imports every command.
 def test_cli_missing_source_is_a_one_line_error(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "nowhere.pth"), str(tmp_path / "o.safetensors"), "--to", "pixart"]) == 2

@@ -540,39 +540,36 @@ def _read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> 
     return state_dict, config
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    """Fetch only the transformer files of a hub model (pipeline or transformer-only repo)."""
-    from huggingface_hub import snapshot_download
+_HUB_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_FILE = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.(?:pth|pt|safetensors))")
+
+
+def _from_hub(source: str) -> Path:
+    """Fetch a hub model's transformer files (``owner/name``) or one checkpoint file (``owner/name/file.pth``)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    names = [
-        "config.json",
-        DIFFUSERS_WEIGHTS,
-        DIFFUSERS_INDEX,
-        "diffusion_pytorch_model-*.safetensors",
-        Y_EMBEDDING_FILE,
-    ]
-    patterns = ["model_index.json"] + names + [f"transformer/{n}" for n in names]
-    log.info("fetching the transformer of %s from the Hugging Face hub", repo_id)
+    names = ["config.json", DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, "diffusion_pytorch_model-*.safetensors"]
+    patterns = ["model_index.json", Y_EMBEDDING_FILE, *names, *(f"transformer/{n}" for n in names + [Y_EMBEDDING_FILE])]
+    log.info("fetching %s from the Hugging Face hub", source)
     try:
-        root = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if file := _HUB_FILE.fullmatch(source):
+            return Path(hf_hub_download(file.group(1), file.group(2)))
+        root = Path(snapshot_download(source, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise PixArtError(
-            f"{repo_id!r} is not a local path, and the hub is unreachable (offline?) with no cached copy; "
+            f"{source!r} is not a local path, and the hub is unreachable (offline?) with no cached copy; "
             "pass a local path or connect and retry"
         ) from None
     except (HfHubHTTPError, ValueError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PixArtError(
-            f"{repo_id!r} is not a local path, and the hub cannot provide it ({reason}); pass a local path"
+            f"{source!r} is not a local path, and the hub cannot provide it ({reason}); pass a local path"
         ) from None
     for folder in (root / "transformer", root):
         if (folder / "config.json").is_file():
             return folder
-    raise PixArtError(f"hub model {repo_id!r} has no diffusers transformer; pass a local checkpoint path")
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+    raise PixArtError(f"hub model {source!r} has no diffusers transformer; name a checkpoint file in it instead")
 
 
 def load_transformer(
@@ -588,7 +585,8 @@ def load_transformer(
     """Load a PixArt transformer from any checkpoint form, its config read from the checkpoint.
 
     source: an official ``.pth``, our ``.safetensors``, a diffusers transformer folder, a diffusers
-    pipeline folder (its ``transformer/``) or a hub id such as ``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS``.
+    pipeline folder (its ``transformer/``), a hub id such as ``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS``
+    or a checkpoint file in a hub repo (``PixArt-alpha/PixArt-Sigma/PixArt-Sigma-XL-2-2K-MS.pth``).
     image_size (256/512/1024/2048), family ('alpha'/'sigma') and num_heads supply what an official
     .pth cannot tell; an explicit ``config`` must agree with the file. dtype defaults to float32.
     Returns the model in eval mode.
@@ -605,8 +603,8 @@ def load_transformer(
 
     path = Path(source)
     if not path.exists():
-        if _HUB_ID.fullmatch(str(source)) and path.suffix not in (".pth", ".pt", ".safetensors"):
-            path = _hub_snapshot(str(source))
+        if _HUB_FILE.fullmatch(str(source)) or _HUB_MODEL.fullmatch(str(source)):
+            path = _from_hub(str(source))
         else:
             raise PixArtError(f"no such file or directory: {source} (expected a checkpoint path or a hub id)")
     if path.is_dir():
