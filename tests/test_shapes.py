@@ -108,6 +108,10 @@ def test_checker_on_hand_drawn_shapes():
         1, False, False, False, False, None
     )
 
+    empty = Image.new("RGB", (64, 64), (220, 215, 200))
+    pair = Scene((SceneObject("circle", "red", "small"), SceneObject("square", "blue", "small")), "above")
+    assert detect(empty) == [] and not check(empty, pair).colour and not check(empty, pair).correct
+
 
 def test_score_aggregates_percentages():
     results = [
