@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -158,6 +159,14 @@ def test_mismatched_inputs_fail_before_writing(tmp_path):
         export_pipeline(alpha, sigma_model, tmp_path / "out")
     with pytest.raises(PixArtError, match="model_index.json"):
         export_pipeline(alpha / "vae", sigma_model, tmp_path / "out")
+    alpha_model = fine_tuned(alpha, "alpha")
+    encoder_config = alpha / "text_encoder" / "config.json"
+    encoder_config.write_text(json.dumps({**json.loads(encoder_config.read_text()), "d_model": 64}))
+    with pytest.raises(PixArtError, match="32-wide text features .* 64-wide text encoder"):
+        export_pipeline(alpha, alpha_model, tmp_path / "out")
+    shutil.rmtree(alpha / "vae")
+    with pytest.raises(PixArtError, match="has no vae folder"):
+        export_pipeline(alpha, alpha_model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

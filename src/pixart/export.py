@@ -80,7 +80,7 @@ def base_family(base_dir: Path, name: str) -> str:
         raise PixArtError(
             f"base {name!r} is a {index.get('_class_name')!r}; expected {' or '.join(PIPELINE_CLASSES.values())}"
         )
-    missing = [c for c in BASE_COMPONENTS if not (base_dir / c).is_dir()]
+    missing = [c for c in BASE_COMPONENTS if not (base_dir / c).is_dir() or not index.get(c)]
     if missing:
         raise PixArtError(
             f"base {name!r} has no {', '.join(missing)} folder; use a full pipeline "
