@@ -284,6 +284,21 @@ def test_diffusers_config_round_trip_and_diffusers_defaults():
         config_from_diffusers({**legacy, "norm_type": "layer_norm"})
 
 
+def test_sigma_diffusers_folder_keeps_family_and_text_length_in_the_sidecar(tmp_path):
+    config = SIGMA_2K_KV.replace(kv_compress={}, qk_norm=False)
+    original = perturbed(config)
+    save_diffusers(original, tmp_path / "sigma")
+    assert json.loads((tmp_path / "sigma" / "config.json").read_text())["use_additional_conditions"] is False
+    loaded = load_transformer(tmp_path / "sigma", dtype=torch.bfloat16)
+    assert loaded.config == config
+    assert loaded.dtype == torch.bfloat16 and loaded.y_embedder.y_embedding.dtype == torch.bfloat16
+    assert torch.equal(loaded.y_embedder.y_embedding, original.y_embedder.y_embedding.to(torch.bfloat16))
+    (tmp_path / "sigma" / "y_embedding.safetensors").unlink()
+    with pytest.raises(PixArtError, match=r"cannot tell whether this diffusers transformer is PixArt-α or Σ"):
+        load_transformer(tmp_path / "sigma")
+    assert load_transformer(tmp_path / "sigma", family="sigma").config == config
+
+
 def test_transformer_folder_family_comes_from_its_pipeline(tmp_path):
     pipeline = save_pipeline(tmp_path / "pipe", "sigma")
     assert load_transformer(pipeline / "transformer").config.family == "sigma"

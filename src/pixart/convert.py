@@ -412,6 +412,10 @@ def _reconcile(config: PixArtConfig | None, stated: PixArtConfig, fields: tuple[
 # Reading the formats; each returns (official-named state dict, config)
 
 
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.1f} MB"
+
+
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only refuses any pickle that would construct arbitrary objects (run code) on load.
@@ -433,7 +437,7 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_official(path: Path, config: PixArtConfig | None, **hints: Any) -> tuple[dict, PixArtConfig]:
-    log.info("loading official checkpoint %s", path)
+    log.info("loading official checkpoint %s (%s)", path, _size(path))
     state_dict = _read_pth(path)
     if config is None:
         config = config_from_state_dict(state_dict, name=path.name, **hints)
@@ -463,10 +467,10 @@ def _read_pixart(path: Path, config: PixArtConfig | None, **hints: Any) -> tuple
     state_dict = _load_safetensors(path)
     if metadata.get("format") != PIXART_FORMAT:
         # Official weights re-saved as safetensors carry no config; infer it as for a .pth.
-        log.info("loading official-named weights %s", path)
+        log.info("loading official-named weights %s (%s)", path, _size(path))
         state_dict = {k: v for k, v in state_dict.items() if k not in _POS_EMBED_KEYS}
         return state_dict, config or config_from_state_dict(state_dict, name=path.name, **hints)
-    log.info("loading %s", path)
+    log.info("loading %s (%s)", path, _size(path))
     try:
         stated = PixArtConfig.from_dict(json.loads(metadata["config"]))
     except (KeyError, ValueError, TypeError):
@@ -677,7 +681,7 @@ def save_pixart(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     path = Path(path)
     metadata = {"format": PIXART_FORMAT, "config": json.dumps(model.config.to_dict())}
     _atomic_write(path, lambda tmp: save_file(_cpu_state_dict(model), str(tmp), metadata=metadata))
-    log.info("wrote %s", path)
+    log.info("wrote %s (%s)", path, _size(path))
     return path
 
 
@@ -693,7 +697,7 @@ def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
         None
     ].to(model.dtype)
     _atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict}, tmp))
-    log.info("wrote %s", path)
+    log.info("wrote %s (%s)", path, _size(path))
     return path
 
 
