@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     dataset = open_dataset(data)
     out = root / "out"
     manifest = build_cache(
-        pipe, dataset, out, resolution=256, max_tokens=MAX_TOKENS, batch_size=4, shard_size=2, flip=True, clean=False
+        pipe, dataset, out, resolution=256, max_tokens=MAX_TOKENS, batch_size=1, shard_size=2, flip=True, clean=False
     )
     expect = cache_expectations(pipe, resolution=256, max_tokens=MAX_TOKENS, dataset=dataset, flip=True, clean=False)
     return pipe, data, out, manifest, expect
@@ -143,7 +143,7 @@ def test_rerun_after_a_kill_reuses_finished_shards(setup, tmp_path):
     (copy / f".{missing}.tmp-123").write_bytes(b"half a shard")  # a kill in mid-write
     stamp = os.stat(copy / first).st_mtime_ns
     rebuilt = build_cache(
-        pipe, open_dataset(data), copy, resolution=256, max_tokens=MAX_TOKENS, batch_size=4, shard_size=2, flip=True,
+        pipe, open_dataset(data), copy, resolution=256, max_tokens=MAX_TOKENS, batch_size=1, shard_size=2, flip=True,
         clean=False,
     )  # fmt: skip
     assert os.stat(copy / first).st_mtime_ns == stamp

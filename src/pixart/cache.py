@@ -149,7 +149,7 @@ def build_cache(
     resolution: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 8,
-    shard_size: int = 256,
+    shard_size: int = 64,
     flip: bool = False,
     clean: bool = True,
     device: str = "cpu",
@@ -251,29 +251,39 @@ def _write_shard(
     """Encode one shard's images and captions and write it atomically; returns its metadata."""
     dataset = buckets.dataset
     height, width = buckets.table[ratio]
-    images, records, skipped = [], [], []
-    for index in indices:
-        try:
-            images.append(to_tensor(resize_cover_crop(dataset.load_image(index), height, width)))
-            records.append(dataset.records[index])
-        except UnreadableImage as err:
-            skipped.append((dataset.records[index].key, str(err)))
+    records, skipped, parts = [], [], []
+    # Batch by batch, so a shard of 1024-px images never sits in memory as pixels or full-length features.
+    for start in range(0, len(indices), batch_size):
+        images, batch_records = [], []
+        for index in indices[start : start + batch_size]:
+            try:
+                images.append(to_tensor(resize_cover_crop(dataset.load_image(index), height, width)))
+                batch_records.append(dataset.records[index])
+            except UnreadableImage as err:
+                skipped.append((dataset.records[index].key, str(err)))
+        if not images:
+            continue
+        pixels = torch.stack(images).to(device, vae.dtype)
+        part = dict(zip(("latent_mean", "latent_std"), _moments(vae, pixels), strict=True))
+        if flip:
+            part.update(zip(("latent_mean_flip", "latent_std_flip"), _moments(vae, pixels.flip(-1)), strict=True))
+        captions = [r.caption for r in batch_records]
+        features, mask = text_encoder.encode(captions, max_tokens, clean=clean, batch_size=batch_size)
+        # Keep tokens up to the longest caption and zero the padding: padding is masked out of
+        # cross-attention anyway, and full-length T5-XXL features take 4.9 MB per sample at 300 tokens.
+        length = max(int(mask.sum(1).max()), 1)
+        part["text_features"] = (features * mask[..., None].to(features.dtype))[:, :length].float().cpu()
+        part["text_mask"] = mask[:, :length].cpu()
+        parts.append(part)
+        records += batch_records
     tensors: dict[str, torch.Tensor] = {}
     if records:
-        pixels = torch.stack(images)
-        moments = {"": _encode(vae, pixels, batch_size, device)}
-        if flip:
-            moments["_flip"] = _encode(vae, pixels.flip(-1), batch_size, device)
-        for suffix, (mean, std) in moments.items():
-            tensors[f"latent_mean{suffix}"], tensors[f"latent_std{suffix}"] = mean, std
-        captions = [r.caption for r in records]
-        features, mask = text_encoder.encode(captions, max_tokens, clean=clean, batch_size=batch_size)
-        # Keep tokens up to the longest caption of the shard and zero the padding: padding is masked out
-        # of cross-attention anyway, and full-length T5-XXL features take 4.9 MB per sample at 300 tokens.
-        length = max(int(mask.sum(1).max()), 1)
-        features = features * mask[..., None].to(features.dtype)
-        tensors["text_features"] = features[:, :length].float().cpu().contiguous()
-        tensors["text_mask"] = mask[:, :length].cpu().contiguous()
+        length = max(part["text_mask"].shape[1] for part in parts)
+        for part in parts:
+            pad = length - part["text_mask"].shape[1]
+            part["text_features"] = torch.nn.functional.pad(part["text_features"], (0, 0, 0, pad))
+            part["text_mask"] = torch.nn.functional.pad(part["text_mask"], (0, pad))
+        tensors = {name: torch.cat([part[name] for part in parts]).contiguous() for name in parts[0]}
         tensors["resolution"] = torch.tensor([[r.height, r.width] for r in records], dtype=torch.float32)
     meta = {
         "plan": plan,
@@ -289,13 +299,10 @@ def _write_shard(
     return meta
 
 
-def _encode(vae, pixels: torch.Tensor, batch_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    means, stds = [], []
-    for start in range(0, len(pixels), batch_size):
-        posterior = vae.encode(pixels[start : start + batch_size].to(device, vae.dtype)).latent_dist
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
-    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+def _moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior (unscaled latents) of a batch of images in [-1, 1]."""
+    posterior = vae.encode(pixels).latent_dist
+    return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
 
 def _describe(value: Any) -> str:

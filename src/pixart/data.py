@@ -126,7 +126,9 @@ class FolderSource:
         self.caption_column = caption_column
 
     def fingerprint(self) -> str:
-        files = sorted(p for p in self.root.rglob("*") if p.is_file())
+        # Only files the dataset is made of, so e.g. a cache written inside the folder does not change it.
+        wanted = (*IMAGE_EXTENSIONS, ".txt", ".jsonl", ".csv")
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in wanted and p.is_file())
         return _fingerprint([(str(p.relative_to(self.root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
     def _metadata(self) -> list[dict] | None:
@@ -183,7 +185,7 @@ class HFSource:
         self.dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
 
     def fingerprint(self) -> str:
-        return _fingerprint([self.name, getattr(self.dataset, "_fingerprint", None), len(self.dataset)])
+        return _fingerprint([getattr(self.dataset, "_fingerprint", None), len(self.dataset)])
 
     def scan(self) -> Iterator[tuple[str, str | None, Any, Any]]:
         captions = self.dataset[self.caption_column]
@@ -212,7 +214,7 @@ class TarSource:
         self.shards = shards
 
     def fingerprint(self) -> str:
-        return _fingerprint([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.shards])
+        return _fingerprint([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self.shards])
 
     def scan(self) -> Iterator[tuple[str, str | None, Any, Any]]:
         for shard in self.shards:

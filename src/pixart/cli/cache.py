@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--max-tokens", type=int, help="T5 tokens per caption (default: 120 for α, 300 for Σ)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per VAE / T5 forward pass")
-    parser.add_argument("--shard-size", type=int, default=256, help="samples per shard file")
+    parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
     parser.add_argument("--flip", action="store_true", help="also cache latents of the mirrored images")
     parser.add_argument("--no-clean", action="store_true", help="only lower-case and strip captions")
     parser.add_argument("--image-column", default="image", help="image column of a datasets dataset")
