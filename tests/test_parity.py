@@ -97,3 +97,28 @@ def test_loaded_pipeline_folder_matches_diffusers_transformer(tmp_path, family, 
         expected = diffusers_output(reference, *args)
         got = ours(*args)
     assert (got - expected).abs().max().item() <= TOLERANCE
+
+
+def test_legacy_transformer2dmodel_folder_matches_diffusers(tmp_path):
+    """The α hub releases' config.json: class Transformer2DModel, no interpolation_scale, no
+    use_additional_conditions; diffusers then derives scale 2 and micro-conditions from sample_size 128."""
+    import json
+
+    from diffusers import Transformer2DModel
+
+    config = preset("debug-alpha").replace(sample_size=128, pe_scale=2.0)
+    save_diffusers(perturbed(config), tmp_path)
+    legacy = json.loads((tmp_path / "config.json").read_text())
+    legacy["_class_name"] = "Transformer2DModel"
+    del legacy["interpolation_scale"], legacy["use_additional_conditions"]
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    (tmp_path / "y_embedding.safetensors").unlink()  # as in a hub folder
+
+    reference = Transformer2DModel.from_pretrained(tmp_path).eval()
+    ours = load_transformer(tmp_path)
+    assert (ours.config.family, ours.config.pe_scale, ours.config.micro_conditions) == ("alpha", 2.0, True)
+    args = inputs(ours.config.replace(model_max_length=20), 10, 6)
+    with torch.no_grad():
+        expected = diffusers_output(reference, *args)
+        got = ours(*args)
+    assert (got - expected).abs().max().item() <= TOLERANCE
