@@ -417,9 +417,10 @@ def test_cli_converts_between_formats(tmp_path):
 
 def test_convert_checkpoint_refuses_to_overwrite_and_checks_the_output_name(tmp_path):
     save_pixart(perturbed(ALPHA_1024_MS), tmp_path / "a.safetensors")
+    (tmp_path / "out").mkdir()  # an empty folder is fine to write into
     convert_checkpoint(tmp_path / "a.safetensors", tmp_path / "out", "diffusers")
     before = (tmp_path / "out" / "diffusion_pytorch_model.safetensors").read_bytes()
-    with pytest.raises(PixArtError, match=r"out already exists; pass overwrite \(--overwrite\)"):
+    with pytest.raises(PixArtError, match=r"out already exists and is not empty; pass overwrite \(--overwrite\)"):
         convert_checkpoint(tmp_path / "a.safetensors", tmp_path / "out", "diffusers")
     convert_checkpoint(tmp_path / "a.safetensors", tmp_path / "out", "diffusers", overwrite=True)
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").read_bytes() == before

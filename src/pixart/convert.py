@@ -733,9 +733,9 @@ def convert_checkpoint(
         raise PixArtError(f"output {dest} does not fit --to {to}: expected {wanted}")
     if to == "diffusers" and dest.is_file():
         raise PixArtError(f"output {dest} is a file; --to diffusers writes a folder")
-    exists = (dest / "config.json").exists() if to == "diffusers" else dest.exists()
+    exists = dest.is_dir() and any(dest.iterdir()) if to == "diffusers" else dest.exists()
     if exists and not overwrite:
-        raise PixArtError(f"output {dest} already exists; pass overwrite (--overwrite) to replace it")
+        raise PixArtError(f"output {dest} already exists and is not empty; pass overwrite (--overwrite) to write there")
     model = load_transformer(source, **load_kwargs)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: PixArt-%s, %.1f M parameters, %s", model.config.family, n_params / 1e6, model.config)
