@@ -10,7 +10,6 @@ bit-identical to one that never stopped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pixart.diffusion import GaussianDiffusion, drop_captions
 from pixart.errors import PixArtError
-from pixart.train_checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from pixart.train_checkpoint import ema_weights, find_checkpoint, load_checkpoint, save_checkpoint, save_final
 from pixart.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -281,24 +280,6 @@ def train(config: TrainConfig) -> Path:
     return run_dir
 
 
-@contextlib.contextmanager
-def ema_weights(model, ema, trainable):
-    """Temporarily put the EMA weights into the model (for validation and the final EMA save)."""
-    if ema is None:
-        yield
-        return
-    backup = [p.detach().clone() for _, p in trainable]
-    with torch.no_grad():
-        for name, p in trainable:
-            p.copy_(ema[name])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for (_, p), saved in zip(trainable, backup, strict=True):
-                p.copy_(saved)
-
-
 def render_validation(config, accelerator, model, objective, ema, trainable, step, run_dir) -> None:
     """Render the validation prompts to RUN/validation/step-N-i.png (main process only, EMA weights if kept)."""
     if not config.validation.prompts or not accelerator.is_main_process:
@@ -309,10 +290,13 @@ def render_validation(config, accelerator, model, objective, ema, trainable, ste
         log.warning("validation skipped: pixart.pipeline is not available in this install")
         return
     v, model = config.validation, accelerator.unwrap_model(model)
-    vae = objective.vae or load_frozen_encoders(config, model, accelerator.device, False, True)[1]
+    if objective.vae is None:  # cached training has no VAE until the first validation
+        objective.vae = load_frozen_encoders(config, model, accelerator.device, False, True)[1]
     scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-    pipe = PixArtPipeline(objective.text, model, vae, scheduler, device=accelerator.device, dtype=torch.float32)
+    pipe = PixArtPipeline(
+        objective.text, model, objective.vae, scheduler, device=accelerator.device, dtype=torch.float32
+    )
     size = v.image_size or config.data.image_size
     model.eval()
     with ema_weights(model, ema, trainable), torch.no_grad():
@@ -324,30 +308,3 @@ def render_validation(config, accelerator, model, objective, ema, trainable, ste
     for i, image in enumerate(images):
         image.save(out / f"step-{step:08d}-{i}.png")
     log.info("validation images of step %d in %s", step, out)
-
-
-def save_final(config, accelerator, model, ema, trainable, run_dir) -> None:
-    """RUN/final.safetensors in our format (LoRA merged in), RUN/final-ema.safetensors, RUN/final-lora/."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    model = accelerator.unwrap_model(model)
-    if ema is not None:
-        with ema_weights(model, ema, trainable):
-            save_final_weights(config, model, run_dir / "final-ema.safetensors")
-    save_final_weights(config, model, run_dir / "final.safetensors")
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-
-
-def save_final_weights(config, model, path: Path) -> None:
-    from pixart.convert import save_pixart
-
-    if not config.lora.rank:
-        save_pixart(model, path)
-        return
-    import copy
-
-    from pixart.lora import merge_lora, save_lora
-
-    save_lora(model, path.with_suffix("").with_name(path.stem + "-lora"))
-    save_pixart(merge_lora(copy.deepcopy(model)), path)

@@ -1,4 +1,4 @@
-"""Resumable training checkpoints: written atomically, rotated, found again by ``--resume latest``.
+"""What a training run writes: resumable checkpoints (atomic, rotated, found by --resume) and final weights.
 
 A checkpoint is a folder ``RUN/checkpoints/step-00001000/`` holding the trained weights
 (``trainable.safetensors``: every parameter that trains, i.e. the whole model or only the LoRA adapters),
@@ -9,6 +9,8 @@ complete, so a crash mid-write leaves only a temporary folder that resume ignore
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -141,3 +143,49 @@ def load_checkpoint(path: Path, model, optimizer, lr_schedule, ema, process_inde
         log.warning("%s has no RNG state for process %d (saved with %d processes)", path, process_index,
                     state.get("num_processes", 1))  # fmt: skip
     return state
+
+
+@contextlib.contextmanager
+def ema_weights(model, ema, trainable):
+    """Temporarily put the EMA weights into the model (for validation and the final EMA save)."""
+    if ema is None:
+        yield
+        return
+    backup = [p.detach().clone() for _, p in trainable]
+    with torch.no_grad():
+        for name, p in trainable:
+            p.copy_(ema[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (_, p), saved in zip(trainable, backup, strict=True):
+                p.copy_(saved)
+
+
+def save_final(config, accelerator, model, ema, trainable, run_dir) -> None:
+    """RUN/final.safetensors in our format (LoRA merged in), RUN/final-ema.safetensors, RUN/final-lora/."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    if ema is not None:
+        with ema_weights(model, ema, trainable):
+            save_final_weights(config, model, run_dir / "final-ema.safetensors")
+    save_final_weights(config, model, run_dir / "final.safetensors")
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    os.replace(tmp, run_dir / "config.json")
+
+
+def save_final_weights(config, model, path: Path) -> None:
+    """The model in our format at ``path``; for LoRA runs merged, with the adapter alone in ``<stem>-lora/``."""
+    from pixart.convert import save_pixart
+
+    if not config.lora.rank:
+        save_pixart(model, path)
+        return
+    from pixart.lora import merge_lora, save_lora
+
+    save_lora(model, path.with_suffix("").with_name(path.stem + "-lora"))
+    save_pixart(merge_lora(copy.deepcopy(model)), path)
