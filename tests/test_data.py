@@ -265,3 +265,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     assert "truncated.png" not in batches[0]["key"]
     assert loader.skipped == 1
     assert "skipped 1 unreadable images" in caplog.text and "truncated.png" in caplog.text
+
+
+def test_exif_rotated_photos_are_bucketed_and_loaded_upright(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display", as phones write it
+    stored = Image.new("RGB", (48, 24), "blue")  # stored 24 high × 48 wide, displayed 48 high × 24 wide
+    stored.save(root / "phone.jpg", exif=exif)
+    (root / "phone.txt").write_text("a phone photo")
+    dataset = open_dataset(root)
+    assert (dataset.records[0].height, dataset.records[0].width) == (48, 24)
+    assert dataset.load_image(0).size == (24, 48)  # PIL sizes are (width, height)
+    batch, _ = ImageBuckets(dataset, 256).load_batch(2.0, [0], [False])
+    assert batch["image"].shape == (1, 3, 352, 176)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
@@ -108,10 +108,19 @@ class UnreadableImage(Exception):
     """An image whose bytes cannot be read or decoded; the loaders skip it."""
 
 
+def _sideways(image: Image.Image) -> bool:
+    """Whether a camera JPEG is stored turned by 90° with an EXIF note to rotate it for display.
+
+    Only JPEG is asked: its EXIF sits in the header, while in PNG or WebP it may follow the pixels and
+    reading it would mean reading the whole file. Other formats are used as stored.
+    """
+    return image.format in ("JPEG", "MPO") and image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
 def _header_size(source: Any) -> tuple[int, int]:
-    """(height, width) from an image header without decoding the pixels."""
+    """(height, width) as displayed, from an image header without decoding the pixels."""
     with Image.open(source) as image:
-        return image.height, image.width
+        return (image.width, image.height) if _sideways(image) else (image.height, image.width)
 
 
 def _fingerprint(items: list) -> str:
@@ -296,7 +305,7 @@ class ImageDataset:
         record = self.records[index]
         try:
             with Image.open(self.source.read(record.locator)) as image:
-                image = image.convert("RGB")
+                image = (ImageOps.exif_transpose(image) if image.format in ("JPEG", "MPO") else image).convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise UnreadableImage(_reason(err)) from None
         if (image.height, image.width) != (record.height, record.width):
