@@ -98,6 +98,7 @@ def test_every_dataset_kind_yields_the_same_samples(tmp_path):
         "hf": open_dataset(write_hf(tmp_path / "hf"), image_column="picture", caption_column="words"),
         "tar": open_dataset(write_shards(tmp_path / "tars")),
         "one tar": open_dataset(tmp_path / "tars" / "part-000.tar"),
+        "tar glob": open_dataset(str(tmp_path / "tars" / "part-*.tar")),
     }
     for kind, dataset in opened.items():
         got = samples(dataset)
@@ -123,6 +124,14 @@ def test_bad_dataset_specs_are_one_line_errors(tmp_path):
         open_dataset(tmp_path / "empty")
     with pytest.raises(PixArtError, match="no bucket table for resolution 300"):
         bucket_table(300)
+    listed = write_metadata_folder(tmp_path / "listed", "jsonl")
+    with open(listed / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "images/gone.png", "caption": "deleted"}) + "\n")
+    dataset = open_dataset(listed)
+    assert len(dataset) == 12 and [key for key, _ in dataset.skipped] == ["images/gone.png"]
+    (listed / "metadata.jsonl").write_text(json.dumps({"path": "images/img00.png", "caption": "x"}) + "\n")
+    with pytest.raises(PixArtError, match="has no 'file_name' column; columns: caption, path"):
+        open_dataset(listed)
 
 
 def test_bucket_tables_are_the_official_ones():
