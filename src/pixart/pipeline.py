@@ -38,7 +38,7 @@ from pixart import __version__
 from pixart.errors import PixArtError
 from pixart.resolution import check_size, generation_size, resize_and_crop
 from pixart.sampling import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
-from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder
+from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +256,13 @@ class PixArtPipeline:
         device: torch.device,
         dtype: torch.dtype,
         low_memory: bool = False,
+        offload: bool = False,
         names: dict[str, str] | None = None,
     ):
-        """Components are either loaded objects or zero-argument loaders (low-memory mode loads each
-        part when its stage starts and releases it when the stage ends)."""
-        self.device, self.dtype, self.low_memory = device, dtype, low_memory
+        """Components are either loaded objects or zero-argument loaders. low_memory: load each part
+        when its stage starts and release it when the stage ends; offload: keep parts on the CPU and
+        move each to the device only for its stage."""
+        self.device, self.dtype, self.low_memory, self._offload = device, dtype, low_memory, offload
         self.scheduler_config = dict(scheduler_config)
         self.names = dict(names or {})
         self._loaders = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
@@ -299,6 +301,7 @@ class PixArtPipeline:
 
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
+        check_quantization(t5_quantization, device)
         root = resolve_model(model, need_transformer=transformer is None)
         if not (root / "vae").is_dir():
             raise PixArtError(f"{root} has no vae/ folder; pass a diffusers PixArt pipeline folder or hub id")
@@ -335,13 +338,11 @@ class PixArtPipeline:
         loaders = (load_text_encoder, load_model, load_vae)
         if not low_memory:
             loaders = tuple(load() for load in loaders)
-        pipe = cls(*loaders, scheduler_config, device=device, dtype=dtype, low_memory=low_memory, names=names)
-        pipe._offload = offload
-        return pipe
+        return cls(
+            *loaders, scheduler_config, device=device, dtype=dtype, low_memory=low_memory, offload=offload, names=names
+        )
 
     # ------------------------------------------------------------------ loading stages
-
-    _offload = False
 
     @contextlib.contextmanager
     def _stage(self, name: str) -> Iterator:

@@ -116,6 +116,16 @@ def preprocess_caption(caption: str, clean: bool = True) -> str:
     return caption.lower().strip()
 
 
+def check_quantization(quantization: str | None, device: torch.device) -> None:
+    """Refuse a T5 quantization that cannot run on ``device``, before anything is loaded."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise PixArtError(f"unknown T5 quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+    if quantization in ("8bit", "4bit") and device.type != "cuda":
+        raise PixArtError(f"T5 {quantization} quantization (bitsandbytes) needs CUDA; on CPU use int8-dynamic")
+    if quantization == "int8-dynamic" and device.type != "cpu":
+        raise PixArtError(f"dynamic int8 quantization of T5 runs on CPU only, not {device.type}")
+
+
 class TextEncoder:
     """A T5 tokenizer and encoder that turn captions into the (features, mask) a PixArt transformer reads."""
 
@@ -141,12 +151,7 @@ class TextEncoder:
         from transformers import AutoTokenizer, T5EncoderModel
 
         device = torch.device(device or "cpu")
-        if quantization is not None and quantization not in QUANTIZATIONS:
-            raise PixArtError(f"unknown T5 quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
-        if quantization in ("8bit", "4bit") and device.type != "cuda":
-            raise PixArtError(f"T5 {quantization} quantization (bitsandbytes) needs CUDA; on CPU use int8-dynamic")
-        if quantization == "int8-dynamic" and device.type != "cpu":
-            raise PixArtError(f"dynamic int8 quantization of T5 runs on CPU only, not {device.type}")
+        check_quantization(quantization, device)
         model_kwargs: dict = {"dtype": dtype} if dtype is not None else {}
         if quantization in ("8bit", "4bit"):
             if importlib.util.find_spec("bitsandbytes") is None:
