@@ -488,7 +488,10 @@ def _pipeline_family(folder: Path) -> str | None:
     index = folder / "model_index.json"
     if not index.is_file():
         return None
-    name = json.loads(index.read_text()).get("_class_name", "")
+    try:
+        name = str(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable index says nothing about the family; the caller then asks for it
     return "sigma" if "Sigma" in name else "alpha" if "Alpha" in name else None
 
 
@@ -524,9 +527,12 @@ def _read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> 
     family = hints["family"] or stated_family or (config.family if config else None)
     if hints["family"] and stated_family and hints["family"] != stated_family:
         raise PixArtError(f"{folder} holds a PixArt-{stated_family} model, not {hints['family']}")
-    stated = config_from_diffusers(
-        raw, family=family, model_max_length=len(y_embedding) if y_embedding is not None else None
-    )
+    try:
+        stated = config_from_diffusers(
+            raw, family=family, model_max_length=len(y_embedding) if y_embedding is not None else None
+        )
+    except PixArtError as err:
+        raise PixArtError(f"{folder}: {err}") from None
     if hints["image_size"] is not None and hints["image_size"] != stated.sample_size * 8:
         raise PixArtError(f"{folder} is a {stated.sample_size * 8} px model, not {hints['image_size']} px")
     if hints["num_heads"] is not None and hints["num_heads"] != stated.num_heads:
