@@ -16,7 +16,6 @@ def register(subparsers) -> None:
             "manifest.json to --out. Training from the cache skips both models. Re-running after an "
             "interruption reuses the shards already written."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--model", required=True, help="diffusers PixArt pipeline folder or hub id (its vae/, text_encoder/)"
@@ -35,14 +34,14 @@ def register(subparsers) -> None:
         help="base resolution of the aspect-ratio buckets (default: the model's)",
     )
     parser.add_argument("--max-tokens", type=int, help="T5 tokens per caption (default: 120 for α, 300 for Σ)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per VAE / T5 forward pass")
-    parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per VAE / T5 pass (default: %(default)s)")
+    parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default: %(default)s)")
     parser.add_argument("--flip", action="store_true", help="also cache latents of the mirrored images")
     parser.add_argument("--no-clean", action="store_true", help="only lower-case and strip captions")
-    parser.add_argument("--image-column", default="image", help="image column of a datasets dataset")
+    parser.add_argument("--image-column", default="image", help="image column of a datasets dataset (default: image)")
     parser.add_argument("--caption-column", help="caption column (default: the first of text, caption, prompt)")
-    parser.add_argument("--split", default="train", help="split of a datasets dataset")
-    parser.add_argument("--device", default="cpu", help="torch device for the encoders")
+    parser.add_argument("--split", default="train", help="split of a datasets dataset (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device for the encoders (default: %(default)s)")
     parser.set_defaults(func=run)
 
 
