@@ -261,10 +261,13 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     (root / "notes.jpg").write_text("this is not an image")
     (root / "notes.txt").write_text("a text file")
     (root / "uncaptioned.png").write_bytes(whole)
+    (root / "latin1.png").write_bytes(whole)
+    (root / "latin1.txt").write_bytes("café".encode("latin-1"))
     with caplog.at_level(logging.WARNING):
         dataset = open_dataset(root)
-    assert sorted(key for key, _ in dataset.skipped) == ["notes.jpg", "uncaptioned.png"]
-    assert "skipped 2 unusable images" in caplog.text
+    assert sorted(key for key, _ in dataset.skipped) == ["latin1.png", "notes.jpg", "uncaptioned.png"]
+    assert "caption is not UTF-8 text" in dict(dataset.skipped)["latin1.png"]
+    assert "skipped 3 unusable images" in caplog.text
     assert "truncated.png" in [r.key for r in dataset.records]  # its header is fine; decoding fails
     loader = BatchLoader(ImageBuckets(dataset, 256), batch_size=5, seed=0)
     caplog.clear()

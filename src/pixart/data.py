@@ -160,12 +160,12 @@ class FolderSource:
         return [{"file_name": row.get("file_name"), "caption": row.get(column)} for row in rows]
 
     def scan(self) -> Iterator[tuple[str, str | None, Any, Any]]:
-        """(key, caption or None, locator, header source) for every candidate image."""
+        """(key, caption (None if missing, an UnreadableImage if unusable), locator, header source) per image."""
         rows = self._metadata()
         if rows is None:
             for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
                 text = path.with_suffix(".txt")
-                caption = text.read_text(encoding="utf-8").strip() if text.is_file() else None
+                caption = _decode_caption(text.read_bytes()) if text.is_file() else None
                 yield str(path.relative_to(self.root)), caption, path, path
         else:
             for row in rows:
@@ -240,7 +240,7 @@ class TarSource:
                         if f".{ext.lower()}" in IMAGE_EXTENSIONS:
                             images[key] = member
                         elif ext.lower() == "txt":
-                            captions[key] = tar.extractfile(member).read().decode("utf-8").strip()
+                            captions[key] = _decode_caption(tar.extractfile(member).read())
             except (tarfile.TarError, OSError) as err:
                 raise PixArtError(f"cannot read webdataset shard {shard}: {err}") from None
             for key, member in images.items():
@@ -252,6 +252,14 @@ class TarSource:
         with open(shard, "rb") as f:
             f.seek(offset)
             return io.BytesIO(f.read(size))
+
+
+def _decode_caption(data: bytes) -> str | UnreadableImage:
+    """A caption file's text, or the reason to skip its sample (returned, not raised, so the scan goes on)."""
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        return UnreadableImage(f"caption is not UTF-8 text ({err.reason} at byte {err.start})")
 
 
 def _caption_column(requested: str | None, columns: set, where: str) -> str:
@@ -282,8 +290,8 @@ class ImageDataset:
         self.records: list[Record] = []
         self.skipped: list[tuple[str, str]] = []
         for key, caption, locator, header in tqdm(source.scan(), desc="reading image sizes", unit="img", leave=False):
-            if caption is None:
-                self.skipped.append((key, "no caption"))
+            if caption is None or isinstance(caption, UnreadableImage):
+                self.skipped.append((key, str(caption or "no caption")))
                 continue
             try:
                 height, width = _header_size(header if header is not None else source.read(locator))
