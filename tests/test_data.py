@@ -111,6 +111,17 @@ def test_every_dataset_kind_yields_the_same_samples(tmp_path):
             assert torch.equal(pixels, expected[caption][1]), (kind, caption)
 
 
+def test_a_saved_dataset_dict_opens_the_asked_split(tmp_path):
+    import datasets
+
+    train = datasets.load_from_disk(str(write_hf(tmp_path / "one")))
+    datasets.DatasetDict({"train": train, "test": train.select([0, 1])}).save_to_disk(str(tmp_path / "dict"))
+    opened = open_dataset(tmp_path / "dict", image_column="picture", caption_column="words", split="test")
+    assert [r.caption for r in opened.records] == ["a photo number 0", "a photo number 1"]
+    with pytest.raises(PixArtError, match="has no split 'valid'; splits: train, test"):
+        open_dataset(tmp_path / "dict", image_column="picture", split="valid")
+
+
 def test_bad_dataset_specs_are_one_line_errors(tmp_path):
     write_hf(tmp_path / "hf")
     with pytest.raises(PixArtError, match="not found"):
