@@ -82,10 +82,15 @@ def test_matches_diffusers_after_save_diffusers(tmp_path, name, height, width):
     assert (got - expected).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["alpha", "sigma"])
+@pytest.fixture(scope="module", params=["alpha", "sigma"])
+def pipeline_folder(request, tmp_path_factory):
+    """A tiny diffusers pipeline folder per family, built once: the test only reads it."""
+    return request.param, save_pipeline(tmp_path_factory.mktemp(request.param), request.param)
+
+
 @pytest.mark.parametrize("subfolder", ["", "transformer"])
-def test_loaded_pipeline_folder_matches_diffusers_transformer(tmp_path, family, subfolder):
-    pipeline = save_pipeline(tmp_path / "pipe", family)
+def test_loaded_pipeline_folder_matches_diffusers_transformer(pipeline_folder, subfolder):
+    family, pipeline = pipeline_folder
     reference = PixArtTransformer2DModel.from_pretrained(pipeline / "transformer").eval()
     ours = load_transformer(pipeline / subfolder)
     assert ours.config.family == family
