@@ -142,6 +142,21 @@ def test_low_memory_gives_the_same_image(folders):
     assert low._loaded == {}
 
 
+def test_t5_int8_and_vae_tiling_change_little(folders):
+    options = GenerationOptions(seed=1, steps=2, width=32, height=32, binning=False)
+    full = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu")
+    int8 = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu", t5_quantization="int8-dynamic")
+    q_proj = int8._loaded["text_encoder"].model.encoder.block[0].layer[0].SelfAttention.q
+    assert type(q_proj).__module__ == "torch.ao.nn.quantized.dynamic.modules.linear"
+    a, b = (np.asarray(p("a tree", options)[0]).astype(float) for p in (full, int8))
+    assert 0 < np.abs(a - b).mean() < 3  # quantised, yet the same picture
+    # The tiny VAE tiles above 64 px: a 256-px decode goes through tiles and blends their seams.
+    tiled = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu", vae_tiling=True)
+    big = options.replace(width=256, height=256)
+    c, d = (np.asarray(p("a tree", big)[0]).astype(float) for p in (full, tiled))
+    assert c.shape == d.shape == (256, 256, 3) and 0 < np.abs(c - d).mean() < 20
+
+
 def test_seeds_per_image_progress_and_prompt_deduplication(folders):
     pipe = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu")
     options = GenerationOptions(seed=20, steps=2, width=32, height=32, binning=False)
