@@ -16,6 +16,7 @@ from pixart import PixArtConfig, PixArtError, PixArtTransformer, preset
 from pixart.cli import main as cli_main
 from pixart.convert import (
     config_from_diffusers,
+    config_from_state_dict,
     convert_checkpoint,
     diffusers_config,
     from_diffusers_state_dict,
@@ -165,6 +166,26 @@ def test_image_size_is_read_from_the_file_name(tmp_path, name, sample_size, pe_s
     torch.save({"state_dict": perturbed(ALPHA_1024_MS).state_dict()}, tmp_path / name)
     config = load_transformer(tmp_path / name).config
     assert (config.sample_size, config.pe_scale) == (sample_size, pe_scale)
+
+
+RELEASED_FILES = {
+    "alpha-256": "PixArt-XL-2-256x256.pth",
+    "alpha-512": "PixArt-XL-2-512x512.pth",
+    "alpha-1024-ms": "PixArt-XL-2-1024-MS.pth",
+    "sigma-256": "PixArt-Sigma-XL-2-256x256.pth",
+    "sigma-512-ms": "PixArt-Sigma-XL-2-512-MS.pth",
+    "sigma-1024-ms": "PixArt-Sigma-XL-2-1024-MS.pth",
+    "sigma-2k-ms": "PixArt-Sigma-XL-2-2K-MS.pth",
+}
+
+
+@pytest.mark.parametrize("name, file_name", RELEASED_FILES.items())
+def test_released_presets_are_inferred_from_their_official_file_names(name, file_name):
+    with torch.device("meta"):  # shapes only: a full-size state dict without the memory
+        state_dict = PixArtTransformer(preset(name)).state_dict()
+    assert config_from_state_dict(state_dict, name=file_name) == preset(name)
+    family, length = preset(name).family, preset(name).model_max_length
+    assert config_from_diffusers(diffusers_config(preset(name)), family=family, model_max_length=length) == preset(name)
 
 
 # ---------------------------------------------------------------------------------------------- Σ KV compression
