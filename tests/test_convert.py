@@ -273,6 +273,8 @@ def test_state_dict_helpers_are_inverse_and_strict():
     theirs = to_diffusers_state_dict(perturbed(config).state_dict(), config)
     with pytest.raises(PixArtError, match=r"unexpected tensors extra\.weight"):
         from_diffusers_state_dict({**theirs, "extra.weight": torch.zeros(1)}, config)
+    with pytest.raises(PixArtError, match=r"unequal parts of blocks\.0\.attn\.qkv\.bias: .*to_k\.bias \(47,\)"):
+        from_diffusers_state_dict({**theirs, "transformer_blocks.0.attn1.to_k.bias": torch.zeros(47)}, config)
     del theirs["proj_out.bias"]
     with pytest.raises(PixArtError, match=r"no tensor 'proj_out\.bias'"):
         from_diffusers_state_dict(theirs, config)

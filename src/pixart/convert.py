@@ -142,11 +142,10 @@ def to_diffusers_state_dict(state_dict: dict[str, torch.Tensor], config: PixArtC
         tensor = _pop(source, ours, "state dict")
         if tensor.shape[0] % len(theirs):
             raise PixArtError(f"{ours} has shape {tuple(tensor.shape)}, which does not split in {len(theirs)}")
-        # Clones: safetensors refuses to save views that share one storage.
-        parts = tensor.chunk(len(theirs)) if len(theirs) > 1 else (tensor,)
-        out.update(
-            {name: (part.clone() if len(theirs) > 1 else part) for name, part in zip(theirs, parts, strict=True)}
-        )
+        if len(theirs) == 1:
+            out[theirs[0]] = tensor
+        else:  # clones: safetensors refuses to save views that share one storage
+            out.update(zip(theirs, (part.clone() for part in tensor.chunk(len(theirs))), strict=True))
     _check_consumed(source, "state dict")
     return out
 
@@ -157,6 +156,9 @@ def from_diffusers_state_dict(state_dict: dict[str, torch.Tensor], config: PixAr
     out = {}
     for ours, theirs in diffusers_key_map(config):
         parts = [_pop(source, name, "diffusers state dict") for name in theirs]
+        if len({tuple(p.shape) for p in parts}) > 1:
+            shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(theirs, parts, strict=True))
+            raise PixArtError(f"diffusers state dict has unequal parts of {ours}: {shapes}")
         out[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
     _check_consumed(source, "diffusers state dict")
     return out
