@@ -265,3 +265,12 @@ def test_cli_help_and_bad_input_as_real_processes(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: config 'no-such-recipe' is neither a TOML file nor a shipped recipe")
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_cache_of_another_text_encoder_is_refused(setup, tmp_path, capsys):
+    other = save_pipeline(tmp_path / "other", "alpha", seed=1)
+    capsys.readouterr()
+    code = cli_main(["train", "debug", *overrides(setup, tmp_path / "run", f"--model.pipeline={other}")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: feature cache") and "is stale: text_encoder is" in err

@@ -78,9 +78,14 @@ def open_batches(config: TrainConfig, accelerator: Accelerator):
     if batch_size % n:
         raise PixArtError(f"data.batch_size={batch_size} must be divisible by the number of processes ({n})")
     if config.data.cache:
-        from pixart.cache import open_cache
+        from pixart.cache import component_fingerprint, open_cache
 
-        buckets = open_cache(config.data.cache, expect={"resolution": config.data.image_size})
+        expect = {"resolution": config.data.image_size}
+        pipeline = Path(config.model.pipeline or config.model.source).expanduser().resolve()
+        if pipeline.is_dir() and (pipeline / "text_encoder").is_dir():  # refuse features of another T5 / VAE
+            expect.update(text_encoder=component_fingerprint(pipeline, "text_encoder"))
+            expect.update(vae=component_fingerprint(pipeline, "vae"))
+        buckets = open_cache(config.data.cache, expect=expect)
     else:
         dataset = open_dataset(config.data.dataset, caption_column=config.data.caption_column or None)
         buckets = ImageBuckets(dataset, config.data.image_size)
