@@ -1,0 +1,326 @@
+"""The web UI and HTTP API behind ``pixart serve``: one loaded :class:`PixArtPipeline`, shared by every request.
+
+Two doors to the same generation:
+
+- a Gradio page (prompt, sampler, steps, guidance, seed, size presets from the model's aspect-ratio
+  bins, a gallery of the saved PNGs), whose button is also Gradio's named API endpoint ``generate``
+  (usable with ``gradio_client``);
+- ``POST /api/generate`` taking JSON and returning the PNGs as base64 with their metadata.
+
+Both go through :class:`ImageService`, which checks a request against :class:`ServeLimits`, runs at
+most ``concurrency`` generations at once and saves every image with :func:`pixart.pipeline.save_image`,
+so what users download is the PNG with its generation metadata, exactly as ``pixart generate`` writes it.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route's `request: Request` annotation at run
+# time, and Request is imported inside build_app (gradio and fastapi are an optional extra).
+import base64
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pixart.errors import PixArtError
+from pixart.sampling import DEFAULTS, SAMPLERS, default_sampler
+
+if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
+    from pixart.pipeline import GenerationOptions, PixArtPipeline
+
+log = logging.getLogger(__name__)
+
+API_FIELDS = ("negative_prompt", "seed", "steps", "guidance", "width", "height", "sampler", "num_images", "binning")
+"""GenerationOptions fields a request may set besides the prompt; the rest (batch size, …) are the server's."""
+
+EXAMPLE_PROMPTS = (
+    "a small cactus with a happy face in the Sahara desert",
+    "an astronaut riding a horse on the moon, oil painting",
+    "a red fox in the snow, watercolor",
+    "a cozy wooden cabin by a lake at dusk, warm light in the windows",
+)
+CUSTOM_SIZE = "custom"
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask of a shared server; set by the ``pixart serve`` flags."""
+
+    max_prompt_chars: int = 1000
+    """Longest prompt (and negative prompt) in characters; T5 reads at most 300 tokens anyway."""
+    max_pixels: int = 2048 * 2048
+    """Largest width × height of one image, and of the bin it is sampled at (Σ's 2K releases fit)."""
+    max_images: int = 4
+    """Images per request."""
+    max_steps: int = 100
+    """Denoising steps per image (ddpm's usual count)."""
+    concurrency: int = 1
+    """Generations running at once; more only helps with spare GPU memory and cores."""
+    max_queue: int = 16
+    """Requests allowed to wait for a free slot; beyond that the server answers "busy"."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PixArtError(f"--{f.name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+class ServerBusy(PixArtError):
+    """Too many requests are already waiting; the client should retry later."""
+
+
+class ImageService:
+    """The model behind the UI and the API: checks requests, generates under the concurrency limit, saves PNGs."""
+
+    def __init__(self, pipe: "PixArtPipeline", limits: ServeLimits, out_dir: str | Path):
+        self.pipe, self.limits, self.out_dir = pipe, limits, Path(out_dir)
+        self._slots = threading.Semaphore(limits.concurrency)
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    def options(self, prompt: object, **given) -> "GenerationOptions":
+        """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit."""
+        from pixart.pipeline import GenerationOptions
+
+        limits = self.limits
+        unknown = sorted(set(given) - set(API_FIELDS))
+        if unknown:
+            raise PixArtError(f"unknown field(s) {', '.join(unknown)}; accepted: prompt, {', '.join(API_FIELDS)}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PixArtError("enter a prompt: a non-empty text describing the image")
+        for name, text in (("prompt", prompt), ("negative prompt", given.get("negative_prompt"))):
+            if isinstance(text, str) and len(text) > limits.max_prompt_chars:
+                raise PixArtError(
+                    f"the {name} has {len(text)} characters; this server takes at most {limits.max_prompt_chars}"
+                )
+        if not isinstance(given.get("binning", True), bool):
+            raise PixArtError(f"binning must be true or false, got {given['binning']!r}")
+        options = GenerationOptions(**{k: v for k, v in given.items() if v is not None})
+        if options.num_images > limits.max_images:
+            raise PixArtError(
+                f"{options.num_images} images asked; this server makes at most {limits.max_images} per request"
+            )
+        if options.steps is not None and options.steps > limits.max_steps:
+            raise PixArtError(f"{options.steps} steps asked; this server runs at most {limits.max_steps}")
+        resolved = self.pipe.resolve(options)  # the model's size rules, with its default size filled in
+        height, width = self.pipe.sample_size_for(resolved)
+        pixels = max(resolved.width * resolved.height, width * height)
+        if pixels > limits.max_pixels:
+            raise PixArtError(
+                f"{resolved.width} × {resolved.height} (sampled at {width} × {height}) is {pixels} pixels; "
+                f"this server makes at most {limits.max_pixels} per image"
+            )
+        return options
+
+    def generate(
+        self, prompt: str, options: "GenerationOptions", progress: Callable[[int, int], None] | None = None
+    ) -> list[tuple[Path, dict[str, str]]]:
+        """Generate and save; returns each PNG's path and metadata. Waits for a slot, or raises ServerBusy."""
+        from pixart.pipeline import save_image
+
+        with self._waiting_lock:
+            if self._waiting >= self.limits.max_queue:
+                raise ServerBusy(f"the server is busy ({self._waiting} requests waiting); retry in a moment")
+            self._waiting += 1
+        try:
+            self._slots.acquire()
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        try:
+            images = self.pipe(prompt, options, progress=progress, show_progress=False)
+        finally:
+            self._slots.release()
+        return [(save_image(image, self.out_dir), dict(image.info)) for image in images]
+
+    def size_presets(self) -> dict[str, tuple[int, int]]:
+        """Labels like "1024 × 768" → (width, height): the model's trained aspect-ratio bins within the pixel limit."""
+        from pixart.resolution import bins_for
+
+        config = self.pipe.model_config
+        bins = bins_for(config.sample_size, self.pipe.vae_factor) or {}
+        sizes = sorted(
+            {(int(w), int(h)) for h, w in bins.values() if w * h <= self.limits.max_pixels}, key=lambda s: s[0] / s[1]
+        )
+        return {f"{w} × {h}": (w, h) for w, h in sizes}
+
+
+def api_response(results: list[tuple[Path, dict[str, str]]]) -> dict:
+    """The JSON body of a successful ``POST /api/generate``: each saved PNG in base64 with its metadata."""
+    return {
+        "images": [
+            {
+                "png_base64": base64.b64encode(path.read_bytes()).decode("ascii"),
+                "seed": int(info["seed"]),
+                "metadata": info,
+            }
+            for path, info in results
+        ]
+    }
+
+
+def build_ui(service: ImageService):
+    """The Gradio page: the controls of the official PixArt demo, over :meth:`ImageService.generate`."""
+    import gradio as gr
+
+    pipe, limits = service.pipe, service.limits
+    presets = service.size_presets()
+    side = pipe.model_config.sample_size * pipe.vae_factor
+    square = f"{side} × {side}"
+    sampler = default_sampler(pipe.scheduler_config)
+
+    def generate(
+        prompt,
+        negative_prompt,
+        size,
+        width,
+        height,
+        num_images,
+        sampler,
+        steps,
+        guidance,
+        seed,
+        randomize,
+        binning,
+        progress=gr.Progress(),  # noqa: B008 - Gradio finds its progress tracker by this default
+    ):
+        w, h = presets.get(size, (width, height))
+        try:
+            options = service.options(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                sampler=sampler,
+                steps=_whole(steps),
+                guidance=guidance,
+                seed=None if randomize else _whole(seed),
+                width=_whole(w),
+                height=_whole(h),
+                num_images=_whole(num_images),
+                binning=binning,
+            )
+            progress(0, desc="waiting for a free slot")
+            results = service.generate(prompt, options, lambda done, total: progress((done, total), desc="denoising"))
+        except PixArtError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        # File paths, not PIL images: Gradio then serves the saved PNGs, metadata included, instead of re-encoding.
+        gallery = [(str(path), f"seed {info['seed']}") for path, info in results]
+        return gallery, int(results[0][1]["seed"])
+
+    def sampler_defaults(name):
+        d = DEFAULTS.get(name, DEFAULTS[sampler])
+        return d.steps, d.guidance
+
+    with gr.Blocks(title="PixArt", analytics_enabled=False) as ui:
+        gr.Markdown(f"# PixArt\nModel: `{pipe.names.get('model', '')}` ({pipe.model_config.family})")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    lines=3,
+                    max_length=limits.max_prompt_chars,
+                    elem_id="prompt",
+                    placeholder="describe the image",
+                )
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                size = gr.Dropdown(
+                    list(presets) + [CUSTOM_SIZE],
+                    value=square if square in presets else CUSTOM_SIZE,
+                    label="Size (width × height; the model's trained aspect ratios)",
+                )
+                with gr.Row():
+                    width = gr.Number(side, precision=0, label="Custom width")
+                    height = gr.Number(side, precision=0, label="Custom height")
+                num_images = gr.Slider(1, limits.max_images, value=1, step=1, label="Images")
+                with gr.Accordion("Advanced options", open=False):
+                    negative = gr.Textbox(
+                        label="Negative prompt",
+                        max_length=limits.max_prompt_chars,
+                        placeholder="empty: the model's null caption",
+                    )
+                    samplers = gr.Dropdown(list(SAMPLERS), value=sampler, label="Sampler")
+                    steps = gr.Slider(1, limits.max_steps, value=DEFAULTS[sampler].steps, step=1, label="Steps")
+                    guidance = gr.Slider(
+                        0, 20, value=DEFAULTS[sampler].guidance, step=0.1, label="Guidance (≤ 1 is off)"
+                    )
+                    with gr.Row():
+                        seed = gr.Number(0, precision=0, label="Seed (image k uses seed + k)")
+                        randomize = gr.Checkbox(True, label="Randomize seed")
+                    binning = gr.Checkbox(True, label="Sample at the nearest trained aspect ratio, then resize")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(
+                    label="Images", columns=2, format="png", elem_id="gallery", buttons=["download", "fullscreen"]
+                )
+        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt])
+        inputs = [
+            prompt,
+            negative,
+            size,
+            width,
+            height,
+            num_images,
+            samplers,
+            steps,
+            guidance,
+            seed,
+            randomize,
+            binning,
+        ]
+        run.click(generate, inputs, [gallery, seed], api_name="generate")
+        prompt.submit(generate, inputs, [gallery, seed], api_visibility="private")
+        samplers.change(sampler_defaults, samplers, [steps, guidance], api_visibility="private")
+    return ui.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
+
+
+def build_app(service: ImageService):
+    """A FastAPI app with ``POST /api/generate`` and ``GET /api/info``, the Gradio page mounted at ``/``."""
+    import gradio as gr
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="pixart", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/api/generate")
+    async def api_generate(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": 'the body must be JSON, e.g. {"prompt": "a red fox"}'}, 400)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": 'the body must be a JSON object with at least a "prompt"'}, 400)
+        prompt = body.pop("prompt", None)
+        try:
+            options = service.options(prompt, **body)
+            results = await run_in_threadpool(service.generate, prompt, options)
+        except ServerBusy as err:
+            return JSONResponse({"error": str(err)}, 503)
+        except PixArtError as err:
+            return JSONResponse({"error": str(err)}, 400)
+        return api_response(results)
+
+    @app.get("/api/info")
+    def api_info():
+        pipe = service.pipe
+        return {
+            "model": pipe.names.get("model", ""),
+            "family": pipe.model_config.family,
+            "samplers": list(SAMPLERS),
+            "default_sampler": default_sampler(pipe.scheduler_config),
+            "sizes": [list(s) for s in service.size_presets().values()],
+            "limits": {f.name: getattr(service.limits, f.name) for f in fields(service.limits)},
+        }
+
+    return gr.mount_gradio_app(
+        app,
+        build_ui(service),
+        path="/",
+        allowed_paths=[str(service.out_dir.resolve())],
+        ssr_mode=False,
+        footer_links=["api"],
+    )
+
+
+def _whole(value):
+    """Gradio sliders and numbers send 20.0 for 20; pass anything else through for the options to judge."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value

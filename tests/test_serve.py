@@ -1,0 +1,236 @@
+"""`pixart serve`: a real server process on a free port, real HTTP requests, Gradio's client and a headless Chromium.
+
+The model is the tiny pipeline of tests/tiny.py, given a 256-px bin table so the page's default size
+(the square bin, 256 × 256) generates in a fraction of a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from tests.tiny import save_pipeline
+
+from pixart.cli import main
+
+CHROMIUM = Path("/usr/bin/chromium")
+MAX_PROMPT_CHARS = 100
+MAX_IMAGES = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    path = save_pipeline(tmp_path_factory.mktemp("serve") / "tiny", "sigma")
+    config_file = path / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    # Shaped like a 256-px release: its bins are ~256 × 256 instead of 1024 × 1024 (seconds per image on a
+    # CPU). No weight depends on sample_size; the position embedding is recomputed from it.
+    config.update(sample_size=32, interpolation_scale=1)
+    config_file.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    port, out = free_port(), tmp_path_factory.mktemp("out")
+    log_file = tmp_path_factory.mktemp("log") / "server.log"
+    cmd = [sys.executable, "-m", "pixart", "serve", "--model", str(model), "--port", str(port), "--out", str(out)]
+    cmd += ["--max-images", str(MAX_IMAGES), "--max-prompt-chars", str(MAX_PROMPT_CHARS), "--concurrency", "2"]
+    # One thread per generation: tiny models gain nothing from more, and a busy CPU makes OpenMP spin.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log_file.read_text()}")
+        try:
+            urllib.request.urlopen(f"{url}/api/info", timeout=5).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the server did not answer within 120 s:\n{log_file.read_text()}")
+            time.sleep(0.5)
+    yield SimpleNamespace(url=url, out=out, proc=proc)
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def post(url: str, body: bytes | dict, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"content-type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_api_returns_the_saved_pngs_with_their_metadata(server):
+    request = {"prompt": "a red fox", "seed": 5, "steps": 2, "sampler": "ddim", "guidance": 3.0}
+    status, body = post(f"{server.url}/api/generate", request | {"width": 64, "height": 48, "num_images": 2})
+    assert status == 200, body
+    assert [image["seed"] for image in body["images"]] == [5, 6]
+    saved = {p.read_bytes() for p in server.out.glob("*.png")}
+    for k, item in enumerate(body["images"]):
+        image = png(item["png_base64"])
+        assert image.format == "PNG" and image.size == (64, 48)
+        assert image.info["prompt"] == "a red fox" and image.info["seed"] == str(5 + k)
+        assert (image.info["sampler"], image.info["steps"], image.info["guidance"]) == ("ddim", "2", "3.0")
+        assert item["metadata"] == {k: v for k, v in image.info.items() if isinstance(v, str)}
+        assert base64.b64decode(item["png_base64"]) in saved  # the very file kept in --out
+
+
+def test_ten_concurrent_api_requests_all_succeed(server):
+    def one(seed: int) -> tuple[int, dict]:
+        request = {"prompt": f"a cube number {seed}", "seed": seed, "steps": 1, "width": 32, "height": 32}
+        return post(f"{server.url}/api/generate", request | {"binning": False}, timeout=120)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(100, 110), timeout=150))
+    assert [status for status, _ in results] == [200] * 10, [body for _, body in results]
+    for seed, (_, body) in zip(range(100, 110), results, strict=True):
+        (image,) = body["images"]
+        assert png(image["png_base64"]).info["prompt"] == f"a cube number {seed}"
+    assert time.monotonic() - started < 150
+
+
+BAD_REQUESTS = [
+    ({"prompt": ""}, "enter a prompt"),
+    ({"prompt": "   "}, "enter a prompt"),
+    ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, f"at most {MAX_PROMPT_CHARS}"),
+    ({"prompt": "a cat", "negative_prompt": "x" * (MAX_PROMPT_CHARS + 1)}, f"at most {MAX_PROMPT_CHARS}"),
+    ({"prompt": "a cat", "width": 7}, "width 7"),
+    ({"prompt": "a cat", "steps": 0}, "steps must be a positive integer"),
+    ({"prompt": "a cat", "num_images": MAX_IMAGES + 1}, f"at most {MAX_IMAGES} per request"),
+    ({"prompt": "a cat", "steps": 101}, "at most 100"),
+    ({"prompt": "a cat", "width": 4096, "height": 4096}, "pixels"),
+    ({"prompt": "a cat", "sampler": "magic"}, "unknown sampler 'magic'"),
+    ({"prompt": "a cat", "seed": "seven"}, "seed must be an integer"),
+    ({"prompt": "a cat", "colour": "red"}, "unknown field(s) colour"),
+    ({"prompt": "a cat", "binning": "yes"}, "binning must be true or false"),
+    ({"prompt": 3}, "enter a prompt"),
+    (["a cat"], "JSON object"),
+    (b"not json", "must be JSON"),
+]
+
+
+def test_bad_api_requests_are_400_with_a_message_and_the_server_keeps_serving(server):
+    for request, message in BAD_REQUESTS:
+        status, body = post(f"{server.url}/api/generate", request)
+        assert status == 400 and message in body["error"], (request, status, body)
+        assert "\n" not in body["error"] and "Traceback" not in body["error"]
+    status, body = post(f"{server.url}/api/generate", {"prompt": "still here", "steps": 1, "width": 32, "height": 32})
+    assert status == 200 and png(body["images"][0]["png_base64"]).info["prompt"] == "still here"
+    assert server.proc.poll() is None
+
+
+def test_gradio_named_endpoint_serves_the_png_files(server, tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server.url, verbose=False, download_files=str(tmp_path))
+    # prompt, negative, size, width, height, images, sampler, steps, guidance, seed, randomize, binning
+    gallery, seed = client.predict(
+        "a blue bird", "", "custom", 64, 64, 1, "euler", 2, 4.5, 11, False, False, api_name="/generate"
+    )
+    assert seed == 11
+    image = Image.open(gallery[0]["image"])
+    assert (image.format, image.size) == ("PNG", (64, 64))
+    assert (image.info["prompt"], image.info["seed"], image.info["sampler"]) == ("a blue bird", "11", "euler")
+    with pytest.raises(AppError, match="width 7"):
+        client.predict("a bird", "", "custom", 7, 64, 1, "euler", 2, 4.5, 11, False, False, api_name="/generate")
+    with pytest.raises(AppError, match="enter a prompt"):
+        client.predict("", "", "custom", 64, 64, 1, "euler", 2, 4.5, 11, False, False, api_name="/generate")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
+def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    outside = []  # requests leaving 127.0.0.1: the page must work offline
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            tempfile.mkdtemp(dir=tmp_path),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+            + ["--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = context.new_page()
+            page.route(
+                "**/*",
+                lambda route: (
+                    route.continue_()
+                    if route.request.url.startswith(server.url)
+                    else (outside.append(route.request.url), route.abort())
+                ),
+            )
+            page.goto(server.url, timeout=60_000)
+            page.locator("#prompt textarea").fill("a lighthouse at night")
+            page.locator("#generate").click()
+            image = page.locator("#gallery img").first
+            expect(image).to_be_visible(timeout=90_000)
+            page.screenshot(path=tmp_path / "page.png", full_page=True)
+            downloaded = page.request.get(image.get_attribute("src")).body()
+            saved = Image.open(io.BytesIO(downloaded))
+            assert saved.info["prompt"] == "a lighthouse at night" and saved.size == (256, 256)
+
+            page.locator("#prompt textarea").fill("")
+            page.locator("#generate").click()
+            expect(page.get_by_text("enter a prompt")).to_be_visible(timeout=30_000)
+        finally:
+            context.close()
+    assert outside == []
+
+
+def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        cases = [
+            (["--model", str(tmp_path / "missing"), "--port", str(free_port())], "missing"),
+            (["--model", str(model), "--port", "70000"], "--port 70000"),
+            (["--model", str(model), "--port", str(taken.getsockname()[1])], "cannot listen"),
+            (["--model", str(model), "--host", "192.0.2.1"], "cannot listen on 192.0.2.1"),  # not this machine's
+            (["--model", str(model), "--max-images", "0"], "--max-images must be a positive integer"),
+        ]
+        for flags, message in cases:
+            assert main(["serve", *flags]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error: ") and message in err and "\n" not in err, (flags, err)
+    finally:
+        taken.close()
