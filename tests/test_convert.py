@@ -258,6 +258,19 @@ def test_sharded_diffusers_folder_loads(tmp_path):
     assert torch.equal(loaded.y_embedder.y_embedding, placeholder_y_embedding(ALPHA_1024_MS))
     assert not torch.equal(original.y_embedder.y_embedding, placeholder_y_embedding(ALPHA_1024_MS))
 
+    # Saving over it replaces the shards, so diffusers (which prefers an index) reads the new weights.
+    replacement = perturbed(ALPHA_1024_MS, seed=1)
+    save_diffusers(replacement, tmp_path / "sharded")
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "y_embedding.safetensors",
+    ]
+    reloaded = PixArtTransformer2DModel.from_pretrained(tmp_path / "sharded")
+    expected = to_diffusers_state_dict(replacement.state_dict(), ALPHA_1024_MS)
+    assert sorted(reloaded.state_dict()) == sorted(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in reloaded.state_dict().items())
+
 
 def test_state_dict_helpers_are_inverse_and_strict():
     for config in (preset("debug-alpha"), ALPHA_1024_MS.replace(family="sigma", micro_conditions=False)):

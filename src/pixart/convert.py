@@ -505,9 +505,7 @@ def _read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> 
         raise PixArtError(f"{folder / 'config.json'} is not a readable JSON file") from None
     if not isinstance(raw, dict):
         raise PixArtError(f"{folder / 'config.json'} is not a diffusers config")
-    if (folder / DIFFUSERS_WEIGHTS).is_file():
-        weights = _load_safetensors(folder / DIFFUSERS_WEIGHTS)
-    elif (folder / DIFFUSERS_INDEX).is_file():
+    if (folder / DIFFUSERS_INDEX).is_file():  # diffusers, too, takes the index when both are present
         try:
             weight_map = json.loads((folder / DIFFUSERS_INDEX).read_text())["weight_map"]
         except (ValueError, KeyError, TypeError):
@@ -518,6 +516,8 @@ def _read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> 
         absent = sorted(set(weight_map) - set(weights))
         if absent:
             raise PixArtError(f"{folder / DIFFUSERS_INDEX} lists tensors its shards lack, e.g. {absent[0]}")
+    elif (folder / DIFFUSERS_WEIGHTS).is_file():
+        weights = _load_safetensors(folder / DIFFUSERS_WEIGHTS)
     else:
         raise PixArtError(f"{folder} has no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} (only safetensors are supported)")
 
@@ -613,7 +613,7 @@ def load_transformer(
         raise PixArtError("pass either config or image_size/family/num_heads, not both")
     hints = {"image_size": image_size, "family": family, "num_heads": num_heads}
 
-    path = Path(source)
+    path = Path(source).expanduser()
     if not path.exists():
         if _HUB_FILE.fullmatch(str(source)) or _HUB_MODEL.fullmatch(str(source)):
             path = _from_hub(str(source))
@@ -709,6 +709,22 @@ def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     return path
 
 
+def _remove_stale_shards(folder: Path) -> None:
+    """Delete a sharded model an earlier save left here: diffusers prefers an index to a single file."""
+    index = folder / DIFFUSERS_INDEX
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        shards = set()
+    log.info("replacing the sharded model previously saved in %s", folder)
+    index.unlink()
+    for shard in shards:
+        if Path(shard).name == shard and shard != DIFFUSERS_WEIGHTS:  # only plain file names inside this folder
+            (folder / shard).unlink(missing_ok=True)
+
+
 def save_diffusers(model: PixArtTransformer, folder: str | os.PathLike) -> Path:
     """Save a folder that ``diffusers.PixArtTransformer2DModel.from_pretrained`` loads as the same model.
 
@@ -722,6 +738,7 @@ def save_diffusers(model: PixArtTransformer, folder: str | os.PathLike) -> Path:
     _atomic_write(folder / DIFFUSERS_WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     sidecar_metadata = {"format": "pt", "family": model.config.family}
     _atomic_write(folder / Y_EMBEDDING_FILE, lambda tmp: save_file(y_embedding, str(tmp), metadata=sidecar_metadata))
+    _remove_stale_shards(folder)
     _atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     log.info("wrote diffusers transformer folder %s", folder)
     return folder
