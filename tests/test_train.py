@@ -274,3 +274,12 @@ def test_cache_of_another_text_encoder_is_refused(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("error: feature cache") and "is stale: text_encoder is" in err
+
+
+def test_gradient_checkpointing_keeps_the_result(setup, tmp_path):
+    plain = run_in_process(setup, tmp_path / "plain", "--schedule.max_steps=3", "--data.batch_size=4")
+    checkpointed = run_in_process(
+        setup, tmp_path / "ckpt", "--schedule.max_steps=3", "--data.batch_size=4", "--model.gradient_checkpointing=true"
+    )
+    a, b = (weights(run / "final.safetensors") for run in (plain, checkpointed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
