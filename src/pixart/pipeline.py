@@ -267,12 +267,16 @@ class PixArtPipeline:
         self.names = dict(names or {})
         self._loaders = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
         self._loaded: dict[str, object] = {k: v for k, v in self._loaders.items() if not callable(v) or _is_module(v)}
+        # Each stage frees its part on exit in low-memory mode, so no reference may outlive the block.
         with self._stage("transformer") as model:  # what options resolution needs, kept after release
             self.model_config = model.config
-            self.null_caption = learned_null_caption(model)
+            null = learned_null_caption(model)
+            self.null_caption = None if null is None else null.clone()
+            del model, null
         with self._stage("vae") as vae_model:
             self.vae_factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
             self.vae_scaling = float(vae_model.config.scaling_factor)
+            del vae_model
         self.last_run: RunStats | None = None
 
     @classmethod
@@ -455,6 +459,7 @@ class PixArtPipeline:
                         on_step=on_step,
                     )
                 )
+            del model
         images = self._decode(torch.cat(latents), opts, opts.batch_size)
         for image, (p, seed) in zip(images, jobs, strict=True):
             image.info.update(self.metadata(p, opts.replace(seed=seed, num_images=1)))
@@ -476,6 +481,7 @@ class PixArtPipeline:
         texts = list(dict.fromkeys(prompts + ([negative] if negative is not None else [])))
         with self._stage("text_encoder") as encoder:
             features, mask = encoder.encode(texts, opts.max_tokens, clean=opts.clean)
+            del encoder
         features, mask = features.to(self.device, self.dtype), mask.to(self.device)
         encoded = {t: (features[i], mask[i]) for i, t in enumerate(texts)}
         if use_learned:
@@ -511,6 +517,7 @@ class PixArtPipeline:
                 if (pixels.shape[2], pixels.shape[3]) != (opts.height, opts.width):
                     pixels = resize_and_crop(pixels, opts.width, opts.height)
                 images += processor.postprocess(pixels.float(), output_type="pil")
+            del vae
         return images
 
     def metadata(self, prompt: str, opts: GenerationOptions) -> dict[str, str]:

@@ -240,7 +240,8 @@ def quantize_int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
         # torch marks eager quantization deprecated in favour of torchao; it still works and torchao is optional.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=UserWarning)
-        return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
+        # In place: a quantised copy would hold both the fp32 and the int8 weights at once.
+        return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def _sub(subfolder: str | None) -> dict:
