@@ -10,7 +10,7 @@
    (random weights, 256-px images) and a T5-base-shaped encoder (768-d; T5-XXL is ~20× larger, so the
    real gap is wider).
 
-    python bench/bench_train.py            # ≈5 min on a 2-core CPU
+    python bench/bench_train.py --steps 6  # ≈15 min on a busy 2-core CPU (the README table)
     python bench/bench_train.py --steps 3  # smoke run
 """
 
@@ -117,9 +117,6 @@ def ours_vs_diffusers(steps: int) -> dict[str, float]:
     cfg = model_config(4096)
     torch.manual_seed(0)
     ours = PixArtTransformer(cfg)
-    with torch.no_grad():  # a trained-looking model: zero-init layers would make backward trivially cheap
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
     ref = PixArtTransformer2DModel(**diffusers_config(cfg))
     ref.load_state_dict(to_diffusers_state_dict(ours.state_dict(), cfg))
     ours.train(), ref.train()
