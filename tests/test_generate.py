@@ -204,6 +204,28 @@ def test_alpha_learned_null_caption_is_used_without_negative_prompt(folders):
     assert np.array_equal(run(load_transformer(folder), None), run(learned, ""))
 
 
+def test_lora_is_merged_at_its_scale(folders, tmp_path):
+    from pixart.convert import load_transformer
+    from pixart.lora import add_lora, save_lora
+
+    model = load_transformer(folders["sigma"])
+    add_lora(model, rank=4)
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    adapter = save_lora(model, tmp_path / "lora")
+    options = GenerationOptions(seed=3, steps=2, width=32, height=32, binning=False)
+
+    def run(loras):
+        pipe = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu", loras=loras)
+        return np.asarray(pipe("a tree", options)[0]).astype(float)
+
+    base = run(None)
+    assert np.array_equal(run([(adapter, 0.0)]), base)
+    assert np.abs(run([(adapter, 1.0)]) - base).mean() > 1
+
+
 def test_save_image_never_overwrites(tmp_path):
     image = Image.new("RGB", (8, 8), "red")
     image.info.update({"prompt": "x", "seed": "5"})
@@ -308,6 +330,8 @@ def test_cli_offline_hub_id_is_one_line(tmp_path):
         (["a", "--sampler", "plms"], "error: unknown sampler 'plms'"),
         (["--prompts-file", "EMPTY"], "error: prompts file"),
         ([], "error: no prompt given"),
+        (["a", "--device", "gpu"], "error: unknown device 'gpu'"),
+        (["a", "--device", "cpu", "--t5-bits", "4"], "error: T5 4bit quantization (bitsandbytes) needs CUDA"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(args, message, tmp_path, capsys):

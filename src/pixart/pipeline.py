@@ -173,6 +173,21 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The execution device: the one asked for (checked to exist) or the best available."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PixArtError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PixArtError(f"device {str(device)!r} asked for, but this torch build sees no CUDA GPU; use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PixArtError("device 'mps' asked for, but MPS is not available here; use cpu")
+    return device
+
+
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """fp32 on CPU, fp16 on accelerators unless asked otherwise; half precision on CPU is allowed but warned."""
     if isinstance(name, torch.dtype):
@@ -303,7 +318,7 @@ class PixArtPipeline:
         from pixart.convert import load_transformer
         from pixart.lora import load_lora
 
-        device = torch.device(device) if device is not None else default_device()
+        device = parse_device(device)
         dtype = resolve_dtype(dtype, device)
         check_quantization(t5_quantization, device)
         root = resolve_model(model, need_transformer=transformer is None)

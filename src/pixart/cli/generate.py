@@ -31,38 +31,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts")
-    p.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line (blank lines skipped)")
-    p.add_argument("--from-png", type=Path, help="reproduce the image whose PNG metadata is in this file")
-    p.add_argument("--negative-prompt", help='what to steer away from (default: the model\'s null caption, T5 of "")')
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        metavar="FILE",
+        help="a UTF-8 text file with one prompt per line (blank lines skipped)",
+    )
+    p.add_argument(
+        "--from-png", type=Path, metavar="PNG", help="reproduce the image whose PNG metadata is in this file"
+    )
+    p.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help='what to steer away from (default: the model\'s null caption, T5 of "")',
+    )
 
     m = p.add_argument_group("model")
-    m.add_argument("--model", help="diffusers pipeline folder or hub id (default: the bundled demo model)")
-    m.add_argument("--transformer", help="other transformer weights: official .pth, pixart .safetensors or a folder")
+    m.add_argument(
+        "--model", metavar="FOLDER|HUB_ID", help="diffusers pipeline folder or hub id (default: the bundled demo model)"
+    )
+    m.add_argument(
+        "--transformer",
+        metavar="PATH",
+        help="other transformer weights: official .pth, pixart .safetensors or a folder",
+    )
     m.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
-    m.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
-    m.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16")
+    m.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    m.add_argument(
+        "--dtype", default="auto", metavar="DTYPE", help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16"
+    )
     m.add_argument("--low-memory", action="store_true", help="load T5, transformer and VAE one at a time")
     m.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     m.add_argument("--t5-int8", action="store_true", help="dynamic int8 quantisation of T5 (CPU)")
     m.add_argument("--t5-bits", type=int, metavar="{8,4}", help="bitsandbytes 8- or 4-bit T5 (CUDA only)")
 
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: dpm++, lcm for LCM models)")
-    s.add_argument("--steps", type=int, help="denoising steps (default: the sampler's, e.g. dpm++ 20, lcm 4)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale, ≤ 1 is off (default 4.5; lcm 1)")
-    s.add_argument("--seed", type=int, help="seed of the first image; the k-th image uses seed + k (default random)")
-    s.add_argument("--num-images", type=int, help="images per prompt (default 1)")
-    s.add_argument("--batch-size", type=int, help="images denoised together (default 1)")
-    s.add_argument("--width", type=int, help="image width in pixels (default: the model's, e.g. 1024)")
-    s.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    s.add_argument(
+        "--sampler", metavar="NAME", help=f"one of {', '.join(SAMPLERS)} (default: dpm++, lcm for LCM models)"
+    )
+    s.add_argument(
+        "--steps", type=int, metavar="N", help="denoising steps (default: the sampler's, e.g. dpm++ 20, lcm 4)"
+    )
+    s.add_argument(
+        "--guidance", type=float, metavar="G", help="classifier-free guidance scale, ≤ 1 is off (default 4.5; lcm 1)"
+    )
+    s.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the first image; the k-th image uses seed + k (default random)"
+    )
+    s.add_argument("--num-images", type=int, metavar="N", help="images per prompt (default 1)")
+    s.add_argument("--batch-size", type=int, metavar="N", help="images denoised together (default 1)")
+    s.add_argument("--width", type=int, metavar="PX", help="image width in pixels (default: the model's, e.g. 1024)")
+    s.add_argument("--height", type=int, metavar="PX", help="image height in pixels (default: the model's)")
     s.add_argument(
         "--no-binning",
         action="store_true",
         help="sample at exactly width × height (multiples of 16) instead of the nearest trained aspect-ratio bin",
     )
-    s.add_argument("--max-tokens", type=int, help="T5 tokens per prompt (default: α 120, Σ 300)")
+    s.add_argument("--max-tokens", type=int, metavar="N", help="T5 tokens per prompt (default: α 120, Σ 300)")
     s.add_argument("--no-clean", action="store_true", help="skip caption cleaning (lower-casing still happens)")
-    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default ./outputs)")
+    p.add_argument("--out", type=Path, metavar="DIR", default=Path("outputs"), help="output folder (default ./outputs)")
     p.set_defaults(func=run)
 
 
