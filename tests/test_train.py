@@ -6,8 +6,10 @@ the same float reductions on both sides, and 2-thread OpenMP on a busy 2-core ma
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +86,12 @@ def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     )
 
 
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def fixed_loss(model: PixArtTransformer, cache: Path) -> float:
     """The training loss over the cached set at fixed timesteps and noise (independent of the trainer)."""
     data = open_cache(cache)
@@ -118,7 +126,7 @@ def test_two_processes_match_one_process(setup, tmp_path):
     common = ["--schedule.max_steps=3", "--data.batch_size=4", "--optim.grad_accum=2", "--checkpoint.every=0"]
     one = run_in_process(setup, tmp_path / "one", *common)
     # torchrun starts 2 CPU processes; accelerate reads its environment and joins them with gloo.
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     launch += ["-m", "pixart", "train", "debug"]
     result = subprocess.run(
         [*launch, *overrides(setup, tmp_path / "two", *common)],
@@ -173,7 +181,7 @@ def test_killed_run_resumes_bit_identically(setup, tmp_path):
     assert [p.name for p in complete_checkpoints(killed)] == ["step-00000036", "step-00000040"]
 
 
-def test_lora_from_images_trains_only_adapters(setup, tmp_path):
+def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):
     root, pipe, images, _ = setup
     source = tmp_path / "base.safetensors"
     from pixart.convert import save_pixart
@@ -199,6 +207,8 @@ def test_lora_from_images_trains_only_adapters(setup, tmp_path):
             "--logging.progress=false",
             "--validation.prompts=a red square",
             "--validation.steps=2",
+            "--logging.tensorboard=true",
+            "--optim.optimizer=came",
         ],
     )
     run = train(config)
@@ -209,6 +219,7 @@ def test_lora_from_images_trains_only_adapters(setup, tmp_path):
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(".attn.qkv." in k or ".attn.proj." in k for k in changed)
     assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-00000002-0.png"]
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard scalars
 
 
 def test_sample_randomness_depends_only_on_seed_step_and_index():
@@ -248,6 +259,12 @@ def test_config_files_overrides_and_types(tmp_path):
         (["--colour.key=1"], "unknown section 'colour'"),
         (["--data.dataset=/no/such/folder"], "dataset '/no/such/folder' not found"),
         (["--optim.mixed_precision=bf16"], "optim.mixed_precision='bf16' needs a GPU"),
+        (["--resume", "/no/such/checkpoint"], "resume='/no/such/checkpoint': not a checkpoint folder"),
+        pytest.param(
+            ["--logging.wandb=true"],
+            "logging.wandb=true needs wandb: pip install wandb",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),
+        ),
     ],
 )
 def test_bad_config_inputs_give_one_line(args, message, tmp_path, capsys):

@@ -213,8 +213,8 @@ def train(config: TrainConfig) -> Path:
     run_dir = Path(config.run.output_dir)
     accelerator = make_accelerator(config, run_dir)
     device, main, accum = accelerator.device, accelerator.is_main_process, config.optim.grad_accum
-    loader = open_batches(config, accelerator)  # validates the dataset before the model loads
     resume_from = find_checkpoint(run_dir, config.run.resume) if config.run.resume else None
+    loader = open_batches(config, accelerator)  # validates the dataset before the model loads
     model = load_model(config)
     if config.lora.rank:
         from pixart.lora import add_lora
