@@ -293,11 +293,9 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _in_range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
-    ok = math.isfinite(value) or high == math.inf and value == math.inf
-    ok = ok and low <= value and (value < high if high_open else value <= high)
-    if not ok:
-        bound = ")" if high_open else "]"
-        raise PixArtError(f"{name}={value!r}: expected a number in [{low}, {high}{bound}")
+    if not (math.isfinite(value) and low <= value and (value < high if high_open else value <= high)):
+        what = f"a number >= {low}" if high == math.inf else f"a number in [{low}, {high}{')' if high_open else ']'}"
+        raise PixArtError(f"{name}={value!r}: expected {what}")
 
 
 def recipes_dir() -> Path:
