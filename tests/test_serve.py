@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,8 @@ from PIL import Image
 from tests.tiny import save_pipeline
 
 from pixart.cli import main
+from pixart.pipeline import PixArtPipeline
+from pixart.serve import ImageService, ServeLimits, ServerBusy
 
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_PROMPT_CHARS = 100
@@ -234,3 +237,26 @@ def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model):
             assert err.startswith("error: ") and message in err and "\n" not in err, (flags, err)
     finally:
         taken.close()
+
+
+def test_a_full_queue_is_refused_as_busy_and_the_running_requests_finish(model, tmp_path):
+    service = ImageService(PixArtPipeline.from_pretrained(model, device="cpu"), ServeLimits(max_queue=1), tmp_path)
+    options = service.options("a cat", steps=2, width=32, height=32, binning=False)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(done: int, total: int) -> None:  # the first generation keeps the only slot until released
+        started.set()
+        release.wait(60)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(service.generate, "first", options, hold)
+        assert started.wait(60)
+        second = pool.submit(service.generate, "second", options)
+        deadline = time.monotonic() + 60
+        while service.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(ServerBusy, match="busy"):
+            service.generate("third", options)
+        release.set()
+        assert [info["prompt"] for _, info in first.result(60) + second.result(60)] == ["first", "second"]
+    assert service.waiting == 0

@@ -79,6 +79,12 @@ class ImageService:
         self._waiting = 0
         self._waiting_lock = threading.Lock()
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a generation slot right now."""
+        with self._waiting_lock:
+            return self._waiting
+
     def options(self, prompt: object, **given) -> "GenerationOptions":
         """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit."""
         from pixart.pipeline import GenerationOptions
@@ -211,7 +217,9 @@ def build_ui(service: ImageService):
         d = DEFAULTS.get(name, DEFAULTS[sampler])
         return d.steps, d.guidance
 
-    with gr.Blocks(title="PixArt", analytics_enabled=False) as ui:
+    # Gradio copies every returned file into its cache; an hourly sweep of copies older than an hour keeps a
+    # long-running server's disk use bounded (the PNGs in out_dir are not touched).
+    with gr.Blocks(title="PixArt", analytics_enabled=False, delete_cache=(3600, 3600)) as ui:
         gr.Markdown(f"# PixArt\nModel: `{pipe.names.get('model', '')}` ({pipe.model_config.family})")
         with gr.Row():
             with gr.Column(scale=1):
@@ -228,9 +236,9 @@ def build_ui(service: ImageService):
                     value=square if square in presets else CUSTOM_SIZE,
                     label="Size (width × height; the model's trained aspect ratios)",
                 )
-                with gr.Row():
-                    width = gr.Number(side, precision=0, label="Custom width")
-                    height = gr.Number(side, precision=0, label="Custom height")
+                with gr.Row(visible=size.value == CUSTOM_SIZE) as custom:
+                    width = gr.Number(side, precision=0, label="Width")
+                    height = gr.Number(side, precision=0, label="Height")
                 num_images = gr.Slider(1, limits.max_images, value=1, step=1, label="Images")
                 with gr.Accordion("Advanced options", open=False):
                     negative = gr.Textbox(
@@ -269,6 +277,7 @@ def build_ui(service: ImageService):
         run.click(generate, inputs, [gallery, seed], api_name="generate")
         prompt.submit(generate, inputs, [gallery, seed], api_visibility="private")
         samplers.change(sampler_defaults, samplers, [steps, guidance], api_visibility="private")
+        size.change(lambda s: gr.Row(visible=s == CUSTOM_SIZE), size, custom, api_visibility="private")
     return ui.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
 
 
@@ -309,6 +318,7 @@ def build_app(service: ImageService):
             "default_sampler": default_sampler(pipe.scheduler_config),
             "sizes": [list(s) for s in service.size_presets().values()],
             "limits": {f.name: getattr(service.limits, f.name) for f in fields(service.limits)},
+            "waiting": service.waiting,
         }
 
     return gr.mount_gradio_app(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import socket
 import tempfile
@@ -73,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
     # Bound before the (slow) imports and model load, so a taken port or bad host fails at once, and no
     # other process can take the port while the model loads.
     sock = listening_socket(args.host, args.port)
-    try:
-        import gradio  # noqa: F401
-        import uvicorn
-    except ImportError as err:
-        raise PixArtError(f"pixart serve needs {err.name}: pip install 'pixart[serve]'") from None
+    missing = [name for name in ("gradio", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:  # found without importing: gradio takes seconds to import, the model loads first
+        raise PixArtError(f"pixart serve needs {' and '.join(missing)}: pip install 'pixart[serve]'")
     if args.host in ("0.0.0.0", "::", ""):
         log.warning("listening on all interfaces (%s): anyone who can reach this machine can use the server", args.host)
+
+    import uvicorn
 
     from pixart.pipeline import PixArtPipeline
     from pixart.serve import ImageService, build_app
