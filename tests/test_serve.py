@@ -1,5 +1,7 @@
 """`pixart serve`: a real server process on a free port, real HTTP requests, Gradio's client and a headless Chromium.
 
+The first two tests run in this process (the service's queue, the CLI's flag errors) while the server loads.
+
 The model is the tiny pipeline of tests/tiny.py, given a 256-px bin table so the page's default size
 (the square bin, 256 × 256) generates in a fraction of a second on a CPU.
 """
@@ -53,8 +55,9 @@ def model(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def launched(model, tmp_path_factory):
+    """The server process, started when the module begins so it loads while the in-process tests run."""
     port, out = free_port(), tmp_path_factory.mktemp("out")
     log_file = tmp_path_factory.mktemp("log") / "server.log"
     cmd = [sys.executable, "-m", "pixart", "serve", "--model", str(model), "--port", str(port), "--out", str(out)]
@@ -63,26 +66,29 @@ def server(model, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log_file.read_text()}")
-        try:
-            urllib.request.urlopen(f"{url}/api/info", timeout=5).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the server did not answer within 120 s:\n{log_file.read_text()}")
-            time.sleep(0.5)
-    yield SimpleNamespace(url=url, out=out, proc=proc)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", out=out, proc=proc, log_file=log_file)
     proc.terminate()
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(launched):
+    """The launched server once it answers HTTP."""
+    deadline = time.monotonic() + 120
+    while True:
+        if launched.proc.poll() is not None:
+            pytest.fail(f"the server exited with {launched.proc.returncode}:\n{launched.log_file.read_text()}")
+        try:
+            urllib.request.urlopen(f"{launched.url}/api/info", timeout=5).read()
+            return launched
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer within 120 s:\n{launched.log_file.read_text()}")
+            time.sleep(0.5)
 
 
 def post(url: str, body: bytes | dict, timeout: float = 60) -> tuple[int, dict]:
@@ -97,6 +103,49 @@ def post(url: str, body: bytes | dict, timeout: float = 60) -> tuple[int, dict]:
 
 def png(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_a_full_queue_is_refused_as_busy_and_the_running_requests_finish(model, tmp_path):
+    service = ImageService(PixArtPipeline.from_pretrained(model, device="cpu"), ServeLimits(max_queue=1), tmp_path)
+    options = service.options("a cat", steps=2, width=32, height=32, binning=False)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(done: int, total: int) -> None:  # the first generation keeps the only slot until released
+        started.set()
+        release.wait(60)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(service.generate, "first", options, hold)
+        assert started.wait(60)
+        second = pool.submit(service.generate, "second", options)
+        deadline = time.monotonic() + 60
+        while service.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(ServerBusy, match="busy"):
+            service.generate("third", options)
+        release.set()
+        assert [info["prompt"] for _, info in first.result(60) + second.result(60)] == ["first", "second"]
+    assert service.waiting == 0
+
+
+def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        cases = [
+            (["--model", str(tmp_path / "missing"), "--port", str(free_port())], "missing"),
+            (["--model", str(model), "--port", "70000"], "--port 70000"),
+            (["--model", str(model), "--port", str(taken.getsockname()[1])], "cannot listen"),
+            (["--model", str(model), "--host", "192.0.2.1"], "cannot listen on 192.0.2.1"),  # not this machine's
+            (["--model", str(model), "--max-images", "0"], "--max-images must be a positive integer"),
+        ]
+        for flags, message in cases:
+            assert main(["serve", *flags]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error: ") and message in err and "\n" not in err, (flags, err)
+    finally:
+        taken.close()
 
 
 def test_api_returns_the_saved_pngs_with_their_metadata(server):
@@ -217,46 +266,3 @@ def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
         finally:
             context.close()
     assert outside == []
-
-
-def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model):
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    try:
-        cases = [
-            (["--model", str(tmp_path / "missing"), "--port", str(free_port())], "missing"),
-            (["--model", str(model), "--port", "70000"], "--port 70000"),
-            (["--model", str(model), "--port", str(taken.getsockname()[1])], "cannot listen"),
-            (["--model", str(model), "--host", "192.0.2.1"], "cannot listen on 192.0.2.1"),  # not this machine's
-            (["--model", str(model), "--max-images", "0"], "--max-images must be a positive integer"),
-        ]
-        for flags, message in cases:
-            assert main(["serve", *flags]) == 2
-            err = capsys.readouterr().err.strip()
-            assert err.startswith("error: ") and message in err and "\n" not in err, (flags, err)
-    finally:
-        taken.close()
-
-
-def test_a_full_queue_is_refused_as_busy_and_the_running_requests_finish(model, tmp_path):
-    service = ImageService(PixArtPipeline.from_pretrained(model, device="cpu"), ServeLimits(max_queue=1), tmp_path)
-    options = service.options("a cat", steps=2, width=32, height=32, binning=False)
-    started, release = threading.Event(), threading.Event()
-
-    def hold(done: int, total: int) -> None:  # the first generation keeps the only slot until released
-        started.set()
-        release.wait(60)
-
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(service.generate, "first", options, hold)
-        assert started.wait(60)
-        second = pool.submit(service.generate, "second", options)
-        deadline = time.monotonic() + 60
-        while service.waiting < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with pytest.raises(ServerBusy, match="busy"):
-            service.generate("third", options)
-        release.set()
-        assert [info["prompt"] for _, info in first.result(60) + second.result(60)] == ["first", "second"]
-    assert service.waiting == 0
