@@ -174,7 +174,7 @@ def build_ui(service: ImageService):
     presets = service.size_presets()
     side = pipe.model_config.sample_size * pipe.vae_factor
     square = f"{side} × {side}"
-    sampler = default_sampler(pipe.scheduler_config)
+    default = default_sampler(pipe.scheduler_config)
 
     def generate(
         prompt,
@@ -214,7 +214,7 @@ def build_ui(service: ImageService):
         return gallery, int(results[0][1]["seed"])
 
     def sampler_defaults(name):
-        d = DEFAULTS.get(name, DEFAULTS[sampler])
+        d = DEFAULTS.get(name, DEFAULTS[default])
         return d.steps, d.guidance
 
     # Gradio copies every returned file into its cache; an hourly sweep of copies older than an hour keeps a
@@ -246,10 +246,10 @@ def build_ui(service: ImageService):
                         max_length=limits.max_prompt_chars,
                         placeholder="empty: the model's null caption",
                     )
-                    samplers = gr.Dropdown(list(SAMPLERS), value=sampler, label="Sampler")
-                    steps = gr.Slider(1, limits.max_steps, value=DEFAULTS[sampler].steps, step=1, label="Steps")
+                    samplers = gr.Dropdown(list(SAMPLERS), value=default, label="Sampler")
+                    steps = gr.Slider(1, limits.max_steps, value=DEFAULTS[default].steps, step=1, label="Steps")
                     guidance = gr.Slider(
-                        0, 20, value=DEFAULTS[sampler].guidance, step=0.1, label="Guidance (≤ 1 is off)"
+                        0, 20, value=DEFAULTS[default].guidance, step=0.1, label="Guidance (≤ 1 is off)"
                     )
                     with gr.Row():
                         seed = gr.Number(0, precision=0, label="Seed (image k uses seed + k)")
@@ -306,6 +306,9 @@ def build_app(service: ImageService):
             return JSONResponse({"error": str(err)}, 503)
         except PixArtError as err:
             return JSONResponse({"error": str(err)}, 400)
+        except Exception:  # a bug in pixart: keep its traceback in the log, keep the answer JSON
+            log.exception("POST /api/generate failed")
+            return JSONResponse({"error": "internal error while generating; see the server log"}, 500)
         return api_response(results)
 
     @app.get("/api/info")
