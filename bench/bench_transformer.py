@@ -1,0 +1,121 @@
+"""Forward latency of pixart's transformer against diffusers' PixArtTransformer2DModel with identical weights.
+
+Runs at the real XL-2 size (depth 28, width 1152, ≈611 M parameters), fp32, batch 2, on whatever device is
+given (CPU by default), and prints ratios measured in the same run with the two models interleaved so that
+machine load affects both alike. Also times PixArt-Σ with KV token compression on vs off at 4096 tokens.
+
+    python bench/bench_transformer.py                 # full table (≈15 min on a 2-core CPU)
+    python bench/bench_transformer.py --quick         # smaller model, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import PixArtTransformer2DModel
+
+from pixart import PixArtTransformer, preset
+from pixart.config import sigma_kv_compress
+from pixart.convert import diffusers_config, to_diffusers_state_dict
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def inputs(cfg, batch: int, tokens: int, text_tokens: int, device):
+    side = int(tokens**0.5) * cfg.patch_size  # latent side
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, side, side, generator=g).to(device)
+    t = torch.tensor([500.0] * batch, device=device)
+    y = torch.randn(batch, cfg.model_max_length, cfg.caption_channels, generator=g).to(device)
+    mask = torch.zeros(batch, cfg.model_max_length, dtype=torch.long, device=device)
+    mask[:, :text_tokens] = 1
+    res = torch.tensor([[side * 8.0, side * 8.0]] * batch, device=device)
+    ar = torch.tensor([1.0] * batch, device=device)
+    return x, t, y, mask, res, ar
+
+
+def compare_with_diffusers(cfg, batch, tokens, text_tokens, repeats, device) -> dict:
+    ours = PixArtTransformer(cfg).to(device).eval()
+    ref = PixArtTransformer2DModel(**diffusers_config(cfg)).to(device).eval()
+    ref.load_state_dict(to_diffusers_state_dict(ours.state_dict(), cfg))
+    x, t, y, mask, res, ar = inputs(cfg, batch, tokens, text_tokens, device)
+    cond = {"resolution": res, "aspect_ratio": ar} if cfg.micro_conditions else None
+
+    def run_ours():
+        return ours(x, t, y, mask, res, ar)
+
+    def run_ref():
+        return ref(x, y, t, added_cond_kwargs=cond, encoder_attention_mask=mask).sample
+
+    with torch.inference_mode():
+        diff = (run_ours() - run_ref()).abs().max().item()  # also the warm-up
+        ours_t, ref_t = [], []
+        for _ in range(repeats):  # interleaved, so load drifts hit both
+            ours_t += timed(run_ours, 1)
+            ref_t += timed(run_ref, 1)
+    o, r = statistics.median(ours_t), statistics.median(ref_t)
+    return {"ours": o, "diffusers": r, "ratio": o / r, "max_abs_diff": diff}
+
+
+def compare_kv_compression(cfg, batch, tokens, repeats, device) -> dict:
+    plain = PixArtTransformer(cfg).to(device).eval()
+    kv_cfg = cfg.replace(kv_compress=sigma_kv_compress(cfg.depth))
+    compressed = PixArtTransformer(kv_cfg).to(device).eval()
+    compressed.load_state_dict(plain.state_dict(), strict=False)  # same weights; sr/norm keep their init
+    x, t, y, mask, _, _ = inputs(cfg, batch, tokens, 24, device)
+    with torch.inference_mode():
+        plain(x, t, y, mask)
+        compressed(x, t, y, mask)
+        off, on = [], []
+        for _ in range(repeats):
+            off += timed(lambda: plain(x, t, y, mask), 1)
+            on += timed(lambda: compressed(x, t, y, mask), 1)
+    a, b = statistics.median(off), statistics.median(on)
+    return {"off": a, "on": b, "speedup": a / b}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="depth 4 instead of 28: a smoke run, not the table")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    alpha, sigma = preset("alpha-1024-ms"), preset("sigma-1024-ms")
+    if args.quick:
+        alpha, sigma = alpha.replace(depth=4), sigma.replace(depth=4)
+    n = sum(p.numel() for p in PixArtTransformer(alpha).parameters())
+    print(
+        f"PixArt transformer forward, {args.device}, fp32, batch {args.batch}, depth {alpha.depth}, "
+        f"{n / 1e6:.0f} M parameters, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        "\n| image tokens | caption tokens used / padded | ours (s) | diffusers (s) | ours / diffusers | max abs diff |"
+    )
+    print("|---|---|---|---|---|---|")
+    for tokens, text in ((256, 120), (256, 24), (1024, 120), (1024, 24)):
+        r = compare_with_diffusers(alpha, args.batch, tokens, text, args.repeats, args.device)
+        print(
+            f"| {tokens} | {text} / 120 | {r['ours']:.2f} | {r['diffusers']:.2f} | {r['ratio']:.2f} "
+            f"| {r['max_abs_diff']:.1e} |",
+            flush=True,
+        )
+    print("\n| PixArt-Σ, image tokens | KV compression off (s) | on: layers 14–27, factor 2 (s) | speed-up |")
+    print("|---|---|---|---|")
+    r = compare_kv_compression(sigma, args.batch, 4096, max(1, args.repeats - 1), args.device)
+    print(f"| 4096 | {r['off']:.2f} | {r['on']:.2f} | {r['speedup']:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
