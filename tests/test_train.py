@@ -179,6 +179,7 @@ def test_killed_run_resumes_bit_identically(setup, tmp_path):
     # Rotation: only the newest keep_last=2 checkpoints remain.
     assert [p.name for p in complete_checkpoints(straight)] == ["step-00000036", "step-00000040"]
     assert [p.name for p in complete_checkpoints(killed)] == ["step-00000036", "step-00000040"]
+    assert not list((killed / "checkpoints").glob(".tmp-*"))  # the next checkpoint swept the leftovers
 
 
 def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):

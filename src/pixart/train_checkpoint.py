@@ -90,7 +90,8 @@ def save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedul
     tmp = folder / f".tmp-{final.name}"
     names = {n for n, _ in trainable}
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in folder.glob(".tmp-step-*"):  # left by a run killed while writing; never complete
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
