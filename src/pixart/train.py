@@ -49,6 +49,7 @@ def draw_sample_randomness(seed, step, indices, latent_shape, num_timesteps, dro
 
 
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
+    """The Accelerator of this process, after refusing settings this machine or install cannot honour."""
     precision, trackers = config.optim.mixed_precision, []
     # Without a GPU, accelerate must be told it runs on CPUs to join several processes with gloo.
     cpu_only = not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -100,6 +101,7 @@ def open_batches(config: TrainConfig, accelerator: Accelerator):
 
 
 def load_model(config: TrainConfig):
+    """The transformer to fine-tune (model.source) or a freshly initialised preset (model.preset)."""
     from pixart.config import preset
     from pixart.convert import load_transformer
     from pixart.model import PixArtTransformer
@@ -131,11 +133,13 @@ def load_frozen_encoders(config: TrainConfig, model, device, need_text: bool, ne
         try:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device).eval().requires_grad_(False)
         except OSError as err:
-            raise PixArtError(f"cannot load the VAE from {source!r} (vae/ subfolder): {err}") from None
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PixArtError(f"cannot load the VAE from {source!r} (vae/ subfolder): {reason}") from None
     return text, vae
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW or CAME over the parameters that train."""
     o = config.optim
     if o.optimizer == "came":
         try:
@@ -149,6 +153,7 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tor
 
 
 def make_lr_schedule(config: TrainConfig, optimizer, total_steps: int):
+    """Linear warmup, then constant or cosine decay (diffusers' schedules), stepped once per optimizer step."""
     from diffusers.optimization import get_scheduler
 
     name = "cosine" if config.schedule.lr_schedule == "cosine" else "constant_with_warmup"
