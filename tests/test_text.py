@@ -87,6 +87,17 @@ def test_from_pretrained_reads_a_pipeline_folder(tmp_path, diffusers_pipe):
     assert encoder.width == 32 and DEFAULT_MAX_TOKENS == {"alpha": 120, "sigma": 300}
 
 
+def test_streaming_t5_from_disk_gives_the_same_features(tmp_path):
+    folder = save_pipeline(tmp_path / "pipe", "alpha")
+    streamed = TextEncoder.from_pretrained(folder, stream=True)
+    assert streamed.model.shared.weight.device.type == "meta"  # nothing resident until a layer runs
+    features, mask = streamed.encode(["a lighthouse at dusk"], max_length=24)
+    expected, expected_mask = TextEncoder.from_pretrained(folder).encode(["a lighthouse at dusk"], max_length=24)
+    assert torch.equal(features, expected) and torch.equal(mask, expected_mask)
+    with pytest.raises(PixArtError, match="streaming T5 from disk works on CPU without quantization only"):
+        TextEncoder.from_pretrained(folder, stream=True, quantization="int8-dynamic")
+
+
 def test_int8_dynamic_quantization_stays_close(diffusers_pipe):
     pipe = build_pipeline("alpha")
     tokenizer, model = pipe.tokenizer, pipe.text_encoder

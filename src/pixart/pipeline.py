@@ -330,7 +330,11 @@ class PixArtPipeline:
 
         def load_text_encoder() -> TextEncoder:
             log.info("loading T5 from %s", root)
-            return TextEncoder.from_pretrained(root, device=stage_device, dtype=t5_dtype, quantization=t5_quantization)
+            # Low memory on CPU: T5 (the largest part by far) is read layer by layer from disk as it runs.
+            stream = low_memory and stage_device.type == "cpu" and t5_quantization is None
+            return TextEncoder.from_pretrained(
+                root, device=stage_device, dtype=t5_dtype, quantization=t5_quantization, stream=stream
+            )
 
         def load_model() -> torch.nn.Module:
             source = transformer if transformer is not None else root

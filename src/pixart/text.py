@@ -12,6 +12,7 @@ import html
 import importlib.util
 import logging
 import re
+import tempfile
 import urllib.parse as ul
 import warnings
 from pathlib import Path
@@ -129,9 +130,12 @@ def check_quantization(quantization: str | None, device: torch.device) -> None:
 class TextEncoder:
     """A T5 tokenizer and encoder that turn captions into the (features, mask) a PixArt transformer reads."""
 
-    def __init__(self, tokenizer, model: torch.nn.Module):
+    def __init__(self, tokenizer, model: torch.nn.Module, device: str | torch.device | None = None):
+        """``device``: where inputs go; needed only when the weights are streamed from disk (on "meta")."""
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
+        self._device = torch.device(device) if device is not None else None
+        self._offload_dir = None  # the temporary folder of a streamed encoder, removed with it
 
     @classmethod
     def from_pretrained(
@@ -143,16 +147,27 @@ class TextEncoder:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         quantization: str | None = None,
+        stream: bool = False,
     ) -> TextEncoder:
         """Load tokenizer and T5 encoder, by default from a diffusers pipeline folder or hub id.
 
         ``quantization``: None, "int8-dynamic" (CPU), "8bit" or "4bit" (bitsandbytes, CUDA only).
+        ``stream``: keep the weights on disk and read each layer only while it runs (accelerate disk
+        offload), so encoding needs memory for one layer rather than all of T5 (≈19 GB in fp32 for
+        T5-XXL); slower, and for CPU without quantization only.
         """
         from transformers import AutoTokenizer, T5EncoderModel
 
         device = torch.device(device or "cpu")
         check_quantization(quantization, device)
+        if stream and (quantization is not None or device.type != "cpu"):
+            raise PixArtError("streaming T5 from disk works on CPU without quantization only")
         model_kwargs: dict = {"dtype": dtype} if dtype is not None else {}
+        offload_dir = None
+        if stream:
+            # Weights stored as safetensors are read in place; the folder only receives what is not.
+            offload_dir = tempfile.TemporaryDirectory(prefix="pixart-t5-")
+            model_kwargs.update(device_map={"": "disk"}, offload_folder=offload_dir.name)
         if quantization in ("8bit", "4bit"):
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise PixArtError(f"T5 {quantization} quantization needs bitsandbytes: pip install bitsandbytes")
@@ -166,20 +181,23 @@ class TextEncoder:
             model = T5EncoderModel.from_pretrained(source, **_sub(subfolder), **model_kwargs)
         except OSError as err:
             raise PixArtError(f"cannot load the T5 text encoder from {source!r}: {_first_line(err)}") from None
-        if quantization not in ("8bit", "4bit"):
+        if quantization not in ("8bit", "4bit") and not stream:
             model = model.to(device)
         if quantization == "int8-dynamic":
             model = quantize_int8_dynamic(model)
-        return cls(tokenizer, model)
+        encoder = cls(tokenizer, model, device=device)
+        encoder._offload_dir = offload_dir
+        return encoder
 
     def to(self, device: str | torch.device) -> TextEncoder:
         """Move the encoder (e.g. between CPU and GPU for model offload); returns self."""
         self.model.to(device)
+        self._device = torch.device(device)
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters(), torch.empty(0)).device
+        return self._device or next(self.model.parameters(), torch.empty(0)).device
 
     @property
     def dtype(self) -> torch.dtype:
