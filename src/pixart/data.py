@@ -55,7 +55,9 @@ _RATIOS_1024 = {
     2.09: (1472, 704), 2.4: (1536, 640), 2.5: (1600, 640), 2.89: (1664, 576), 3.0: (1728, 576),
     3.11: (1792, 576), 3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512), 4.0: (2048, 512),
 }  # fmt: skip
-BUCKET_RESOLUTIONS = (256, 512, 1024, 2048)
+BUCKET_RESOLUTIONS = (64, 128, 256, 512, 1024, 2048)
+"""64 and 128 are for the bundled demo (pixart.demo): its VAE downsamples 4×, so 128-px buckets (sides
+multiples of 8) split into whole patches; at 64 px only the square bucket suits a patch-2 model."""
 
 
 def bucket_table(resolution: int) -> dict[float, tuple[int, int]]:

@@ -68,7 +68,7 @@ class DataConfig:
     """Feature-cache folder made by `pixart cache`: precomputed T5 features and VAE latents."""
 
     image_size: int = 1024
-    """Training resolution: the aspect-ratio bucket table (256, 512, 1024 or 2048)."""
+    """Training resolution: the aspect-ratio bucket table (256, 512, 1024 or 2048; 64 and 128 for the demo)."""
 
     batch_size: int = 1
     """Samples per micro-step summed over all processes (each process gets batch_size / processes)."""
@@ -242,7 +242,7 @@ class TrainConfig:
             raise PixArtError("data: set data.dataset (images + captions) or data.cache (a feature cache folder)")
         if d.dataset and d.cache:
             raise PixArtError("data: set only one of data.dataset and data.cache")
-        _choice("data.image_size", d.image_size, (256, 512, 1024, 2048))
+        _choice("data.image_size", d.image_size, (64, 128, 256, 512, 1024, 2048))  # pixart.data.BUCKET_RESOLUTIONS
         _choice("diffusion.null_caption", self.diffusion.null_caption, ("auto", "embedding", "t5"))
         _choice("optim.optimizer", o.optimizer, ("adamw", "came"))
         _choice("optim.mixed_precision", o.mixed_precision, ("no", "fp16", "bf16"))

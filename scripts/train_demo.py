@@ -1,0 +1,131 @@
+"""Train the bundled demo pipeline from nothing on a CPU: data, VAE, text encoder, three transformer stages.
+
+    python scripts/train_demo.py                     # the full run (about 45 min on 2 CPU cores)
+    python scripts/train_demo.py --smoke --workdir /tmp/demo-smoke   # every step for a handful of steps
+
+Writes under --workdir (default runs/demo, the paths the demo-stage*.toml recipes name):
+shapes-64/ and shapes-128/ (the procedural data), base/ (VAE, T5, tokenizer, scheduler), init.safetensors,
+stage1/, stage2/, stage2-as-128px.safetensors, stage3/ (runs of `pixart train`), pipeline-stage{2,3}/
+(exported diffusers pipelines) and report.json (VAE quality, wall times). Evaluate a pipeline with
+`pixart eval --model WORKDIR/pipeline-stage2`; docs/demo.md records the numbers of the bundled one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pixart.convert import load_transformer, save_pixart
+from pixart.demo import checker, components
+from pixart.demo.shapes import Scene, write_dataset
+from pixart.export import export_pipeline
+from pixart.model import PixArtTransformer
+from pixart.train import train
+from pixart.train_config import load_config
+
+log = logging.getLogger("train_demo")
+
+FULL = {"images": 20000, "images_128": 3000, "vae_steps": 1200, "t5_steps": 600, "stage1": 600, "stage2": 1500,
+        "stage3": 200}  # fmt: skip
+SMOKE = {"images": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2, "stage3": 2}
+
+
+def vae_report(vae, folder: Path, limit: int) -> dict:
+    """Reconstruction PSNR and the checker's accuracy on original vs VAE round-tripped images."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()][:limit]
+    images = components.images_tensor(folder, limit)
+    recon = components.roundtrip(vae, images)
+    scenes = [Scene.from_dict(r) for r in rows]
+    before = checker.score(checker.check(im, s) for im, s in zip(components.to_pil(images), scenes, strict=True))
+    after = checker.score(checker.check(im, s) for im, s in zip(components.to_pil(recon), scenes, strict=True))
+    keys = ("single_all", "pair_full")
+    return {"psnr_db": round(components.psnr(recon, images), 2), "images": len(rows),
+            "checker_original": {k: before.get(k) for k in keys}, "checker_roundtrip": {k: after.get(k) for k in keys},
+            "scaling_factor": vae.config.scaling_factor}  # fmt: skip
+
+
+def as_128px(source: Path, out: Path) -> Path:
+    """The 64-px model re-expressed at 128 px: sample_size 16→32 and pe scale 1→2 give the same positions."""
+    model = load_transformer(source)
+    config = components.demo_transformer_config(128)
+    moved = PixArtTransformer(config)
+    moved.load_state_dict(model.state_dict())
+    return save_pixart(moved, out)
+
+
+def stage(recipe: str, work: Path, steps: int, overrides: list[str]) -> Path:
+    """Run one demo-stage recipe with its paths moved under `work`."""
+    config = load_config(recipe, [f"schedule.max_steps={steps}", *overrides])
+    for section, key in (("run", "output_dir"), ("model", "source"), ("model", "pipeline"), ("data", "dataset")):
+        value = getattr(getattr(config, section), key)
+        setattr(getattr(config, section), key, str(work / Path(value).relative_to("runs/demo")))
+    return train(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--smoke", action="store_true", help="a handful of steps of everything, on a few images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--only", choices=("base", "stage1", "stage2", "stage3"), help="run one part only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    n, work = SMOKE if args.smoke else FULL, args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    report_file = work / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    quiet = ["logging.progress=false"] if args.smoke else []
+    if args.smoke:
+        quiet += ["data.batch_size=4", "validation.prompts=[]", "checkpoint.every=0"]
+
+    def timed(name: str, fn):
+        started = time.perf_counter()
+        result = fn()
+        report.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
+        report_file.write_text(json.dumps(report, indent=2) + "\n")
+        log.info("%s done in %.0f s", name, report["seconds"][name])
+        return result
+
+    if args.only in (None, "base"):
+
+        def data():
+            write_dataset(work / "shapes-64", n["images"], seed=args.seed, force=True, progress=False)
+            write_dataset(work / "shapes-128", n["images_128"], seed=args.seed + 1, force=True, progress=False,
+                          sizes=((128, 128), (160, 96), (96, 160)))  # fmt: skip
+            write_dataset(work / "vae-check", 8 if args.smoke else 400, seed=args.seed + 2, force=True, progress=False)
+
+        timed("data", data)
+        images = components.images_tensor(work / "shapes-64", min(n["images"], 4000))
+        vae = timed("vae", lambda: components.train_vae(components.make_vae(args.seed), images, n["vae_steps"]))
+        report["vae"] = vae_report(vae, work / "vae-check", 400)
+        log.info("VAE: %s", report["vae"])
+        tokenizer, t5 = components.make_text_encoder(args.seed)
+        texts = components.captions(work / "shapes-64")
+        timed("text_encoder", lambda: components.pretrain_text_encoder(tokenizer, t5, texts, n["t5_steps"]))
+        components.save_base_pipeline(work / "base", tokenizer, t5, vae)
+        torch.manual_seed(args.seed)
+        save_pixart(PixArtTransformer(components.demo_transformer_config()), work / "init.safetensors")
+    if args.only in (None, "stage1"):
+        timed("stage1", lambda: stage("demo-stage1", work, n["stage1"], quiet))
+    if args.only in (None, "stage2"):
+        run = timed("stage2", lambda: stage("demo-stage2", work, n["stage2"], quiet))
+        export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage2", force=True)
+    if args.only in (None, "stage3"):
+        as_128px(work / "stage2" / "final.safetensors", work / "stage2-as-128px.safetensors")
+        run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet))
+        export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage3", force=True)
+    report_file.write_text(json.dumps(report, indent=2) + "\n")
+    print(report_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
