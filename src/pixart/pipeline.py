@@ -38,6 +38,7 @@ from pixart import __version__
 from pixart.errors import PixArtError
 from pixart.resolution import check_size, generation_size, resize_and_crop
 from pixart.sampling import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
+from pixart.step_cache import cached_denoiser, compile_seconds
 from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
 
 log = logging.getLogger(__name__)
@@ -148,12 +149,14 @@ class RunStats:
     images: int
     steps: int  # model evaluations × images, i.e. denoising steps done in total
     peak_memory_bytes: int  # CUDA: max allocated; CPU: the process's peak resident set
+    compile_seconds: float | None = None  # torch.compile: first step's time beyond a normal step's
 
     def summary(self) -> str:
         rate = self.steps / self.seconds if self.seconds > 0 else float("inf")
+        compiled = "" if self.compile_seconds is None else f", torch.compile {self.compile_seconds:.1f} s (included)"
         return (
             f"{self.images} image(s) in {self.seconds:.1f} s, {rate:.2f} steps/s, "
-            f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
+            f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB{compiled}"
         )
 
 
@@ -273,11 +276,15 @@ class PixArtPipeline:
         low_memory: bool = False,
         offload: bool = False,
         names: dict[str, str] | None = None,
+        compiled: bool = False,
+        cache_steps: int = 0,
     ):
         """Components are either loaded objects or zero-argument loaders. low_memory: load each part
         when its stage starts and release it when the stage ends; offload: keep parts on the CPU and
-        move each to the device only for its stage."""
+        move each to the device only for its stage. compiled: the transformer went through
+        torch.compile (its first step is timed as compile time); cache_steps: see :mod:`pixart.step_cache`."""
         self.device, self.dtype, self.low_memory, self._offload = device, dtype, low_memory, offload
+        self.compiled, self.cache_steps = compiled, cache_steps
         self.scheduler_config = dict(scheduler_config)
         self.names = dict(names or {})
         self._loaders = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
@@ -306,19 +313,24 @@ class PixArtPipeline:
         vae_tiling: bool = False,
         t5_quantization: str | None = None,
         loras: list[tuple[str, float]] | None = None,
+        compile: bool = False,
+        cache_steps: int = 0,
     ) -> PixArtPipeline:
         """Load a pipeline folder or hub id; ``transformer`` swaps in other weights (any form
         load_transformer reads) while T5, VAE and scheduler come from ``model``.
 
         low_memory: T5, transformer and VAE are each loaded for their stage and released after it
         (on CUDA they wait on the CPU instead), so peak memory is the largest part, not the sum.
+        compile: torch.compile the transformer; cache_steps: reuse deep blocks (:mod:`pixart.step_cache`).
         """
         from diffusers import AutoencoderKL
 
         from pixart.convert import load_transformer
         from pixart.lora import load_lora
+        from pixart.step_cache import check_cache_steps, compile_transformer
 
         device = parse_device(device)
+        check_cache_steps(cache_steps, compiled=compile)
         dtype = resolve_dtype(dtype, device)
         check_quantization(t5_quantization, device)
         root = resolve_model(model, need_transformer=transformer is None)
@@ -342,7 +354,7 @@ class PixArtPipeline:
             net = load_transformer(source, device=stage_device, dtype=dtype)
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
-            return net
+            return compile_transformer(net, device) if compile else net
 
         def load_vae() -> torch.nn.Module:
             vae_config = json.loads((root / "vae" / "config.json").read_text())
@@ -362,7 +374,15 @@ class PixArtPipeline:
         if not low_memory:
             loaders = tuple(load() for load in loaders)
         return cls(
-            *loaders, scheduler_config, device=device, dtype=dtype, low_memory=low_memory, offload=offload, names=names
+            *loaders,
+            scheduler_config,
+            device=device,
+            dtype=dtype,
+            low_memory=low_memory,
+            offload=offload,
+            names=names,
+            compiled=compile,
+            cache_steps=cache_steps,
         )
 
     # ------------------------------------------------------------------ loading stages
@@ -449,10 +469,12 @@ class PixArtPipeline:
         for scheduler in schedulers:
             scheduler.set_timesteps(opts.steps)
         total = sum(len(s.timesteps) for s in schedulers)
+        step_ends = [time.perf_counter()]  # step durations: the first one of a compiled model includes compiling
 
         def on_step() -> None:
             nonlocal done
             done += 1
+            step_ends.append(time.perf_counter())
             bar.update()
             if progress is not None:
                 progress(done, total)
@@ -468,7 +490,7 @@ class PixArtPipeline:
                 cond = self._conditioning([p for p, _ in batch], text, height, width)
                 latents.append(
                     denoise(
-                        model,
+                        cached_denoiser(model, self.cache_steps),
                         scheduler,
                         noise,
                         cond,
@@ -482,7 +504,13 @@ class PixArtPipeline:
         images = self._decode(torch.cat(latents), opts, opts.batch_size)
         for image, (p, seed) in zip(images, jobs, strict=True):
             image.info.update(self.metadata(p, opts.replace(seed=seed, num_images=1)))
-        self.last_run = RunStats(time.perf_counter() - started, len(images), done, peak_memory_bytes(self.device))
+        self.last_run = RunStats(
+            time.perf_counter() - started,
+            len(images),
+            done,
+            peak_memory_bytes(self.device),
+            compile_seconds=compile_seconds(step_ends) if self.compiled else None,
+        )
         return images
 
     def _encode(self, prompts: list[str], opts: GenerationOptions, guided: bool) -> dict:

@@ -64,6 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     m.add_argument("--t5-int8", action="store_true", help="dynamic int8 quantisation of T5 (CPU)")
     m.add_argument("--t5-bits", type=int, metavar="{8,4}", help="bitsandbytes 8- or 4-bit T5 (CUDA only)")
+    m.add_argument("--compile", action="store_true", help="torch.compile the transformer (first step compiles)")
+    m.add_argument(
+        "--cache-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="step caching: run the deep blocks on one step in N and reuse their residual in between (default 0: off)",
+    )
 
     s = p.add_argument_group("sampling")
     s.add_argument(
@@ -114,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         vae_tiling=args.vae_tiling,
         t5_quantization=quantization,
         loras=loras,
+        compile=args.compile,
+        cache_steps=args.cache_steps,
     )
     images = pipe(prompts, options)
     for image in images:

@@ -1,0 +1,113 @@
+"""Faster denoising with the same weights: torch.compile, and step caching of the deep blocks.
+
+Step caching follows FORA (Selvaraju et al. 2024, arXiv 2407.01425) and Δ-DiT (Chen et al. 2024,
+arXiv 2406.01125): between neighbouring denoising steps the deep blocks change what they add to the
+token stream very little, so ``cache_steps = N`` runs every block on one step in N and, on the N - 1
+steps in between, runs only the shallow blocks and adds the deep blocks' residual (their output minus
+their input) remembered from the last full step. The model's own math is untouched: the wrapper calls
+the model's submodules in the order ``PixArtTransformer.forward`` does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+
+import torch
+from torch import nn
+
+from pixart.errors import PixArtError
+from pixart.model import PixArtTransformer, text_attention_mask
+
+MAX_CACHE_STEPS = 10
+"""Beyond one full step in ten the reused residual is too stale to be useful."""
+
+
+def check_cache_steps(cache_steps: int, compiled: bool = False) -> None:
+    """Refuse a cache strength no run could use, naming the value and what is accepted."""
+    ok = isinstance(cache_steps, int) and not isinstance(cache_steps, bool)
+    if not ok or not 0 <= cache_steps <= MAX_CACHE_STEPS:
+        raise PixArtError(
+            f"cache steps must be an integer from 0 to {MAX_CACHE_STEPS} (0 or 1: off; N: every block "
+            f"runs on one step in N), got {cache_steps!r}"
+        )
+    if compiled and cache_steps > 1:
+        # The cache calls the blocks one by one, which would bypass the compiled forward.
+        raise PixArtError("--cache-steps cannot be combined with --compile yet; choose one")
+
+
+def cached_denoiser(model: nn.Module, cache_steps: int) -> nn.Module:
+    """The model itself when caching is off (0 or 1), else a fresh :class:`StepCache` for one sampling run."""
+    if cache_steps <= 1:
+        return model
+    if not isinstance(model, PixArtTransformer):
+        raise PixArtError("step caching needs the PyTorch transformer (not OpenVINO or a compiled model)")
+    return StepCache(model, cache_steps)
+
+
+class StepCache(nn.Module):
+    """A PixArt transformer that reuses its deep blocks' residual on N - 1 of every N calls (one sampling run).
+
+    Make a new one for every run: it counts calls, and the remembered residual belongs to one batch.
+    """
+
+    def __init__(self, model: PixArtTransformer, every: int, fresh_blocks: int | None = None):
+        """every: run all blocks on calls 0, N, 2N, …; fresh_blocks: how many shallow blocks always run
+        (default a quarter of the depth, at least one: they carry the new latents and timestep)."""
+        super().__init__()
+        depth = len(model.blocks)
+        self.model, self.every = model, every
+        self.fresh_blocks = max(1, depth // 4) if fresh_blocks is None else fresh_blocks
+        if not 0 <= self.fresh_blocks < depth:
+            raise PixArtError(f"fresh blocks must be from 0 to {depth - 1} for this model, got {fresh_blocks!r}")
+        self.calls = 0
+        self.residual: torch.Tensor | None = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None) -> torch.Tensor:
+        """Same inputs and output as :meth:`PixArtTransformer.forward`."""
+        m = self.model
+        b, _, height, width = x.shape
+        p = m.config.patch_size
+        h, w = height // p, width // p
+        x = x.to(m.dtype)
+        x = m.x_embedder(x) + m.pos_embed(h, w, x.device).to(x.dtype)  # (B, h*w, C)
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
+        t = m.embed_timestep(timestep, resolution, aspect_ratio).to(x.dtype)  # (B, C)
+        t0 = m.t_block(t)  # (B, 6C)
+        y, mask = text_attention_mask(y, mask)
+        y = m.y_embedder(y.to(x.dtype))  # (B, L, C)
+        for block in m.blocks[: self.fresh_blocks]:
+            x = block(x, y, t0, mask, (h, w))
+        if self.residual is None or self.calls % self.every == 0:
+            deep_in = x
+            for block in m.blocks[self.fresh_blocks :]:
+                x = block(x, y, t0, mask, (h, w))
+            self.residual = x - deep_in
+        else:
+            x = x + self.residual
+        self.calls += 1
+        return m.unpatchify(m.final_layer(x, t), h, w)
+
+
+def compile_transformer(model: nn.Module, device: torch.device) -> nn.Module:
+    """The same module with its forward compiled by torch.compile (inductor); compiling happens on the first call."""
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise PixArtError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop it")
+    model.compile()  # in place: attributes such as .config and .y_embedder stay reachable
+    return model
+
+
+def compile_seconds(step_ends: list[float]) -> float:
+    """Time the first step took beyond a typical later step: how long torch.compile took.
+
+    ``step_ends`` are perf_counter readings: the start of denoising, then the end of each step.
+    """
+    durations = [b - a for a, b in zip(step_ends[:-1], step_ends[1:], strict=True)]
+    if not durations:
+        return 0.0
+    typical = statistics.median(durations[1:]) if len(durations) > 1 else 0.0
+    return max(0.0, durations[0] - typical)
