@@ -42,11 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixart.demo.eval import evaluate, format_table
     from pixart.demo.shapes import held_out_prompts
+
+    held_out_prompts(args.prompts, seed=args.seed)  # refuse a bad count or seed before importing torch
+    from pixart.demo.eval import evaluate, format_table
     from pixart.pipeline import PixArtPipeline
 
-    held_out_prompts(args.prompts, seed=args.seed)  # refuse a bad count or seed before loading anything
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
     pipe = PixArtPipeline.from_pretrained(args.model, device=args.device)
     result = evaluate(pipe, args.prompts, seed=args.seed, **{k: v for k, v in options.items() if v is not None})

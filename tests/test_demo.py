@@ -1,0 +1,139 @@
+"""The bundled demo: its components, a few-step run of the whole training script (all three stage
+recipes through `pixart train`), `pixart eval`, and the bundled pipeline itself when it is installed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixart.demo import components
+from pixart.demo.checker import check, score
+from pixart.demo.eval import evaluate, format_table
+from pixart.demo.shapes import held_out_prompts
+from pixart.pipeline import DEMO_MODEL, PixArtPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """The documented training script in --smoke mode: data, VAE, T5, stages 1-3, two exported pipelines."""
+    work = tmp_path_factory.mktemp("demo")
+    done = run("scripts/train_demo.py", "--smoke", "--workdir", str(work))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def test_components_shapes_and_determinism():
+    vae = components.make_vae(seed=0)
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(2, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (2, 4, 16, 16)  # factor 4: 64 px → 16×16
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(vae.state_dict().values(), components.make_vae(0).state_dict().values(), strict=True)
+    )
+    assert not torch.equal(vae.encoder.conv_in.weight, components.make_vae(1).encoder.conv_in.weight)
+
+    tokenizer, t5 = components.make_text_encoder(seed=0)
+    tokens = tokenizer(["a red circle"], padding="max_length", max_length=components.MAX_TOKENS, return_tensors="pt")
+    assert tokens.input_ids[0, :3].tolist() == [ord("a") + 3, ord(" ") + 3, ord("r") + 3]  # ByT5: byte + 3
+    features = t5(**tokens).last_hidden_state
+    config = components.demo_transformer_config()
+    assert features.shape == (1, components.MAX_TOKENS, config.caption_channels)
+    assert (config.sample_size, config.pe_scale) == (16, 1.0)
+    assert (components.demo_transformer_config(128).sample_size, components.demo_transformer_config(128).pe_scale) == (
+        32,
+        2.0,
+    )
+
+
+def test_vae_scaling_factor_whitens_latents(smoke):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(smoke / "base" / "vae")
+    images = components.images_tensor(smoke / "shapes-64")
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean
+    assert (latents * vae.config.scaling_factor).std().item() == pytest.approx(1.0, rel=0.15)
+
+
+def test_smoke_run_writes_every_stage(smoke):
+    report = json.loads((smoke / "report.json").read_text())
+    assert set(report["seconds"]) == {"data", "vae", "text_encoder", "stage1", "stage2", "stage3"}
+    for stage in ("stage1", "stage2", "stage3"):
+        state = json.loads(next((smoke / stage / "checkpoints").glob("step-*/state.json")).read_text())
+        assert state["step"] == 2
+    # stage 2 starts from stage 1's weights, and stage 3 from stage 2's re-expressed at 128 px
+    from pixart.convert import load_transformer
+
+    s2 = load_transformer(smoke / "stage2" / "final.safetensors")
+    s3_init = load_transformer(smoke / "stage2-as-128px.safetensors")
+    assert (s3_init.config.sample_size, s3_init.config.pe_scale) == (32, 2.0)
+    assert all(torch.equal(a, b) for a, b in zip(s2.state_dict().values(), s3_init.state_dict().values(), strict=True))
+
+
+def test_exported_pipeline_loads_in_diffusers_and_ours(smoke):
+    from diffusers import PixArtSigmaPipeline
+
+    folder = smoke / "pipeline-stage2"
+    theirs = PixArtSigmaPipeline.from_pretrained(folder)
+    # diffusers bins only its four release sizes, so a 64-px model is called with binning off
+    out = theirs("a red circle", num_inference_steps=2, height=64, width=64, max_sequence_length=96,
+                 use_resolution_binning=False, output_type="np")  # fmt: skip
+    assert out.images.shape == (1, 64, 64, 3)
+    ours = PixArtPipeline.from_pretrained(folder, device="cpu")
+    assert ours.vae_factor == 4
+    image = ours("a red circle", seed=0, steps=2, show_progress=False)[0]
+    assert image.size == (64, 64)
+    stage3 = PixArtPipeline.from_pretrained(smoke / "pipeline-stage3", device="cpu")
+    assert stage3("a red circle", seed=0, steps=2, show_progress=False)[0].size == (128, 128)
+
+
+def test_evaluate_scores_what_the_checker_says_and_is_deterministic(smoke):
+    pipe = PixArtPipeline.from_pretrained(smoke / "pipeline-stage2", device="cpu")
+    first = evaluate(pipe, 6, seed=3, steps=2, batch_size=6)
+    again = evaluate(pipe, 6, seed=3, steps=2, batch_size=6)
+    assert [p.text for p in first.prompts] == [p.text for p in held_out_prompts(6, seed=3)]
+    assert first.scores == score(check(im, p.scene) for im, p in zip(first.images, first.prompts, strict=True))
+    assert first.scores == again.scores
+    assert first.scores["n_single"] + first.scores["n_pair"] == 6
+    assert "fully correct" in format_table(first.scores) or "one object" in format_table(first.scores)
+
+
+def test_eval_cli(smoke, tmp_path):
+    done = run("-m", "pixart", "eval", "--model", str(smoke / "pipeline-stage2"), "--prompts", "4", "--steps", "2",
+               "--json", "--save", str(tmp_path / "images"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads(done.stdout)
+    assert scores["n_single"] + scores["n_pair"] == 4
+    assert len(list((tmp_path / "images").glob("*.png"))) == 4
+    assert len((tmp_path / "images" / "verdicts.jsonl").read_text().splitlines()) == 4
+
+    bad = run("-m", "pixart", "eval", "--model", str(smoke / "pipeline-stage2"), "--prompts", "0")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: number of prompts 0 must be a positive integer"
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="the bundled demo model is not installed")
+def test_bundled_demo_generates_without_a_model_argument(tmp_path):
+    from pixart.demo.shapes import Scene, SceneObject
+
+    pipe = PixArtPipeline.from_pretrained(None, device="cpu")
+    images = pipe(["a large red circle in the centre"] * 4, seed=0, batch_size=4, show_progress=False)
+    target = Scene((SceneObject("circle", "red", "large", "centre"),))
+    assert sum(check(image, target).colour for image in images) >= 3  # the bundled model follows colours
+    size = sum(p.stat().st_size for p in DEMO_MODEL.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20
+    done = run("-m", "pixart", "generate", "a red circle above a blue square", "--seed", "0", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(tmp_path.glob("*.png"))) == 1
