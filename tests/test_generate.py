@@ -87,32 +87,43 @@ def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
 
 
 @pytest.mark.parametrize(
-    "name, sampler, width, height, binning",
+    "name, sampler, width, height, binning, guidance",
     [
-        ("alpha", "dpm++", 128, 96, False),  # α with micro-conditions (sample_size 128)
-        ("sigma", "ddim", 96, 128, False),
-        ("alpha-512", "euler", 200, 96, True),  # → the 512-px bin of ratio ≈ 0.5, resized and cropped back
-        ("sigma-256", "dpm++", 96, 160, True),
+        ("alpha", "dpm++", 128, 96, False, 4.5),  # α with micro-conditions (sample_size 128)
+        ("sigma", "ddim", 96, 128, False, 4.5),
+        ("alpha-512", "euler", 200, 96, True, 4.5),  # → the 512-px bin of ratio ≈ 0.5, resized and cropped back
+        ("sigma-256", "dpm++", 96, 160, True, 4.5),
+        ("sigma", "sa-solver", 64, 64, False, 3.0),  # stochastic: its noise comes from the same generator
+        ("alpha", "lcm", 64, 64, False, 1.0),
     ],
 )
-def test_matches_diffusers(folders, name, sampler, width, height, binning):
+def test_matches_diffusers(folders, name, sampler, width, height, binning, guidance):
     folder = folders[name]
     prompt = "A small red fox in the snow, highly detailed"
-    pipe = PixArtPipeline.from_pretrained(folder, device="cpu")
-    ours = pipe(prompt, sampler=sampler, seed=11, steps=3, guidance=4.5, width=width, height=height, binning=binning)
-    ref = diffusers_image(
-        folder,
-        prompt,
-        sampler=sampler,
-        seed=11,
-        steps=3,
-        guidance=4.5,
-        width=width,
-        height=height,
-        use_resolution_binning=binning,
-    )
+    settings = {"seed": 11, "steps": 3, "guidance": guidance, "width": width, "height": height}
+    ours = PixArtPipeline.from_pretrained(folder, device="cpu")(prompt, sampler=sampler, binning=binning, **settings)
+    ref = diffusers_image(folder, prompt, sampler=sampler, use_resolution_binning=binning, **settings)
     assert np.asarray(ours[0]).std() > 5  # a real image, not a flat one that would match anything
     assert mean_abs_diff(ours[0], ref) <= 1.0
+
+
+def test_sampler_defaults_follow_the_model(folders):
+    pipe = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu", low_memory=True)
+    assert (pipe.resolve().sampler, pipe.resolve().steps, pipe.resolve().guidance) == ("dpm++", 20, 4.5)
+    assert (pipe.resolve().max_tokens, pipe.resolve().width) == (300, 1024)  # Σ; sample_size 128 × VAE factor 8
+    pipe.scheduler_config = {"_class_name": "LCMScheduler"}  # as PixArt-LCM-XL-2-1024-MS ships
+    assert (pipe.resolve().sampler, pipe.resolve().steps, pipe.resolve().guidance) == ("lcm", 4, 1.0)
+    assert pipe.resolve(sampler="sa-solver").steps == 25
+
+
+def test_half_precision_on_cpu_is_warned(caplog):
+    from pixart.pipeline import resolve_dtype
+
+    with caplog.at_level("WARNING", logger="pixart.pipeline"):
+        assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert "very slow" in caplog.text
+    with pytest.raises(PixArtError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
 
 
 def test_no_guidance_runs_conditional_only_and_matches_diffusers(folders):
