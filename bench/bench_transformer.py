@@ -3,6 +3,8 @@
 Runs at the real XL-2 size (depth 28, width 1152, ≈611 M parameters), fp32, batch 2, on whatever device is
 given (CPU by default), and prints ratios measured in the same run with the two models interleaved so that
 machine load affects both alike. Also times PixArt-Σ with KV token compression on vs off at 4096 tokens.
+On CPU it counts the process's CPU seconds with one torch thread by default: on a shared machine wall time
+swings with other jobs, while single-thread CPU time measures the work each model does.
 
     python bench/bench_transformer.py                 # full table (≈15 min on a 2-core CPU)
     python bench/bench_transformer.py --quick         # smaller model, for a smoke run
@@ -22,13 +24,22 @@ from pixart.config import sigma_kv_compress
 from pixart.convert import diffusers_config, to_diffusers_state_dict
 
 
-def timed(fn, repeats: int) -> list[float]:
+def timed(fn, repeats: int, clock=time.perf_counter) -> list[float]:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    # The official init zeroes the final layer, so a fresh model predicts exactly 0 and any two
+    # implementations "agree"; random weights everywhere make the max-difference column mean something.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
 
 
 def inputs(cfg, batch: int, tokens: int, text_tokens: int, device):
@@ -44,8 +55,8 @@ def inputs(cfg, batch: int, tokens: int, text_tokens: int, device):
     return x, t, y, mask, res, ar
 
 
-def compare_with_diffusers(cfg, batch, tokens, text_tokens, repeats, device) -> dict:
-    ours = PixArtTransformer(cfg).to(device).eval()
+def compare_with_diffusers(cfg, batch, tokens, text_tokens, repeats, device, clock) -> dict:
+    ours = perturbed(PixArtTransformer(cfg)).to(device).eval()
     ref = PixArtTransformer2DModel(**diffusers_config(cfg)).to(device).eval()
     ref.load_state_dict(to_diffusers_state_dict(ours.state_dict(), cfg))
     x, t, y, mask, res, ar = inputs(cfg, batch, tokens, text_tokens, device)
@@ -61,14 +72,14 @@ def compare_with_diffusers(cfg, batch, tokens, text_tokens, repeats, device) -> 
         diff = (run_ours() - run_ref()).abs().max().item()  # also the warm-up
         ours_t, ref_t = [], []
         for _ in range(repeats):  # interleaved, so load drifts hit both
-            ours_t += timed(run_ours, 1)
-            ref_t += timed(run_ref, 1)
+            ours_t += timed(run_ours, 1, clock)
+            ref_t += timed(run_ref, 1, clock)
     o, r = statistics.median(ours_t), statistics.median(ref_t)
     return {"ours": o, "diffusers": r, "ratio": o / r, "max_abs_diff": diff}
 
 
-def compare_kv_compression(cfg, batch, tokens, repeats, device) -> dict:
-    plain = PixArtTransformer(cfg).to(device).eval()
+def compare_kv_compression(cfg, batch, tokens, repeats, device, clock) -> dict:
+    plain = perturbed(PixArtTransformer(cfg)).to(device).eval()
     kv_cfg = cfg.replace(kv_compress=sigma_kv_compress(cfg.depth))
     compressed = PixArtTransformer(kv_cfg).to(device).eval()
     compressed.load_state_dict(plain.state_dict(), strict=False)  # same weights; sr/norm keep their init
@@ -78,8 +89,8 @@ def compare_kv_compression(cfg, batch, tokens, repeats, device) -> dict:
         compressed(x, t, y, mask)
         off, on = [], []
         for _ in range(repeats):
-            off += timed(lambda: plain(x, t, y, mask), 1)
-            on += timed(lambda: compressed(x, t, y, mask), 1)
+            off += timed(lambda: plain(x, t, y, mask), 1, clock)
+            on += timed(lambda: compressed(x, t, y, mask), 1, clock)
     a, b = statistics.median(off), statistics.median(on)
     return {"off": a, "on": b, "speedup": a / b}
 
@@ -89,8 +100,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    parser.add_argument("--wall", action="store_true", help="time wall-clock seconds instead of CPU seconds")
     parser.add_argument("--quick", action="store_true", help="depth 4 instead of 28: a smoke run, not the table")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu_clock = args.device == "cpu" and not args.wall
+    clock = time.process_time if cpu_clock else time.perf_counter
+    unit = "CPU s" if cpu_clock else "s"
     torch.manual_seed(0)
     alpha, sigma = preset("alpha-1024-ms"), preset("sigma-1024-ms")
     if args.quick:
@@ -98,22 +115,26 @@ def main() -> None:
     n = sum(p.numel() for p in PixArtTransformer(alpha).parameters())
     print(
         f"PixArt transformer forward, {args.device}, fp32, batch {args.batch}, depth {alpha.depth}, "
-        f"{n / 1e6:.0f} M parameters, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{n / 1e6:.0f} M parameters, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}, {'process CPU' if cpu_clock else 'wall-clock'} time"
     )
     print(
-        "\n| image tokens | caption tokens used / padded | ours (s) | diffusers (s) | ours / diffusers | max abs diff |"
+        f"\n| image tokens | caption tokens used / padded | ours ({unit}) | diffusers ({unit}) "
+        "| ours / diffusers | max abs diff |"
     )
     print("|---|---|---|---|---|---|")
     for tokens, text in ((256, 120), (256, 24), (1024, 120), (1024, 24)):
-        r = compare_with_diffusers(alpha, args.batch, tokens, text, args.repeats, args.device)
+        r = compare_with_diffusers(alpha, args.batch, tokens, text, args.repeats, args.device, clock)
         print(
             f"| {tokens} | {text} / 120 | {r['ours']:.2f} | {r['diffusers']:.2f} | {r['ratio']:.2f} "
             f"| {r['max_abs_diff']:.1e} |",
             flush=True,
         )
-    print("\n| PixArt-Σ, image tokens | KV compression off (s) | on: layers 14–27, factor 2 (s) | speed-up |")
+    print(
+        f"\n| PixArt-Σ, image tokens | KV compression off ({unit}) | on: layers 14–27, factor 2 ({unit}) | speed-up |"
+    )
     print("|---|---|---|---|")
-    r = compare_kv_compression(sigma, args.batch, 4096, max(1, args.repeats - 1), args.device)
+    r = compare_kv_compression(sigma, args.batch, 4096, max(1, args.repeats - 1), args.device, clock)
     print(f"| 4096 | {r['off']:.2f} | {r['on']:.2f} | {r['speedup']:.2f}× |")
 
 
