@@ -320,6 +320,20 @@ def test_cli_matches_diffusers_and_reproduces_from_metadata(folders, tmp_path):
     assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(again[1])))
 
 
+def test_step_cached_image_reproduces_from_its_metadata(folders, tmp_path, capsys):
+    args = ["a red car", "--model", str(folders["sigma"]), "--steps", "4", "--seed", "5", "--width", "32"]
+    args += ["--height", "32", "--no-binning", "--out", str(tmp_path)]
+    assert main(["generate", *args]) == 0
+    plain = np.asarray(Image.open(capsys.readouterr().out.strip()))
+    assert main(["generate", *args, "--cache-steps", "2"]) == 0
+    first = Path(capsys.readouterr().out.strip())
+    assert Image.open(first).info["cache_steps"] == "2"
+    assert not np.array_equal(np.asarray(Image.open(first)), plain)  # caching changes the image…
+    assert main(["generate", "--from-png", str(first), "--out", str(tmp_path)]) == 0
+    again = Path(capsys.readouterr().out.strip())
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))  # …so the PNG records it
+
+
 def test_cli_offline_hub_id_is_one_line(tmp_path):
     result = run_cli("a cat", "--model", "PixArt-alpha/PixArt-XL-2-1024-MS", env={"HF_HOME": str(tmp_path)})
     assert result.returncode == 2

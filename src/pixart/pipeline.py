@@ -587,6 +587,8 @@ class PixArtPipeline:
         }
         if opts.negative_prompt is not None:
             fields["negative_prompt"] = opts.negative_prompt
+        if self.cache_steps > 1:  # step caching approximates the deep blocks, so it changes the image
+            fields["cache_steps"] = self.cache_steps
         return {k: str(v) for k, v in fields.items()}
 
 

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from pixart.lora import parse_lora_spec
     from pixart.pipeline import GenerationOptions, PixArtPipeline, save_image
 
-    prompts, options, model, transformer = _inputs(args, GenerationOptions)
+    prompts, options, model, transformer, cache_steps = _inputs(args, GenerationOptions)
     loras = [parse_lora_spec(spec) for spec in args.lora]
     if args.t5_int8 and args.t5_bits:
         raise PixArtError("choose one of --t5-int8 and --t5-bits")
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         t5_quantization=quantization,
         loras=loras,
         compile=args.compile,
-        cache_steps=args.cache_steps,
+        cache_steps=cache_steps,
     )
     images = pipe(prompts, options)
     for image in images:
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _inputs(args: argparse.Namespace, options_cls):
-    """Prompts, options, model and transformer from the command line (or from --from-png)."""
+    """Prompts, options, model, transformer and step caching from the command line (or from --from-png)."""
     given = {
         "negative_prompt": args.negative_prompt,
         "num_images": args.num_images,
@@ -155,7 +155,7 @@ def _inputs(args: argparse.Namespace, options_cls):
             prompts += _read_prompts_file(args.prompts_file)
         if not prompts:
             raise PixArtError("no prompt given: pass prompts as arguments, --prompts-file or --from-png")
-        return prompts, options_cls(**given), args.model, args.transformer
+        return prompts, options_cls(**given), args.model, args.transformer, args.cache_steps
     if args.prompts or args.prompts_file:
         raise PixArtError("--from-png takes the prompt from the image; do not also give prompts")
     info = _png_text(args.from_png)
@@ -164,7 +164,13 @@ def _inputs(args: argparse.Namespace, options_cls):
     # Empty fields mean "the default", as recorded by a run without --model/--transformer.
     model = args.model or info.get("model") or None
     transformer = args.transformer or info.get("transformer") or None
-    return [prompt], saved.replace(**given), model, transformer
+    # Step caching changes the image, so a cached run's PNG records it; --cache-steps still wins.
+    try:
+        cache_steps = args.cache_steps or int(info.get("cache_steps", 0))
+    except ValueError:
+        bad = info["cache_steps"]
+        raise PixArtError(f"{args.from_png}: cache_steps {bad!r} in its metadata is not a number") from None
+    return [prompt], saved.replace(**given), model, transformer, cache_steps
 
 
 def _read_prompts_file(path: Path) -> list[str]:
