@@ -1,4 +1,4 @@
-"""`pixart export <target>`: ship a trained transformer in a form other tools run (diffusers for now)."""
+"""`pixart export <target>`: ship a trained transformer in a form other tools run (diffusers, OpenVINO)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     diffusers.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     diffusers.set_defaults(func=run_diffusers)
 
+    openvino = targets.add_parser(
+        "openvino",
+        help="OpenVINO IR for CPU inference (pixart generate --runtime openvino)",
+        description=(
+            "Convert T5, the transformer and the VAE decoder to OpenVINO IR in one self-contained folder "
+            "(with tokenizer and scheduler). The transformer is exported for one image size; "
+            "`pixart generate --runtime openvino --model OUT` runs it. Needs pip install -e '.[openvino]'."
+        ),
+        epilog="example:\n  pixart export openvino pixart-ov --model ./my-pipeline --width 512 --height 512 --int8\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    openvino.add_argument("out", metavar="OUT", help="output folder (must be absent or empty unless --force)")
+    openvino.add_argument("--model", required=True, metavar="MODEL", help="diffusers PixArt pipeline folder or hub id")
+    openvino.add_argument("--transformer", metavar="CKPT", help="other transformer weights (any form convert reads)")
+    openvino.add_argument("--width", type=int, metavar="PX", help="image width to export for (default: the model's)")
+    openvino.add_argument("--height", type=int, metavar="PX", help="image height to export for (default: the model's)")
+    openvino.add_argument("--max-tokens", type=int, metavar="N", help="T5 tokens per prompt (default: α 120, Σ 300)")
+    openvino.add_argument("--int8", action="store_true", help="INT8 weight compression of T5 and transformer (NNCF)")
+    openvino.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    openvino.set_defaults(func=run_openvino)
+
 
 def run_diffusers(args: argparse.Namespace) -> int:
     # peft and diffusers take seconds to import: only pay for them when exporting, not on `pixart --help`.
@@ -86,6 +107,23 @@ def run_diffusers(args: argparse.Namespace) -> int:
         args.out,
         loras=[parse_lora_spec(spec) for spec in args.lora],
         image_size=args.image_size,
+        force=args.force,
+    )
+    print(args.out)
+    return 0
+
+
+def run_openvino(args: argparse.Namespace) -> int:
+    from pixart.openvino import export_openvino
+
+    export_openvino(
+        args.model,
+        args.out,
+        transformer=args.transformer,
+        width=args.width,
+        height=args.height,
+        max_tokens=args.max_tokens,
+        int8=args.int8,
         force=args.force,
     )
     print(args.out)

@@ -66,6 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--t5-bits", type=int, metavar="{8,4}", help="bitsandbytes 8- or 4-bit T5 (CUDA only)")
     m.add_argument("--compile", action="store_true", help="torch.compile the transformer (first step compiles)")
     m.add_argument(
+        "--runtime",
+        default="torch",
+        metavar="NAME",
+        help="torch (default) or openvino (--model is then a folder written by `pixart export openvino`)",
+    )
+    m.add_argument(
         "--cache-steps",
         type=int,
         default=0,
@@ -113,23 +119,53 @@ def run(args: argparse.Namespace) -> int:
         raise PixArtError(f"--t5-bits {args.t5_bits} is not supported; use 8 or 4")
     quantization = "int8-dynamic" if args.t5_int8 else (f"{args.t5_bits}bit" if args.t5_bits else None)
 
-    pipe = PixArtPipeline.from_pretrained(
-        model,
-        transformer,
-        device=args.device,
-        dtype=args.dtype,
-        low_memory=args.low_memory,
-        vae_tiling=args.vae_tiling,
-        t5_quantization=quantization,
-        loras=loras,
-        compile=args.compile,
-        cache_steps=cache_steps,
-    )
+    if args.runtime not in ("torch", "openvino"):
+        raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
+    if args.runtime == "openvino":
+        pipe = _openvino_pipeline(args, model, transformer, quantization, cache_steps)
+    else:
+        pipe = PixArtPipeline.from_pretrained(
+            model,
+            transformer,
+            device=args.device,
+            dtype=args.dtype,
+            low_memory=args.low_memory,
+            vae_tiling=args.vae_tiling,
+            t5_quantization=quantization,
+            loras=loras,
+            compile=args.compile,
+            cache_steps=cache_steps,
+        )
     images = pipe(prompts, options)
     for image in images:
         print(save_image(image, args.out))
     log.info("%s", pipe.last_run.summary())
     return 0
+
+
+def _openvino_pipeline(args: argparse.Namespace, model, transformer, quantization, cache_steps):
+    """The pipeline of a `pixart export openvino` folder; refuses flags that only apply to PyTorch weights."""
+    from pixart.openvino import load_openvino_pipeline
+
+    torch_only = {
+        "--transformer": transformer,
+        "--lora": args.lora,
+        "--compile": args.compile,
+        "--cache-steps": cache_steps > 1,
+        "--low-memory": args.low_memory,
+        "--vae-tiling": args.vae_tiling,
+        "--t5-int8/--t5-bits": quantization,
+        "--device": args.device not in (None, "cpu"),
+        "--dtype": args.dtype not in ("auto", "fp32"),
+    }
+    given = [flag for flag, value in torch_only.items() if value]
+    if given:
+        raise PixArtError(
+            f"not with --runtime openvino (it runs the exported folder as is, on CPU): {', '.join(given)}"
+        )
+    if model is None:
+        raise PixArtError("--runtime openvino needs --model FOLDER written by `pixart export openvino`")
+    return load_openvino_pipeline(model)
 
 
 def _inputs(args: argparse.Namespace, options_cls):

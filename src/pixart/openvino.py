@@ -1,0 +1,302 @@
+"""OpenVINO: export T5, the transformer and the VAE decoder to OpenVINO IR, and generate with them on CPU.
+
+``export_openvino(model, out)`` writes a self-contained folder: ``text_encoder.xml``, ``transformer.xml``
+and ``vae_decoder.xml`` (IR from ``openvino.convert_model`` on traced PyTorch modules), the tokenizer and
+scheduler folders, and ``pixart_openvino.json`` (model config, latent size, VAE scaling, α's learned null
+caption). ``load_openvino_pipeline(folder)`` returns a :class:`pixart.pipeline.PixArtPipeline` whose
+components run through OpenVINO, so sampling, guidance, decoding and metadata are the PyTorch path's.
+
+The transformer is exported for one latent size: its 2-D position embedding is computed from the
+size in Python, so tracing fixes it. Batch and caption length stay dynamic. ``int8=True`` compresses
+the weights of T5 and the transformer to INT8 with NNCF (``nncf.compress_weights``); activations stay fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from pixart.config import PixArtConfig
+from pixart.errors import PixArtError
+from pixart.model import PixArtTransformer
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "pixart_openvino.json"
+FORMAT_VERSION = 1
+
+
+def _require_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise PixArtError('OpenVINO is not installed: pip install -e ".[openvino]"') from None
+    return openvino
+
+
+class _T5Features(nn.Module):
+    """T5 encoder → last hidden state, the one output PixArt reads."""
+
+    def __init__(self, t5: nn.Module):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.t5(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+class _Denoiser(nn.Module):
+    """The transformer's forward without the data-dependent trimming of padded caption tokens.
+
+    ``PixArtTransformer.forward`` cuts the caption to the longest real one with a Python int, which a
+    trace would freeze; here the full padded caption is attended with a boolean key mask (exact, as
+    masked keys get zero weight), so any caption length works at run time.
+    """
+
+    def __init__(self, model: PixArtTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, timestep, y, mask, resolution=None, aspect_ratio=None):
+        m = self.model
+        b, _, height, width = x.shape
+        p = m.config.patch_size
+        h, w = height // p, width // p
+        x = m.x_embedder(x) + m.pos_embed(h, w, x.device).to(x.dtype)  # (B, h*w, C)
+        t = m.embed_timestep(timestep, resolution, aspect_ratio)  # (B, C)
+        t0 = m.t_block(t)  # (B, 6C)
+        keep = mask > 0
+        keep = keep | ~keep.any(dim=1, keepdim=True)  # an all-padding caption attends to everything
+        key_mask = keep[:, None, None, :]  # (B, 1, 1, L)
+        y = m.y_embedder(y)
+        for block in m.blocks:
+            x = block(x, y, t0, key_mask, (h, w))
+        return m.unpatchify(m.final_layer(x, t), h, w)
+
+
+class _VaeDecoder(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def export_openvino(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    transformer: str | os.PathLike | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    int8: bool = False,
+    max_tokens: int | None = None,
+    force: bool = False,
+) -> Path:
+    """Convert a pipeline (folder or hub id; ``transformer`` swaps in other weights) to an OpenVINO folder.
+
+    width/height: the image size the transformer is exported for (default: the model's training
+    size); generation from the folder runs at that sampling size only.
+    """
+    ov = _require_openvino()
+    from diffusers import AutoencoderKL
+
+    from pixart.convert import load_transformer
+    from pixart.export import _check_out, _swap_into_place
+    from pixart.pipeline import learned_null_caption, resolve_model
+    from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder
+
+    out = Path(out)
+    _check_out(out, force)
+    root = resolve_model(model, need_transformer=transformer is None)
+    net = load_transformer(transformer if transformer is not None else root, device="cpu", dtype=torch.float32)
+    config = net.config
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32).eval()
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = config.sample_size * vae_factor
+    width, height = width or side, height or side
+    multiple = vae_factor * config.patch_size
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise PixArtError(f"export size {width}x{height} must be positive multiples of {multiple} pixels")
+    tokens = max_tokens or DEFAULT_MAX_TOKENS[config.family]
+    encoder = TextEncoder.from_pretrained(root, device="cpu", dtype=torch.float32)
+    if encoder.width != config.caption_channels:
+        raise PixArtError(
+            f"the text encoder gives {encoder.width}-d features but the transformer reads {config.caption_channels}"
+        )
+    null = learned_null_caption(net)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        lat = (1, config.in_channels, height // vae_factor, width // vae_factor)
+        ids = torch.ones(2, tokens, dtype=torch.long)
+        text_mask = torch.ones(2, tokens, dtype=torch.long)
+        with torch.no_grad():
+            t5_ir = ov.convert_model(_T5Features(encoder.model), example_input=(ids, text_mask))
+            example = [
+                torch.randn(2, *lat[1:]),
+                torch.tensor([500.0, 500.0]),
+                torch.randn(2, tokens, config.caption_channels),
+                text_mask,
+            ]
+            if config.micro_conditions:
+                example += [torch.tensor([[float(height), float(width)]] * 2), torch.tensor([height / width] * 2)]
+            denoiser_ir = ov.convert_model(_Denoiser(net.eval()), example_input=tuple(example))
+            vae_ir = ov.convert_model(_VaeDecoder(vae), example_input=(torch.randn(lat),))
+        if int8:
+            import nncf
+
+            # Weights only: activations stay fp32, so accuracy drops little and no calibration data is needed.
+            t5_ir = nncf.compress_weights(t5_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            denoiser_ir = nncf.compress_weights(denoiser_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        # compress_to_fp16 would halve the files but round every weight: keep fp32 for parity with PyTorch.
+        ov.save_model(t5_ir, tmp / "text_encoder.xml", compress_to_fp16=False)
+        ov.save_model(denoiser_ir, tmp / "transformer.xml", compress_to_fp16=False)
+        ov.save_model(vae_ir, tmp / "vae_decoder.xml", compress_to_fp16=False)
+        shutil.copytree(root / "tokenizer", tmp / "tokenizer")
+        if (root / "scheduler").is_dir():
+            shutil.copytree(root / "scheduler", tmp / "scheduler")
+        manifest = {
+            "format": "pixart-openvino",
+            "version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "height": height,
+            "width": width,
+            "max_tokens": tokens,
+            "vae_block_out_channels": list(vae.config.block_out_channels),
+            "vae_scaling_factor": float(vae.config.scaling_factor),
+            "int8": int8,
+            "source": {"model": str(model), "transformer": str(transformer or "")},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if null is not None:
+            np.save(tmp / "null_caption.npy", null.float().cpu().numpy())
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_manifest(folder: Path) -> dict:
+    """The export's manifest, checked to be one this version reads."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise PixArtError(
+            f"{folder} is not an OpenVINO export (no {MANIFEST}); write one with `pixart export openvino`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise PixArtError(f"{path} is not readable JSON") from None
+    if manifest.get("format") != "pixart-openvino" or manifest.get("version") != FORMAT_VERSION:
+        raise PixArtError(f"{path} is not a pixart OpenVINO export of version {FORMAT_VERSION}")
+    return manifest
+
+
+class _OVModule(nn.Module):
+    """A compiled OpenVINO model called like a PyTorch module (torch tensors in, torch tensor out)."""
+
+    def __init__(self, core, path: Path, threads: int | None):
+        super().__init__()
+        config = {"INFERENCE_PRECISION_HINT": "f32"}  # CPUs with bf16 units would otherwise drop precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(path), "CPU", config)
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        result = self.compiled([t.detach().cpu().numpy() for t in inputs])
+        return torch.from_numpy(np.array(result[0]))
+
+
+class OVTextEncoderModel(_OVModule):
+    def forward(self, input_ids, attention_mask):
+        return (self.run(input_ids, attention_mask),)
+
+
+class OVTransformer(_OVModule):
+    """The exported transformer, called with the arguments of :meth:`PixArtTransformer.forward`."""
+
+    def __init__(self, core, path: Path, threads: int | None, config: PixArtConfig, size: tuple[int, int], null):
+        super().__init__(core, path, threads)
+        from pixart.convert import placeholder_y_embedding
+
+        self.config, self.size = config, size
+        # Read by learned_null_caption, which recognises the placeholder as "no learned null caption".
+        self.y_embedder = SimpleNamespace(y_embedding=placeholder_y_embedding(config) if null is None else null)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def forward(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None):
+        if tuple(x.shape[-2:]) != self.size:
+            raise PixArtError(
+                f"this OpenVINO export samples {self.size[1] * 8}x{self.size[0] * 8}-px latents only "
+                f"(asked {x.shape[-1] * 8}x{x.shape[-2] * 8}); export again with --width/--height"
+            )
+        b = x.shape[0]
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(b)
+        mask = torch.ones(y.shape[:2], dtype=torch.long) if mask is None else mask
+        inputs = [x.float(), timestep, y.float(), mask.long()]
+        if self.config.micro_conditions:
+            inputs += [resolution.float().reshape(-1, 2).expand(b, 2), aspect_ratio.float().reshape(-1).expand(b)]
+        return self.run(*inputs)
+
+
+class OVVaeDecoder(_OVModule):
+    def __init__(self, core, path: Path, threads: int | None, manifest: dict):
+        super().__init__(core, path, threads)
+        self.config = SimpleNamespace(
+            block_out_channels=manifest["vae_block_out_channels"],
+            scaling_factor=manifest["vae_scaling_factor"],
+        )
+        self.dtype = torch.float32
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = False):
+        return (self.run(latents.float()),)
+
+
+def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = None):
+    """A :class:`pixart.pipeline.PixArtPipeline` running T5, the transformer and the VAE through OpenVINO on CPU."""
+    ov = _require_openvino()
+    from transformers import AutoTokenizer
+
+    from pixart.pipeline import PixArtPipeline
+    from pixart.text import TextEncoder
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    config = PixArtConfig.from_dict(manifest["config"])
+    factor = 2 ** (len(manifest["vae_block_out_channels"]) - 1)
+    size = (manifest["height"] // factor, manifest["width"] // factor)
+    null_path = folder / "null_caption.npy"
+    null = torch.from_numpy(np.load(null_path)) if null_path.is_file() else None
+    core = ov.Core()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = TextEncoder(tokenizer, OVTextEncoderModel(core, folder / "text_encoder.xml", threads), device="cpu")
+    transformer = OVTransformer(core, folder / "transformer.xml", threads, config, size, null)
+    vae = OVVaeDecoder(core, folder / "vae_decoder.xml", threads, manifest)
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    names = {"model": str(folder), "transformer": ""}
+    # Loaders, not objects: the pipeline treats callables as loaders, and these modules are callable.
+    return PixArtPipeline(
+        lambda: encoder,
+        lambda: transformer,
+        lambda: vae,
+        scheduler_config,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        names=names,
+    )

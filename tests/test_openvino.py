@@ -1,0 +1,112 @@
+"""OpenVINO export and runtime: images match PyTorch's on the tiny pipelines; INT8 costs little; CLI behaves.
+
+Export uses the tiny diffusers pipeline folders of tests/tiny.py; the reference is our PyTorch
+pipeline on the same folder, seed and settings.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tests.tiny import save_pipeline
+
+pytest.importorskip("openvino")
+
+from pixart.errors import PixArtError  # noqa: E402
+from pixart.openvino import export_openvino, load_openvino_pipeline  # noqa: E402
+from pixart.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
+
+PROMPTS = ["a red fox in the snow", "a castle"]
+GUIDED = GenerationOptions(seed=2, steps=4, width=64, height=64, binning=False)
+PIXART = [sys.executable, "-m", "pixart"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a - b) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def sigma(tmp_path_factory):
+    """A tiny Σ pipeline and its OpenVINO export, written by the real `pixart export openvino` process."""
+    root = tmp_path_factory.mktemp("ov")
+    folder = save_pipeline(root / "sigma", "sigma")
+    out = root / "sigma-ov"
+    argv = PIXART + ["export", "openvino", str(out), "--model", str(folder), "--width", "64", "--height", "64"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    return folder, out
+
+
+def test_export_is_self_contained(sigma):
+    _, out = sigma
+    for name in ("text_encoder", "transformer", "vae_decoder"):
+        assert (out / f"{name}.xml").is_file() and (out / f"{name}.bin").is_file()
+    assert (out / "tokenizer").is_dir() and (out / "scheduler" / "scheduler_config.json").is_file()
+    assert not list(out.parent.glob(".sigma-ov.*"))  # the temporary build folder is gone
+
+
+@pytest.mark.parametrize("options", [GUIDED, GUIDED.replace(guidance=1.0)], ids=["guided", "unguided"])
+def test_openvino_images_match_pytorch(sigma, options):
+    folder, out = sigma
+    reference = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, options, show_progress=False))
+    images = load_openvino_pipeline(out, threads=1)(PROMPTS, options, show_progress=False)
+    got = pixels(images)
+    # Same fp32 math in another kernel library: rounding may flip a pixel level here and there.
+    assert np.abs(got - reference).mean() <= 0.05
+    assert np.abs(got - reference).max() <= 2
+    assert images[0].info["prompt"] == PROMPTS[0] and images[0].info["seed"] == "2"
+
+
+def test_int8_alpha_costs_little(tmp_path):
+    """α with micro-conditions, weights compressed to INT8 by NNCF: close to fp32 PyTorch, but not equal."""
+    folder = save_pipeline(tmp_path / "alpha", "alpha")
+    out = export_openvino(folder, tmp_path / "alpha-int8", width=64, height=64, int8=True)
+    reference = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, GUIDED, show_progress=False))
+    got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, GUIDED, show_progress=False))
+    assert not np.array_equal(got, reference)
+    assert psnr(got, reference) > 40.0
+
+
+def test_other_size_is_refused(sigma):
+    pipe = load_openvino_pipeline(sigma[1], threads=1)
+    with pytest.raises(PixArtError, match=r"samples 64x64-px latents only \(asked 128x64\)"):
+        pipe("a fox", GUIDED.replace(width=128), show_progress=False)
+
+
+def test_cli_generate_openvino(sigma, tmp_path):
+    _, out = sigma
+    argv = PIXART + ["generate", "a fox", "--runtime", "openvino", "--model", str(out), "--steps", "2", "--seed", "1"]
+    argv += ["--width", "64", "--height", "64", "--no-binning", "--out", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(list(tmp_path.glob("*.png"))) == 1
+    bad = subprocess.run(argv + ["--lora", "x.safetensors"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "error: not with --runtime openvino (it runs the exported folder as is, on CPU): --lora"
+    )
+
+
+def test_cli_export_bad_model(tmp_path):
+    argv = PIXART + ["export", "openvino", str(tmp_path / "x"), "--model", str(tmp_path / "absent")]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"error: model {str(tmp_path / 'absent')!r} is neither an existing folder")
+    assert not (tmp_path / "x").exists()
