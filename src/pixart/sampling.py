@@ -10,47 +10,36 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LCMScheduler,
-    SASolverScheduler,
-    UniPCMultistepScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SAMPLERS: dict[str, Callable[[dict], SchedulerMixin]] = {
+if TYPE_CHECKING:  # diffusers pulls in torch._dynamo (seconds); import it only when a run starts
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+SAMPLERS: dict[str, tuple[str, dict]] = {
     # DPM-Solver++(2M), Lu et al. 2022 (arXiv 2211.01095): the released pipelines' default.
-    "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     # Its stochastic variant (SDE-DPM-Solver++ 2M).
-    "dpm++-sde": lambda cfg: DPMSolverMultistepScheduler.from_config(
-        cfg, algorithm_type="sde-dpmsolver++", solver_order=2
-    ),
+    "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     # SA-Solver, Xue et al. 2023 (arXiv 2309.05019): stochastic Adams, used by the official PixArt demo.
-    "sa-solver": lambda cfg: SASolverScheduler.from_config(cfg, algorithm_type="data_prediction"),
+    "sa-solver": ("SASolverScheduler", {"algorithm_type": "data_prediction"}),
     # DDIM, Song et al. 2020 (arXiv 2010.02502), deterministic (eta 0).
-    "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
+    "ddim": ("DDIMScheduler", {}),
     # DDPM ancestral sampling, Ho et al. 2020 (arXiv 2006.11239); wants many steps.
-    "ddpm": lambda cfg: DDPMScheduler.from_config(cfg),
+    "ddpm": ("DDPMScheduler", {}),
     # Euler and Euler ancestral in the k-diffusion (Karras et al. 2022) sigma parameterisation.
-    "euler": lambda cfg: EulerDiscreteScheduler.from_config(cfg),
-    "euler-a": lambda cfg: EulerAncestralDiscreteScheduler.from_config(cfg),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     # Heun's 2nd-order method (Karras et al. 2022): two model calls per step.
-    "heun": lambda cfg: HeunDiscreteScheduler.from_config(cfg),
+    "heun": ("HeunDiscreteScheduler", {}),
     # UniPC, Zhao et al. 2023 (arXiv 2302.04867), and DEIS, Zhang & Chen 2022 (arXiv 2204.13902).
-    "unipc": lambda cfg: UniPCMultistepScheduler.from_config(cfg),
-    "deis": lambda cfg: DEISMultistepScheduler.from_config(cfg, algorithm_type="deis"),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {"algorithm_type": "deis"}),
     # Latent consistency models, Luo et al. 2023 (arXiv 2310.04378): only for LCM-distilled weights.
-    "lcm": lambda cfg: LCMScheduler.from_config(cfg),
+    "lcm": ("LCMScheduler", {}),
 }
-"""Sampler names users type → constructors taking the model's scheduler config."""
+"""Sampler names users type → (diffusers scheduler class, settings over the model's scheduler config)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +58,10 @@ DEFAULTS: dict[str, SamplerDefaults] = {name: SamplerDefaults(20, 4.5) for name 
 
 def make_scheduler(name: str, scheduler_config: dict) -> SchedulerMixin:
     """A fresh scheduler for one sampling run (schedulers keep per-run state, so never share one)."""
-    return SAMPLERS[name](dict(scheduler_config))
+    import diffusers
+
+    class_name, settings = SAMPLERS[name]
+    return getattr(diffusers, class_name).from_config(dict(scheduler_config), **settings)
 
 
 def default_sampler(scheduler_config: dict) -> str:
