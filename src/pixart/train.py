@@ -10,6 +10,7 @@ bit-identical to one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import logging
@@ -191,26 +192,34 @@ class Objective:
 
     def __call__(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
         """Mean loss of a micro-batch whose first sample has index ``first`` in the global batch of ``step``."""
-        device, cfg = self.device, self.config
+        x0, noise, t, features, mask, drops = self.inputs(batch, first, step)
         with torch.no_grad():
-            if "latent_mean" in batch:
-                mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
-            else:
-                posterior = self.vae.encode(batch["image"].to(device).float()).latent_dist
-                mean, std = posterior.mean, posterior.std
-            if "text_features" in batch:
-                features, mask = batch["text_features"].to(device).float(), batch["text_mask"].to(device)
-            else:
-                features, mask = self.text.encode(batch["caption"], self.max_length)
-                features = features.float()
-            draws = draw_sample_randomness(cfg.run.seed, step, range(first, first + len(mean)), mean.shape[1:],
-                                           self.diffusion.num_timesteps, cfg.diffusion.caption_dropout)  # fmt: skip
-            latent_eps, noise, t = (x.to(device) for x in draws[:3])
-            x0 = (mean + std * latent_eps - self.vae_shift) * self.vae_scale  # a sample of the VAE posterior
             xt = self.diffusion.q_sample(x0, t, noise)
-            features, mask = drop_captions(features, mask, draws[3], *self.null)
-        output = model(xt, t, features, mask, batch["resolution"].to(device), batch["aspect_ratio"].to(device))
-        return self.diffusion.training_loss(output, x0, xt, t, noise, cfg.diffusion.snr_gamma)["loss"].mean()
+            features, mask = drop_captions(features, mask, drops, *self.null)
+        output = model(
+            xt, t, features, mask, batch["resolution"].to(self.device), batch["aspect_ratio"].to(self.device)
+        )
+        return self.diffusion.training_loss(output, x0, xt, t, noise, self.config.diffusion.snr_gamma)["loss"].mean()
+
+    @torch.no_grad()
+    def inputs(self, batch: dict, first: int, step: int):
+        """(x0, noise, timestep, caption features, mask, caption dropped) of a micro-batch, seeded per sample."""
+        device, cfg = self.device, self.config
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
+        else:
+            posterior = self.vae.encode(batch["image"].to(device).float()).latent_dist
+            mean, std = posterior.mean, posterior.std
+        if "text_features" in batch:
+            features, mask = batch["text_features"].to(device).float(), batch["text_mask"].to(device)
+        else:
+            features, mask = self.text.encode(batch["caption"], self.max_length)
+            features = features.float()
+        draws = draw_sample_randomness(cfg.run.seed, step, range(first, first + len(mean)), mean.shape[1:],
+                                       self.diffusion.num_timesteps, cfg.diffusion.caption_dropout)  # fmt: skip
+        latent_eps, noise, t = (x.to(device) for x in draws[:3])
+        x0 = (mean + std * latent_eps - self.vae_shift) * self.vae_scale  # a sample of the VAE posterior
+        return x0, noise, t, features, mask, draws[3]
 
 
 def train(config: TrainConfig) -> Path:
@@ -221,12 +230,18 @@ def train(config: TrainConfig) -> Path:
     resume_from = find_checkpoint(run_dir, config.run.resume) if config.run.resume else None
     loader = open_batches(config, accelerator)  # validates the dataset before the model loads
     model = load_model(config)
+    # LCM distils the loaded model into itself: a frozen copy, taken before any LoRA, is the teacher.
+    teacher = copy.deepcopy(model).requires_grad_(False) if config.lcm.enabled else None
     if config.lora.rank:
         from pixart.lora import add_lora
 
         add_lora(model, config.lora.rank, config.lora.alpha or None, config.lora.targets)
     model.gradient_checkpointing = config.model.gradient_checkpointing
-    objective = Objective(config, model, loader, device)
+    objective = loss_fn = Objective(config, model, loader, device)
+    if config.lcm.enabled:
+        from pixart.lcm import LCMObjective
+
+        loss_fn = LCMObjective(objective, teacher, model, config.lcm)
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
@@ -262,12 +277,14 @@ def train(config: TrainConfig) -> Path:
             first = micro * config.data.batch_size + accelerator.process_index * loader.batch_size
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
             with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
-                loss = objective(model, batch, first, step)
+                loss = loss_fn(model, batch, first, step)
                 accelerator.backward(loss / accum)
         grad_norm = accelerator.clip_grad_norm_(params, config.optim.grad_clip) if config.optim.grad_clip else None
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if config.lcm.enabled:
+            loss_fn.update_target(accelerator.unwrap_model(model))
         if ema is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema.values()), [p.float() for p in params], 1 - config.optim.ema_decay)

@@ -214,6 +214,26 @@ class LoraConfig:
 
 
 @dataclass
+class LCMConfig:
+    """Latent consistency distillation (pixart.lcm): model.source is the frozen teacher and the student's start."""
+
+    enabled: bool = False
+    """Train the LCM consistency loss instead of the diffusion loss; sample the result with --sampler lcm."""
+
+    ddim_steps: int = 50
+    """Points on the teacher's DDIM grid (official 50: the teacher jumps 20 timesteps)."""
+
+    guidance: float = 4.5
+    """Classifier-free guidance of the teacher's DDIM step (official 4.5)."""
+
+    huber_c: float = 0.001
+    """Pseudo-Huber loss constant (official 0.001)."""
+
+    target_ema: float = 0.95
+    """EMA decay of the target network that follows the student (official 0.95)."""
+
+
+@dataclass
 class TrainConfig:
     """A whole training run."""
 
@@ -227,6 +247,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    lcm: LCMConfig = field(default_factory=LCMConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -285,6 +306,21 @@ class TrainConfig:
             raise PixArtError(f"validation.image_size={self.validation.image_size}: expected a multiple of 8")
         if self.lora.rank and not self.lora.targets:
             raise PixArtError("lora.targets is empty: name the layers to adapt, e.g. to_q,to_k,to_v,to_out.0")
+        if self.lcm.enabled:
+            self.validate_lcm()
+
+    def validate_lcm(self) -> None:
+        c = self.lcm
+        if not self.model.source:
+            raise PixArtError("lcm.enabled needs model.source: the trained model to distil (it is also the teacher)")
+        if self.run.resume:
+            raise PixArtError("run.resume is not supported with lcm.enabled yet (the target network is not saved)")
+        if not 1 <= c.ddim_steps <= 1000:
+            raise PixArtError(f"lcm.ddim_steps={c.ddim_steps!r}: expected an integer from 1 to 1000")
+        _in_range("lcm.guidance", c.guidance, 0.0, math.inf)
+        _in_range("lcm.target_ema", c.target_ema, 0.0, 1.0, high_open=True)
+        if not (c.huber_c > 0 and math.isfinite(c.huber_c)):
+            raise PixArtError(f"lcm.huber_c={c.huber_c!r}: expected a positive number")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
