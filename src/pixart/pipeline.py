@@ -254,9 +254,10 @@ def learned_null_caption(model: torch.nn.Module) -> torch.Tensor | None:
     """
     if model.config.family != "alpha":
         return None
+    from pixart.convert import placeholder_y_embedding
+
     y = model.y_embedder.y_embedding
-    filler = torch.randn(tuple(y.shape), generator=torch.Generator().manual_seed(0)) / y.shape[1] ** 0.5
-    if torch.equal(y.detach().float().cpu(), filler):
+    if torch.equal(y.detach().float().cpu(), placeholder_y_embedding(model.config)):
         return None
     return y.detach()
 
