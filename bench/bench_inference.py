@@ -1,0 +1,190 @@
+"""Benchmark: fast-inference options on one set of mid-size weights, against diffusers' pipeline, on CPU.
+
+Builds a random PixArt-Σ pipeline folder (T5 width 1024 × 12 layers, transformer width 576 × depth 12,
+a small SD-shaped VAE), exports it to OpenVINO (fp32 and INT8 weights), then runs each contender in
+its own subprocess (peak RSS is per process): load, generate one image (for torch.compile this one
+compiles), generate a second image with another seed (the steady time per image, reported). Quality
+is PSNR of each contender's second image against pixart eager's; the LCM row on these random,
+undistilled weights measures speed only.
+
+    python bench/bench_inference.py [--size 256] [--steps 20] [--threads 1] [--cache-steps 3]
+
+Not a test: it takes several minutes of CPU and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset, seagulls, dramatic clouds"
+CONTENDERS = {
+    "diffusers": "diffusers PixArtSigmaPipeline (dpm++, guidance 4.5)",
+    "eager": "pixart, PyTorch eager",
+    "compiled": "pixart --compile (torch.compile, inductor)",
+    "cached": "pixart --cache-steps N (deep blocks on 1 step in N)",
+    "lcm": "pixart --sampler lcm, 4 steps, no guidance",
+    "openvino": "pixart --runtime openvino (fp32 IR)",
+    "openvino-int8": "pixart --runtime openvino, NNCF INT8 weights",
+}
+
+
+def build(folder: Path, size: int) -> None:
+    """A random Σ pipeline folder of mid-size parts (the same files feed every contender)."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=384, d_model=1024, d_kv=64, d_ff=2816, num_layers=12, num_heads=16,
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1,
+        )
+    )  # fmt: skip
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=8, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=12,
+        cross_attention_dim=576, sample_size=size // 8, patch_size=2, caption_channels=1024,
+        interpolation_scale={256: 0.5, 512: 1}.get(size, 1), use_additional_conditions=False,
+    )  # fmt: skip
+    with torch.no_grad():  # random non-zero weights everywhere, so every block changes the output
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 128, 128), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+        scaling_factor=0.13025,
+    )  # fmt: skip
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    PixArtSigmaPipeline(ByT5Tokenizer(), t5, vae, transformer, scheduler).save_pretrained(folder)
+
+
+def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
+    """One contender in this process: load, a first image, a second image (timed); saves its pixels."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    folder = work / "pipeline"
+    started = time.perf_counter()
+    steps, guidance, sampler = args.steps, 4.5, "dpm++"
+    if name == "lcm":
+        steps, guidance, sampler = 4, 1.0, "lcm"
+    if name == "diffusers":
+        from diffusers import PixArtSigmaPipeline
+
+        pipe = PixArtSigmaPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate(seed: int):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            size = args.size
+            return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size,
+                        generator=generator).images[0]  # fmt: skip
+    else:
+        from pixart.pipeline import PixArtPipeline
+
+        if name.startswith("openvino"):
+            from pixart.openvino import load_openvino_pipeline
+
+            pipe = load_openvino_pipeline(work / name, threads=args.threads)
+        else:
+            pipe = PixArtPipeline.from_pretrained(
+                folder,
+                device="cpu",
+                compile=name == "compiled",
+                cache_steps=args.cache_steps if name == "cached" else 0,
+            )
+
+        def generate(seed: int):
+            return pipe(PROMPT, seed=seed, steps=steps, guidance=guidance, sampler=sampler, width=args.size,
+                        height=args.size, show_progress=False)[0]  # fmt: skip
+
+    loaded = time.perf_counter()
+    generate(0)
+    first, cpu = time.perf_counter(), time.process_time()
+    image = generate(1)
+    second, cpu = time.perf_counter(), time.process_time() - cpu
+    np.save(work / f"{name}.npy", np.asarray(image, dtype=np.uint8))
+    return {"load": loaded - started, "first": first - loaded, "image": second - first, "cpu": cpu, "rss": peak_rss()}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes. Not ru_maxrss: Linux carries that across execve, so a child
+    would report the parent's peak; VmHWM belongs to the new address space."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark reads Linux's memory counters)")
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--steps", type=int, default=20, help="dpm++ steps (default 20; LCM uses 4)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per contender (default 1)")
+    parser.add_argument("--cache-steps", type=int, default=3, help="step-cache strength N (default 3)")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one contender in this process
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(run_one(args.only, args.work, args)))
+        return
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="pixart-bench-") as tmp:
+        work = Path(tmp)
+        build(work / "pipeline", args.size)
+        from pixart.openvino import export_openvino
+
+        exports = {}
+        for name, int8 in (("openvino", False), ("openvino-int8", True)):
+            started = time.perf_counter()
+            export_openvino(work / "pipeline", work / name, width=args.size, height=args.size, int8=int8)
+            exports[name] = time.perf_counter() - started
+        results = {}
+        for name in CONTENDERS:
+            cmd = [sys.executable, __file__, "--only", name, "--work", str(work), "--size", str(args.size)]
+            cmd += ["--steps", str(args.steps), "--threads", str(args.threads), "--cache-steps", str(args.cache_steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(name, results[name], file=sys.stderr)
+        eager = np.load(work / "eager.npy")
+        quality = {name: psnr(np.load(work / f"{name}.npy"), eager) for name in CONTENDERS}
+
+    base = results["diffusers"]
+    print(f"\n{args.size}×{args.size} px, {args.steps} dpm++ steps (LCM: 4), guidance 4.5, {args.threads} thread(s)\n")
+    columns = ["contender", "s / image", "CPU s / image", "speed vs diffusers (CPU)", "first image s", "peak RSS GiB"]
+    print("| " + " | ".join(columns + ["RSS vs diffusers", "PSNR vs eager dB"]) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label in CONTENDERS.items():
+        r = results[name]
+        label = label.replace("N", str(args.cache_steps)) if name == "cached" else label
+        q = "identical" if math.isinf(quality[name]) else f"{quality[name]:.1f}"
+        print(
+            f"| {label} | {r['image']:.1f} | {r['cpu']:.1f} | {base['cpu'] / r['cpu']:.2f}× | {r['first']:.1f} | "
+            f"{r['rss'] / 2**30:.2f} | {r['rss'] / base['rss']:.2f}× | {q} |"
+        )
+    print(f"\nOpenVINO export: fp32 {exports['openvino']:.0f} s, INT8 {exports['openvino-int8']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
