@@ -140,6 +140,11 @@ def run(args: argparse.Namespace) -> int:
     for image in images:
         print(save_image(image, args.out))
     log.info("%s", pipe.last_run.summary())
+    if model is None:  # the bundled demo answered: point at the real models
+        from pixart.pipeline import HUB_MODELS
+
+        log.info("this was the small bundled demo model (coloured shapes only, docs/demo.md); for real images "
+                 "pass --model with a released model, e.g. %s", ", ".join(HUB_MODELS))  # fmt: skip
     return 0
 
 
