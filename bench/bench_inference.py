@@ -3,7 +3,8 @@
 Builds a random PixArt-Σ pipeline folder (T5 width 1024 × 12 layers, transformer width 576 × depth 12,
 a small SD-shaped VAE), exports it to OpenVINO (fp32 and INT8 weights), then runs each contender in
 its own subprocess (peak RSS is per process): load, generate one image (for torch.compile this one
-compiles), generate a second image with another seed (the steady time per image, reported). Quality
+compiles), generate a second image with another seed: its wall time and the process's CPU time (less
+disturbed by other load on a shared machine) are the time per image. Quality
 is PSNR of each contender's second image against pixart eager's; the LCM row on these random,
 undistilled weights measures speed only.
 
@@ -178,7 +179,7 @@ def main() -> None:
     for name, label in CONTENDERS.items():
         r = results[name]
         label = label.replace("N", str(args.cache_steps)) if name == "cached" else label
-        q = "identical" if math.isinf(quality[name]) else f"{quality[name]:.1f}"
+        q = "(reference)" if name == "eager" else "identical" if math.isinf(quality[name]) else f"{quality[name]:.1f}"
         print(
             f"| {label} | {r['image']:.1f} | {r['cpu']:.1f} | {base['cpu'] / r['cpu']:.2f}× | {r['first']:.1f} | "
             f"{r['rss'] / 2**30:.2f} | {r['rss'] / base['rss']:.2f}× | {q} |"
