@@ -16,6 +16,7 @@ from tests.tiny import save_pipeline
 
 pytest.importorskip("openvino")
 
+from pixart.cli import main  # noqa: E402
 from pixart.errors import PixArtError  # noqa: E402
 from pixart.openvino import export_openvino, load_openvino_pipeline  # noqa: E402
 from pixart.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
@@ -97,16 +98,21 @@ def test_cli_generate_openvino(sigma, tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len(list(tmp_path.glob("*.png"))) == 1
-    bad = subprocess.run(argv + ["--lora", "x.safetensors"], capture_output=True, text=True)
-    assert bad.returncode == 2
-    assert bad.stderr.strip() == (
-        "error: not with --runtime openvino (it runs the exported folder as is, on CPU): --lora"
+
+
+def test_cli_generate_openvino_refuses_torch_flags(sigma, tmp_path, capsys):
+    argv = ["generate", "a fox", "--runtime", "openvino", "--model", str(sigma[1]), "--out", str(tmp_path)]
+    assert main(argv + ["--lora", "x.safetensors", "--compile"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: not with --runtime openvino (it runs the exported folder as is, on CPU): --lora, --compile"
     )
 
 
-def test_cli_export_bad_model(tmp_path):
-    argv = PIXART + ["export", "openvino", str(tmp_path / "x"), "--model", str(tmp_path / "absent")]
-    done = subprocess.run(argv, capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.strip().startswith(f"error: model {str(tmp_path / 'absent')!r} is neither an existing folder")
+def test_cli_export_bad_model(tmp_path, capsys):
+    assert main(["export", "openvino", str(tmp_path / "x"), "--model", str(tmp_path / "absent")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(f"error: model {str(tmp_path / 'absent')!r} is neither an existing folder")
+    )
     assert not (tmp_path / "x").exists()
