@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import subprocess
 import sys
@@ -101,7 +102,13 @@ def main() -> None:
         return
     if not (args.folder / "model_index.json").is_file():
         print(f"building the benchmark pipeline in {args.folder} …", file=sys.stderr)
-        build(args.folder, args.size)
+        # In a child of its own: Linux carries a process's peak RSS (ru_maxrss) across fork and exec, so
+        # building the models here would set a floor under every contender's measured peak.
+        builder = multiprocessing.get_context("spawn").Process(target=build, args=(args.folder, args.size))
+        builder.start()
+        builder.join()
+        if builder.exitcode:
+            sys.exit(f"building the benchmark pipeline failed (exit code {builder.exitcode})")
 
     results: dict[str, dict] = {}
     for _ in range(args.repeats):
