@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         """Run fn, then record its wall time (and extra results) in WORK/report/<name>.json."""
         started = time.perf_counter()
         result = fn()
-        entry = {"seconds": round(time.perf_counter() - started, 1), "steps": n.get(name, n.get(f"{name}_steps"))}
+        steps = {"vae": n["vae_steps"], "text": n["t5_steps"]}.get(name, n.get(name))
+        entry = {"seconds": round(time.perf_counter() - started, 1), "steps": steps}
         entry.update({k: v(result) for k, v in extra.items()})
         (work / "report" / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
         log.info("%s done in %.0f s: %s", name, entry["seconds"], entry)
