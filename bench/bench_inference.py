@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_generate import build  # the same mid-size random Σ pipeline the generate benchmark uses
+
 PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset, seagulls, dramatic clouds"
 CONTENDERS = {
     "diffusers": "diffusers PixArtSigmaPipeline (dpm++, guidance 4.5)",
@@ -34,36 +36,6 @@ CONTENDERS = {
     "openvino": "pixart --runtime openvino (fp32 IR)",
     "openvino-int8": "pixart --runtime openvino, NNCF INT8 weights",
 }
-
-
-def build(folder: Path, size: int) -> None:
-    """A random Σ pipeline folder of mid-size parts (the same files feed every contender)."""
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=384, d_model=1024, d_kv=64, d_ff=2816, num_layers=12, num_heads=16,
-            feed_forward_proj="gated-gelu", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1,
-        )
-    )  # fmt: skip
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=8, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=12,
-        cross_attention_dim=576, sample_size=size // 8, patch_size=2, caption_channels=1024,
-        interpolation_scale={256: 0.5, 512: 1}.get(size, 1), use_additional_conditions=False,
-    )  # fmt: skip
-    with torch.no_grad():  # random non-zero weights everywhere, so every block changes the output
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 64, 128, 128), layers_per_block=2, latent_channels=4, norm_num_groups=32,
-        scaling_factor=0.13025,
-    )  # fmt: skip
-    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
-    PixArtSigmaPipeline(ByT5Tokenizer(), t5, vae, transformer, scheduler).save_pretrained(folder)
 
 
 def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
