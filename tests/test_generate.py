@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 from PIL import Image
-from tests.tiny import T5_WIDTH, save_pipeline, scheduler, tiny_text_encoder, tiny_vae
+from tests.tiny import save_pipeline, scheduler, tiny_text_encoder, tiny_transformer, tiny_vae
 
 from pixart.cli import main
 from pixart.errors import PixArtError
@@ -38,25 +38,11 @@ def one_thread():
 def binned_pipeline(path: Path, family: str, sample_size: int) -> Path:
     """A tiny pipeline whose transformer has a small bin table (256 px: 32, 512 px: 64), so binning is cheap."""
     tokenizer, text_encoder = tiny_text_encoder()
-    torch.manual_seed(1)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=24,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        cross_attention_dim=48,
-        sample_size=sample_size,
-        patch_size=2,
-        caption_channels=T5_WIDTH,
-        interpolation_scale=1,
-        use_additional_conditions=False,
+    transformer = tiny_transformer(
+        family, seed=1, sample_size=sample_size, interpolation_scale=1, micro_conditions=False
     )
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
     cls = PixArtAlphaPipeline if family == "alpha" else PixArtSigmaPipeline
-    cls(tokenizer, text_encoder, tiny_vae(), transformer.eval(), scheduler()).save_pretrained(path)
+    cls(tokenizer, text_encoder, tiny_vae(), transformer, scheduler()).save_pretrained(path)
     return path
 
 

@@ -58,11 +58,18 @@ def tiny_vae(seed: int = 0, scaling_factor: float = 0.18215) -> AutoencoderKL:
     ).eval()
 
 
-def tiny_transformer(family: str = "alpha", seed: int = 0) -> PixArtTransformer2DModel:
+def tiny_transformer(
+    family: str = "alpha",
+    seed: int = 0,
+    sample_size: int = 128,
+    interpolation_scale: float = 2,
+    micro_conditions: bool | None = None,
+) -> PixArtTransformer2DModel:
     """A 2-layer diffusers PixArt transformer with every weight random and non-zero.
 
     Shaped like the 1024-px releases (sample_size 128, position-embedding scale 2) because diffusers'
-    α pipeline passes micro-conditions only when sample_size == 128; α has them, Σ does not.
+    α pipeline passes micro-conditions only when sample_size == 128; α has them, Σ does not. A smaller
+    sample_size gives a smaller aspect-ratio bin table (32: 256-px bins, 64: 512-px bins).
     """
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(
@@ -72,11 +79,11 @@ def tiny_transformer(family: str = "alpha", seed: int = 0) -> PixArtTransformer2
         out_channels=8,
         num_layers=2,
         cross_attention_dim=48,
-        sample_size=128,
+        sample_size=sample_size,
         patch_size=2,
         caption_channels=T5_WIDTH,
-        interpolation_scale=2,
-        use_additional_conditions=(family == "alpha"),
+        interpolation_scale=interpolation_scale,
+        use_additional_conditions=(family == "alpha") if micro_conditions is None else micro_conditions,
     )
     with torch.no_grad():
         for p in model.parameters():
