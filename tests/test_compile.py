@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from tests.tiny import save_pipeline
 
 from pixart.cli import main
@@ -13,12 +12,7 @@ from pixart.pipeline import GenerationOptions, PixArtPipeline
 OPTIONS = GenerationOptions(seed=5, steps=3, width=64, height=64, binning=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compiled_image_matches_eager(tmp_path):

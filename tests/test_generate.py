@@ -26,13 +26,7 @@ from pixart.sampling import make_scheduler
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine OpenMP spin-waiting makes them ~10× slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def binned_pipeline(path: Path, family: str, sample_size: int) -> Path:

@@ -19,13 +19,7 @@ from pixart.lcm import LCMSettings, ddim_grid, lcm_loss, update_target
 from pixart.train import train
 from pixart.train_config import load_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def numpy_reference(x0, noise, index, weights, text_scale, null_scale, guidance=4.5, c=0.001):

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from tests.tiny import save_pipeline
 
 pytest.importorskip("openvino")
@@ -26,12 +25,7 @@ GUIDED = GenerationOptions(seed=2, steps=4, width=64, height=64, binning=False)
 PIXART = [sys.executable, "-m", "pixart"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pixels(images) -> np.ndarray:

@@ -18,12 +18,7 @@ from pixart.step_cache import StepCache, check_cache_steps
 OPTIONS = GenerationOptions(seed=3, steps=8, width=64, height=64, binning=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,16 @@
+"""Fixtures shared by test files."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one torch thread.
+
+    Tiny models gain nothing from threads, and on a busy machine OpenMP spin-waiting makes them ~10× slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
