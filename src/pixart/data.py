@@ -282,25 +282,27 @@ class ImageDataset:
     """Captioned images from one source, each with its original size read once from its header.
 
     ``skipped`` lists (key, reason) of images found unusable while scanning (unreadable header, no
-    caption, missing file); images that fail later, when decoded, are counted by the loader.
+    caption, missing file); images that fail later, when decoded, are counted by the loader. ``caption``
+    set gives every image that caption (DreamBooth's instance prompt), whatever caption files say.
     """
 
-    def __init__(self, source, name: str):
+    def __init__(self, source, name: str, caption: str | None = None):
         self.source = source
         self.name = name
         self.fingerprint = source.fingerprint()
         self.records: list[Record] = []
         self.skipped: list[tuple[str, str]] = []
-        for key, caption, locator, header in tqdm(source.scan(), desc="reading image sizes", unit="img", leave=False):
-            if caption is None or isinstance(caption, UnreadableImage):
-                self.skipped.append((key, str(caption or "no caption")))
+        for key, found, locator, header in tqdm(source.scan(), desc="reading image sizes", unit="img", leave=False):
+            text = caption if caption is not None else found
+            if text is None or isinstance(text, UnreadableImage):
+                self.skipped.append((key, str(text or "no caption")))
                 continue
             try:
                 height, width = _header_size(header if header is not None else source.read(locator))
             except (OSError, UnreadableImage, ValueError, Image.DecompressionBombError) as err:
                 self.skipped.append((key, _reason(err)))
                 continue
-            self.records.append(Record(key, str(caption), height, width, locator))
+            self.records.append(Record(key, str(text), height, width, locator))
         if self.skipped:
             log.warning("%s: skipped %d unusable images, e.g. %s: %s", name, len(self.skipped), *self.skipped[0])
         if not self.records:
@@ -333,31 +335,37 @@ def open_dataset(
     image_column: str = "image",
     caption_column: str | None = None,
     split: str = "train",
+    caption: str | None = None,
 ) -> ImageDataset:
-    """Open a dataset given as a folder, a .tar shard / folder of shards / glob, a saved or hub ``datasets`` name."""
+    """Open a dataset given as a folder, a .tar shard / folder of shards / glob, a saved or hub ``datasets`` name.
+
+    ``caption``: one caption for every image, so a folder of images without caption files will do.
+    """
     text = str(spec)
     path = Path(text).expanduser()
     if any(ch in text for ch in "*?[") and not path.exists():
         shards = [Path(p) for p in sorted(glob.glob(text)) if p.endswith(".tar")]
         if not shards:
             raise PixArtError(f"no .tar shards match {text!r}")
-        return ImageDataset(TarSource(shards), text)
+        return ImageDataset(TarSource(shards), text, caption)
     if path.is_file():
         if path.suffix != ".tar":
             raise PixArtError(f"dataset file {text!r} is not a .tar shard; expected a folder, .tar shards or a dataset")
-        return ImageDataset(TarSource([path]), text)
+        return ImageDataset(TarSource([path]), text, caption)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            return ImageDataset(HFSource(_load_hf(path, split, saved=True), text, image_column, caption_column), text)
+            return ImageDataset(
+                HFSource(_load_hf(path, split, saved=True), text, image_column, caption_column), text, caption
+            )
         shards = sorted(path.glob("*.tar"))
         if shards:
-            return ImageDataset(TarSource(shards), text)
-        return ImageDataset(FolderSource(path, caption_column), text)
+            return ImageDataset(TarSource(shards), text, caption)
+        return ImageDataset(FolderSource(path, caption_column), text, caption)
     if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", text):
         raise PixArtError(
             f"dataset {text!r} not found: expected an image folder, .tar shards or a Hugging Face dataset name"
         )
-    return ImageDataset(HFSource(_load_hf(text, split, saved=False), text, image_column, caption_column), text)
+    return ImageDataset(HFSource(_load_hf(text, split, saved=False), text, image_column, caption_column), text, caption)
 
 
 def _load_hf(source: str | Path, split: str, saved: bool):

@@ -89,7 +89,8 @@ def open_batches(config: TrainConfig, accelerator: Accelerator):
             expect.update(vae=component_fingerprint(pipeline, "vae"))
         buckets = open_cache(config.data.cache, expect=expect)
     else:
-        dataset = open_dataset(config.data.dataset, caption_column=config.data.caption_column or None)
+        caption = config.dreambooth.instance_prompt or None  # DreamBooth: one caption for every image
+        dataset = open_dataset(config.data.dataset, caption_column=config.data.caption_column or None, caption=caption)
         buckets = ImageBuckets(dataset, config.data.image_size)
     return BatchLoader(
         buckets,
@@ -228,16 +229,29 @@ def train(config: TrainConfig) -> Path:
     accelerator = make_accelerator(config, run_dir)
     device, main, accum = accelerator.device, accelerator.is_main_process, config.optim.grad_accum
     resume_from = find_checkpoint(run_dir, config.run.resume) if config.run.resume else None
+    prior = config.dreambooth.prior  # DreamBooth prior preservation: pixart.dreambooth
+    if prior:
+        from pixart import dreambooth
+
+        dreambooth.class_folder(config)  # refuses a file
     loader = open_batches(config, accelerator)  # validates the dataset before the model loads
     model = load_model(config)
     # LCM distils the loaded model into itself: a frozen copy, taken before any LoRA, is the teacher.
     teacher = copy.deepcopy(model).requires_grad_(False) if config.lcm.enabled else None
+    objective = loss_fn = Objective(config, model, loader, device)
+    if prior and main:  # the class images come from the base model, before any LoRA or training
+        model.eval()
+        # Only this process generates, and every process must keep the same global random state.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            dreambooth.generate_class_images(config, lambda: training_pipeline(config, model, objective, device),
+                                             objective.max_length, show_progress=config.logging.progress)  # fmt: skip
+    if prior:
+        accelerator.wait_for_everyone()
     if config.lora.rank:
         from pixart.lora import add_lora
 
         add_lora(model, config.lora.rank, config.lora.alpha or None, config.lora.targets)
     model.gradient_checkpointing = config.model.gradient_checkpointing
-    objective = loss_fn = Objective(config, model, loader, device)
     if config.lcm.enabled:
         from pixart.lcm import LCMObjective
 
@@ -258,6 +272,12 @@ def train(config: TrainConfig) -> Path:
         step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_index)
     ema = {n: v.to(device) for n, v in ema.items()} if ema is not None else None
+    class_stream = None
+    if prior:  # one class batch per micro-batch: the class position is step × grad_accum, a function of the step
+        classes = dreambooth.open_class_batches(config, accelerator.num_processes, accelerator.process_index,
+                                                loader.batch_size)  # fmt: skip
+        class_stream = batch_stream(classes, *divmod(step * accum, len(classes)))
+        prior_weight = config.dreambooth.prior_loss_weight
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     if main:
@@ -275,10 +295,17 @@ def train(config: TrainConfig) -> Path:
         for micro in range(accum):
             epoch, batch_index, batch = next(stream)
             first = micro * config.data.batch_size + accelerator.process_index * loader.batch_size
-            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
-                loss = loss_fn(model, batch, first, step)
-                accelerator.backward(loss / accum)
+            parts = [(batch, first, 1.0)]
+            if class_stream is not None:
+                parts.append((next(class_stream)[2], dreambooth.CLASS_INDEX + first, prior_weight))
+            loss = 0.0
+            for k, (part_batch, part_first, weight) in enumerate(parts):
+                # Gradients are all-reduced once per optimizer step, in its last backward pass.
+                last = micro == accum - 1 and k == len(parts) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    part = weight * loss_fn(model, part_batch, part_first, step)
+                    accelerator.backward(part / accum)
+                loss = loss + part.detach()
         grad_norm = accelerator.clip_grad_norm_(params, config.optim.grad_clip) if config.optim.grad_clip else None
         optimizer.step()
         lr_schedule.step()
@@ -315,18 +342,14 @@ def render_validation(config, accelerator, model, objective, ema, trainable, ste
     if not config.validation.prompts or not accelerator.is_main_process:
         return
     try:
-        from pixart.pipeline import PixArtPipeline
+        import pixart.pipeline  # noqa: F401 (training_pipeline builds one)
     except ImportError:
         log.warning("validation skipped: pixart.pipeline is not available in this install")
         return
     v, model = config.validation, accelerator.unwrap_model(model)
     if objective.vae is None:  # cached training has no VAE until the first validation
         objective.vae = load_frozen_encoders(config, model, accelerator.device, False, True)[1]
-    scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
-    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-    pipe = PixArtPipeline(
-        objective.text, model, objective.vae, scheduler, device=accelerator.device, dtype=torch.float32
-    )
+    pipe = training_pipeline(config, model, objective, accelerator.device)
     size = v.image_size or config.data.image_size
     model.eval()
     with ema_weights(model, ema, trainable), torch.no_grad():
@@ -338,3 +361,12 @@ def render_validation(config, accelerator, model, objective, ema, trainable, ste
     for i, image in enumerate(images):
         image.save(out / f"step-{step:08d}-{i}.png")
     log.info("validation images of step %d in %s", step, out)
+
+
+def training_pipeline(config: TrainConfig, model, objective: Objective, device):
+    """A PixArtPipeline over the (unwrapped) model and the trainer's T5 and VAE, in fp32."""
+    from pixart.pipeline import PixArtPipeline
+
+    scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    return PixArtPipeline(objective.text, model, objective.vae, scheduler, device=device, dtype=torch.float32)

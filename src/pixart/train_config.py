@@ -234,6 +234,43 @@ class LCMConfig:
 
 
 @dataclass
+class DreamBoothConfig:
+    """DreamBooth (Ruiz et al. 2022, arXiv 2208.12242): one caption for the instance images, and prior
+    preservation: the diffusion loss on class images made by the base model keeps the class from drifting."""
+
+    instance_prompt: str = ""
+    """Caption of every instance image (data.dataset), e.g. 'a photo of sks dog'; the images then need no
+    caption files. Empty: the dataset's own captions."""
+
+    class_prompt: str = ""
+    """Caption of the class images, e.g. 'a photo of dog'. Setting it turns prior preservation on."""
+
+    class_data: str = ""
+    """Folder of class images. Before training, the base model generates the missing ones into it (PNG with a
+    same-name .txt caption) until it holds num_class_images; images already there are used as they are."""
+
+    num_class_images: int = 100
+    """Class images to have (diffusers' default 100)."""
+
+    prior_loss_weight: float = 1.0
+    """Weight of the class batch's loss, added to the instance loss at every micro-step (diffusers' 1.0)."""
+
+    sample_steps: int = 20
+    """Sampler steps per generated class image (the default sampler, DPM-Solver++)."""
+
+    guidance_scale: float = 4.5
+    """Classifier-free guidance of the generated class images."""
+
+    sample_batch_size: int = 4
+    """Class images generated together (diffusers' 4); more is faster on a GPU and needs more memory."""
+
+    @property
+    def prior(self) -> bool:
+        """Whether prior preservation is on."""
+        return bool(self.class_prompt)
+
+
+@dataclass
 class TrainConfig:
     """A whole training run."""
 
@@ -248,6 +285,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     lcm: LCMConfig = field(default_factory=LCMConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,6 +346,7 @@ class TrainConfig:
             raise PixArtError("lora.targets is empty: name the layers to adapt, e.g. to_q,to_k,to_v,to_out.0")
         if self.lcm.enabled:
             self.validate_lcm()
+        self.validate_dreambooth()
 
     def validate_lcm(self) -> None:
         c = self.lcm
@@ -321,6 +360,34 @@ class TrainConfig:
         _in_range("lcm.target_ema", c.target_ema, 0.0, 1.0, high_open=True)
         if not (c.huber_c > 0 and math.isfinite(c.huber_c)):
             raise PixArtError(f"lcm.huber_c={c.huber_c!r}: expected a positive number")
+
+    def validate_dreambooth(self) -> None:
+        b = self.dreambooth
+        if b.class_prompt and not b.class_data:
+            raise PixArtError(
+                "dreambooth.class_prompt needs dreambooth.class_data: the folder of class images "
+                "(missing ones are generated into it)"
+            )
+        if b.class_data and not b.class_prompt:
+            raise PixArtError("dreambooth.class_data needs dreambooth.class_prompt: the caption of the class images")
+        _in_range("dreambooth.prior_loss_weight", b.prior_loss_weight, 0.0, math.inf)
+        _in_range("dreambooth.guidance_scale", b.guidance_scale, 0.0, math.inf)
+        for name, value in [
+            ("dreambooth.num_class_images", b.num_class_images),
+            ("dreambooth.sample_steps", b.sample_steps),
+            ("dreambooth.sample_batch_size", b.sample_batch_size),
+        ]:
+            if value < 1:
+                raise PixArtError(f"{name}={value!r}: expected an integer >= 1")
+        if not (b.instance_prompt or b.prior):
+            return
+        if self.data.cache:
+            raise PixArtError(
+                "dreambooth needs data.dataset, not data.cache: a feature cache holds the images' own captions "
+                "and the class images are encoded during training"
+            )
+        if b.prior and self.lcm.enabled:
+            raise PixArtError("dreambooth.class_prompt (prior preservation) is not supported with lcm.enabled")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
