@@ -140,6 +140,43 @@ def test_two_processes_match_one_process(setup, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+use_cpu: true
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: NO_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+def test_fsdp_config_on_cpus_is_refused_not_run_as_ddp(setup, tmp_path):
+    """FSDP cannot be tested on CPUs: accelerate (1.15) turns FSDP on only for GPU-like devices and runs CPU
+    processes under an FSDP config as DDP (torch's own fully_shard does work on CPU with gloo). So the
+    trainer refuses, and this checks it does, through a real `accelerate launch` with an FSDP config file."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launch += ["--main_process_port", free_port(), "-m", "pixart", "train", "debug"]
+    result = subprocess.run(
+        [*launch, *overrides(setup, tmp_path / "run", "--schedule.max_steps=2", "--data.batch_size=4")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    # Each process prints the one-line error (the lines may interleave) and exits 2; the launcher then fails.
+    message = "error: the accelerate config asks for FSDP, but accelerate shards only on GPUs"
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
+    assert "pixart/train.py" not in result.stderr  # no traceback through our code
+    assert "training" not in result.stderr and not (tmp_path / "run" / "final.safetensors").exists()
+
+
 def test_killed_run_resumes_bit_identically(setup, tmp_path):
     extra = ["--schedule.max_steps=40", "--checkpoint.every=4", "--checkpoint.keep_last=2", "--optim.ema_decay=0.9"]
     extra += ["--schedule.warmup_steps=5", "--schedule.lr_schedule=cosine", "--diffusion.snr_gamma=5"]

@@ -14,6 +14,7 @@ import copy
 import importlib.util
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -67,9 +68,17 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
         if importlib.util.find_spec("wandb") is None:
             raise PixArtError("logging.wandb=true needs wandb: pip install wandb, or set logging.wandb=false")
         trackers.append("wandb")
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu_only, mixed_precision=precision, log_with=trackers or None, project_dir=str(run_dir / "logs")
     )
+    # accelerate ignores an FSDP config on CPUs and runs the processes as DDP; say so instead of doing that.
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+    if fsdp_asked and cpu_only and accelerator.distributed_type != DistributedType.FSDP:
+        raise PixArtError(
+            "the accelerate config asks for FSDP, but accelerate shards only on GPUs and would run these CPU "
+            f"processes as plain DDP ({accelerator.distributed_type.value}): launch without the FSDP config, or on GPUs"
+        )
+    return accelerator
 
 
 def open_batches(config: TrainConfig, accelerator: Accelerator):
