@@ -32,9 +32,10 @@ from pixart.train_config import load_config
 
 log = logging.getLogger("train_demo")
 
-FULL = {"images": 16000, "images_128": 3000, "vae_steps": 800, "t5_steps": 400, "stage1": 400, "stage2": 1000,
-        "stage3": 150}  # fmt: skip
-SMOKE = {"images": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2, "stage3": 2}
+FULL = {"images": 16000, "images_128": 3000, "vae_steps": 2500, "t5_steps": 1500, "stage1": 1000, "stage2": 4000,
+        "stage3": 500, "scratch": 5000}  # fmt: skip
+SMOKE = {"images": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2, "stage3": 2,
+         "scratch": 4}  # fmt: skip
 
 
 def vae_report(vae, folder: Path, limit: int) -> dict:
@@ -60,16 +61,35 @@ def as_128px(source: Path, out: Path) -> Path:
     return save_pixart(moved, out)
 
 
-def stage(recipe: str, work: Path, steps: int, overrides: list[str]) -> Path:
-    """Run one demo-stage recipe with its paths moved under `work`."""
+def stage(recipe: str, work: Path, steps: int, overrides: list[str], cache: Path | None = None) -> Path:
+    """Run one demo-stage recipe with its paths moved under `work`, from a feature cache when given."""
+    if cache is not None and cache.is_dir():
+        overrides = [*overrides, "data.dataset=", f"data.cache={cache}"]
     config = load_config(recipe, [f"schedule.max_steps={steps}", *overrides])
     for section, key in (("run", "output_dir"), ("model", "source"), ("model", "pipeline"), ("data", "dataset")):
-        value = getattr(getattr(config, section), key)
-        setattr(getattr(config, section), key, str(work / Path(value).relative_to("runs/demo")))
+        if value := getattr(getattr(config, section), key):
+            setattr(getattr(config, section), key, str(work / Path(value).relative_to("runs/demo")))
     return train(config)
 
 
-PARTS = ("data", "vae", "text", "base", "stage1", "stage2", "stage3")
+def build_caches(work: Path) -> None:
+    """T5 features and VAE latents of the 64-px set, once per caption column (stage 1 labels, stage 2 text).
+
+    Encoding 16 000 images costs about what 100 training steps do, and every step after it skips the VAE
+    and T5, so the stages run from these caches (`pixart cache`, the same files users make).
+    """
+    from pixart.cache import build_cache
+    from pixart.data import open_dataset
+
+    for column in ("label", "text"):
+        dataset = open_dataset(work / "shapes-64", caption_column=column)
+        build_cache(work / "base", dataset, work / f"cache-64-{column}", resolution=components.IMAGE_SIZE,
+                    max_tokens=components.MAX_TOKENS, batch_size=64, shard_size=1024)  # fmt: skip
+
+
+PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage3")
+EXTRA = ("scratch",)
+"""Not run unless named in --only: the from-scratch control of the efficiency comparison (docs/demo.md)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a handful of steps of everything, on a few images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, of {','.join(PARTS)}")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts to run, of {','.join(PARTS + EXTRA)}")  # fmt: skip
     parser.add_argument("--steps", default="", help="override step counts, e.g. stage1=300,stage2=900,vae_steps=600")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -90,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--steps item {item!r}: expected KEY=N with KEY one of {', '.join(n)}")
         n[key] = int(value)
     parts = [p for p in args.only.split(",") if p]
-    if unknown := sorted(set(parts) - set(PARTS)):
-        parser.error(f"--only: unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
+    if unknown := sorted(set(parts) - set(PARTS + EXTRA)):
+        parser.error(f"--only: unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS + EXTRA)}")
     (work / "report").mkdir(parents=True, exist_ok=True)
     quiet = ["logging.progress=false"] if args.smoke else []
     if args.smoke:
@@ -137,15 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         components.save_base_pipeline(work / "base", ByT5Tokenizer(), t5, vae)
         torch.manual_seed(args.seed)
         save_pixart(PixArtTransformer(components.demo_transformer_config()), work / "init.safetensors")
+    if "cache" in parts:
+        timed("cache", lambda: build_caches(work))
     if "stage1" in parts:
-        timed("stage1", lambda: stage("demo-stage1", work, n["stage1"], quiet))
+        timed("stage1", lambda: stage("demo-stage1", work, n["stage1"], quiet, work / "cache-64-label"))
     if "stage2" in parts:
-        run = timed("stage2", lambda: stage("demo-stage2", work, n["stage2"], quiet))
+        run = timed("stage2", lambda: stage("demo-stage2", work, n["stage2"], quiet, work / "cache-64-text"))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage2", force=True)
     if "stage3" in parts:
         as_128px(work / "stage2" / "final.safetensors", work / "stage2-as-128px.safetensors")
         run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage3", force=True)
+    if "scratch" in parts:
+        run = timed("scratch", lambda: stage("demo-scratch", work, n["scratch"], quiet, work / "cache-64-text"))
+        export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-scratch", force=True)
     report = {p.stem: json.loads(p.read_text()) for p in sorted((work / "report").glob("*.json"))}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(work / "report.json")

@@ -70,11 +70,14 @@ def test_vae_scaling_factor_whitens_latents(smoke):
 
 def test_smoke_run_writes_every_stage(smoke):
     report = json.loads((smoke / "report.json").read_text())
-    assert set(report) == {"data", "vae", "text", "stage1", "stage2", "stage3"}
+    assert set(report) == {"data", "vae", "text", "cache", "stage1", "stage2", "stage3"}
     assert report["vae"]["quality"]["images"] == 8  # the VAE was measured on its check images
     for stage in ("stage1", "stage2", "stage3"):
         state = json.loads(next((smoke / stage / "checkpoints").glob("step-*/state.json")).read_text())
         assert state["step"] == 2
+    for stage, column in (("stage1", "label"), ("stage2", "text")):  # trained from the script's feature caches
+        data = json.loads((smoke / stage / "config.json").read_text())["data"]
+        assert (data["cache"], data["dataset"]) == (str(smoke / f"cache-64-{column}"), "")
     # stage 2 starts from stage 1's weights, and stage 3 from stage 2's re-expressed at 128 px
     from pixart.convert import load_transformer
 

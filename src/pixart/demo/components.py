@@ -177,11 +177,12 @@ def pretrain_text_encoder(tokenizer, model, texts: list[str], steps: int, batch_
     model.train()
     for step in range(steps):
         picked = [texts[i] for i in torch.randint(len(texts), (batch_size,), generator=gen).tolist()]
-        tokens = tokenizer(picked, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        tokens = tokenizer(picked, padding="longest", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
         ids, attention = tokens.input_ids, tokens.attention_mask
         masked = (torch.rand(ids.shape, generator=gen) < mask_rate) & (ids > 2)
         hidden = model(input_ids=ids.masked_fill(masked, mask_id), attention_mask=attention).last_hidden_state
-        logits = hidden[masked] @ model.shared.weight.T
+        # T5's tied head rescales by d_model^-0.5 first; without it the logits start near ±70 nats.
+        logits = hidden[masked] * model.config.d_model**-0.5 @ model.shared.weight.T
         loss = F.cross_entropy(logits, ids[masked])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
