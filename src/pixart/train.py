@@ -259,6 +259,7 @@ def train(config: TrainConfig) -> Path:
     if config.lora.rank:
         from pixart.lora import add_lora
 
+        torch.manual_seed(config.run.seed)  # peft draws lora_A from the global generator: the same adapters every run
         add_lora(model, config.lora.rank, config.lora.alpha or None, config.lora.targets)
     model.gradient_checkpointing = config.model.gradient_checkpointing
     if config.lcm.enabled:
