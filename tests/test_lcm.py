@@ -162,5 +162,3 @@ def test_distillation_steps_lower_the_loss(tiny_run, tmp_path):
 def test_lcm_config_errors():
     with pytest.raises(PixArtError, match=r"lcm.huber_c=0.0: expected a positive number"):
         load_config("lcm", ["--lcm.huber_c=0"])
-    with pytest.raises(PixArtError, match=r"run.resume is not supported with lcm.enabled yet"):
-        load_config("lcm", ["--run.resume=latest"])

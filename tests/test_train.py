@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,25 +178,31 @@ def test_fsdp_config_on_cpus_is_refused_not_run_as_ddp(setup, tmp_path):
     assert "training" not in result.stderr and not (tmp_path / "run" / "final.safetensors").exists()
 
 
-def test_killed_run_resumes_bit_identically(setup, tmp_path):
-    extra = ["--schedule.max_steps=40", "--checkpoint.every=4", "--checkpoint.keep_last=2", "--optim.ema_decay=0.9"]
-    extra += ["--schedule.warmup_steps=5", "--schedule.lr_schedule=cosine", "--diffusion.snr_gamma=5"]
-    killed = tmp_path / "killed"
+def kill_after_first_checkpoint(setup, run_dir: Path, *extra: str) -> list[Path]:
+    """Start `pixart train debug` as a real process, SIGKILL it once a checkpoint is complete; its checkpoints."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pixart", "train", "debug", *overrides(setup, killed, *extra)],
+        [sys.executable, "-m", "pixart", "train", "debug", *overrides(setup, run_dir, *extra)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=ENV,
     )
     try:
         deadline = time.monotonic() + 240
-        while not complete_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
+        while not complete_checkpoints(run_dir) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    found = complete_checkpoints(killed)
-    assert found and not (killed / "final.safetensors").exists(), "the run must die between checkpoints"
+    found = complete_checkpoints(run_dir)
+    assert found and not (run_dir / "final.safetensors").exists(), "the run must die between checkpoints"
+    return found
+
+
+def test_killed_run_resumes_bit_identically(setup, tmp_path):
+    extra = ["--schedule.max_steps=40", "--checkpoint.every=4", "--checkpoint.keep_last=2", "--optim.ema_decay=0.9"]
+    extra += ["--schedule.warmup_steps=5", "--schedule.lr_schedule=cosine", "--diffusion.snr_gamma=5"]
+    killed = tmp_path / "killed"
+    found = kill_after_first_checkpoint(setup, killed, *extra)
     # A checkpoint interrupted while being written leaves a temporary folder; resume must not use it.
     fake = killed / "checkpoints" / ".tmp-step-00000039"
     fake.mkdir(exist_ok=True)
@@ -212,6 +219,38 @@ def test_killed_run_resumes_bit_identically(setup, tmp_path):
     assert [p.name for p in complete_checkpoints(straight)] == ["step-00000036", "step-00000040"]
     assert [p.name for p in complete_checkpoints(killed)] == ["step-00000036", "step-00000040"]
     assert not list((killed / "checkpoints").glob(".tmp-*"))  # the next checkpoint swept the leftovers
+
+
+@pytest.mark.parametrize("adapters", [[], ["--lora.rank=4"]], ids=["full", "lora"])
+def test_killed_lcm_run_resumes_bit_identically(setup, tmp_path, capsys, adapters):
+    """LCM distillation keeps a target network (an EMA of the student) that checkpoints must carry."""
+    pipe = setup[1]
+    extra = [f"--model.source={pipe}", "--model.preset=", "--lcm.enabled=true", "--diffusion.caption_dropout=0"]
+    extra += ["--schedule.max_steps=12", "--checkpoint.every=4", "--optim.ema_decay=0.9", *adapters]
+    killed = tmp_path / "killed"
+    found = kill_after_first_checkpoint(setup, killed, *extra)
+    trained, target = (weights(found[-1] / f"{name}.safetensors") for name in ("trainable", "target"))
+    assert target.keys() == trained.keys()  # only the copies of what trains; the rest is the frozen source
+    assert any(not torch.equal(trained[k], target[k]) for k in trained)  # the target lags the student
+
+    # A checkpoint without the target (an LCM run before targets were saved) is refused, not resumed.
+    old = tmp_path / "old" / found[-1].name
+    shutil.copytree(found[-1], old)
+    (old / "target.safetensors").unlink()
+    capsys.readouterr()
+    code = cli_main(["train", "debug", *overrides(setup, tmp_path / "old", *extra, f"--run.resume={old}")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: checkpoint {old} has no LCM target network (target.safetensors)"), err
+
+    run_in_process(setup, killed, *extra, "--run.resume=latest")
+    straight = run_in_process(setup, tmp_path / "straight", *extra)
+    for name in ("final.safetensors", "final-ema.safetensors"):
+        a, b = weights(straight / name), weights(killed / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = (weights(complete_checkpoints(run)[-1] / "target.safetensors") for run in (straight, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):

@@ -266,6 +266,7 @@ def train(config: TrainConfig) -> Path:
         from pixart.lcm import LCMObjective
 
         loss_fn = LCMObjective(objective, teacher, model, config.lcm)
+    lcm_target = loss_fn.target if config.lcm.enabled else None  # checkpointed: resume must not restart it
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
@@ -278,7 +279,8 @@ def train(config: TrainConfig) -> Path:
         raise PixArtError("optim.ema_decay is not supported with FSDP yet; set --optim.ema_decay=0")
     step, epoch, batch_index = 0, 0, 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, lr_schedule, ema, accelerator.process_index)
+        state = load_checkpoint(resume_from, model, optimizer, lr_schedule, ema, accelerator.process_index,
+                                lcm_target)  # fmt: skip
         step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_index)
     ema = {n: v.to(device) for n, v in ema.items()} if ema is not None else None
@@ -338,7 +340,8 @@ def train(config: TrainConfig) -> Path:
             accelerator.log(metrics, step=step)
         if step == total_steps or (config.checkpoint.every and step % config.checkpoint.every == 0):
             position = {"step": step, "epoch": epoch, "batch": batch_index + 1}
-            save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedule, ema, trainable, config)
+            save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedule, ema, trainable, config,
+                            lcm_target)  # fmt: skip
         if step == total_steps or (config.validation.every and step % config.validation.every == 0):
             render_validation(config, accelerator, model, objective, ema, trainable, step, run_dir)
     bar.close()

@@ -3,8 +3,10 @@
 A checkpoint is a folder ``RUN/checkpoints/step-00001000/`` holding the trained weights
 (``trainable.safetensors``: every parameter that trains, i.e. the whole model or only the LoRA adapters),
 ``ema.safetensors``, ``optimizer.pt``, ``lr_schedule.pt``, one ``rng-<process>.pt`` per process and
-``state.json`` (step, data position, config). It is written under ``.tmp-step-…`` and renamed when
-complete, so a crash mid-write leaves only a temporary folder that resume ignores.
+``state.json`` (step, data position, config); LCM runs add ``target.safetensors``, the target network's
+copies of the trained parameters (its other weights are the frozen loaded model's). It is written under
+``.tmp-step-…`` and renamed when complete, so a crash mid-write leaves only a temporary folder that resume
+ignores.
 """
 
 from __future__ import annotations
@@ -83,8 +85,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedule, ema, trainable, config) -> Path:
-    """Write one checkpoint from every process (each adds its RNG state), then rotate old ones."""
+def save_checkpoint(
+    accelerator, run_dir, position, model, optimizer, lr_schedule, ema, trainable, config, target=None
+) -> Path:
+    """Write one checkpoint from every process (each adds its RNG state), then rotate old ones.
+
+    target: the LCM target network (pixart.lcm), of which only the trained parameters' copies are saved."""
     folder = checkpoints_dir(run_dir)
     final = folder / f"step-{position['step']:08d}"
     tmp = folder / f".tmp-{final.name}"
@@ -102,6 +108,9 @@ def save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedul
         save_file(weights, str(tmp / "trainable.safetensors"))
         if ema is not None:
             save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        if target is not None:
+            target_weights = {k: v.detach().cpu().contiguous() for k, v in target.named_parameters() if k in names}
+            save_file(target_weights, str(tmp / "target.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(lr_schedule.state_dict(), tmp / "lr_schedule.pt")
         state = {**position, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(config)}
@@ -118,11 +127,12 @@ def save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedul
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, lr_schedule, ema, process_index: int) -> dict:
-    """Restore a checkpoint into the (not yet accelerate-prepared) model, optimizer, schedule and EMA."""
+def load_checkpoint(path: Path, model, optimizer, lr_schedule, ema, process_index: int, target=None) -> dict:
+    """Restore a checkpoint into the (not yet accelerate-prepared) model, optimizer, schedule, EMA and LCM target."""
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "trainable.safetensors"))
-    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(weights)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = trained - set(weights)
     if missing:
         raise PixArtError(
             f"checkpoint {path} lacks trained weights such as {sorted(missing)[0]}: another model/LoRA setup"
@@ -137,6 +147,8 @@ def load_checkpoint(path: Path, model, optimizer, lr_schedule, ema, process_inde
         if not (path / "ema.safetensors").is_file():
             raise PixArtError(f"checkpoint {path} has no EMA weights but optim.ema_decay is set")
         ema.update(load_file(str(path / "ema.safetensors")))
+    if target is not None:
+        load_target(path, target, trained)
     rng = path / f"rng-{process_index}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
@@ -144,6 +156,27 @@ def load_checkpoint(path: Path, model, optimizer, lr_schedule, ema, process_inde
         log.warning("%s has no RNG state for process %d (saved with %d processes)", path, process_index,
                     state.get("num_processes", 1))  # fmt: skip
     return state
+
+
+def load_target(path: Path, target, trained: set[str]) -> None:
+    """Put a checkpoint's LCM target copies of the ``trained`` parameters into ``target``; refuse a checkpoint
+    that has none."""
+    file = path / "target.safetensors"
+    if not file.is_file():
+        # Written by a run without lcm.enabled, or by an LCM run before the target was saved: restarting the
+        # target from the student would silently change the distillation, so there is nothing safe to resume.
+        raise PixArtError(
+            f"checkpoint {path} has no LCM target network (target.safetensors): it comes from a run without "
+            "lcm.enabled or from an older LCM run; start the run anew instead of resuming it"
+        )
+    weights = load_file(str(file))
+    missing = trained - set(weights)
+    if missing:
+        raise PixArtError(f"checkpoint {path} lacks target weights such as {sorted(missing)[0]}: another setup")
+    params = dict(target.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
 
 
 @contextlib.contextmanager

@@ -352,8 +352,6 @@ class TrainConfig:
         c = self.lcm
         if not self.model.source:
             raise PixArtError("lcm.enabled needs model.source: the trained model to distil (it is also the teacher)")
-        if self.run.resume:
-            raise PixArtError("run.resume is not supported with lcm.enabled yet (the target network is not saved)")
         if not 1 <= c.ddim_steps <= 1000:
             raise PixArtError(f"lcm.ddim_steps={c.ddim_steps!r}: expected an integer from 1 to 1000")
         _in_range("lcm.guidance", c.guidance, 0.0, math.inf)
