@@ -38,7 +38,7 @@ from pixart import __version__
 from pixart.errors import PixArtError
 from pixart.resolution import check_size, generation_size, resize_and_crop
 from pixart.sampling import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
-from pixart.step_cache import cached_denoiser, compile_seconds
+from pixart.step_cache import cached_denoiser, compile_seconds, runs_every_block
 from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ class PixArtPipeline:
         from pixart.step_cache import check_cache_steps, compile_transformer
 
         device = parse_device(device)
-        check_cache_steps(cache_steps, compiled=compile)
+        check_cache_steps(cache_steps)
         dtype = resolve_dtype(dtype, device)
         check_quantization(t5_quantization, device)
         root = resolve_model(model, need_transformer=transformer is None)
@@ -355,7 +355,7 @@ class PixArtPipeline:
             net = load_transformer(source, device=stage_device, dtype=dtype)
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
-            return compile_transformer(net, device) if compile else net
+            return compile_transformer(net, device, cache_steps) if compile else net
 
         def load_vae() -> torch.nn.Module:
             vae_config = json.loads((root / "vae" / "config.json").read_text())
@@ -470,6 +470,7 @@ class PixArtPipeline:
         for scheduler in schedulers:
             scheduler.set_timesteps(opts.steps)
         total = sum(len(s.timesteps) for s in schedulers)
+        full = [runs_every_block(k, self.cache_steps) for s in schedulers for k in range(len(s.timesteps))]
         step_ends = [time.perf_counter()]  # step durations: the first one of a compiled model includes compiling
 
         def on_step() -> None:
@@ -510,7 +511,7 @@ class PixArtPipeline:
             len(images),
             done,
             peak_memory_bytes(self.device),
-            compile_seconds=compile_seconds(step_ends) if self.compiled else None,
+            compile_seconds=compile_seconds(step_ends, full) if self.compiled else None,
         )
         return images
 

@@ -23,7 +23,7 @@ MAX_CACHE_STEPS = 10
 """Beyond one full step in ten the reused residual is too stale to be useful."""
 
 
-def check_cache_steps(cache_steps: int, compiled: bool = False) -> None:
+def check_cache_steps(cache_steps: int) -> None:
     """Refuse a cache strength no run could use, naming the value and what is accepted."""
     ok = isinstance(cache_steps, int) and not isinstance(cache_steps, bool)
     if not ok or not 0 <= cache_steps <= MAX_CACHE_STEPS:
@@ -31,9 +31,6 @@ def check_cache_steps(cache_steps: int, compiled: bool = False) -> None:
             f"cache steps must be an integer from 0 to {MAX_CACHE_STEPS} (0 or 1: off; N: every block "
             f"runs on one step in N), got {cache_steps!r}"
         )
-    if compiled and cache_steps > 1:
-        # The cache calls the blocks one by one, which would bypass the compiled forward.
-        raise PixArtError("--cache-steps cannot be combined with --compile yet; choose one")
 
 
 def cached_denoiser(model: nn.Module, cache_steps: int) -> nn.Module:
@@ -82,7 +79,7 @@ class StepCache(nn.Module):
         y = m.y_embedder(y.to(x.dtype))  # (B, L, C)
         for block in m.blocks[: self.fresh_blocks]:
             x = block(x, y, t0, mask, (h, w))
-        if self.residual is None or self.calls % self.every == 0:
+        if self.residual is None or runs_every_block(self.calls, self.every):
             deep_in = x
             for block in m.blocks[self.fresh_blocks :]:
                 x = block(x, y, t0, mask, (h, w))
@@ -93,21 +90,39 @@ class StepCache(nn.Module):
         return m.unpatchify(m.final_layer(x, t), h, w)
 
 
-def compile_transformer(model: nn.Module, device: torch.device) -> nn.Module:
-    """The same module with its forward compiled by torch.compile (inductor); compiling happens on the first call."""
+def compile_transformer(model: nn.Module, device: torch.device, cache_steps: int = 0) -> nn.Module:
+    """The same module with torch.compile (inductor) applied in place; compiling happens on the first call.
+
+    Without step caching the whole forward is compiled. With it (cache_steps > 1) the cache calls the
+    blocks one by one and would bypass a compiled forward, so each block is compiled instead: they hold
+    nearly all the work, and blocks of one shape share one compiled graph (PyTorch's "regional compilation").
+    """
     if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
         raise PixArtError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop it")
-    model.compile()  # in place: attributes such as .config and .y_embedder stay reachable
+    if cache_steps > 1:
+        for block in model.blocks:
+            block.compile()
+    else:
+        model.compile()  # in place: attributes such as .config and .y_embedder stay reachable
     return model
 
 
-def compile_seconds(step_ends: list[float]) -> float:
+def runs_every_block(step: int, cache_steps: int) -> bool:
+    """Whether step ``step`` (from 0) of a sampling run runs every block, as :class:`StepCache` schedules it."""
+    return cache_steps <= 1 or step % cache_steps == 0
+
+
+def compile_seconds(step_ends: list[float], full: list[bool] | None = None) -> float:
     """Time the first step took beyond a typical later step: how long torch.compile took.
 
-    ``step_ends`` are perf_counter readings: the start of denoising, then the end of each step.
+    ``step_ends`` are perf_counter readings: the start of denoising, then the end of each step. ``full``
+    marks the steps that ran every block (default: all); the typical step is taken among those, because a
+    step-cached step skips the deep blocks that the first step runs.
     """
     durations = [b - a for a, b in zip(step_ends[:-1], step_ends[1:], strict=True)]
     if not durations:
         return 0.0
-    typical = statistics.median(durations[1:]) if len(durations) > 1 else 0.0
+    full = [True] * len(durations) if full is None else full
+    later = [d for d, f in zip(durations[1:], full[1:], strict=True) if f] or durations[1:]
+    typical = statistics.median(later) if later else 0.0
     return max(0.0, durations[0] - typical)
