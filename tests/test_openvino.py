@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from tests.tiny import save_pipeline
 
-pytest.importorskip("openvino")
+ov = pytest.importorskip("openvino")
 
 from pixart.cli import main  # noqa: E402
-from pixart.errors import PixArtError  # noqa: E402
 from pixart.openvino import export_openvino, load_openvino_pipeline  # noqa: E402
 from pixart.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
 
@@ -79,10 +78,24 @@ def test_int8_alpha_costs_little(tmp_path):
     assert psnr(got, reference) > 40.0
 
 
-def test_other_size_is_refused(sigma):
-    pipe = load_openvino_pipeline(sigma[1], threads=1)
-    with pytest.raises(PixArtError, match=r"samples 64x64-px latents only \(asked 128x64\)"):
-        pipe("a fox", GUIDED.replace(width=128), show_progress=False)
+@pytest.mark.parametrize("family", ["sigma", "alpha"])
+def test_one_export_serves_other_sizes(sigma, tmp_path, family):
+    """Exported at 64x64, the IR generates non-square sizes and another batch size as PyTorch does
+    (α also feeds its size micro-conditions)."""
+    folder, out = sigma
+    if family == "alpha":
+        folder = save_pipeline(tmp_path / "alpha", "alpha")
+        out = export_openvino(folder, tmp_path / "alpha-ov", width=64, height=64)
+    transformer = ov.Core().read_model(out / "transformer.xml")
+    assert [d.is_dynamic for d in transformer.inputs[0].get_partial_shape()] == [True, False, True, True]
+    pipe, reference = load_openvino_pipeline(out, threads=1), PixArtPipeline.from_pretrained(folder, device="cpu")
+    for options in (GUIDED.replace(width=96, height=64), GUIDED.replace(width=64, height=128, batch_size=2)):
+        expected = pixels(reference(PROMPTS, options, show_progress=False))
+        got = pixels(pipe(PROMPTS, options, show_progress=False))
+        assert got.shape == expected.shape == (2, options.height, options.width, 3)
+        # The tolerance of test_openvino_images_match_pytorch.
+        assert np.abs(got - expected).mean() <= 0.05
+        assert np.abs(got - expected).max() <= 2
 
 
 def test_cli_generate_openvino(sigma, tmp_path):

@@ -6,9 +6,11 @@ scheduler folders, and ``pixart_openvino.json`` (model config, latent size, VAE 
 caption). ``load_openvino_pipeline(folder)`` returns a :class:`pixart.pipeline.PixArtPipeline` whose
 components run through OpenVINO, so sampling, guidance, decoding and metadata are the PyTorch path's.
 
-The transformer is exported for one latent size: its 2-D position embedding is computed from the
-size in Python, so tracing fixes it. Batch and caption length stay dynamic. ``int8=True`` compresses
-the weights of T5 and the transformer to INT8 with NNCF (``nncf.compress_weights``); activations stay fp32.
+One IR serves every image size: the transformer is traced at one latent size, but the trace records the
+2-D position embedding and the unpatchify reshapes as operations on the input's shape (torch tensor ops
+on traced sizes), and its inputs are declared with dynamic batch, height, width and caption length, so
+every aspect-ratio bin runs from one export. ``int8=True`` compresses the weights of T5 and the
+transformer to INT8 with NNCF (``nncf.compress_weights``); activations stay fp32.
 """
 
 from __future__ import annotations
@@ -105,8 +107,8 @@ def export_openvino(
 ) -> Path:
     """Convert a pipeline (folder or hub id; ``transformer`` swaps in other weights) to an OpenVINO folder.
 
-    width/height: the image size the transformer is exported for (default: the model's training
-    size); generation from the folder runs at that sampling size only.
+    width/height: the image size the networks are traced at (default: the model's training size); the
+    exported transformer and VAE decoder take any size (multiples of 8 × patch size pixels).
     """
     ov = _require_openvino()
     from diffusers import AutoencoderKL
@@ -152,8 +154,14 @@ def export_openvino(
             ]
             if config.micro_conditions:
                 example += [torch.tensor([[float(height), float(width)]] * 2), torch.tensor([height / width] * 2)]
-            denoiser_ir = ov.convert_model(_Denoiser(net.eval()), example_input=tuple(example))
-            vae_ir = ov.convert_model(_VaeDecoder(vae), example_input=(torch.randn(lat),))
+            # -1: dynamic. Batch, latent height and width, caption length; the channel counts are fixed.
+            shapes = [[-1, config.in_channels, -1, -1], [-1], [-1, -1, config.caption_channels], [-1, -1]]
+            if config.micro_conditions:
+                shapes += [[-1, 2], [-1]]
+            denoiser_ir = ov.convert_model(_Denoiser(net.eval()), example_input=tuple(example), input=shapes)
+            vae_ir = ov.convert_model(
+                _VaeDecoder(vae), example_input=(torch.randn(lat),), input=[[-1, config.in_channels, -1, -1]]
+            )
         if int8:
             import nncf
 
@@ -227,11 +235,11 @@ class OVTextEncoderModel(_OVModule):
 class OVTransformer(_OVModule):
     """The exported transformer, called with the arguments of :meth:`PixArtTransformer.forward`."""
 
-    def __init__(self, core, path: Path, threads: int | None, config: PixArtConfig, size: tuple[int, int], null):
+    def __init__(self, core, path: Path, threads: int | None, config: PixArtConfig, null):
         super().__init__(core, path, threads)
         from pixart.convert import placeholder_y_embedding
 
-        self.config, self.size = config, size
+        self.config = config
         # Read by learned_null_caption, which recognises the placeholder as "no learned null caption".
         self.y_embedder = SimpleNamespace(y_embedding=placeholder_y_embedding(config) if null is None else null)
 
@@ -240,11 +248,6 @@ class OVTransformer(_OVModule):
         return torch.float32
 
     def forward(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None):
-        if tuple(x.shape[-2:]) != self.size:
-            raise PixArtError(
-                f"this OpenVINO export samples {self.size[1] * 8}x{self.size[0] * 8}-px latents only "
-                f"(asked {x.shape[-1] * 8}x{x.shape[-2] * 8}); export again with --width/--height"
-            )
         b = x.shape[0]
         timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(b)
         mask = torch.ones(y.shape[:2], dtype=torch.long) if mask is None else mask
@@ -278,14 +281,12 @@ def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = N
     folder = Path(folder)
     manifest = read_manifest(folder)
     config = PixArtConfig.from_dict(manifest["config"])
-    factor = 2 ** (len(manifest["vae_block_out_channels"]) - 1)
-    size = (manifest["height"] // factor, manifest["width"] // factor)
     null_path = folder / "null_caption.npy"
     null = torch.from_numpy(np.load(null_path)) if null_path.is_file() else None
     core = ov.Core()
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     encoder = TextEncoder(tokenizer, OVTextEncoderModel(core, folder / "text_encoder.xml", threads), device="cpu")
-    transformer = OVTransformer(core, folder / "transformer.xml", threads, config, size, null)
+    transformer = OVTransformer(core, folder / "transformer.xml", threads, config, null)
     vae = OVVaeDecoder(core, folder / "vae_decoder.xml", threads, manifest)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}

@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="OpenVINO IR for CPU inference (pixart generate --runtime openvino)",
         description=(
             "Convert T5, the transformer and the VAE decoder to OpenVINO IR in one self-contained folder "
-            "(with tokenizer and scheduler). The transformer is exported for one image size; "
+            "(with tokenizer and scheduler). One export serves every image size and aspect ratio; "
             "`pixart generate --runtime openvino --model OUT` runs it. Needs pip install -e '.[openvino]'."
         ),
         epilog="example:\n  pixart export openvino pixart-ov --model ./my-pipeline --width 512 --height 512 --int8\n",
@@ -88,8 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     openvino.add_argument("out", metavar="OUT", help="output folder (must be absent or empty unless --force)")
     openvino.add_argument("--model", required=True, metavar="MODEL", help="diffusers PixArt pipeline folder or hub id")
     openvino.add_argument("--transformer", metavar="CKPT", help="other transformer weights (any form convert reads)")
-    openvino.add_argument("--width", type=int, metavar="PX", help="image width to export for (default: the model's)")
-    openvino.add_argument("--height", type=int, metavar="PX", help="image height to export for (default: the model's)")
+    for side in ("width", "height"):  # the IR runs at every size; tracing needs one
+        openvino.add_argument(f"--{side}", type=int, metavar="PX", help=f"{side} to trace at (default: the model's)")
     openvino.add_argument("--max-tokens", type=int, metavar="N", help="T5 tokens per prompt (default: α 120, Σ 300)")
     openvino.add_argument("--int8", action="store_true", help="INT8 weight compression of T5 and transformer (NNCF)")
     openvino.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
