@@ -2,10 +2,12 @@
 
     python scripts/demo_curves.py --workdir runs/demo [--prompts 100]
 
-Scores the EMA weights of every kept checkpoint of three `pixart train` runs with `pixart eval`'s
+Scores the weights of every kept checkpoint of three `pixart train` runs with `pixart eval`'s
 prompts and checker: stage 1 (class labels) followed by stage 2 (full captions), and text-to-image from
 scratch (`--only scratch` of scripts/train_demo.py). Every step of the three is one batch of 32 images at
 64 px, so steps are compute: the staged curve's x is stage-1 steps, then stage-1 total + stage-2 steps.
+It scores the raw weights, not the EMA: an EMA of decay 0.998 still holds 0.998^500 = 37% of the random
+initial weights at step 500, so early EMA checkpoints are noise generators, not earlier models.
 Writes WORKDIR/curves.json (reused on a re-run: only new checkpoints are scored) and an SVG plot.
 """
 
@@ -40,25 +42,26 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted((int(p.name.split("-")[1]), p) for p in found if (p / "state.json").is_file())
 
 
-def ema_model(folder: Path) -> PixArtTransformer:
-    """The demo transformer holding a checkpoint's EMA weights."""
+def checkpoint_model(folder: Path, file: str = "trainable.safetensors") -> PixArtTransformer:
+    """The demo transformer holding a checkpoint's weights (``ema.safetensors``: its EMA weights)."""
     model = PixArtTransformer(components.demo_transformer_config())
-    missing, unexpected = model.load_state_dict(load_file(folder / "ema.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(load_file(folder / file), strict=False)
     if unexpected or set(missing) - {name for name, _ in model.named_buffers()}:
-        raise SystemExit(f"{folder}: EMA weights do not fit the demo transformer ({(missing + unexpected)[:3]} …)")
+        raise SystemExit(f"{folder / file}: weights do not fit the demo transformer ({(missing + unexpected)[:3]} …)")
     return model
 
 
 def score(base: Path, folder: Path, prompts: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        weights = save_pixart(ema_model(folder), Path(tmp) / "ema.safetensors")
+        weights = save_pixart(checkpoint_model(folder), Path(tmp) / "weights.safetensors")
         pipe = PixArtPipeline.from_pretrained(base, transformer=weights, device="cpu")
         return evaluate(pipe, prompts, steps=20, batch_size=32).scores
 
 
-def svg(curves: dict[str, list[dict]], stage1_steps: int, width: int = 760, height: int = 520) -> str:
+def svg(curves: dict[str, list[dict]], stage1_steps: int) -> str:
     """Four small panels (one per target metric), staged vs scratch, the target dashed."""
-    pw, ph, left, top = 330, 190, 60, 40
+    pw, ph, left, top = 320, 190, 60, 40
+    width, height = left + 2 * pw + 80, top + 2 * ph + 110
     xmax = max([p["steps"] for points in curves.values() for p in points] + [1])
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>']  # fmt: skip
@@ -83,6 +86,9 @@ def svg(curves: dict[str, list[dict]], stage1_steps: int, width: int = 760, heig
         for run, points in curves.items():
             line = " ".join(xy(p["steps"], p["scores"].get(key, 0.0)) for p in points)
             out.append(f'<polyline points="{line}" stroke="{COLOURS[run]}" stroke-width="2" fill="none"/>')
+            for p in points:
+                cx, cy = xy(p["steps"], p["scores"].get(key, 0.0)).split(",")
+                out.append(f'<circle cx="{cx}" cy="{cy}" r="3" fill="{COLOURS[run]}"/>')
     legend_y = height - 14
     out.append(f'<text x="{left}" y="{legend_y}"><tspan fill="{COLOURS["staged"]}">━ stage 1 → stage 2</tspan>'
                f'   <tspan fill="{COLOURS["scratch"]}">━ from scratch</tspan>   <tspan fill="#2ca02c">╌ target</tspan>'
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=100, help="held-out prompts per checkpoint (default 100)")
     parser.add_argument("--plot", type=Path, default=Path("docs/demo-curves.svg"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--every", type=int, default=500, help="score checkpoints every N steps of a run (default 500)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -105,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     done = json.loads(store.read_text()) if store.is_file() else {}
     stage1 = checkpoints(work / "stage1")
     stage1_steps = stage1[-1][0] if stage1 else 0
-    plan = {"staged": [(s, p) for s, p in stage1] + [(stage1_steps + s, p) for s, p in checkpoints(work / "stage2")],
-            "scratch": checkpoints(work / "scratch")}  # fmt: skip
+
+    def kept(run: str) -> list[tuple[int, Path]]:
+        return [(s, p) for s, p in checkpoints(work / run) if s % args.every == 0]
+
+    plan = {"staged": kept("stage1") + [(stage1_steps + s, p) for s, p in kept("stage2")], "scratch": kept("scratch")}
     curves: dict[str, list[dict]] = {}
     for run, points in plan.items():
         curves[run] = []

@@ -73,7 +73,8 @@ def stage(recipe: str, work: Path, steps: int, overrides: list[str], cache: Path
 
 
 def build_caches(work: Path) -> None:
-    """T5 features and VAE latents of the 64-px set, once per caption column (stage 1 labels, stage 2 text).
+    """T5 features and VAE latents: the 64-px set once per caption column (stage 1 labels, stage 2 text) and
+    the 128-px multi-aspect set (stage 3).
 
     Encoding 16 000 images costs about what 100 training steps do, and every step after it skips the VAE
     and T5, so the stages run from these caches (`pixart cache`, the same files users make).
@@ -81,9 +82,9 @@ def build_caches(work: Path) -> None:
     from pixart.cache import build_cache
     from pixart.data import open_dataset
 
-    for column in ("label", "text"):
-        dataset = open_dataset(work / "shapes-64", caption_column=column)
-        build_cache(work / "base", dataset, work / f"cache-64-{column}", resolution=components.IMAGE_SIZE,
+    for size, column in ((64, "label"), (64, "text"), (128, "text")):
+        dataset = open_dataset(work / f"shapes-{size}", caption_column=column)
+        build_cache(work / "base", dataset, work / f"cache-{size}-{column}", resolution=size,
                     max_tokens=components.MAX_TOKENS, batch_size=64, shard_size=1024)  # fmt: skip
 
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--only", default=",".join(PARTS),
                         help=f"comma-separated parts to run, of {','.join(PARTS + EXTRA)}")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="continue the named stages from their last checkpoint")
     parser.add_argument("--steps", default="", help="override step counts, e.g. stage1=300,stage2=900,vae_steps=600")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS + EXTRA)}")
     (work / "report").mkdir(parents=True, exist_ok=True)
     quiet = ["logging.progress=false"] if args.smoke else []
+    quiet += ["run.resume=latest"] if args.resume else []
     if args.smoke:
         quiet += ["data.batch_size=4", "validation.prompts=[]", "checkpoint.every=0"]
 
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage2", force=True)
     if "stage3" in parts:
         as_128px(work / "stage2" / "final.safetensors", work / "stage2-as-128px.safetensors")
-        run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet))
+        run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet, work / "cache-128-text"))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage3", force=True)
     if "scratch" in parts:
         run = timed("scratch", lambda: stage("demo-scratch", work, n["scratch"], quiet, work / "cache-64-text"))

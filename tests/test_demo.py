@@ -75,9 +75,9 @@ def test_smoke_run_writes_every_stage(smoke):
     for stage in ("stage1", "stage2", "stage3"):
         state = json.loads(next((smoke / stage / "checkpoints").glob("step-*/state.json")).read_text())
         assert state["step"] == 2
-    for stage, column in (("stage1", "label"), ("stage2", "text")):  # trained from the script's feature caches
-        data = json.loads((smoke / stage / "config.json").read_text())["data"]
-        assert (data["cache"], data["dataset"]) == (str(smoke / f"cache-64-{column}"), "")
+    for stage, cache in (("stage1", "cache-64-label"), ("stage2", "cache-64-text"), ("stage3", "cache-128-text")):
+        data = json.loads((smoke / stage / "config.json").read_text())["data"]  # trained from the script's caches
+        assert (data["cache"], data["dataset"]) == (str(smoke / cache), "")
     # stage 2 starts from stage 1's weights, and stage 3 from stage 2's re-expressed at 128 px
     from pixart.convert import load_transformer
 
