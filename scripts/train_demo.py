@@ -32,8 +32,8 @@ from pixart.train_config import load_config
 
 log = logging.getLogger("train_demo")
 
-FULL = {"images": 16000, "images_128": 3000, "vae_steps": 2500, "t5_steps": 1500, "stage1": 1000, "stage2": 4000,
-        "stage3": 500, "scratch": 5000}  # fmt: skip
+FULL = {"images": 16000, "images_128": 3000, "vae_steps": 2500, "t5_steps": 1500, "stage1": 1000, "stage2": 6000,
+        "stage3": 500, "scratch": 7000}  # fmt: skip
 SMOKE = {"images": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2, "stage3": 2,
          "scratch": 4}  # fmt: skip
 
