@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from pixart.demo import components
 from pixart.demo.checker import check, score
@@ -123,6 +124,13 @@ def test_eval_cli(smoke, tmp_path):
     assert scores["n_single"] + scores["n_pair"] == 4
     assert len(list((tmp_path / "images").glob("*.png"))) == 4
     assert len((tmp_path / "images" / "verdicts.jsonl").read_text().splitlines()) == 4
+
+    cached = run("-m", "pixart", "eval", "--model", str(smoke / "pipeline-stage2"), "--prompts", "4", "--steps", "2",
+                 "--cache-steps", "2", "--json", "--save", str(tmp_path / "cached"))  # fmt: skip
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    # the second of two steps reused the first step's deep blocks, so the pixels changed
+    pixels = [[Image.open(tmp_path / d / f"{i:04d}.png").tobytes() for i in range(4)] for d in ("images", "cached")]
+    assert pixels[0] != pixels[1]
 
     bad = run("-m", "pixart", "eval", "--model", str(smoke / "pipeline-stage2"), "--prompts", "0")
     assert bad.returncode == 2

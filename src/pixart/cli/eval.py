@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   pixart eval                                       # the bundled demo model, 200 prompts
   pixart eval --model runs/demo/pipeline-stage2 --prompts 100 --steps 14 --json
   pixart eval --sampler sa-solver --steps 25 --guidance 3 --save eval-images/
+  pixart eval --cache-steps 3                       # the accuracy cost of step caching
 """
 
 
@@ -35,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale (default 4.5)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="prompt set and first image's seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images denoised together (default 16)")
+    p.add_argument("--cache-steps", type=int, default=0, metavar="N",
+                   help="step caching: deep blocks run on 1 step in N (default 0: off), to measure its accuracy cost")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     p.add_argument("--save", type=Path, metavar="DIR", help="also write the images and their verdicts here")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from pixart.pipeline import PixArtPipeline
 
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
-    pipe = PixArtPipeline.from_pretrained(args.model, device=args.device)
+    pipe = PixArtPipeline.from_pretrained(args.model, device=args.device, cache_steps=args.cache_steps)
     result = evaluate(pipe, args.prompts, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
     if args.save is not None:
         _save(args.save, result)
