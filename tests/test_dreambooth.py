@@ -7,8 +7,6 @@ does not read feature caches) on one thread, as in test_train.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from pixart.errors import PixArtError
 from pixart.pipeline import GenerationOptions, PixArtPipeline
 from pixart.train import train
 from pixart.train_config import load_config
-from test_train import ENV, free_port, setup, weights  # noqa: F401 (setup is a fixture)
+from test_train import setup, torchrun, weights  # noqa: F401 (setup is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,16 +136,9 @@ def test_two_processes_match_one_process_with_prior_preservation(setup, tmp_path
     common = ["--schedule.max_steps=3", "--data.batch_size=4", "--optim.grad_accum=2"]
     one = run(setup, tmp_path / "one", *common, *prior(tmp_path / "classes-one", 3))
     # Two CPU processes (gloo); the main one generates the class images while the other waits.
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     options = [f"--model.pipeline={pipe}", f"--data.dataset={images}", "--data.image_size=256",
                f"--run.output_dir={tmp_path / 'two'}", "--logging.progress=false", "--checkpoint.every=0"]  # fmt: skip
-    result = subprocess.run(
-        [*launch, "-m", "pixart", "train", "debug", *options, *common, *prior(tmp_path / "classes-two", 3)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    result = torchrun("-m", "pixart", "train", "debug", *options, *common, *prior(tmp_path / "classes-two", 3))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
     assert sorted(p.name for p in (tmp_path / "classes-two").iterdir()) == sorted(

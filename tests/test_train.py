@@ -88,6 +88,20 @@ def free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run`` with 2 CPU processes (accelerate joins them with gloo) running args."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    return subprocess.run([*launch, *args], capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def assert_same_finals(straight: Path, resumed: Path) -> None:
+    """final and final-ema of a resumed run are bit-identical to those of an uninterrupted run."""
+    for name in ("final.safetensors", "final-ema.safetensors"):
+        a, b = weights(straight / name), weights(resumed / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def fixed_loss(model: PixArtTransformer, cache: Path) -> float:
     """The training loss over the cached set at fixed timesteps and noise (independent of the trainer)."""
     data = open_cache(cache)
@@ -121,16 +135,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_match_one_process(setup, tmp_path):
     common = ["--schedule.max_steps=3", "--data.batch_size=4", "--optim.grad_accum=2", "--checkpoint.every=0"]
     one = run_in_process(setup, tmp_path / "one", *common)
-    # torchrun starts 2 CPU processes; accelerate reads its environment and joins them with gloo.
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-    launch += ["-m", "pixart", "train", "debug"]
-    result = subprocess.run(
-        [*launch, *overrides(setup, tmp_path / "two", *common)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    result = torchrun("-m", "pixart", "train", "debug", *overrides(setup, tmp_path / "two", *common))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
     a, b = weights(one / "final.safetensors"), weights(tmp_path / "two" / "final.safetensors")
@@ -211,10 +216,7 @@ def test_killed_run_resumes_bit_identically(setup, tmp_path):
 
     run_in_process(setup, killed, *extra, "--run.resume=latest")
     straight = run_in_process(setup, tmp_path / "straight", *extra)
-    for name in ("final.safetensors", "final-ema.safetensors"):
-        a, b = weights(straight / name), weights(killed / name)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_finals(straight, killed)
     # Rotation: only the newest keep_last=2 checkpoints remain.
     assert [p.name for p in complete_checkpoints(straight)] == ["step-00000036", "step-00000040"]
     assert [p.name for p in complete_checkpoints(killed)] == ["step-00000036", "step-00000040"]
@@ -245,10 +247,7 @@ def test_killed_lcm_run_resumes_bit_identically(setup, tmp_path, capsys, adapter
 
     run_in_process(setup, killed, *extra, "--run.resume=latest")
     straight = run_in_process(setup, tmp_path / "straight", *extra)
-    for name in ("final.safetensors", "final-ema.safetensors"):
-        a, b = weights(straight / name), weights(killed / name)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_finals(straight, killed)
     a, b = (weights(complete_checkpoints(run)[-1] / "target.safetensors") for run in (straight, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
