@@ -1,6 +1,6 @@
 """DreamBooth in the trainer on tiny real models: class images, prior loss, instance prompt, config errors, resume.
 
-The tiny pipeline and images come from test_train's ``setup`` fixture; runs train from images (DreamBooth
+The tiny pipeline and images come from the ``setup`` fixture (conftest.py); runs train from images (DreamBooth
 does not read feature caches) on one thread, as in test_train.
 """
 
@@ -20,7 +20,7 @@ from pixart.errors import PixArtError
 from pixart.pipeline import GenerationOptions, PixArtPipeline
 from pixart.train import train
 from pixart.train_config import load_config
-from test_train import setup, torchrun, weights  # noqa: F401 (setup is a fixture)
+from test_train import torchrun, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +28,7 @@ PROMPT = "a photo of sks square"
 CLASS = "a photo of a square"
 
 
-def run(setup, out: Path, *extra: str, dataset: Path | None = None) -> Path:  # noqa: F811
+def run(setup, out: Path, *extra: str, dataset: Path | None = None) -> Path:
     _, pipe, images, _ = setup
     options = [f"--model.pipeline={pipe}", f"--data.dataset={dataset or images}", "--data.image_size=256",
                f"--run.output_dir={out}", "--logging.progress=false", "--checkpoint.every=0", *extra]  # fmt: skip
@@ -44,7 +44,7 @@ def state(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
-def test_missing_class_images_are_generated_by_the_base_model_and_present_ones_kept(setup, tmp_path):  # noqa: F811
+def test_missing_class_images_are_generated_by_the_base_model_and_present_ones_kept(setup, tmp_path):
     pipe = setup[1]
     base = tmp_path / "base.safetensors"  # a non-trivial model (the tiny pipeline's transformer) to fine-tune
     save_pixart(load_transformer(pipe), base)
@@ -83,7 +83,7 @@ def test_missing_class_images_are_generated_by_the_base_model_and_present_ones_k
         assert image.info["seed"] == "2"
 
 
-def test_prior_weight_zero_matches_plain_training_and_weight_one_does_not(setup, tmp_path):  # noqa: F811
+def test_prior_weight_zero_matches_plain_training_and_weight_one_does_not(setup, tmp_path):
     common = ["--schedule.max_steps=3", "--data.batch_size=2", "--optim.grad_accum=2"]
     classes = tmp_path / "classes"
     plain = weights(run(setup, tmp_path / "plain", *common) / "final.safetensors")
@@ -98,7 +98,7 @@ def test_prior_weight_zero_matches_plain_training_and_weight_one_does_not(setup,
     assert any(not torch.allclose(plain[k], one[k], rtol=1e-4, atol=1e-6) for k in plain)
 
 
-def test_instance_prompt_captions_every_image_and_caption_files_are_not_needed(setup, tmp_path):  # noqa: F811
+def test_instance_prompt_captions_every_image_and_caption_files_are_not_needed(setup, tmp_path):
     images = setup[2]
     bare, captioned = tmp_path / "bare", tmp_path / "captioned"
     bare.mkdir()
@@ -119,7 +119,7 @@ def test_instance_prompt_captions_every_image_and_caption_files_are_not_needed(s
     assert any(not torch.allclose(c[k], d[k], rtol=1e-4, atol=1e-6) for k in c)  # captions do matter
 
 
-def test_resume_with_prior_preservation_is_bit_identical(setup, tmp_path):  # noqa: F811
+def test_resume_with_prior_preservation_is_bit_identical(setup, tmp_path):
     # 3 class images in global batches of 2: 2 class batches per pass, so step 3 resumes mid-pass.
     extra = ["--schedule.max_steps=5", "--data.batch_size=2", "--checkpoint.every=3", "--optim.ema_decay=0.9",
              *prior(tmp_path / "classes", 3)]  # fmt: skip
@@ -131,7 +131,7 @@ def test_resume_with_prior_preservation_is_bit_identical(setup, tmp_path):  # no
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_two_processes_match_one_process_with_prior_preservation(setup, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process_with_prior_preservation(setup, tmp_path):
     _, pipe, images, _ = setup
     common = ["--schedule.max_steps=3", "--data.batch_size=4", "--optim.grad_accum=2"]
     one = run(setup, tmp_path / "one", *common, *prior(tmp_path / "classes-one", 3))

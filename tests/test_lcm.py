@@ -7,12 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tests.tiny import save_pipeline
 
-from pixart.cache import build_cache, open_cache
+from pixart.cache import open_cache
 from pixart.convert import load_transformer
-from pixart.data import open_dataset
 from pixart.diffusion import GaussianDiffusion
 from pixart.errors import PixArtError
 from pixart.lcm import LCMSettings, ddim_grid, lcm_loss, update_target
@@ -93,23 +90,6 @@ def test_update_target_is_an_ema_of_trainable_parameters():
     assert torch.equal(target.bias, before_b)  # frozen in the student: not distilled, left alone
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny α pipeline (the teacher) and a feature cache of 8 captioned images."""
-    root = tmp_path_factory.mktemp("lcm")
-    pipe = save_pipeline(root / "pipe", "alpha")
-    images = root / "images"
-    images.mkdir()
-    for i in range(8):
-        pixels = np.full((32, 32, 3), 40 + 25 * i, np.uint8)
-        pixels[8:24, 8:24, i % 3] = 250
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a square of colour {i % 3}, shade {i}")
-    cache = root / "cache"
-    build_cache(pipe, open_dataset(images), cache, resolution=256, max_tokens=16, batch_size=8)
-    return root, pipe, cache
-
-
 def self_consistency(student, teacher, cache: Path) -> float:
     """The LCM loss on the whole cached set at fixed noise and grid points, with the student as its own target."""
     data = open_cache(cache)
@@ -131,8 +111,8 @@ def self_consistency(student, teacher, cache: Path) -> float:
     return losses.mean().item()
 
 
-def test_distillation_steps_lower_the_loss(tiny_run, tmp_path):
-    root, pipe, cache = tiny_run
+def test_distillation_steps_lower_the_loss(setup, tmp_path):
+    _, pipe, _, cache = setup  # the tiny α pipeline (the teacher) and the cache of its 8 images (conftest.py)
     config = load_config(
         "lcm",
         [

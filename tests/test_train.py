@@ -16,17 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from pixart.cache import build_cache, open_cache
+from pixart.cache import open_cache
 from pixart.cli import main as cli_main
 from pixart.config import preset
 from pixart.convert import load_transformer
-from pixart.data import open_dataset
 from pixart.diffusion import GaussianDiffusion
 from pixart.errors import PixArtError
 from pixart.model import PixArtTransformer
@@ -39,25 +36,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUF
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny α pipeline folder, 8 captioned images (two colours × four shades) and their feature cache."""
-    root = tmp_path_factory.mktemp("train")
-    pipe = save_pipeline(root / "pipe", "alpha")
-    images = root / "images"
-    images.mkdir()
-    for i in range(8):
-        colour = "red" if i % 2 else "blue"
-        pixels = np.zeros((32, 32, 3), np.uint8)
-        pixels[..., 0 if colour == "red" else 2] = 120 + 30 * (i // 2)
-        pixels[8:24, 8:24] = 255 - pixels[8:24, 8:24]  # some structure, not a flat field
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a {colour} square, shade {i // 2}")
-    cache = root / "cache"
-    build_cache(pipe, open_dataset(images), cache, resolution=256, max_tokens=16, batch_size=8)
-    return root, pipe, images, cache
 
 
 def overrides(setup, out: Path, *extra: str) -> list[str]:
