@@ -20,19 +20,21 @@ from dataclasses import dataclass
 import torch
 
 from pixart.diffusion import GaussianDiffusion, drop_captions
+from pixart.train_config import LCMConfig
 
 
 @dataclass(frozen=True)
 class LCMSettings:
-    """The distillation's constants (defaults: the official PixArt-LCM recipe)."""
+    """The distillation's constants. Defaults: the official PixArt-LCM recipe, as the trainer's
+    ``[lcm]`` config section (:class:`pixart.train_config.LCMConfig`) holds them."""
 
-    ddim_steps: int = 50
+    ddim_steps: int = LCMConfig.ddim_steps
     """Points on the teacher's DDIM grid; the teacher jumps 1000 / ddim_steps = 20 timesteps."""
-    guidance: float = 4.5
+    guidance: float = LCMConfig.guidance
     """Classifier-free guidance of the teacher's step: uncond + g · (cond − uncond)."""
-    huber_c: float = 0.001
+    huber_c: float = LCMConfig.huber_c
     """Pseudo-Huber constant: sqrt(d² + c²) − c."""
-    target_ema: float = 0.95
+    target_ema: float = LCMConfig.target_ema
     """Decay of the target network's EMA of the student."""
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
