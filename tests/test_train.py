@@ -27,7 +27,8 @@ from pixart.convert import load_transformer
 from pixart.diffusion import GaussianDiffusion
 from pixart.errors import PixArtError
 from pixart.model import PixArtTransformer
-from pixart.train import sample_generator, train
+from pixart.objective import sample_generator
+from pixart.train import train
 from pixart.train_checkpoint import complete_checkpoints, find_checkpoint
 from pixart.train_config import load_config, recipe_names
 from tiny import save_pipeline

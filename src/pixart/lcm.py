@@ -121,7 +121,7 @@ class LCMObjective:
     """The trainer's loss for LCM distillation: the base objective's inputs, the LCM loss, the target's EMA."""
 
     def __init__(self, base, teacher: torch.nn.Module, student: torch.nn.Module, config):
-        """base: pixart.train.Objective (latents, captions, per-sample seeded noise and timesteps);
+        """base: pixart.objective.Objective (latents, captions, per-sample seeded noise and timesteps);
         config: pixart.train_config.LCMConfig. The target network starts as a copy of the student."""
         self.base = base
         self.settings = LCMSettings(

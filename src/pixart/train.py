@@ -18,36 +18,17 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from pixart.diffusion import GaussianDiffusion, drop_captions
 from pixart.errors import PixArtError
+from pixart.objective import Objective, load_frozen_encoders
 from pixart.train_checkpoint import ema_weights, find_checkpoint, load_checkpoint, save_checkpoint, save_final
 from pixart.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
-    """The generator of one sample of one step, the same whichever process draws it."""
-    state = np.random.SeedSequence([seed, step, index]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-
-
-def draw_sample_randomness(seed, step, indices, latent_shape, num_timesteps, dropout):
-    """Per-sample (latent noise, diffusion noise, timestep, caption dropped) for these global indices."""
-    latent_eps, noise, timesteps, drops = [], [], [], []
-    for index in indices:
-        gen = sample_generator(seed, step, index)
-        timesteps.append(torch.randint(0, num_timesteps, (), generator=gen))
-        drops.append(torch.rand((), generator=gen) < dropout)
-        noise.append(torch.randn(latent_shape, generator=gen))
-        latent_eps.append(torch.randn(latent_shape, generator=gen))
-    return torch.stack(latent_eps), torch.stack(noise), torch.stack(timesteps), torch.stack(drops)
 
 
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
@@ -123,32 +104,6 @@ def load_model(config: TrainConfig):
     return PixArtTransformer(preset(config.model.preset))
 
 
-def load_frozen_encoders(config: TrainConfig, model, device, need_text: bool, need_vae: bool):
-    """T5 and the VAE from the pipeline folder, frozen, for uncached training and the T5 null caption."""
-    from diffusers import AutoencoderKL
-
-    from pixart.text import TextEncoder
-
-    source = config.model.pipeline or config.model.source
-    text = vae = None
-    if need_text:
-        # T5-XXL is 19 GB in fp32; bf16 halves it at no cost in feature quality (fp16 overflows in T5).
-        bf16 = config.optim.mixed_precision == "bf16"
-        text = TextEncoder.from_pretrained(source, device=device, dtype=torch.bfloat16 if bf16 else None)
-        if text.width != model.config.caption_channels:
-            raise PixArtError(
-                f"text encoder in {source!r} gives {text.width}-d features but the model reads "
-                f"caption_channels={model.config.caption_channels}"
-            )
-    if need_vae:
-        try:
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device).eval().requires_grad_(False)
-        except OSError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise PixArtError(f"cannot load the VAE from {source!r} (vae/ subfolder): {reason}") from None
-    return text, vae
-
-
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW or CAME over the parameters that train."""
     o = config.optim
@@ -177,59 +132,6 @@ def batch_stream(loader, epoch: int, skip: int):
         for index, batch in enumerate(loader.epoch(epoch, skip=skip), start=skip):
             yield epoch, index, batch
         epoch, skip = epoch + 1, 0
-
-
-class Objective:
-    """The loss of a micro-batch: latents and caption features (cached or encoded now), noise, dropout, loss."""
-
-    def __init__(self, config: TrainConfig, model, loader, device):
-        self.config, self.device = config, device
-        self.diffusion = GaussianDiffusion()
-        self.max_length = model.config.model_max_length
-        cached = bool(config.data.cache)
-        null_kind = config.diffusion.null_caption
-        if null_kind == "auto":
-            null_kind = "embedding" if model.config.family == "alpha" else "t5"
-        need_text = not cached or null_kind == "t5" or bool(config.validation.prompts)
-        self.text, self.vae = load_frozen_encoders(config, model, device, need_text, not cached)
-        if null_kind == "t5":
-            self.null = tuple(x[0] for x in self.text.encode([""], self.max_length))
-        else:
-            features = model.y_embedder.y_embedding.detach().clone().to(device)
-            self.null = (features, torch.ones(len(features), dtype=torch.long, device=device))
-        source = loader.data if cached else self.vae.config
-        self.vae_shift, self.vae_scale = getattr(source, "shift_factor", None) or 0.0, source.scaling_factor
-
-    def __call__(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
-        """Mean loss of a micro-batch whose first sample has index ``first`` in the global batch of ``step``."""
-        x0, noise, t, features, mask, drops = self.inputs(batch, first, step)
-        with torch.no_grad():
-            xt = self.diffusion.q_sample(x0, t, noise)
-            features, mask = drop_captions(features, mask, drops, *self.null)
-        output = model(
-            xt, t, features, mask, batch["resolution"].to(self.device), batch["aspect_ratio"].to(self.device)
-        )
-        return self.diffusion.training_loss(output, x0, xt, t, noise, self.config.diffusion.snr_gamma)["loss"].mean()
-
-    @torch.no_grad()
-    def inputs(self, batch: dict, first: int, step: int):
-        """(x0, noise, timestep, caption features, mask, caption dropped) of a micro-batch, seeded per sample."""
-        device, cfg = self.device, self.config
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
-        else:
-            posterior = self.vae.encode(batch["image"].to(device).float()).latent_dist
-            mean, std = posterior.mean, posterior.std
-        if "text_features" in batch:
-            features, mask = batch["text_features"].to(device).float(), batch["text_mask"].to(device)
-        else:
-            features, mask = self.text.encode(batch["caption"], self.max_length)
-            features = features.float()
-        draws = draw_sample_randomness(cfg.run.seed, step, range(first, first + len(mean)), mean.shape[1:],
-                                       self.diffusion.num_timesteps, cfg.diffusion.caption_dropout)  # fmt: skip
-        latent_eps, noise, t = (x.to(device) for x in draws[:3])
-        x0 = (mean + std * latent_eps - self.vae_shift) * self.vae_scale  # a sample of the VAE posterior
-        return x0, noise, t, features, mask, draws[3]
 
 
 def train(config: TrainConfig) -> Path:
