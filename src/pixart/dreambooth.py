@@ -5,8 +5,8 @@ the *base* model generates from ``class_prompt``: ``class-K.png`` from seed ``ru
 ``class-K.txt`` holding the prompt. Images already there are kept. During training every micro-batch of
 instance images is followed by a class batch of the same size whose loss, times ``prior_loss_weight``,
 joins the instance loss. Which class batch comes at a step is a pure function of (seed, step) and its
-per-sample noise comes from ``pixart.objective.sample_generator(seed, step, CLASS_INDEX + i)``, so without saving any state a
-resumed run stays bit-identical and 1 or N processes train the same weights.
+per-sample noise comes from ``pixart.objective.sample_generator(seed, step, CLASS_INDEX + i)``, so without
+saving any state a resumed run stays bit-identical and 1 or N processes train the same weights.
 """
 
 from __future__ import annotations

@@ -297,6 +297,17 @@ class PixArtTransformer(nn.Module):
         (both only for models with micro-conditions).
         Returns (B, out_channels, H, W).
         """
+        x, y, mask, t, t0, hw = self.embed(x, timestep, y, mask, resolution, aspect_ratio)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, t0, mask, hw, use_reentrant=False)
+            else:
+                x = block(x, y, t0, mask, hw)
+        return self.head(x, t, hw)
+
+    def embed(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None):
+        """What the blocks take, from :meth:`forward`'s inputs: (image tokens (B, h*w, C), caption tokens
+        (B, L', C) trimmed of unused padding, SDPA key mask or None, t (B, C), t0 (B, 6C), (h, w))."""
         b, _, height, width = x.shape
         p = self.config.patch_size
         h, w = height // p, width // p
@@ -307,13 +318,11 @@ class PixArtTransformer(nn.Module):
         t0 = self.t_block(t)  # (B, 6C)
         y, mask = text_attention_mask(y, mask)
         y = self.y_embedder(y.to(x.dtype))  # (B, L, C)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, t0, mask, (h, w), use_reentrant=False)
-            else:
-                x = block(x, y, t0, mask, (h, w))
-        x = self.final_layer(x, t)  # (B, h*w, p*p*out)
-        return self.unpatchify(x, h, w)
+        return x, y, mask, t, t0, (h, w)
+
+    def head(self, x: torch.Tensor, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """The last block's tokens → (B, out_channels, H, W)."""
+        return self.unpatchify(self.final_layer(x, t), *hw)  # final layer: (B, h*w, p*p*out)
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w, p*p*C) → (B, C, h*p, w*p)."""

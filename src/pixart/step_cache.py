@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pixart.errors import PixArtError
-from pixart.model import PixArtTransformer, text_attention_mask
+from pixart.model import PixArtTransformer
 
 MAX_CACHE_STEPS = 10
 """Beyond one full step in ten the reused residual is too stale to be useful."""
@@ -67,27 +67,18 @@ class StepCache(nn.Module):
     def forward(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None) -> torch.Tensor:
         """Same inputs and output as :meth:`PixArtTransformer.forward`."""
         m = self.model
-        b, _, height, width = x.shape
-        p = m.config.patch_size
-        h, w = height // p, width // p
-        x = x.to(m.dtype)
-        x = m.x_embedder(x) + m.pos_embed(h, w, x.device).to(x.dtype)  # (B, h*w, C)
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
-        t = m.embed_timestep(timestep, resolution, aspect_ratio).to(x.dtype)  # (B, C)
-        t0 = m.t_block(t)  # (B, 6C)
-        y, mask = text_attention_mask(y, mask)
-        y = m.y_embedder(y.to(x.dtype))  # (B, L, C)
+        x, y, mask, t, t0, hw = m.embed(x, timestep, y, mask, resolution, aspect_ratio)
         for block in m.blocks[: self.fresh_blocks]:
-            x = block(x, y, t0, mask, (h, w))
+            x = block(x, y, t0, mask, hw)
         if self.residual is None or runs_every_block(self.calls, self.every):
             deep_in = x
             for block in m.blocks[self.fresh_blocks :]:
-                x = block(x, y, t0, mask, (h, w))
+                x = block(x, y, t0, mask, hw)
             self.residual = x - deep_in
         else:
             x = x + self.residual
         self.calls += 1
-        return m.unpatchify(m.final_layer(x, t), h, w)
+        return m.head(x, t, hw)
 
 
 def compile_transformer(model: nn.Module, device: torch.device, cache_steps: int = 0) -> nn.Module:
