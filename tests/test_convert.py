@@ -168,6 +168,18 @@ def test_image_size_is_read_from_the_file_name(tmp_path, name, sample_size, pe_s
     assert (config.sample_size, config.pe_scale) == (sample_size, pe_scale)
 
 
+def test_image_size_is_read_from_the_official_pos_embed_before_the_name(tmp_path, caplog):
+    # A fine-tune saved under any name still carries its training grid in pos_embed.
+    model = perturbed(ALPHA_1024_MS.replace(sample_size=64, pe_scale=1.0))  # the 512 px layout
+    save_official(model, tmp_path / "PixArt-XL-2-1024-MS-finetune.pth")
+    with caplog.at_level("INFO", logger="pixart.convert"):
+        loaded = load_transformer(tmp_path / "PixArt-XL-2-1024-MS-finetune.pth")
+    assert (loaded.config.sample_size, loaded.config.pe_scale) == (64, 1.0)
+    assert "a 512 px model (its pos_embed grid)" in caplog.text
+    assert_same_tensors(model, loaded)
+    assert load_transformer(tmp_path / "PixArt-XL-2-1024-MS-finetune.pth", image_size=1024).config.sample_size == 128
+
+
 RELEASED_FILES = {
     "alpha-256": "PixArt-XL-2-256x256.pth",
     "alpha-512": "PixArt-XL-2-512x512.pth",

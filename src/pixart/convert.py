@@ -311,6 +311,14 @@ def _image_size_from_name(name: str) -> int | None:
     return int(found[0]) if found else None
 
 
+def _image_size_from_pos_embed(pos_embed: torch.Tensor | None, patch: int) -> int | None:
+    # The official code stores the training grid's embedding: (1, (image_size / 8 / patch)², width).
+    if pos_embed is None or pos_embed.ndim != 3:
+        return None
+    side = round(pos_embed.shape[1] ** 0.5)
+    return side * patch * 8 if side * side == pos_embed.shape[1] else None
+
+
 def config_from_state_dict(
     state_dict: dict[str, torch.Tensor],
     *,
@@ -321,7 +329,8 @@ def config_from_state_dict(
 ) -> PixArtConfig:
     """Infer the config of an official-named state dict; the arguments supply what the weights cannot tell.
 
-    image_size defaults to a size in ``name`` (a file name such as PixArt-XL-2-512x512.pth), else 1024;
+    image_size defaults to what the official ``pos_embed`` buffer's grid says, else a size in ``name`` (a
+    file name such as PixArt-XL-2-512x512.pth), else 1024;
     family to the null caption length (120 α, 300 Σ); num_heads to width / 72 as in every release.
     """
     if "adaln_single.linear.weight" in state_dict:
@@ -348,6 +357,10 @@ def config_from_state_dict(
                 f"cannot tell whether {name or 'the checkpoint'} is PixArt-α or Σ; pass family (--family)"
             )
         log.info("%s: assuming PixArt-%s from its weights", name or "checkpoint", "α" if family == "alpha" else "Σ")
+    if image_size is None:
+        image_size = _image_size_from_pos_embed(state_dict.get("pos_embed"), patch)
+        if image_size is not None:
+            log.info("%s: a %d px model (its pos_embed grid)", name or "checkpoint", image_size)
     if image_size is None:
         image_size = _image_size_from_name(name) or 1024
         log.info("%s: assuming %d px (pass image_size / --image-size if wrong)", name or "checkpoint", image_size)
@@ -435,7 +448,11 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
         data = data["state_dict"]  # training checkpoints also hold the optimizer, EMA, epoch…
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise PixArtError(f"{path} is not a PixArt checkpoint: expected a dict of tensors or {{'state_dict': …}}")
-    return {k: v for k, v in data.items() if k not in _POS_EMBED_KEYS}
+    return data
+
+
+def _without_pos_embed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state_dict.items() if k not in _POS_EMBED_KEYS}  # recomputed for every size
 
 
 def _read_official(path: Path, config: PixArtConfig | None, **hints: Any) -> tuple[dict, PixArtConfig]:
@@ -443,7 +460,7 @@ def _read_official(path: Path, config: PixArtConfig | None, **hints: Any) -> tup
     state_dict = _read_pth(path)
     if config is None:
         config = config_from_state_dict(state_dict, name=path.name, **hints)
-    return state_dict, config
+    return _without_pos_embed(state_dict), config
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -470,8 +487,8 @@ def _read_pixart(path: Path, config: PixArtConfig | None, **hints: Any) -> tuple
     if metadata.get("format") != PIXART_FORMAT:
         # Official weights re-saved as safetensors carry no config; infer it as for a .pth.
         log.info("loading official-named weights %s (%s)", path, _size(path))
-        state_dict = {k: v for k, v in state_dict.items() if k not in _POS_EMBED_KEYS}
-        return state_dict, config or config_from_state_dict(state_dict, name=path.name, **hints)
+        config = config or config_from_state_dict(state_dict, name=path.name, **hints)
+        return _without_pos_embed(state_dict), config
     log.info("loading %s (%s)", path, _size(path))
     try:
         stated = PixArtConfig.from_dict(json.loads(metadata["config"]))
