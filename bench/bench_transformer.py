@@ -6,8 +6,9 @@ machine load affects both alike. Also times PixArt-Σ with KV token compression 
 On CPU it counts the process's CPU seconds with one torch thread by default: on a shared machine wall time
 swings with other jobs, while single-thread CPU time measures the work each model does.
 
-    python bench/bench_transformer.py                 # full table (≈15 min on a 2-core CPU)
+    python bench/bench_transformer.py                 # all tables (≈45 CPU minutes)
     python bench/bench_transformer.py --quick         # smaller model, for a smoke run
+    python bench/bench_transformer.py --tables kv-blocks --kv-tokens 4096,16384   # one table
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from diffusers import PixArtTransformer2DModel
 from pixart import PixArtTransformer, preset
 from pixart.config import sigma_kv_compress
 from pixart.convert import diffusers_config, to_diffusers_state_dict
+from pixart.model import PixArtBlock
 
 
 def timed(fn, repeats: int, clock=time.perf_counter) -> list[float]:
@@ -95,6 +97,42 @@ def compare_kv_compression(cfg, batch, tokens, repeats, device, clock) -> dict:
     return {"off": a, "on": b, "speedup": a / b}
 
 
+def compare_kv_block(cfg, batch, tokens, repeats, device, clock, factor: int = 2) -> dict:
+    """One transformer block with and without KV compression on the same weights and inputs.
+
+    Every block of a model does the same work, so a model compressing k of its D blocks takes
+    (D − k)·off + k·on (plus embedding and final layer, < 1 % at these sizes): the per-block times
+    give the whole-model speed-up of any layer choice, at token counts where timing all 28 blocks
+    would take hours on a CPU.
+    """
+    plain = PixArtBlock(cfg).to(device).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    compressed = PixArtBlock(cfg, kv_factor=factor).to(device).eval()
+    compressed.load_state_dict(plain.state_dict(), strict=False)  # same weights; sr/norm keep their init
+    side = int(tokens**0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, tokens, cfg.hidden_size, generator=g).to(device)
+    y = torch.randn(batch, 24, cfg.hidden_size, generator=g).to(device)  # caption tokens after trimming
+    t0 = (torch.randn(batch, 6 * cfg.hidden_size, generator=g) * 0.1).to(device)
+    with torch.inference_mode():
+        plain(x, y, t0, None, (side, side))
+        compressed(x, y, t0, None, (side, side))
+        off, on = [], []
+        for _ in range(repeats):
+            off += timed(lambda: plain(x, y, t0, None, (side, side)), 1, clock)
+            on += timed(lambda: compressed(x, y, t0, None, (side, side)), 1, clock)
+    a, b = statistics.median(off), statistics.median(on)
+    depth = cfg.depth
+    paper = len(sigma_kv_compress(depth))
+    return {"off": a, "on": b, "paper": depth * a / ((depth - paper) * a + paper * b), "all": a / b}
+
+
+TABLES = ("diffusers", "kv-blocks", "kv-model")
+"""ours against diffusers; Σ KV compression per block at several token counts; the whole Σ model at 4096."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -102,8 +140,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     parser.add_argument("--wall", action="store_true", help="time wall-clock seconds instead of CPU seconds")
-    parser.add_argument("--no-kv", action="store_true", help="skip the Σ KV-compression table (≈20 CPU minutes)")
+    parser.add_argument("--no-kv", action="store_true", help="only the diffusers table (KV tables: ≈30 CPU min)")
     parser.add_argument("--quick", action="store_true", help="depth 4 instead of 28: a smoke run, not the table")
+    parser.add_argument(
+        "--tables",
+        default=",".join(TABLES),
+        help=f"which tables, comma-separated, of {','.join(TABLES)} (default all; --no-kv leaves only diffusers)",
+    )
+    parser.add_argument(
+        "--kv-tokens", default="1024,4096,16384", help="image token counts of the per-block KV table (square grids)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu_clock = args.device == "cpu" and not args.wall
@@ -113,32 +159,46 @@ def main() -> None:
     alpha, sigma = preset("alpha-1024-ms"), preset("sigma-1024-ms")
     if args.quick:
         alpha, sigma = alpha.replace(depth=4), sigma.replace(depth=4)
+    tables = ["diffusers"] if args.no_kv else [t for t in args.tables.split(",") if t]
+    if unknown := sorted(set(tables) - set(TABLES)):
+        parser.error(f"--tables: unknown {', '.join(unknown)}; choose from {', '.join(TABLES)}")
     n = sum(p.numel() for p in PixArtTransformer(alpha).parameters())
     print(
         f"PixArt transformer forward, {args.device}, fp32, batch {args.batch}, depth {alpha.depth}, "
         f"{n / 1e6:.0f} M parameters, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats}, {'process CPU' if cpu_clock else 'wall-clock'} time"
     )
-    print(
-        f"\n| image tokens | caption tokens used / padded | ours ({unit}) | diffusers ({unit}) "
-        "| ours / diffusers | max abs diff |"
-    )
-    print("|---|---|---|---|---|---|")
-    for tokens, text in ((256, 120), (256, 24), (1024, 120), (1024, 24)):
-        r = compare_with_diffusers(alpha, args.batch, tokens, text, args.repeats, args.device, clock)
+    if "diffusers" in tables:
         print(
-            f"| {tokens} | {text} / 120 | {r['ours']:.2f} | {r['diffusers']:.2f} | {r['ratio']:.2f} "
-            f"| {r['max_abs_diff']:.1e} |",
-            flush=True,
+            f"\n| image tokens | caption tokens used / padded | ours ({unit}) | diffusers ({unit}) "
+            "| ours / diffusers | max abs diff |"
         )
-    if args.no_kv:
-        return
-    print(
-        f"\n| PixArt-Σ, image tokens | KV compression off ({unit}) | on: layers 14–27, factor 2 ({unit}) | speed-up |"
-    )
-    print("|---|---|---|---|")
-    r = compare_kv_compression(sigma, args.batch, 4096, max(1, args.repeats - 1), args.device, clock)
-    print(f"| 4096 | {r['off']:.2f} | {r['on']:.2f} | {r['speedup']:.2f}× |")
+        print("|---|---|---|---|---|---|")
+        for tokens, text in ((256, 120), (256, 24), (1024, 120), (1024, 24)):
+            r = compare_with_diffusers(alpha, args.batch, tokens, text, args.repeats, args.device, clock)
+            print(
+                f"| {tokens} | {text} / 120 | {r['ours']:.2f} | {r['diffusers']:.2f} | {r['ratio']:.2f} "
+                f"| {r['max_abs_diff']:.1e} |",
+                flush=True,
+            )
+    if "kv-blocks" in tables:
+        print(
+            f"\n| PixArt-Σ block, image tokens | KV compression off ({unit}) | factor 2 ({unit}) "
+            f"| model, layers {sigma.depth // 2}–{sigma.depth - 1} compressed (the paper's) "
+            f"| model, all {sigma.depth} layers |"
+        )
+        print("|---|---|---|---|---|")
+        for tokens in (int(v) for v in args.kv_tokens.split(",")):
+            r = compare_kv_block(sigma, args.batch, tokens, args.repeats, args.device, clock)
+            print(f"| {tokens} | {r['off']:.2f} | {r['on']:.2f} | {r['paper']:.2f}× | {r['all']:.2f}× |", flush=True)
+    if "kv-model" in tables:
+        print(
+            f"\n| PixArt-Σ, image tokens | KV compression off ({unit}) | on: layers 14–27, factor 2 ({unit}) "
+            "| speed-up |"
+        )
+        print("|---|---|---|---|")
+        r = compare_kv_compression(sigma, args.batch, 4096, max(1, args.repeats - 1), args.device, clock)
+        print(f"| 4096 | {r['off']:.2f} | {r['on']:.2f} | {r['speedup']:.2f}× |")
 
 
 if __name__ == "__main__":
