@@ -2,10 +2,11 @@
 
     python scripts/demo_curves.py --workdir runs/demo [--prompts 100]
 
-Scores the weights of every kept checkpoint of three `pixart train` runs with `pixart eval`'s
-prompts and checker: stage 1 (class labels) followed by stage 2 (full captions), and text-to-image from
-scratch (`--only scratch` of scripts/train_demo.py). Every step of the three is one batch of 32 images at
-64 px, so steps are compute: the staged curve's x is stage-1 steps, then stage-1 total + stage-2 steps.
+Scores the weights of every kept checkpoint of the `pixart train` runs with `pixart eval`'s prompts and
+checker: stage 1 (class labels) followed by stage 2 (full captions) and its second phase (stage2b: min-SNR
+weighting, cosine decay), and text-to-image from scratch (`--only scratch` of scripts/train_demo.py).
+Every step is one batch of 32 images at 64 px, so steps are compute: the staged curve's x is stage-1
+steps, then stage-1 total + stage-2 steps, then both totals + stage-2b steps.
 It scores the raw weights, not the EMA: an EMA of decay 0.998 still holds 0.998^500 = 37% of the random
 initial weights at step 500, so early EMA checkpoints are noise generators, not earlier models.
 Writes WORKDIR/curves.json (reused on a re-run: only new checkpoints are scored) and an SVG plot.
@@ -58,7 +59,7 @@ def score(base: Path, folder: Path, prompts: int) -> dict[str, float]:
         return evaluate(pipe, prompts, steps=20, batch_size=32).scores
 
 
-def svg(curves: dict[str, list[dict]], stage1_steps: int) -> str:
+def svg(curves: dict[str, list[dict]], boundaries: list[int]) -> str:
     """Four small panels (one per target metric), staged vs scratch, the target dashed."""
     pw, ph, left, top = 320, 190, 60, 40
     width, height = left + 2 * pw + 80, top + 2 * ph + 110
@@ -77,9 +78,10 @@ def svg(curves: dict[str, list[dict]], stage1_steps: int) -> str:
             out.append(f'<text x="{x0 - 8}" y="{y0 + ph * (1 - v / 100) + 4:.0f}" text-anchor="end">{v}%</text>')
         for s in (0, xmax // 2, xmax):
             out.append(f'<text x="{x0 + pw * s / xmax:.0f}" y="{y0 + ph + 16}" text-anchor="middle">{s}</text>')
-        x_stage = x0 + pw * stage1_steps / xmax
-        out.append(f'<line x1="{x_stage:.1f}" y1="{y0}" x2="{x_stage:.1f}" y2="{y0 + ph}" stroke="#bbb" '
-                   f'stroke-dasharray="2,3"/>')  # fmt: skip
+        for boundary in boundaries:
+            x_stage = x0 + pw * boundary / xmax
+            out.append(f'<line x1="{x_stage:.1f}" y1="{y0}" x2="{x_stage:.1f}" y2="{y0 + ph}" stroke="#bbb" '
+                       f'stroke-dasharray="2,3"/>')  # fmt: skip
         target = TARGETS[key]
         out.append(f'<polyline points="{xy(0, target)} {xy(xmax, target)}" stroke="#2ca02c" stroke-dasharray="6,4" '
                    f'fill="none"/>')  # fmt: skip
@@ -92,7 +94,7 @@ def svg(curves: dict[str, list[dict]], stage1_steps: int) -> str:
     legend_y = height - 14
     out.append(f'<text x="{left}" y="{legend_y}"><tspan fill="{COLOURS["staged"]}">━ stage 1 → stage 2</tspan>'
                f'   <tspan fill="{COLOURS["scratch"]}">━ from scratch</tspan>   <tspan fill="#2ca02c">╌ target</tspan>'
-               f'   x: training steps (batch 32, 64 px); grey: end of stage 1</text>')  # fmt: skip
+               f'   x: training steps (batch 32, 64 px); grey: ends of stage 1 and stage 2</text>')  # fmt: skip
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -116,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     def kept(run: str) -> list[tuple[int, Path]]:
         return [(s, p) for s, p in checkpoints(work / run) if s % args.every == 0]
 
-    plan = {"staged": kept("stage1") + [(stage1_steps + s, p) for s, p in kept("stage2")], "scratch": kept("scratch")}
+    stage2 = checkpoints(work / "stage2")
+    stage2_steps = stage2[-1][0] if stage2 else 0
+    staged = kept("stage1") + [(stage1_steps + s, p) for s, p in kept("stage2")]
+    staged += [(stage1_steps + stage2_steps + s, p) for s, p in kept("stage2b")]  # stage 2's second phase
+    plan = {"staged": staged, "scratch": kept("scratch")}
     curves: dict[str, list[dict]] = {}
     for run, points in plan.items():
         curves[run] = []
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s %s: %s", run, key, {k: round(done[key]["scores"][k], 1) for k in METRICS})
             curves[run].append({"steps": steps, "checkpoint": key, "scores": done[key]["scores"]})
     (work / "curves-table.json").write_text(json.dumps(curves, indent=2) + "\n")
-    args.plot.write_text(svg(curves, stage1_steps))
+    args.plot.write_text(svg(curves, [stage1_steps, stage1_steps + stage2_steps]))
     for run, points in curves.items():
         print(f"\n{run}: steps  " + "  ".join(f"{m:>15}" for m in METRICS))
         for p in points:

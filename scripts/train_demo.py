@@ -6,8 +6,9 @@
 
 Writes under --workdir (default runs/demo, the paths the demo-stage*.toml recipes name):
 shapes-64/ and shapes-128/ (the procedural data), base/ (VAE, T5, tokenizer, scheduler), init.safetensors,
-stage1/, stage2/, stage2-as-128px.safetensors, stage3/ (runs of `pixart train`), pipeline-stage{2,3}/
-(exported diffusers pipelines) and report.json (VAE quality, wall times). Evaluate a pipeline with
+stage1/, stage2/, stage2b/ (stage 2's second phase), stage2-as-128px.safetensors, stage3/ (runs of
+`pixart train`), pipeline-stage{2,3}/ (exported diffusers pipelines; pipeline-stage2 holds stage2b's EMA
+weights) and report.json (VAE quality, wall times). Evaluate a pipeline with
 `pixart eval --model WORKDIR/pipeline-stage2`; docs/demo.md records the numbers of the bundled one.
 """
 
@@ -33,9 +34,9 @@ from pixart.train_config import load_config
 log = logging.getLogger("train_demo")
 
 FULL = {"images": 16000, "images_128": 3000, "vae_steps": 2500, "t5_steps": 1500, "stage1": 1000, "stage2": 6000,
-        "stage3": 500, "scratch": 7000}  # fmt: skip
-SMOKE = {"images": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2, "stage3": 2,
-         "scratch": 4}  # fmt: skip
+        "stage2b": 12000, "stage3": 500, "scratch": 7000}  # fmt: skip
+SMOKE = {"images": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2, "stage2b": 2,
+         "stage3": 2, "scratch": 4}  # fmt: skip
 
 
 def vae_report(vae, folder: Path, limit: int) -> dict:
@@ -88,7 +89,7 @@ def build_caches(work: Path) -> None:
                     max_tokens=components.MAX_TOKENS, batch_size=64, shard_size=1024)  # fmt: skip
 
 
-PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage3")
+PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage2b", "stage3")
 EXTRA = ("scratch",)
 """Not run unless named in --only: the from-scratch control of the efficiency comparison (docs/demo.md)."""
 
@@ -166,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if "stage1" in parts:
         timed("stage1", lambda: stage("demo-stage1", work, n["stage1"], quiet, work / "cache-64-label"))
     if "stage2" in parts:
-        run = timed("stage2", lambda: stage("demo-stage2", work, n["stage2"], quiet, work / "cache-64-text"))
+        timed("stage2", lambda: stage("demo-stage2", work, n["stage2"], quiet, work / "cache-64-text"))
+    if "stage2b" in parts:  # stage 2's second phase (min-SNR, cosine decay): its EMA weights are the bundle
+        run = timed("stage2b", lambda: stage("demo-stage2b", work, n["stage2b"], quiet, work / "cache-64-text"))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage2", force=True)
     if "stage3" in parts:
-        as_128px(work / "stage2" / "final.safetensors", work / "stage2-as-128px.safetensors")
+        as_128px(work / "stage2b" / "final.safetensors", work / "stage2-as-128px.safetensors")
         run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet, work / "cache-128-text"))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage3", force=True)
     if "scratch" in parts:
