@@ -105,10 +105,7 @@ def compare_kv_block(cfg, batch, tokens, repeats, device, clock, factor: int = 2
     give the whole-model speed-up of any layer choice, at token counts where timing all 28 blocks
     would take hours on a CPU.
     """
-    plain = PixArtBlock(cfg).to(device).eval()
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    plain = perturbed(PixArtBlock(cfg)).to(device).eval()
     compressed = PixArtBlock(cfg, kv_factor=factor).to(device).eval()
     compressed.load_state_dict(plain.state_dict(), strict=False)  # same weights; sr/norm keep their init
     side = int(tokens**0.5)

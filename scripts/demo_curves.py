@@ -112,14 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     work, base = args.workdir, args.workdir / "base"
     store = work / "curves.json"
     done = json.loads(store.read_text()) if store.is_file() else {}
-    stage1 = checkpoints(work / "stage1")
-    stage1_steps = stage1[-1][0] if stage1 else 0
+
+    def last_step(run: str) -> int:
+        found = checkpoints(work / run)
+        return found[-1][0] if found else 0
+
+    stage1_steps, stage2_steps = last_step("stage1"), last_step("stage2")
 
     def kept(run: str) -> list[tuple[int, Path]]:
         return [(s, p) for s, p in checkpoints(work / run) if s % args.every == 0]
 
-    stage2 = checkpoints(work / "stage2")
-    stage2_steps = stage2[-1][0] if stage2 else 0
     staged = kept("stage1") + [(stage1_steps + s, p) for s, p in kept("stage2")]
     staged += [(stage1_steps + stage2_steps + s, p) for s, p in kept("stage2b")]  # stage 2's second phase
     plan = {"staged": staged, "scratch": kept("scratch")}
