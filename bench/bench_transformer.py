@@ -14,6 +14,7 @@ swings with other jobs, while single-thread CPU time measures the work each mode
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -157,6 +158,9 @@ def main() -> None:
     if args.quick:
         alpha, sigma = alpha.replace(depth=4), sigma.replace(depth=4)
     tables = ["diffusers"] if args.no_kv else [t for t in args.tables.split(",") if t]
+    kv_tokens = [v for v in args.kv_tokens.split(",") if v]
+    if not all(v.isdigit() and int(v) > 0 and math.isqrt(int(v)) ** 2 == int(v) for v in kv_tokens):
+        parser.error(f"--kv-tokens: expected square token counts such as 4096,16384, got {args.kv_tokens!r}")
     if unknown := sorted(set(tables) - set(TABLES)):
         parser.error(f"--tables: unknown {', '.join(unknown)}; choose from {', '.join(TABLES)}")
     n = sum(p.numel() for p in PixArtTransformer(alpha).parameters())
@@ -185,7 +189,7 @@ def main() -> None:
             f"| model, all {sigma.depth} layers |"
         )
         print("|---|---|---|---|---|")
-        for tokens in (int(v) for v in args.kv_tokens.split(",")):
+        for tokens in map(int, kv_tokens):
             r = compare_kv_block(sigma, args.batch, tokens, args.repeats, args.device, clock)
             print(f"| {tokens} | {r['off']:.2f} | {r['on']:.2f} | {r['paper']:.2f}× | {r['all']:.2f}× |", flush=True)
     if "kv-model" in tables:
