@@ -194,8 +194,8 @@ def main() -> None:
             print(f"| {tokens} | {r['off']:.2f} | {r['on']:.2f} | {r['paper']:.2f}× | {r['all']:.2f}× |", flush=True)
     if "kv-model" in tables:
         print(
-            f"\n| PixArt-Σ, image tokens | KV compression off ({unit}) | on: layers 14–27, factor 2 ({unit}) "
-            "| speed-up |"
+            f"\n| PixArt-Σ, image tokens | KV compression off ({unit}) "
+            f"| on: layers {sigma.depth // 2}–{sigma.depth - 1}, factor 2 ({unit}) | speed-up |"
         )
         print("|---|---|---|---|")
         r = compare_kv_compression(sigma, args.batch, 4096, max(1, args.repeats - 1), args.device, clock)
