@@ -36,8 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale (default 4.5)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="prompt set and first image's seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images denoised together (default 16)")
-    p.add_argument("--cache-steps", type=int, default=0, metavar="N",
-                   help="step caching: deep blocks run on 1 step in N (default 0: off), to measure its accuracy cost")
+    p.add_argument(
+        "--cache-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="step caching: deep blocks run on 1 step in N (default 0: off), to measure its accuracy cost",
+    )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     p.add_argument("--save", type=Path, metavar="DIR", help="also write the images and their verdicts here")
