@@ -24,10 +24,12 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     # SA-Solver, Xue et al. 2023 (arXiv 2309.05019): stochastic Adams, used by the official PixArt demo.
     "sa-solver": ("SASolverScheduler", {"algorithm_type": "data_prediction"}),
-    # DDIM, Song et al. 2020 (arXiv 2010.02502), deterministic (eta 0).
-    "ddim": ("DDIMScheduler", {}),
+    # DDIM, Song et al. 2020 (arXiv 2010.02502), deterministic (eta 0). diffusers' DDIM and DDPM clip
+    # x̂0 to [-1, 1] unless told otherwise, which suits pixels, not latents (unit variance, so |x| > 1
+    # is common); the released scheduler configs (DPM-Solver's) do not say, so say it here.
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
     # DDPM ancestral sampling, Ho et al. 2020 (arXiv 2006.11239); wants many steps.
-    "ddpm": ("DDPMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
     # Euler and Euler ancestral in the k-diffusion (Karras et al. 2022) sigma parameterisation.
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
