@@ -4,7 +4,8 @@ One training step: pick a point on a 50-step DDIM grid of the 1000-step schedule
 latents there (time s), let the frozen teacher take one guided DDIM step back to t = s - 20, and train
 the student so that its consistency function at s matches the target network's (an EMA of the
 student, decay 0.95) at t, under a pseudo-Huber loss with c = 0.001. The official PixArt-LCM settings:
-50 DDIM steps (skip 20), teacher guidance 4.5, lr 2e-5; the LCM-LoRA variant trains rank 32 adapters.
+50 DDIM steps (skip 20), teacher guidance w = 4.5 in the form cond + w · (cond − uncond), lr 2e-5; the
+LCM-LoRA variant trains rank 32 adapters.
 
 The consistency function is ``c_skip(t) · x_t + c_out(t) · x̂0(x_t, t)`` with the boundary scalings of
 LCM (σ_data 0.5, timestep scaling 10), which diffusers' LCMScheduler applies at sampling time, so a
@@ -31,7 +32,8 @@ class LCMSettings:
     ddim_steps: int = LCMConfig.ddim_steps
     """Points on the teacher's DDIM grid; the teacher jumps 1000 / ddim_steps = 20 timesteps."""
     guidance: float = LCMConfig.guidance
-    """Classifier-free guidance of the teacher's step: uncond + g · (cond − uncond)."""
+    """Classifier-free guidance w of the teacher's step in the LCM paper's form cond + w · (cond − uncond),
+    as the official PixArt-LCM training uses it: w = 4.5 there is the usual scale uncond + 5.5 · (cond − uncond)."""
     huber_c: float = LCMConfig.huber_c
     """Pseudo-Huber constant: sqrt(d² + c²) − c."""
     target_ema: float = LCMConfig.target_ema
@@ -97,10 +99,11 @@ def lcm_loss(
     xs = diffusion.q_sample(x0, s, noise)
     student_out = consistency(diffusion, xs, s, student(xs, s, *text)[:, :channels].float(), settings)
     with torch.no_grad():
-        # The teacher's guided DDIM step s → t (x̂0 and ε guided alike, as in LCM's reference code).
+        # The teacher's guided DDIM step s → t (x̂0 and ε guided alike, as in LCM's reference code), with
+        # the LCM paper's guidance form: w = 0 is the conditional model alone.
         cond = teacher(xs, s, *text)[:, :channels].float()
         uncond = teacher(xs, s, *null)[:, :channels].float()
-        eps = uncond + settings.guidance * (cond - uncond)
+        eps = cond + settings.guidance * (cond - uncond)
         x0_hat = predicted_x0(diffusion, xs, s, eps)
         ab_t = diffusion.alphas_cumprod.to(x0.device)[t].float().reshape(-1, *[1] * (x0.ndim - 1))
         xt = ab_t.sqrt() * x0_hat + (1 - ab_t).sqrt() * eps

@@ -224,7 +224,8 @@ class LCMConfig:
     """Points on the teacher's DDIM grid (official 50: the teacher jumps 20 timesteps)."""
 
     guidance: float = 4.5
-    """Classifier-free guidance of the teacher's DDIM step (official 4.5)."""
+    """Classifier-free guidance w of the teacher's DDIM step, in the LCM paper's form cond + w · (cond − uncond)
+    (official 4.5, i.e. 5.5 on the usual uncond + g · (cond − uncond) scale)."""
 
     huber_c: float = 0.001
     """Pseudo-Huber loss constant (official 0.001)."""
