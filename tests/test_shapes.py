@@ -149,6 +149,18 @@ def test_train_split_hides_held_out_combinations():
     assert seen == {(c, s) for c in COLOURS for s in SHAPES} - HELD_OUT_OBJECTS
 
 
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_pairs_sets_the_share_of_two_object_scenes(split):
+    def counts(pairs):
+        rng = np.random.default_rng(4)
+        return [len(sample_scene(rng, split, pairs).objects) for _ in range(400)]
+
+    assert set(counts(0.0)) == {1} and set(counts(1.0)) == {2}
+    assert counts(0.75).count(2) > counts(0.5).count(2) + 40  # a pair-heavy set for training on pairs
+    rng = np.random.default_rng(4)
+    assert counts(0.5) == [len(sample_scene(rng, split).objects) for _ in range(400)]  # 0.5 is the default
+
+
 def test_held_out_prompts_use_only_held_out_combinations():
     prompts = held_out_prompts(50, seed=1)
     assert [p.text for p in prompts] == [p.text for p in held_out_prompts(50, seed=1)]
@@ -218,6 +230,8 @@ def test_write_refuses_non_empty_folder_unless_forced(tmp_path):
             "lone object",
         ),
         (lambda: write_dataset("/tmp/never", 0), "count 0"),
+        (lambda: write_dataset("/tmp/never", 2, pairs=1.5), "pairs 1.5"),
+        (lambda: write_dataset("/tmp/never", 2, pairs=-0.1), "pairs -0.1"),
         (lambda: held_out_prompts(0), "0"),
     ],
 )
@@ -238,8 +252,17 @@ def test_cli_writes_dataset(tmp_path):
     assert len(rows) == 5 and all((out / r["file_name"]).is_file() and r["split"] == "heldout" for r in rows)
 
 
-def test_cli_bad_count_is_one_line_error(tmp_path):
-    done = run_cli(str(tmp_path / "x"), "--count", "-1")
+def test_cli_pairs_writes_two_object_scenes_only(tmp_path):
+    out = tmp_path / "pairs"
+    done = run_cli(str(out), "--count", "6", "--pairs", "1")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["objects"]) == 2 and r["relation"] for r in rows)
+
+
+@pytest.mark.parametrize("args, value", [(("--count", "-1"), "-1"), (("--count", "3", "--pairs", "2"), "pairs 2")])
+def test_cli_bad_input_is_one_line_error(tmp_path, args, value):
+    done = run_cli(str(tmp_path / "x"), *args)
     assert done.returncode == 2
-    assert done.stderr.startswith("error:") and "-1" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("error:") and value in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.demo.shapes import SPLITS, parse_sizes, write_dataset
+from pixart.demo.shapes import PAIR_PROBABILITY, SPLITS, parse_sizes, write_dataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,12 +33,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="train",
         help="'train' never shows the held-out combinations; 'heldout' shows only them (default train)",
     )
+    parser.add_argument(
+        "--pairs",
+        type=float,
+        default=PAIR_PROBABILITY,
+        help=f"chance from 0 to 1 that a drawn scene has two objects (default {PAIR_PROBABILITY}); the split's "
+        "rejection of combinations it must not show discards more pairs, so 0.75 writes about 65%% pairs",
+    )
     parser.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.sizes)
-    out = write_dataset(args.out, args.count, seed=args.seed, sizes=sizes, split=args.split, force=args.force)
+    out = write_dataset(
+        args.out, args.count, seed=args.seed, sizes=sizes, split=args.split, pairs=args.pairs, force=args.force
+    )
     print(f"wrote {args.count} images to {out}")
     return 0

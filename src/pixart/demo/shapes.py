@@ -167,12 +167,13 @@ def is_held_out(scene: Scene) -> bool:
     return len(scene.objects) == 2 and frozenset(o.shape for o in scene.objects) in HELD_OUT_SHAPE_PAIRS
 
 
-def sample_scene(rng: np.random.Generator, split: str) -> Scene:
-    """Draws a random scene (without layout) belonging to `split`, by rejection."""
+def sample_scene(rng: np.random.Generator, split: str, pairs: float = PAIR_PROBABILITY) -> Scene:
+    """Draws a random scene (without layout) belonging to `split`, by rejection; two objects with probability
+    `pairs`."""
     check_split(split)
     colours = list(COLOURS)
     while True:
-        if rng.random() < PAIR_PROBABILITY:
+        if rng.random() < pairs:
             ca, cb = rng.choice(len(colours), size=2, replace=False)
             objects = tuple(
                 SceneObject(SHAPES[rng.integers(len(SHAPES))], colours[c], tuple(SIZES)[rng.integers(2)])
@@ -307,11 +308,13 @@ def caption(scene: Scene, rng: np.random.Generator, size_in_text: bool) -> str:
     return template.format(a=_a(noun(a)), b=_a(noun(b)), rel=rel, ca=a.colour, cb=b.colour)
 
 
-def make_sample(seed: int, index: int, sizes: tuple[tuple[int, int], ...], split: str = "train") -> Sample:
+def make_sample(
+    seed: int, index: int, sizes: tuple[tuple[int, int], ...], split: str = "train", pairs: float = PAIR_PROBABILITY
+) -> Sample:
     """Sample `index` of the dataset with `seed`: the same arguments always give the same sample."""
     rng = np.random.default_rng([seed, index])
     width, height = sizes[rng.integers(len(sizes))]
-    image, scene = render(sample_scene(rng, split), width, height, rng)
+    image, scene = render(sample_scene(rng, split, pairs), width, height, rng)
     size_in_text = bool(rng.random() < SIZE_IN_TEXT_PROBABILITY)
     return Sample(image, scene, caption(scene, rng, size_in_text), size_in_text)
 
@@ -370,12 +373,18 @@ def write_dataset(
     seed: int = 0,
     sizes: tuple[tuple[int, int], ...] = ((64, 64),),
     split: str = "train",
+    pairs: float = PAIR_PROBABILITY,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Writes `count` samples as an imagefolder at `out`, all at once: a reader never sees half a dataset."""
+    """Writes `count` samples as an imagefolder at `out`, all at once: a reader never sees half a dataset.
+    Each drawn scene has two objects with probability `pairs`, else one. The split's rejection of
+    combinations it must not show discards more pairs than single objects, so the written share of pairs
+    is lower: about 38% for the default 0.5 and 65% for 0.75 in the train split."""
     if not isinstance(count, int) or count < 1:
         raise PixArtError(f"count {count!r} must be a positive integer")
+    if isinstance(pairs, bool) or not isinstance(pairs, (int, float)) or not 0 <= pairs <= 1:
+        raise PixArtError(f"pairs {pairs!r} must be a fraction from 0 to 1")
     if not isinstance(seed, int) or seed < 0:
         raise PixArtError(f"seed {seed!r} must be a non-negative integer")
     if not sizes:
@@ -394,7 +403,7 @@ def write_dataset(
         digits = max(6, len(str(count - 1)))
         with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
             for i in tqdm(range(count), desc="shapes", unit="img", disable=not progress):
-                sample = make_sample(seed, i, tuple(sizes), split)
+                sample = make_sample(seed, i, tuple(sizes), split, pairs)
                 name = f"{i:0{digits}d}.png"
                 sample.image.save(tmp / name, compress_level=1)  # noisy backgrounds barely compress: save time
                 meta.write(json.dumps(metadata_row(sample, name, split)) + "\n")
