@@ -3,10 +3,11 @@
     python scripts/demo_curves.py --workdir runs/demo [--prompts 100]
 
 Scores the weights of every kept checkpoint of the `pixart train` runs with `pixart eval`'s prompts and
-checker: stage 1 (class labels) followed by stage 2 (full captions) and its second phase (stage2b: min-SNR
-weighting, cosine decay), and text-to-image from scratch (`--only scratch` of scripts/train_demo.py).
-Every step is one batch of 32 images at 64 px, so steps are compute: the staged curve's x is stage-1
-steps, then stage-1 total + stage-2 steps, then both totals + stage-2b steps.
+checker: stage 1 (class labels) followed by stage 2 (full captions) and its second and third phases
+(stage2b: min-SNR weighting, cosine decay; stage2c: the same on a pair-heavy set), and text-to-image from
+scratch (`--only scratch` of scripts/train_demo.py). Every step is one batch of 32 images at 64 px, so
+steps are compute: the staged curve's x runs on through each run's steps after the totals of the runs
+before it.
 It scores the raw weights, not the EMA: an EMA of decay 0.998 still holds 0.998^500 = 37% of the random
 initial weights at step 500, so early EMA checkpoints are noise generators, not earlier models.
 Writes WORKDIR/curves.json (reused on a re-run: only new checkpoints are scored) and an SVG plot.
@@ -117,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         found = checkpoints(work / run)
         return found[-1][0] if found else 0
 
-    stage1_steps, stage2_steps = last_step("stage1"), last_step("stage2")
-
     def kept(run: str) -> list[tuple[int, Path]]:
         return [(s, p) for s, p in checkpoints(work / run) if s % args.every == 0]
 
-    staged = kept("stage1") + [(stage1_steps + s, p) for s, p in kept("stage2")]
-    staged += [(stage1_steps + stage2_steps + s, p) for s, p in kept("stage2b")]  # stage 2's second phase
+    staged, ends = [], [0]  # stage 2's second and third phases continue the staged curve
+    for run in ("stage1", "stage2", "stage2b", "stage2c"):
+        staged += [(ends[-1] + s, p) for s, p in kept(run)]
+        ends.append(ends[-1] + last_step(run))
     plan = {"staged": staged, "scratch": kept("scratch")}
     curves: dict[str, list[dict]] = {}
     for run, points in plan.items():
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s %s: %s", run, key, {k: round(done[key]["scores"][k], 1) for k in METRICS})
             curves[run].append({"steps": steps, "checkpoint": key, "scores": done[key]["scores"]})
     (work / "curves-table.json").write_text(json.dumps(curves, indent=2) + "\n")
-    args.plot.write_text(svg(curves, [stage1_steps, stage1_steps + stage2_steps]))
+    args.plot.write_text(svg(curves, ends[1:3]))
     for run, points in curves.items():
         print(f"\n{run}: steps  " + "  ".join(f"{m:>15}" for m in METRICS))
         for p in points:

@@ -5,11 +5,12 @@
     python scripts/train_demo.py --smoke --workdir /tmp/demo-smoke   # every step for a handful of steps
 
 Writes under --workdir (default runs/demo, the paths the demo-stage*.toml recipes name):
-shapes-64/ and shapes-128/ (the procedural data), base/ (VAE, T5, tokenizer, scheduler), init.safetensors,
-stage1/, stage2/, stage2b/ (stage 2's second phase), stage2-as-128px.safetensors, stage3/ (runs of
-`pixart train`), pipeline-stage{2,3}/ (exported diffusers pipelines; pipeline-stage2 holds stage2b's EMA
-weights) and report.json (VAE quality, wall times). Evaluate a pipeline with
-`pixart eval --model WORKDIR/pipeline-stage2`; docs/demo.md records the numbers of the bundled one.
+shapes-64/, shapes-pairs/ (pair-heavy) and shapes-128/ (the procedural data), base/ (VAE, T5, tokenizer,
+scheduler), init.safetensors, stage1/, stage2/, stage2b/ and stage2c/ (stage 2's second and third phases),
+stage2-as-128px.safetensors, stage3/ (runs of `pixart train`), pipeline-stage{2,3}/ (exported diffusers
+pipelines; pipeline-stage2 holds stage2c's EMA weights, the bundle) and report.json (VAE quality, wall
+times). Evaluate a pipeline with `pixart eval --model WORKDIR/pipeline-stage2`; docs/demo.md records the
+numbers of the bundled one.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from pixart.train_config import load_config
 
 log = logging.getLogger("train_demo")
 
-FULL = {"images": 16000, "images_128": 3000, "vae_steps": 2500, "t5_steps": 1500, "stage1": 1000, "stage2": 6000,
-        "stage2b": 12000, "stage3": 500, "scratch": 7000}  # fmt: skip
-SMOKE = {"images": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2, "stage2b": 2,
-         "stage3": 2, "scratch": 4}  # fmt: skip
+FULL = {"images": 16000, "images_pairs": 24000, "images_128": 3000, "vae_steps": 2500, "t5_steps": 1500,
+        "stage1": 1000, "stage2": 6000, "stage2b": 12000, "stage2c": 14000, "stage3": 500, "scratch": 7000}  # fmt: skip
+SMOKE = {"images": 16, "images_pairs": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2,
+         "stage2b": 2, "stage2c": 2, "stage3": 2, "scratch": 4}  # fmt: skip
+PAIRS = 0.75
+"""`write_dataset(pairs=...)` of the pair-heavy set stage 2c trains on: 65% of its images show two objects."""
 
 
 def vae_report(vae, folder: Path, limit: int) -> dict:
@@ -74,8 +77,8 @@ def stage(recipe: str, work: Path, steps: int, overrides: list[str], cache: Path
 
 
 def build_caches(work: Path) -> None:
-    """T5 features and VAE latents: the 64-px set once per caption column (stage 1 labels, stage 2 text) and
-    the 128-px multi-aspect set (stage 3).
+    """T5 features and VAE latents: the 64-px set once per caption column (stage 1 labels, stage 2 text), the
+    pair-heavy 64-px set (stage 2c) and the 128-px multi-aspect set (stage 3).
 
     Encoding 16 000 images costs about what 100 training steps do, and every step after it skips the VAE
     and T5, so the stages run from these caches (`pixart cache`, the same files users make).
@@ -83,13 +86,15 @@ def build_caches(work: Path) -> None:
     from pixart.cache import build_cache
     from pixart.data import open_dataset
 
-    for size, column in ((64, "label"), (64, "text"), (128, "text")):
-        dataset = open_dataset(work / f"shapes-{size}", caption_column=column)
-        build_cache(work / "base", dataset, work / f"cache-{size}-{column}", resolution=size,
-                    max_tokens=components.MAX_TOKENS, batch_size=64, shard_size=1024)  # fmt: skip
+    sets = (("shapes-64", 64, "label", "cache-64-label"), ("shapes-64", 64, "text", "cache-64-text"),
+            ("shapes-pairs", 64, "text", "cache-pairs"), ("shapes-128", 128, "text", "cache-128-text"))  # fmt: skip
+    for data, size, column, cache in sets:
+        dataset = open_dataset(work / data, caption_column=column)
+        build_cache(work / "base", dataset, work / cache, resolution=size, max_tokens=components.MAX_TOKENS,
+                    batch_size=64, shard_size=1024)  # fmt: skip
 
 
-PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage2b", "stage3")
+PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage2b", "stage2c", "stage3")
 EXTRA = ("scratch",)
 """Not run unless named in --only: the from-scratch control of the efficiency comparison (docs/demo.md)."""
 
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def data():
             write_dataset(work / "shapes-64", n["images"], seed=args.seed, force=True, progress=False)
+            write_dataset(work / "shapes-pairs", n["images_pairs"], seed=args.seed + 3, pairs=PAIRS, force=True,
+                          progress=False)  # fmt: skip
             write_dataset(work / "shapes-128", n["images_128"], seed=args.seed + 1, force=True, progress=False,
                           sizes=((128, 128), (160, 96), (96, 160)))  # fmt: skip
             write_dataset(work / "vae-check", 8 if args.smoke else 400, seed=args.seed + 2, force=True, progress=False)
@@ -168,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         timed("stage1", lambda: stage("demo-stage1", work, n["stage1"], quiet, work / "cache-64-label"))
     if "stage2" in parts:
         timed("stage2", lambda: stage("demo-stage2", work, n["stage2"], quiet, work / "cache-64-text"))
-    if "stage2b" in parts:  # stage 2's second phase (min-SNR, cosine decay): its EMA weights are the bundle
-        run = timed("stage2b", lambda: stage("demo-stage2b", work, n["stage2b"], quiet, work / "cache-64-text"))
+    if "stage2b" in parts:  # stage 2's second phase: min-SNR weighting, cosine decay
+        timed("stage2b", lambda: stage("demo-stage2b", work, n["stage2b"], quiet, work / "cache-64-text"))
+    if "stage2c" in parts:  # its third phase, on the pair-heavy set: its EMA weights are the bundle
+        run = timed("stage2c", lambda: stage("demo-stage2c", work, n["stage2c"], quiet, work / "cache-pairs"))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage2", force=True)
     if "stage3" in parts:
-        as_128px(work / "stage2b" / "final.safetensors", work / "stage2-as-128px.safetensors")
+        as_128px(work / "stage2c" / "final.safetensors", work / "stage2-as-128px.safetensors")
         run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet, work / "cache-128-text"))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage3", force=True)
     if "scratch" in parts:

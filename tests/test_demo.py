@@ -71,24 +71,27 @@ def test_vae_scaling_factor_whitens_latents(smoke):
 
 def test_smoke_run_writes_every_stage(smoke):
     report = json.loads((smoke / "report.json").read_text())
-    assert set(report) == {"data", "vae", "text", "cache", "stage1", "stage2", "stage2b", "stage3"}
+    assert set(report) == {"data", "vae", "text", "cache", "stage1", "stage2", "stage2b", "stage2c", "stage3"}
     assert report["vae"]["quality"]["images"] == 8  # the VAE was measured on its check images
-    for stage in ("stage1", "stage2", "stage2b", "stage3"):
+    for stage in ("stage1", "stage2", "stage2b", "stage2c", "stage3"):
         state = json.loads(next((smoke / stage / "checkpoints").glob("step-*/state.json")).read_text())
         assert state["step"] == 2
     caches = {"stage1": "cache-64-label", "stage2": "cache-64-text", "stage2b": "cache-64-text",
-              "stage3": "cache-128-text"}  # fmt: skip
+              "stage2c": "cache-pairs", "stage3": "cache-128-text"}  # fmt: skip
     for stage, cache in caches.items():
         data = json.loads((smoke / stage / "config.json").read_text())["data"]  # trained from the script's caches
         assert (data["cache"], data["dataset"]) == (str(smoke / cache), "")
-    # stage 2 starts from stage 1's weights, its second phase from stage 2's EMA (with min-SNR weighting),
-    # and stage 3 from the second phase's weights re-expressed at 128 px
+    # stage 2 starts from stage 1's weights, its second phase from stage 2's EMA (with min-SNR weighting), its
+    # third from the second's EMA on the pair-heavy set, and stage 3 from the third phase's weights at 128 px
     from pixart.convert import load_transformer
 
-    config = json.loads((smoke / "stage2b" / "config.json").read_text())
-    assert config["model"]["source"] == str(smoke / "stage2" / "final-ema.safetensors")
-    assert config["diffusion"]["snr_gamma"] == 5.0
-    s2 = load_transformer(smoke / "stage2b" / "final.safetensors")
+    for phase, source in (("stage2b", "stage2"), ("stage2c", "stage2b")):
+        config = json.loads((smoke / phase / "config.json").read_text())
+        assert config["model"]["source"] == str(smoke / source / "final-ema.safetensors")
+        assert config["diffusion"]["snr_gamma"] == 5.0
+    pairs = [json.loads(line) for line in (smoke / "shapes-pairs" / "metadata.jsonl").read_text().splitlines()]
+    assert len(pairs) == 16 and all(row["split"] == "train" for row in pairs)
+    s2 = load_transformer(smoke / "stage2c" / "final.safetensors")
     s3_init = load_transformer(smoke / "stage2-as-128px.safetensors")
     assert (s3_init.config.sample_size, s3_init.config.pe_scale) == (32, 2.0)
     assert all(torch.equal(a, b) for a, b in zip(s2.state_dict().values(), s3_init.state_dict().values(), strict=True))
