@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -435,6 +436,10 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
         "out/diffusion_pytorch_model.safetensors",
         "out/y_embedding.safetensors",
     ]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("keep.safetensors", "out/diffusion_pytorch_model.safetensors", "out/y_embedding.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name  # not safetensors' 0600
 
 
 # ---------------------------------------------------------------------------------------------- hub and CLI

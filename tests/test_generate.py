@@ -7,6 +7,7 @@ pipeline folder with the same seed, steps, guidance and size.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +227,9 @@ def test_save_image_never_overwrites(tmp_path):
     assert {first.name, second.name} == {"00001-5.png", "00002-5.png"}
     assert Image.open(first).info["prompt"] == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-5.png", "00001-5.png", "00002-5.png"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(first.stat().st_mode) == 0o666 & ~mask  # as open() would make it, not mkstemp's 0600
 
 
 @pytest.mark.parametrize(

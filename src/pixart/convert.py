@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from pixart.config import FAMILIES, PixArtConfig
 from pixart.errors import PixArtError
+from pixart.files import FILE_MODE
 from pixart.model import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)
@@ -692,6 +693,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # safetensors creates 0600 files
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

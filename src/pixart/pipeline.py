@@ -36,6 +36,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pixart import __version__
 from pixart.errors import PixArtError
+from pixart.files import FILE_MODE
 from pixart.resolution import check_size, generation_size, resize_and_crop
 from pixart.sampling import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
 from pixart.step_cache import cached_denoiser, compile_seconds, runs_every_block
@@ -607,6 +608,7 @@ def save_image(image: Image.Image, out_dir: str | os.PathLike) -> Path:
         if isinstance(value, str):
             info.add_text(key, value)
     fd, tmp = tempfile.mkstemp(prefix=".pixart-", suffix=".png", dir=out)
+    os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide the image from other users whatever the umask
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
