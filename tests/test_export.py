@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -120,6 +121,10 @@ def test_export_sigma_model_with_live_lora_leaves_caller_model_alone(tmp_path):
     out = export_pipeline(base, model, tmp_path / "out")
 
     assert lora_layers(model)  # still live: export merged a copy
+    mask = os.umask(0o022)
+    os.umask(mask)  # the folder and the weights as mkdir() and open() make them, not mkdtemp's 0700 / 0600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((out / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mode) == 0o666 & ~mask
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "PixArtSigmaPipeline"
     pipe = PixArtSigmaPipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor == pytest.approx(0.13025)

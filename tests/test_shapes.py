@@ -2,6 +2,8 @@
 rejects wrong targets and survives blur and noise."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from dataclasses import replace
@@ -212,6 +214,9 @@ def test_write_refuses_non_empty_folder_unless_forced(tmp_path):
     write_dataset(out, 2, force=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "metadata.jsonl"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # as mkdir() makes it, not mkdtemp's 0700
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pixart.convert import check_diffusers_compatible, load_transformer, save_diffusers
 from pixart.errors import PixArtError
+from pixart.files import temporary_folder
 from pixart.lora import load_lora, lora_layers, merge_lora
 from pixart.model import PixArtTransformer
 
@@ -153,7 +154,7 @@ def export_pipeline(
         load_lora(model, path, scale=scale, merge=True)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temporary_folder(out.parent, f".{out.name}.", ".tmp")
     try:
         total = sum(p.stat().st_size for c in BASE_COMPONENTS for p in (base_dir / c).rglob("*") if p.is_file())
         with tqdm(total=total, unit="B", unit_scale=True, desc="copying base components") as progress:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from pixart.config import PixArtConfig
 from pixart.errors import PixArtError
+from pixart.files import temporary_folder
 from pixart.model import PixArtTransformer
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def export_openvino(
     null = learned_null_caption(net)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temporary_folder(out.parent, f".{out.name}.", ".tmp")
     try:
         lat = (1, config.in_channels, height // vae_factor, width // vae_factor)
         ids = torch.ones(2, tokens, dtype=torch.long)

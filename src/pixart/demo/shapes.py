@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pixart.errors import PixArtError
+from pixart.files import temporary_folder
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": 0.0, "orange": 26.0, "yellow": 54.0, "green": 125.0, "blue": 220.0, "purple": 280.0}
@@ -398,7 +399,7 @@ def write_dataset(
     if out.is_dir() and any(out.iterdir()) and not force:
         raise PixArtError(f"output folder {str(out)!r} is not empty: pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temporary_folder(out.parent, f".{out.name}.")
     try:
         digits = max(6, len(str(count - 1)))
         with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
