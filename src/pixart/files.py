@@ -20,9 +20,10 @@ def _umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~_umask()
+_MASK = _umask()
+FILE_MODE = 0o666 & ~_MASK
 """Mode of a new file under the process's umask (0644 under the usual 022)."""
-DIR_MODE = 0o777 & ~_umask()
+DIR_MODE = 0o777 & ~_MASK
 """Mode of a new folder under the process's umask (0755 under the usual 022)."""
 
 
