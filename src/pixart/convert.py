@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pixart.config import FAMILIES, PixArtConfig
 from pixart.errors import PixArtError
-from pixart.files import FILE_MODE
+from pixart.files import atomic_write
 from pixart.model import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)
@@ -687,18 +686,6 @@ def _build(state_dict: dict[str, torch.Tensor], config: PixArtConfig, what: str)
 # Writing
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, FILE_MODE)  # safetensors creates 0600 files
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _cpu_state_dict(model: PixArtTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
@@ -707,7 +694,8 @@ def save_pixart(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     """Save in our format: one .safetensors with every tensor and the config JSON in its metadata."""
     path = Path(path)
     metadata = {"format": PIXART_FORMAT, "config": json.dumps(model.config.to_dict())}
-    _atomic_write(path, lambda tmp: save_file(_cpu_state_dict(model), str(tmp), metadata=metadata))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(_cpu_state_dict(model), str(tmp), metadata=metadata))
     log.info("wrote %s (%s)", path, _size(path))
     return path
 
@@ -723,7 +711,8 @@ def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     state_dict["pos_embed"] = pos_embed_2d(cfg.hidden_size, cfg.base_size, cfg.base_size, cfg.base_size, cfg.pe_scale)[
         None
     ].to(model.dtype)
-    _atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict}, tmp))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict}, tmp))
     log.info("wrote %s (%s)", path, _size(path))
     return path
 
@@ -754,11 +743,12 @@ def save_diffusers(model: PixArtTransformer, folder: str | os.PathLike) -> Path:
     config = diffusers_config(model.config)  # fails before writing anything
     weights = to_diffusers_state_dict(_cpu_state_dict(model), model.config)
     y_embedding = {"y_embedding": model.y_embedder.y_embedding.detach().cpu().contiguous()}
-    _atomic_write(folder / DIFFUSERS_WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / DIFFUSERS_WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     sidecar_metadata = {"format": "pt", "family": model.config.family}
-    _atomic_write(folder / Y_EMBEDDING_FILE, lambda tmp: save_file(y_embedding, str(tmp), metadata=sidecar_metadata))
+    atomic_write(folder / Y_EMBEDDING_FILE, lambda tmp: save_file(y_embedding, str(tmp), metadata=sidecar_metadata))
     _remove_stale_shards(folder)
-    _atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     log.info("wrote diffusers transformer folder %s", folder)
     return folder
 

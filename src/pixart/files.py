@@ -1,15 +1,17 @@
-"""The permissions of the files and folders pixart writes.
+"""The permissions of the files and folders pixart writes, and the atomic writes that give them.
 
 Atomic writes go through ``tempfile.mkstemp``, ``tempfile.mkdtemp`` or ``safetensors.torch.save_file``,
 which create files with mode 0600 and folders with 0700, so without a fix every exported model,
-dataset and generated image would be private to its owner whatever the user's umask. ``FILE_MODE`` and
-``temporary_folder`` give what a plain ``open()`` or ``mkdir()`` would instead.
+dataset and generated image would be private to its owner whatever the user's umask. ``FILE_MODE``,
+``atomic_write``, ``temporary_folder`` and ``plain_modes`` give what a plain ``open()`` or ``mkdir()``
+would instead.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -27,8 +29,41 @@ DIR_MODE = 0o777 & ~_MASK
 """Mode of a new folder under the process's umask (0755 under the usual 022)."""
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Have ``write`` fill a hidden temporary file next to ``path``, then rename it into place with ``FILE_MODE``.
+
+    A write that fails or is killed never leaves a half-written file at ``path`` nor loses the one there;
+    a failure also removes the temporary file (a kill leaves it, hidden, as ``.NAME.XXXXXXXX.tmp``).
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)  # after writing: safetensors recreates the file with 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def temporary_folder(parent: Path, prefix: str, suffix: str = "") -> Path:
     """A fresh folder in ``parent`` to be renamed into place once complete, with a plain folder's mode."""
     folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
     os.chmod(folder, DIR_MODE)
     return folder
+
+
+def plain_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it a plain folder's / file's mode before it is renamed into place:
+    files that safetensors or mkstemp wrote in it are 0600. Symbolic links are skipped, as chmod would follow them.
+    """
+    os.chmod(folder, DIR_MODE)
+    for root, dirs, files in os.walk(folder):
+        for names, mode in ((dirs, DIR_MODE), (files, FILE_MODE)):
+            for name in names:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    os.chmod(path, mode)

@@ -1,0 +1,69 @@
+"""pixart.files: atomic writes and the modes of what pixart writes, against the umask read independently here."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pixart.files import atomic_write, plain_modes, temporary_folder
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_atomic_write_gives_open_s_mode_whatever_the_writer_makes(tmp_path):
+    def private(tmp: Path) -> None:
+        tmp.write_text("new")
+        os.chmod(tmp, 0o600)  # as safetensors and mkstemp leave a file
+
+    path = atomic_write(tmp_path / "out.txt", private)
+    assert path == tmp_path / "out.txt" and path.read_text() == "new"
+    assert mode(path) == 0o666 & ~umask()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, error):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    seen = []
+
+    def fails_halfway(tmp: Path) -> None:
+        seen.append(tmp)
+        tmp.write_text("half")
+        raise error
+
+    with pytest.raises(type(error)):
+        atomic_write(path, fails_halfway)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".out.txt.")  # hidden, next to the target
+
+
+def test_plain_modes_covers_the_whole_folder_but_not_link_targets(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
+    os.chmod(outside, 0o600)
+    folder = temporary_folder(tmp_path, ".out.", ".tmp")
+    (folder / "sub").mkdir(mode=0o700)
+    for file in (folder / "weights.safetensors", folder / "sub" / "state.json"):
+        file.write_text("{}")
+        os.chmod(file, 0o600)
+    (folder / "link").symlink_to(outside)
+    os.chmod(folder, 0o700)
+
+    plain_modes(folder)
+    mask = umask()
+    assert mode(folder) == mode(folder / "sub") == 0o777 & ~mask
+    assert mode(folder / "weights.safetensors") == mode(folder / "sub" / "state.json") == 0o666 & ~mask
+    assert mode(outside) == 0o600
