@@ -18,6 +18,7 @@ from pixart.cache import build_cache, cache_expectations, open_cache
 from pixart.data import BatchLoader, open_dataset, resize_cover_crop, to_tensor
 from pixart.errors import PixArtError
 from test_data import fixture_images, png_bytes, write_folder
+from test_files import assert_plain_modes
 from tiny import save_pipeline
 
 MAX_TOKENS = 32
@@ -89,6 +90,7 @@ def test_cache_equals_direct_computation(setup):
     assert manifest["samples"] == len(cache) == 6
     assert sorted(key for key, _ in manifest["skipped"]) == ["notes.jpg", "truncated.png"]
     assert manifest["vae_scaling_factor"] == 0.18215
+    assert_plain_modes(out)  # the shards too, though safetensors makes its files 0600
     expected = direct(pipe)
     plain = cached_samples(cache, flip=False)
     assert sorted(plain) == sorted(expected)

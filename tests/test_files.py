@@ -21,6 +21,15 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
+def assert_plain_modes(folder: Path) -> None:
+    """``folder`` and everything in it have the modes mkdir() and open() give, not mkdtemp's 0700 or
+    mkstemp's and safetensors' 0600."""
+    mask = umask()
+    for path in [folder, *folder.rglob("*")]:
+        expected = 0o777 & ~mask if path.is_dir() else 0o666 & ~mask
+        assert mode(path) == expected, f"{path}: {oct(mode(path))}, not {oct(expected)}"
+
+
 def test_atomic_write_gives_open_s_mode_whatever_the_writer_makes(tmp_path):
     def private(tmp: Path) -> None:
         tmp.write_text("new")

@@ -22,6 +22,7 @@ from pixart.lora import (
     parse_lora_spec,
     save_lora,
 )
+from test_files import assert_plain_modes
 from tiny import T5_WIDTH, tiny_transformer
 
 
@@ -113,6 +114,7 @@ def test_saved_lora_gives_diffusers_with_peft_the_same_output(base_folder, famil
     assert not torch.allclose(expected, run_ours(ours(base_folder, family), family), atol=1e-3)
 
     save_lora(model, tmp_path / "lora")
+    assert_plain_modes(tmp_path / "lora")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert "transformer_blocks.0.attn1.to_q" in config["target_modules"]
     assert (config["r"], config["lora_alpha"]) == (4, 6)

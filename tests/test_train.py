@@ -31,6 +31,7 @@ from pixart.objective import sample_generator
 from pixart.train import train
 from pixart.train_checkpoint import complete_checkpoints, find_checkpoint
 from pixart.train_config import load_config, recipe_names
+from test_files import assert_plain_modes
 from tiny import save_pipeline
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -200,6 +201,7 @@ def test_killed_run_resumes_bit_identically(setup, tmp_path):
     assert [p.name for p in complete_checkpoints(straight)] == ["step-00000036", "step-00000040"]
     assert [p.name for p in complete_checkpoints(killed)] == ["step-00000036", "step-00000040"]
     assert not list((killed / "checkpoints").glob(".tmp-*"))  # the next checkpoint swept the leftovers
+    assert_plain_modes(straight)  # checkpoints with their EMA weights, final and final-ema
 
 
 @pytest.mark.parametrize("adapters", [[], ["--lora.rank=4"]], ids=["full", "lora"])
@@ -229,6 +231,7 @@ def test_killed_lcm_run_resumes_bit_identically(setup, tmp_path, capsys, adapter
     assert_same_finals(straight, killed)
     a, b = (weights(complete_checkpoints(run)[-1] / "target.safetensors") for run in (straight, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_plain_modes(straight)
 
 
 def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):
@@ -270,6 +273,7 @@ def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):
     assert changed and all(".attn.qkv." in k or ".attn.proj." in k for k in changed)
     assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-00000002-0.png"]
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard scalars
+    assert_plain_modes(run)  # checkpoint, final weights, final-lora/ and config.json alike
 
 
 def test_sample_randomness_depends_only_on_seed_step_and_index():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from pixart.data import (
     to_tensor,
 )
 from pixart.errors import PixArtError
+from pixart.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,8 @@ def _hash(value: Any) -> str:
 
 
 def _atomic_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    text = json.dumps(value, indent=1, sort_keys=True)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _shard_meta(path: Path) -> dict[str, str] | None:
@@ -293,9 +292,7 @@ def _write_shard(
         "skipped": json.dumps(skipped),
     }
     if tensors:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return meta
 
 

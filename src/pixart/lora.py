@@ -34,6 +34,7 @@ from torch import nn
 from pixart.config import PixArtConfig
 from pixart.convert import diffusers_key_map
 from pixart.errors import PixArtError
+from pixart.files import plain_modes
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def _write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: LoraCon
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp") as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        plain_modes(Path(tmp))
         path.mkdir(exist_ok=True)
         for name in (WEIGHTS_NAME, CONFIG_NAME):  # each file swaps in atomically: never a half-written adapter
             os.replace(os.path.join(tmp, name), path / name)

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.errors import PixArtError
+from pixart.files import atomic_write, plain_modes
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        plain_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -207,9 +209,8 @@ def save_final(config, accelerator, model, ema, trainable, run_dir) -> None:
         with ema_weights(model, ema, trainable):
             save_final_weights(config, model, run_dir / "final-ema.safetensors")
     save_final_weights(config, model, run_dir / "final.safetensors")
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    os.replace(tmp, run_dir / "config.json")
+    text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(text))
 
 
 def save_final_weights(config, model, path: Path) -> None:
