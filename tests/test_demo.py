@@ -16,6 +16,7 @@ from pixart.demo.checker import check, score
 from pixart.demo.eval import evaluate, format_table
 from pixart.demo.shapes import held_out_prompts
 from pixart.pipeline import DEMO_MODEL, PixArtPipeline
+from test_files import assert_plain_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +134,7 @@ def test_eval_cli(smoke, tmp_path):
     assert scores["n_single"] + scores["n_pair"] == 4
     assert len(list((tmp_path / "images").glob("*.png"))) == 4
     assert len((tmp_path / "images" / "verdicts.jsonl").read_text().splitlines()) == 4
+    assert_plain_modes(tmp_path / "images")
 
     cached = run("-m", "pixart", "eval", "--model", str(smoke / "pipeline-stage2"), "--prompts", "4", "--steps", "2",
                  "--cache-steps", "2", "--json", "--save", str(tmp_path / "cached"))  # fmt: skip

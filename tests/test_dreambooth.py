@@ -20,6 +20,7 @@ from pixart.errors import PixArtError
 from pixart.pipeline import GenerationOptions, PixArtPipeline
 from pixart.train import train
 from pixart.train_config import load_config
+from test_files import assert_plain_modes
 from test_train import torchrun, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +82,7 @@ def test_missing_class_images_are_generated_by_the_base_model_and_present_ones_k
     }
     with Image.open(classes / "class-00002.png") as image:
         assert image.info["seed"] == "2"
+    assert_plain_modes(classes)
 
 
 def test_prior_weight_zero_matches_plain_training_and_weight_one_does_not(setup, tmp_path):

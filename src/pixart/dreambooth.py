@@ -12,7 +12,6 @@ saving any state a resumed run stays bit-identical and 1 or N processes train th
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
+from pixart.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,12 @@ def generate_class_images(config, make_pipeline: Callable, max_tokens: int, show
 def write_class_image(image, path: Path, caption: str) -> Path:
     """Write the caption, then the PNG (with its generation metadata), each under a temporary name renamed
     into place: an interrupted run leaves no half-written image, and every image has its caption."""
-    text_tmp, image_tmp = path.with_name(f".{path.stem}.txt.tmp"), path.with_name(f".{path.name}.tmp")
-    text_tmp.write_text(caption, encoding="utf-8")
-    os.replace(text_tmp, path.with_suffix(".txt"))
+    atomic_write(path.with_suffix(".txt"), lambda tmp: tmp.write_text(caption, encoding="utf-8"))
     info = PngInfo()
     for key, value in image.info.items():
         if isinstance(value, str):
             info.add_text(key, value)
-    image.save(image_tmp, format="PNG", pnginfo=info)
-    os.replace(image_tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def class_order_seed(seed: int) -> int:

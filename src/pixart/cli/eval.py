@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
+from functools import partial
 from pathlib import Path
+
+from pixart.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,7 @@ def _save(folder: Path, result) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (image, prompt, verdict) in enumerate(zip(result.images, result.prompts, result.checks, strict=True)):
-        image.save(folder / f".{i:04d}.png.tmp", format="PNG")
-        os.replace(folder / f".{i:04d}.png.tmp", folder / f"{i:04d}.png")
+        atomic_write(folder / f"{i:04d}.png", partial(image.save, format="PNG"))
         rows.append(json.dumps({"file_name": f"{i:04d}.png", "text": prompt.text, **asdict(verdict)}))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".verdicts.")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(rows) + "\n")
-    os.replace(tmp, folder / "verdicts.jsonl")
+    atomic_write(folder / "verdicts.jsonl", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
     log.info("images and verdicts in %s", folder)
