@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from pixart.demo.checker import Check, check, detect, score
 from pixart.demo.shapes import (
     COLOURS,
+    PLACES,
     POSITIONS,
     SHAPES,
     Scene,
@@ -22,6 +23,7 @@ from pixart.demo.shapes import (
     held_out_prompts,
     make_sample,
     parse_sizes,
+    place_labels,
     sample_scene,
     write_dataset,
 )
@@ -137,6 +139,39 @@ def test_backgrounds_never_look_like_objects(samples):
             x0, y0, x1, y1 = o.bbox
             outside[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = False
         assert saturation[outside].max() < 0.25 * 255
+
+
+def test_place_labels_tag_each_object_with_where_it_is_drawn(samples):
+    """The text encoder's layout objective: every byte of an object's words says where that object is, read
+    here from the drawn boxes rather than from the relation."""
+    named_words = set(COLOURS) | set(SHAPES) | set(SIZE_WORDS) | {"the"}
+    for s in samples:
+        labels = place_labels(s.text, s.scene)
+        assert len(labels) == len(s.text)
+        centres = [((o.bbox[0] + o.bbox[2]) / 2, (o.bbox[1] + o.bbox[3]) / 2) for o in s.scene.objects]
+        for obj, (x, y) in zip(s.scene.objects, centres, strict=True):
+            start = s.text.find(f"{obj.colour} {obj.shape}")
+            place = PLACES[labels[start]]
+            assert set(labels[start : start + len(obj.colour) + 1 + len(obj.shape)]) == {PLACES.index(place)}
+            if len(centres) == 1:
+                assert place == obj.position, s.text
+                continue
+            (ox, oy) = next(c for c in centres if c != (x, y))
+            expected = {"left": x < ox, "right": x > ox, "top": y < oy, "bottom": y > oy}
+            assert expected[place], (s.text, place, centres)
+            if f"the {obj.colour} one" in s.text:  # the relation clause names the object again
+                assert labels[s.text.index(f"the {obj.colour} one")] == PLACES.index(place)
+        tagged = {w.strip(",") for w, n in zip(s.text.split(" "), _word_labels(s.text, labels), strict=True) if n}
+        assert tagged <= named_words, (s.text, tagged)
+    assert place_labels("red circle", Scene((SceneObject("circle", "red", "small", "top"),))) == [3] * 10
+
+
+def _word_labels(text, labels):
+    words, start = [], 0
+    for word in text.split(" "):
+        words.append(max(labels[start : start + len(word)], default=0))
+        start += len(word) + 1
+    return words
 
 
 def test_train_split_hides_held_out_combinations():

@@ -162,16 +162,37 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
+def caption_places(folder: str | Path) -> tuple[list[str], list[list[int]]]:
+    """The captions of a shapes imagefolder and, for each, :func:`shapes.place_labels`: the text encoder's
+    layout objective."""
+    from pixart.demo.shapes import Scene, place_labels
+
+    rows = [json.loads(line) for line in (Path(folder) / "metadata.jsonl").read_text().splitlines()]
+    return [r["text"] for r in rows], [place_labels(r["text"], Scene.from_dict(r)) for r in rows]
+
+
 def pretrain_text_encoder(tokenizer, model, texts: list[str], steps: int, batch_size: int = 64, lr: float = 2e-3,
-                          mask_rate: float = 0.3, seed: int = 0):  # fmt: skip
-    """Byte-level masked-language-model pretraining, so each byte's feature knows the word it sits in.
+                          mask_rate: float = 0.3, seed: int = 0, places: tuple[list[str], list[list[int]]] | None = None
+                          ) -> torch.nn.Module:  # fmt: skip
+    """Byte-level masked-language-model pretraining, so each byte's feature knows the word it sits in;
+    with `places` (captions and their :func:`caption_places` labels), also the layout objective.
 
     A random T5 mixes neighbouring bytes arbitrarily; after this, every byte of "red" carries "red",
     which the transformer's cross-attention can read with one head. The prediction head is the input
-    embedding (tied), so nothing but the encoder is kept. Returns the encoder in eval mode.
+    embedding (tied), so nothing but the encoder is kept.
+
+    The layout objective is a linear probe on the same features, trained with them: for every byte
+    of an object's words, where the caption puts that object (left, right, top, bottom, centre). Masked
+    bytes alone leave which object a relation puts first readable only non-linearly (a probe of the
+    MLM-only encoder: 83% linear, 99.5% with an MLP), and cross-attention matches queries to keys
+    linearly; a released T5-XXL has read enough text to know what "A above B" says, a 0.4 M-parameter
+    encoder trained on 16 000 captions has not. The probe is dropped afterwards. Returns the encoder in
+    eval mode.
     """
     gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    head = torch.nn.Linear(model.config.d_model, 6) if places else None  # shapes.PLACES
+    parameters = list(model.parameters()) + (list(head.parameters()) if head else [])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
     mask_id = 2  # ByT5's <unk>: never a real byte, so it marks the masked positions
     model.train()
@@ -184,15 +205,38 @@ def pretrain_text_encoder(tokenizer, model, texts: list[str], steps: int, batch_
         # T5's tied head rescales by d_model^-0.5 first; without it the logits start near ±70 nats.
         logits = hidden[masked] * model.config.d_model**-0.5 @ model.shared.weight.T
         loss = F.cross_entropy(logits, ids[masked])
+        message = ""
+        if head is not None:
+            place_loss, place_accuracy = _place_loss(tokenizer, model, head, places, batch_size, gen)
+            loss = loss + place_loss
+            message = f" place loss {place_loss.item():.3f} object-byte place accuracy {place_accuracy:.3f}"
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             accuracy = (logits.argmax(-1) == ids[masked]).float().mean().item()
-            log.info("t5 step %d/%d loss %.3f masked-byte accuracy %.3f", step + 1, steps, loss.item(), accuracy)
+            log.info("t5 step %d/%d loss %.3f masked-byte accuracy %.3f%s", step + 1, steps, loss.item(), accuracy,
+                     message)  # fmt: skip
     return model.eval().requires_grad_(False)
+
+
+def _place_loss(tokenizer, model, head, places, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of the linear place probe on a batch of unmasked captions, and its accuracy on object bytes."""
+    texts, labels = places
+    picked = torch.randint(len(texts), (batch_size,), generator=gen).tolist()
+    tokens = tokenizer([texts[i] for i in picked], padding="longest", max_length=MAX_TOKENS, truncation=True,
+                       return_tensors="pt")  # fmt: skip
+    target = torch.full(tokens.input_ids.shape, -100)
+    for row, i in enumerate(picked):
+        n = min(len(labels[i]), target.shape[1] - 1)  # the last position holds </s> when truncated
+        target[row, :n] = torch.tensor(labels[i][:n])
+    hidden = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    logits = head(hidden)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+    named = target > 0
+    return loss, (logits.argmax(-1)[named] == target[named]).float().mean().item()
 
 
 def scheduler():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -307,6 +308,34 @@ def caption(scene: Scene, rng: np.random.Generator, size_in_text: bool) -> str:
     rel = RELATION_WORDS[relation][rng.integers(len(RELATION_WORDS[relation]))]
     rel = f"is {rel}" if "{ca}" in template else rel
     return template.format(a=_a(noun(a)), b=_a(noun(b)), rel=rel, ca=a.colour, cb=b.colour)
+
+
+PLACES = ("none", "left", "right", "top", "bottom", "centre")
+"""Where an object sits, as :func:`place_labels` tags a caption's bytes: "none" for bytes naming no object."""
+RELATION_PLACES = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
+                   "below": ("bottom", "top")}  # fmt: skip
+"""The places of objects[0] and objects[1] a relation puts them in."""
+
+
+def place_labels(text: str, scene: Scene) -> list[int]:
+    """For each character of the caption `text` of `scene`, the index in PLACES of where the object it names sits.
+
+    The words of an object's noun phrase ("small red circle", and "red" in "the red one") get its
+    position when alone, or the side its relation gives it when paired ("above": first object top,
+    second bottom); every other character gets "none". Colours differ within a scene, so the colour
+    finds the object whatever the phrasing. Captions are ASCII, so characters are ByT5's byte tokens.
+    """
+    labels = [0] * len(text)
+    if len(scene.objects) == 1:
+        places = (scene.objects[0].position,)
+    else:
+        places = RELATION_PLACES[scene.relation]
+    sizes = "|".join(word for words in SIZE_WORDS.values() for word in words)
+    for obj, place in zip(scene.objects, places, strict=True):
+        pattern = rf"\b(?:(?:{sizes}) )?{obj.colour} {obj.shape}\b|\bthe {obj.colour}(?= one\b)"
+        for match in re.finditer(pattern, text):
+            labels[match.start() : match.end()] = [PLACES.index(place)] * (match.end() - match.start())
+    return labels
 
 
 def make_sample(
