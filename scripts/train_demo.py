@@ -7,10 +7,11 @@
 Writes under --workdir (default runs/demo, the paths the demo-stage*.toml recipes name):
 shapes-64/, shapes-pairs/ (pair-heavy) and shapes-128/ (the procedural data), base/ (VAE, T5, tokenizer,
 scheduler), init.safetensors, stage1/, stage2/, stage2b/ and stage2c/ (stage 2's second and third phases),
-stage2-as-128px.safetensors, stage3/ (runs of `pixart train`), pipeline-stage{2,3}/ (exported diffusers
-pipelines; pipeline-stage2 holds stage2c's EMA weights, the bundle) and report.json (VAE quality, wall
-times). Evaluate a pipeline with `pixart eval --model WORKDIR/pipeline-stage2`; docs/demo.md records the
-numbers of the bundled one.
+base-layout/ (base with the text encoder's pretraining continued on where each object is) and stage2d/
+(stage 2's fourth phase, through it), stage2-as-128px.safetensors, stage3/ (runs of `pixart train`),
+pipeline-stage{2c,2,3}/ (exported diffusers pipelines; pipeline-stage2 holds stage2d's EMA weights, the
+bundle) and report.json (VAE quality, wall times). Evaluate a pipeline with `pixart eval --model
+WORKDIR/pipeline-stage2`; docs/demo.md records the numbers of the bundled one.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from pixart.train_config import load_config
 log = logging.getLogger("train_demo")
 
 FULL = {"images": 16000, "images_pairs": 24000, "images_128": 3000, "vae_steps": 2500, "t5_steps": 1500,
-        "stage1": 1000, "stage2": 6000, "stage2b": 12000, "stage2c": 14000, "stage3": 500, "scratch": 7000}  # fmt: skip
+        "layout_steps": 1000, "stage1": 1000, "stage2": 6000, "stage2b": 12000, "stage2c": 14000, "stage2d": 8000,
+        "stage3": 500, "scratch": 7000}  # fmt: skip
 SMOKE = {"images": 16, "images_pairs": 16, "images_128": 8, "vae_steps": 2, "t5_steps": 2, "stage1": 2, "stage2": 2,
-         "stage2b": 2, "stage2c": 2, "stage3": 2, "scratch": 4}  # fmt: skip
+         "stage2b": 2, "stage2c": 2, "layout_steps": 2, "stage2d": 2, "stage3": 2, "scratch": 4}  # fmt: skip
 PAIRS = 0.75
 """`write_dataset(pairs=...)` of the pair-heavy set stage 2c trains on: 65% of its images show two objects."""
 
@@ -94,7 +96,33 @@ def build_caches(work: Path) -> None:
                     batch_size=64, shard_size=1024)  # fmt: skip
 
 
-PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage2b", "stage2c", "stage3")
+def layout(work: Path, steps: int, seed: int) -> None:
+    """Continue the base text encoder's pretraining with the layout objective (MLM as before, plus where each
+    object is, from the 64-px and pair-heavy captions), write base-layout (base with that encoder) and the
+    feature caches stage 2d and stage 3 read through it."""
+    import shutil
+
+    from transformers import ByT5Tokenizer, T5EncoderModel
+
+    from pixart.cache import build_cache
+    from pixart.data import open_dataset
+
+    t5 = T5EncoderModel.from_pretrained(work / "base" / "text_encoder")
+    texts, labels = zip(*(components.caption_places(work / d) for d in ("shapes-64", "shapes-pairs")), strict=True)
+    places = ([t for part in texts for t in part], [x for part in labels for x in part])
+    components.pretrain_text_encoder(ByT5Tokenizer(), t5, components.captions(work / "shapes-64"), steps, lr=1e-3,
+                                     seed=seed, places=places)  # fmt: skip
+    out = work / "base-layout"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(work / "base", out, ignore=shutil.ignore_patterns("text_encoder"))
+    t5.save_pretrained(out / "text_encoder")
+    for data, size, cache in (("shapes-pairs", 64, "cache-pairs-layout"), ("shapes-128", 128, "cache-128-layout")):
+        build_cache(out, open_dataset(work / data, caption_column="text"), work / cache, resolution=size,
+                    max_tokens=components.MAX_TOKENS, batch_size=64, shard_size=1024)  # fmt: skip
+
+
+PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage2b", "stage2c", "layout", "stage2d",
+         "stage3")  # fmt: skip
 EXTRA = ("scratch",)
 """Not run unless named in --only: the from-scratch control of the efficiency comparison (docs/demo.md)."""
 
@@ -177,13 +205,18 @@ def main(argv: list[str] | None = None) -> int:
         timed("stage2", lambda: stage("demo-stage2", work, n["stage2"], quiet, work / "cache-64-text"))
     if "stage2b" in parts:  # stage 2's second phase: min-SNR weighting, cosine decay
         timed("stage2b", lambda: stage("demo-stage2b", work, n["stage2b"], quiet, work / "cache-64-text"))
-    if "stage2c" in parts:  # its third phase, on the pair-heavy set: its EMA weights are the bundle
+    if "stage2c" in parts:  # its third phase, on the pair-heavy set
         run = timed("stage2c", lambda: stage("demo-stage2c", work, n["stage2c"], quiet, work / "cache-pairs"))
-        export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage2", force=True)
+        export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage2c", force=True)
+    if "layout" in parts:  # the text encoder learns to say where each object is: base-layout and its caches
+        timed("layout", lambda: layout(work, n["layout_steps"], args.seed))
+    if "stage2d" in parts:  # stage 2's fourth phase, through that encoder: its EMA weights are the bundle
+        run = timed("stage2d", lambda: stage("demo-stage2d", work, n["stage2d"], quiet, work / "cache-pairs-layout"))
+        export_pipeline(work / "base-layout", run / "final-ema.safetensors", work / "pipeline-stage2", force=True)
     if "stage3" in parts:
-        as_128px(work / "stage2c" / "final.safetensors", work / "stage2-as-128px.safetensors")
-        run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet, work / "cache-128-text"))
-        export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage3", force=True)
+        as_128px(work / "stage2d" / "final.safetensors", work / "stage2-as-128px.safetensors")
+        run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet, work / "cache-128-layout"))
+        export_pipeline(work / "base-layout", run / "final-ema.safetensors", work / "pipeline-stage3", force=True)
     if "scratch" in parts:
         run = timed("scratch", lambda: stage("demo-scratch", work, n["scratch"], quiet, work / "cache-64-text"))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-scratch", force=True)

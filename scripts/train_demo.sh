@@ -14,4 +14,4 @@ $py --only text --threads 1 > "$work/text.log" 2>&1 &
 text=$!
 wait $vae || { echo "VAE training failed, see $work/vae.log" >&2; exit 1; }
 wait $text || { echo "text-encoder pretraining failed, see $work/text.log" >&2; exit 1; }
-$py --only base,cache,stage1,stage2,stage2b,stage2c,stage3
+$py --only base,cache,stage1,stage2,stage2b,stage2c,layout,stage2d,stage3

@@ -72,27 +72,42 @@ def test_vae_scaling_factor_whitens_latents(smoke):
 
 def test_smoke_run_writes_every_stage(smoke):
     report = json.loads((smoke / "report.json").read_text())
-    assert set(report) == {"data", "vae", "text", "cache", "stage1", "stage2", "stage2b", "stage2c", "stage3"}
+    parts = {"data", "vae", "text", "cache", "stage1", "stage2", "stage2b", "stage2c", "layout", "stage2d", "stage3"}
+    assert set(report) == parts
     assert report["vae"]["quality"]["images"] == 8  # the VAE was measured on its check images
-    for stage in ("stage1", "stage2", "stage2b", "stage2c", "stage3"):
+    for stage in ("stage1", "stage2", "stage2b", "stage2c", "stage2d", "stage3"):
         state = json.loads(next((smoke / stage / "checkpoints").glob("step-*/state.json")).read_text())
         assert state["step"] == 2
     caches = {"stage1": "cache-64-label", "stage2": "cache-64-text", "stage2b": "cache-64-text",
-              "stage2c": "cache-pairs", "stage3": "cache-128-text"}  # fmt: skip
+              "stage2c": "cache-pairs", "stage2d": "cache-pairs-layout", "stage3": "cache-128-layout"}  # fmt: skip
     for stage, cache in caches.items():
         data = json.loads((smoke / stage / "config.json").read_text())["data"]  # trained from the script's caches
         assert (data["cache"], data["dataset"]) == (str(smoke / cache), "")
     # stage 2 starts from stage 1's weights, its second phase from stage 2's EMA (with min-SNR weighting), its
-    # third from the second's EMA on the pair-heavy set, and stage 3 from the third phase's weights at 128 px
+    # third from the second's EMA on the pair-heavy set, its fourth from the third's EMA through the layout-trained
+    # text encoder, and stage 3 from the fourth phase's weights at 128 px
     from pixart.convert import load_transformer
 
-    for phase, source in (("stage2b", "stage2"), ("stage2c", "stage2b")):
+    for phase, source in (("stage2b", "stage2"), ("stage2c", "stage2b"), ("stage2d", "stage2c")):
         config = json.loads((smoke / phase / "config.json").read_text())
         assert config["model"]["source"] == str(smoke / source / "final-ema.safetensors")
         assert config["diffusion"]["snr_gamma"] == 5.0
     pairs = [json.loads(line) for line in (smoke / "shapes-pairs" / "metadata.jsonl").read_text().splitlines()]
     assert len(pairs) == 16 and all(row["split"] == "train" for row in pairs)
-    s2 = load_transformer(smoke / "stage2c" / "final.safetensors")
+    for phase in ("stage2d", "stage3"):  # both read the layout-trained encoder; the earlier phases the MLM one
+        config = json.loads((smoke / phase / "config.json").read_text())
+        assert config["model"]["pipeline"] == str(smoke / "base-layout")
+    assert json.loads((smoke / "stage2c" / "config.json").read_text())["model"]["pipeline"] == str(smoke / "base")
+    from safetensors.torch import load_file
+
+    t5 = {
+        d: load_file(smoke / d / "text_encoder" / "model.safetensors")
+        for d in ("base", "base-layout", "pipeline-stage2")
+    }
+    assert t5["base"].keys() == t5["base-layout"].keys()
+    assert not all(torch.equal(t5["base"][k], t5["base-layout"][k]) for k in t5["base"])  # the layout part trained it
+    assert all(torch.equal(t5["pipeline-stage2"][k], v) for k, v in t5["base-layout"].items())  # and the bundle has it
+    s2 = load_transformer(smoke / "stage2d" / "final.safetensors")
     s3_init = load_transformer(smoke / "stage2-as-128px.safetensors")
     assert (s3_init.config.sample_size, s3_init.config.pe_scale) == (32, 2.0)
     assert all(torch.equal(a, b) for a, b in zip(s2.state_dict().values(), s3_init.state_dict().values(), strict=True))
