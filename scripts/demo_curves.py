@@ -3,8 +3,9 @@
     python scripts/demo_curves.py --workdir runs/demo [--prompts 100]
 
 Scores the weights of every kept checkpoint of the `pixart train` runs with `pixart eval`'s prompts and
-checker: stage 1 (class labels) followed by stage 2 (full captions) and its second and third phases
-(stage2b: min-SNR weighting, cosine decay; stage2c: the same on a pair-heavy set), and text-to-image from
+checker: stage 1 (class labels) followed by stage 2 (full captions) and its later phases (stage2b: min-SNR
+weighting, cosine decay; stage2c: the same on a pair-heavy set; stage2d: the same through the layout-trained
+text encoder of base-layout/, which scores its checkpoints), and text-to-image from
 scratch (`--only scratch` of scripts/train_demo.py). Every step is one batch of 32 images at 64 px, so
 steps are compute: the staged curve's x runs on through each run's steps after the totals of the runs
 before it.
@@ -121,20 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     def kept(run: str) -> list[tuple[int, Path]]:
         return [(s, p) for s, p in checkpoints(work / run) if s % args.every == 0]
 
-    staged, ends = [], [0]  # stage 2's second and third phases continue the staged curve
-    for run in ("stage1", "stage2", "stage2b", "stage2c"):
-        staged += [(ends[-1] + s, p) for s, p in kept(run)]
+    staged, ends = [], [0]  # stage 2's later phases continue the staged curve
+    for run in ("stage1", "stage2", "stage2b", "stage2c", "stage2d"):
+        staged += [(ends[-1] + s, p, work / "base-layout" if run == "stage2d" else base) for s, p in kept(run)]
         ends.append(ends[-1] + last_step(run))
-    plan = {"staged": staged, "scratch": kept("scratch")}
+    plan = {"staged": staged, "scratch": [(s, p, base) for s, p in kept("scratch")]}
     curves: dict[str, list[dict]] = {}
     for run, points in plan.items():
         curves[run] = []
-        for steps, folder in points:
+        for steps, folder, pipeline in points:
             key = f"{folder.parent.parent.name}/{folder.name}"
             if key not in done or done[key]["prompts"] != args.prompts:
-                done[key] = {"prompts": args.prompts, "scores": score(base, folder, args.prompts)}
+                done[key] = {"prompts": args.prompts, "scores": score(pipeline, folder, args.prompts)}
                 store.write_text(json.dumps(done, indent=2) + "\n")
-                log.info("%s %s: %s", run, key, {k: round(done[key]["scores"][k], 1) for k in METRICS})
+                log.info("%s %s: %s", run, key, {k: round(done[key]["scores"].get(k, 0.0), 1) for k in METRICS})
             curves[run].append({"steps": steps, "checkpoint": key, "scores": done[key]["scores"]})
     (work / "curves-table.json").write_text(json.dumps(curves, indent=2) + "\n")
     args.plot.write_text(svg(curves, ends[1:3]))
