@@ -58,6 +58,7 @@ def see(prog: str, message: str) -> str:
             see("pixart export", "argument TARGET: invalid choice: 'onnx' (choose from 'diffusers', 'openvino')"),
         ),
         (["--bogus"], see("pixart", "unrecognized arguments: --bogus")),
+        (["train"], see("pixart train", "the following arguments are required: CONFIG")),
     ],
 )
 def test_argparse_errors_are_one_line(args, line):

@@ -36,12 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", metavar="CONFIG", help="a TOML file, or the name of a shipped recipe")
-    parser.add_argument(
+    overrides = parser.add_argument(
         "overrides",
         nargs=argparse.REMAINDER,
         metavar="--section.key=value",
         help="override config values; also --resume latest|CHECKPOINT (same as --run.resume=…)",
     )
+    overrides.required = False  # argparse counts REMAINDER as required: it would be named when CONFIG is missing
     parser.set_defaults(func=run)
 
 
