@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from tests.tiny import save_pipeline
 
+from test_files import assert_plain_modes
+
 ov = pytest.importorskip("openvino")
 
 from pixart.cli import main  # noqa: E402
@@ -37,9 +39,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def sigma(tmp_path_factory):
-    """A tiny Σ pipeline and its OpenVINO export, written by the real `pixart export openvino` process."""
+    """A tiny Σ pipeline and its OpenVINO export, written by the real `pixart export openvino` process.
+    Its tokenizer and scheduler files are private (0600), as in a locked-down cache: the export's copies are not."""
     root = tmp_path_factory.mktemp("ov")
     folder = save_pipeline(root / "sigma", "sigma")
+    for path in [*(folder / "tokenizer").iterdir(), *(folder / "scheduler").iterdir()]:
+        path.chmod(0o600)
     out = root / "sigma-ov"
     argv = PIXART + ["export", "openvino", str(out), "--model", str(folder), "--width", "64", "--height", "64"]
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -54,6 +59,7 @@ def test_export_is_self_contained(sigma):
         assert (out / f"{name}.xml").is_file() and (out / f"{name}.bin").is_file()
     assert (out / "tokenizer").is_dir() and (out / "scheduler" / "scheduler_config.json").is_file()
     assert not list(out.parent.glob(".sigma-ov.*"))  # the temporary build folder is gone
+    assert_plain_modes(out)
 
 
 @pytest.mark.parametrize("options", [GUIDED, GUIDED.replace(guidance=1.0)], ids=["guided", "unguided"])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pixart.convert import check_diffusers_compatible, load_transformer, save_diffusers
 from pixart.errors import PixArtError
-from pixart.files import temporary_folder
+from pixart.files import plain_modes, temporary_folder
 from pixart.lora import load_lora, lora_layers, merge_lora
 from pixart.model import PixArtTransformer
 
@@ -181,7 +181,11 @@ def _model_index(base_dir: Path, family: str) -> dict:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; an existing ``out`` is moved aside first and deleted last."""
+    """Rename the finished folder to ``out``; an existing ``out`` is moved aside first and deleted last.
+
+    Everything in it gets a plain file's or folder's mode first: copied parts keep their source's (a private
+    0600 cache stays private) and safetensors writes 0600."""
+    plain_modes(tmp)
     if not out.exists():
         os.replace(tmp, out)
         return
