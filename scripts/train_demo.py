@@ -78,9 +78,15 @@ def stage(recipe: str, work: Path, steps: int, overrides: list[str], cache: Path
     return train(config)
 
 
-def build_caches(work: Path) -> None:
-    """T5 features and VAE latents: the 64-px set once per caption column (stage 1 labels, stage 2 text), the
-    pair-heavy 64-px set (stage 2c) and the 128-px multi-aspect set (stage 3).
+CACHES = (("shapes-64", 64, "label", "cache-64-label"), ("shapes-64", 64, "text", "cache-64-text"),
+          ("shapes-pairs", 64, "text", "cache-pairs"))  # fmt: skip
+"""(data, resolution, caption column, cache) through base/: stage 1's labels, stages 2-2b's and 2c's captions."""
+LAYOUT_CACHES = (("shapes-pairs", 64, "text", "cache-pairs-layout"), ("shapes-128", 128, "text", "cache-128-layout"))
+"""The same through base-layout/: stage 2d's and stage 3's captions."""
+
+
+def build_caches(work: Path, base: str = "base", sets: tuple = CACHES) -> None:
+    """T5 features and VAE latents of each set, read through WORK/`base`'s text encoder and VAE.
 
     Encoding 16 000 images costs about what 100 training steps do, and every step after it skips the VAE
     and T5, so the stages run from these caches (`pixart cache`, the same files users make).
@@ -88,11 +94,9 @@ def build_caches(work: Path) -> None:
     from pixart.cache import build_cache
     from pixart.data import open_dataset
 
-    sets = (("shapes-64", 64, "label", "cache-64-label"), ("shapes-64", 64, "text", "cache-64-text"),
-            ("shapes-pairs", 64, "text", "cache-pairs"), ("shapes-128", 128, "text", "cache-128-text"))  # fmt: skip
     for data, size, column, cache in sets:
         dataset = open_dataset(work / data, caption_column=column)
-        build_cache(work / "base", dataset, work / cache, resolution=size, max_tokens=components.MAX_TOKENS,
+        build_cache(work / base, dataset, work / cache, resolution=size, max_tokens=components.MAX_TOKENS,
                     batch_size=64, shard_size=1024)  # fmt: skip
 
 
@@ -104,9 +108,6 @@ def layout(work: Path, steps: int, seed: int) -> None:
 
     from transformers import ByT5Tokenizer, T5EncoderModel
 
-    from pixart.cache import build_cache
-    from pixart.data import open_dataset
-
     t5 = T5EncoderModel.from_pretrained(work / "base" / "text_encoder")
     texts, labels = zip(*(components.caption_places(work / d) for d in ("shapes-64", "shapes-pairs")), strict=True)
     places = ([t for part in texts for t in part], [x for part in labels for x in part])
@@ -116,9 +117,7 @@ def layout(work: Path, steps: int, seed: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(work / "base", out, ignore=shutil.ignore_patterns("text_encoder"))
     t5.save_pretrained(out / "text_encoder")
-    for data, size, cache in (("shapes-pairs", 64, "cache-pairs-layout"), ("shapes-128", 128, "cache-128-layout")):
-        build_cache(out, open_dataset(work / data, caption_column="text"), work / cache, resolution=size,
-                    max_tokens=components.MAX_TOKENS, batch_size=64, shard_size=1024)  # fmt: skip
+    build_caches(work, "base-layout", LAYOUT_CACHES)
 
 
 PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage2b", "stage2c", "layout", "stage2d",
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         """Run fn, then record its wall time (and extra results) in WORK/report/<name>.json."""
         started = time.perf_counter()
         result = fn()
-        steps = {"vae": n["vae_steps"], "text": n["t5_steps"]}.get(name, n.get(name))
+        steps = {"vae": n["vae_steps"], "text": n["t5_steps"], "layout": n["layout_steps"]}.get(name, n.get(name))
         entry = {"seconds": round(time.perf_counter() - started, 1), "steps": steps}
         entry.update({k: v(result) for k, v in extra.items()})
         (work / "report" / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
