@@ -694,7 +694,6 @@ def save_pixart(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     """Save in our format: one .safetensors with every tensor and the config JSON in its metadata."""
     path = Path(path)
     metadata = {"format": PIXART_FORMAT, "config": json.dumps(model.config.to_dict())}
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(_cpu_state_dict(model), str(tmp), metadata=metadata))
     log.info("wrote %s (%s)", path, _size(path))
     return path
@@ -711,7 +710,6 @@ def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     state_dict["pos_embed"] = pos_embed_2d(cfg.hidden_size, cfg.base_size, cfg.base_size, cfg.base_size, cfg.pe_scale)[
         None
     ].to(model.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict}, tmp))
     log.info("wrote %s (%s)", path, _size(path))
     return path
@@ -743,7 +741,6 @@ def save_diffusers(model: PixArtTransformer, folder: str | os.PathLike) -> Path:
     config = diffusers_config(model.config)  # fails before writing anything
     weights = to_diffusers_state_dict(_cpu_state_dict(model), model.config)
     y_embedding = {"y_embedding": model.y_embedder.y_embedding.detach().cpu().contiguous()}
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / DIFFUSERS_WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     sidecar_metadata = {"format": "pt", "family": model.config.family}
     atomic_write(folder / Y_EMBEDDING_FILE, lambda tmp: save_file(y_embedding, str(tmp), metadata=sidecar_metadata))

@@ -30,12 +30,14 @@ DIR_MODE = 0o777 & ~_MASK
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Have ``write`` fill a hidden temporary file next to ``path``, then rename it into place with ``FILE_MODE``.
+    """Have ``write`` fill a hidden temporary file next to ``path`` (its folder made if missing), then rename it
+    into place with ``FILE_MODE``.
 
     A write that fails or is killed never leaves a half-written file at ``path`` nor loses the one there;
     a failure also removes the temporary file (a kill leaves it, hidden, as ``.NAME.XXXXXXXX.tmp``).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
