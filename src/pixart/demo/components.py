@@ -189,8 +189,10 @@ def pretrain_text_encoder(tokenizer, model, texts: list[str], steps: int, batch_
     encoder trained on 16 000 captions has not. The probe is dropped afterwards. Returns the encoder in
     eval mode.
     """
+    from pixart.demo.shapes import PLACES
+
     gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(model.config.d_model, 6) if places else None  # shapes.PLACES
+    head = torch.nn.Linear(model.config.d_model, len(PLACES)) if places else None
     parameters = list(model.parameters()) + (list(head.parameters()) if head else [])
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
