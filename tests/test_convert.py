@@ -28,6 +28,7 @@ from pixart.convert import (
     save_pixart,
     to_diffusers_state_dict,
 )
+from test_files import umask
 from tiny import save_pipeline, tiny_vae
 
 # Shaped like the releases (head dim 72, null caption of 120/300 rows) so nothing needs to be told.
@@ -436,8 +437,7 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
         "out/diffusion_pytorch_model.safetensors",
         "out/y_embedding.safetensors",
     ]
-    mask = os.umask(0o022)
-    os.umask(mask)
+    mask = umask()
     for name in ("keep.safetensors", "out/diffusion_pytorch_model.safetensors", "out/y_embedding.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name  # not safetensors' 0600
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ from pixart.convert import load_transformer, save_pixart
 from pixart.errors import PixArtError
 from pixart.export import export_pipeline
 from pixart.lora import add_lora, load_lora, lora_layers, save_lora
+from test_files import assert_plain_modes
 from tiny import T5_WIDTH, build_pipeline, save_pipeline
 
 PIPELINES = {"alpha": PixArtAlphaPipeline, "sigma": PixArtSigmaPipeline}
@@ -121,10 +121,7 @@ def test_export_sigma_model_with_live_lora_leaves_caller_model_alone(tmp_path):
     out = export_pipeline(base, model, tmp_path / "out")
 
     assert lora_layers(model)  # still live: export merged a copy
-    mask = os.umask(0o022)
-    os.umask(mask)  # the folder and the weights as mkdir() and open() make them, not mkdtemp's 0700 / 0600
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
-    assert stat.S_IMODE((out / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mode) == 0o666 & ~mask
+    assert_plain_modes(out)  # as mkdir() and open() make them, not mkdtemp's 0700 / safetensors' 0600
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "PixArtSigmaPipeline"
     pipe = PixArtSigmaPipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor == pytest.approx(0.13025)

@@ -23,6 +23,7 @@ from pixart.cli import main
 from pixart.errors import PixArtError
 from pixart.pipeline import GenerationOptions, PixArtPipeline, save_image
 from pixart.sampling import make_scheduler
+from test_files import umask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,9 +228,7 @@ def test_save_image_never_overwrites(tmp_path):
     assert {first.name, second.name} == {"00001-5.png", "00002-5.png"}
     assert Image.open(first).info["prompt"] == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-5.png", "00001-5.png", "00002-5.png"]
-    mask = os.umask(0o022)
-    os.umask(mask)
-    assert stat.S_IMODE(first.stat().st_mode) == 0o666 & ~mask  # as open() would make it, not mkstemp's 0600
+    assert stat.S_IMODE(first.stat().st_mode) == 0o666 & ~umask()  # as open() would make it, not mkstemp's 0600
 
 
 @pytest.mark.parametrize(
