@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -122,8 +123,9 @@ def layout(work: Path, steps: int, seed: int) -> None:
 
 PARTS = ("data", "vae", "text", "base", "cache", "stage1", "stage2", "stage2b", "stage2c", "layout", "stage2d",
          "stage3")  # fmt: skip
-EXTRA = ("scratch",)
-"""Not run unless named in --only: the from-scratch control of the efficiency comparison (docs/demo.md)."""
+EXTRA = ("scratch", "scratch2b", "scratch2c", "scratch2d")
+"""Not run unless named in --only: the from-scratch control of the efficiency comparison (docs/demo.md), and its
+later phases: stage 2b's, 2c's and 2d's recipes, steps and caches, each from the control's previous EMA weights."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if key not in n or not value.isdigit():
             parser.error(f"--steps item {item!r}: expected KEY=N with KEY one of {', '.join(n)}")
         n[key] = int(value)
+    n.update({f"scratch{p}": n[f"stage{p}"] for p in ("2b", "2c", "2d")})  # equal compute: the staged phases' steps
     parts = [p for p in args.only.split(",") if p]
     if unknown := sorted(set(parts) - set(PARTS + EXTRA)):
         parser.error(f"--only: unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS + EXTRA)}")
@@ -219,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     if "scratch" in parts:
         run = timed("scratch", lambda: stage("demo-scratch", work, n["scratch"], quiet, work / "cache-64-text"))
         export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-scratch", force=True)
+    for phase, previous, cache in (("2b", "scratch", "cache-64-text"), ("2c", "scratch2b", "cache-pairs"),
+                                   ("2d", "scratch2c", "cache-pairs-layout")):  # fmt: skip
+        if (name := f"scratch{phase}") in parts:  # the control's later phases: the staged run's recipes, its weights
+            source = f"model.source=runs/demo/{previous}/final-ema.safetensors"
+            moved = [*quiet, f"run.output_dir=runs/demo/{name}", source]
+            timed(name, partial(stage, f"demo-stage{phase}", work, n[name], moved, work / cache))
     report = {p.stem: json.loads(p.read_text()) for p in sorted((work / "report").glob("*.json"))}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(work / "report.json")
