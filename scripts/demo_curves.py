@@ -5,13 +5,17 @@
 Scores the weights of every kept checkpoint of the `pixart train` runs with `pixart eval`'s prompts and
 checker: stage 1 (class labels) followed by stage 2 (full captions) and its later phases (stage2b: min-SNR
 weighting, cosine decay; stage2c: the same on a pair-heavy set; stage2d: the same through the layout-trained
-text encoder of base-layout/, which scores its checkpoints), and text-to-image from
-scratch (`--only scratch` of scripts/train_demo.py). Every step is one batch of 32 images at 64 px, so
-steps are compute: the staged curve's x runs on through each run's steps after the totals of the runs
-before it.
-It scores the raw weights, not the EMA: an EMA of decay 0.998 still holds 0.998^500 = 37% of the random
-initial weights at step 500, so early EMA checkpoints are noise generators, not earlier models.
-Writes WORKDIR/curves.json (reused on a re-run: only new checkpoints are scored) and an SVG plot.
+text encoder of base-layout/, which scores its checkpoints), and text-to-image from scratch (`--only
+scratch` of scripts/train_demo.py) with its later phases. Every step is one batch of 32 images at 64 px, so
+steps are compute: each curve's x runs on through each run's steps after the totals of the runs before it.
+The control runs as many steps on the same data as stages 1 and 2 together and then the same later
+phases (`--only scratch,scratch2b,scratch2c,scratch2d`), so only stage 1 differs.
+First phases (stage1, stage2, scratch) are scored by their raw weights, not the EMA: an EMA of decay 0.998
+still holds 0.998^500 = 37% of the random initial weights at step 500, so early EMA checkpoints are noise
+generators, not earlier models. The later phases start from the previous phase's EMA weights, so their EMA
+is a trained model throughout, and it is what the next phase and the bundle take: those are scored by it.
+Writes WORKDIR/curves.json (reused on a re-run: only new checkpoints are scored; a run whose checkpoints
+were deleted keeps its recorded points) and an SVG plot.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from safetensors.torch import load_file
 from pixart.convert import save_pixart
 from pixart.demo import components
 from pixart.demo.eval import TARGETS, evaluate
+from pixart.files import atomic_write
 from pixart.model import PixArtTransformer
 from pixart.pipeline import PixArtPipeline
 
@@ -54,9 +59,9 @@ def checkpoint_model(folder: Path, file: str = "trainable.safetensors") -> PixAr
     return model
 
 
-def score(base: Path, folder: Path, prompts: int) -> dict[str, float]:
+def score(base: Path, folder: Path, prompts: int, file: str = "trainable.safetensors") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        weights = save_pixart(checkpoint_model(folder), Path(tmp) / "weights.safetensors")
+        weights = save_pixart(checkpoint_model(folder, file), Path(tmp) / "weights.safetensors")
         pipe = PixArtPipeline.from_pretrained(base, transformer=weights, device="cpu")
         return evaluate(pipe, prompts, steps=20, batch_size=32).scores
 
@@ -96,57 +101,99 @@ def svg(curves: dict[str, list[dict]], boundaries: list[int]) -> str:
     legend_y = height - 14
     out.append(f'<text x="{left}" y="{legend_y}"><tspan fill="{COLOURS["staged"]}">━ stage 1 → stage 2</tspan>'
                f'   <tspan fill="{COLOURS["scratch"]}">━ from scratch</tspan>   <tspan fill="#2ca02c">╌ target</tspan>'
-               f'   x: training steps (batch 32, 64 px); grey: ends of stage 1 and stage 2</text>')  # fmt: skip
+               f'   x: training steps (batch 32, 64 px); grey: ends of the staged parts</text>')  # fmt: skip
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def save(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+STAGED = ("stage1", "stage2", "stage2b", "stage2c", "stage2d")
+SCRATCH = ("scratch", "scratch2b", "scratch2c", "scratch2d")
+"""The two runs as chains of `pixart train` runs: the control's later phases are the staged run's recipes."""
+FIRST = {"stage1", "stage2", "scratch"}
+"""Scored by their raw weights; the later phases start from the previous phase's EMA weights, so their own EMA
+is a trained model from the first step and is what the next phase and the bundle take: those score the EMA."""
+
+
+def plan(work: Path, chain: tuple[str, ...], store: dict, every: int) -> tuple[list[tuple], list[int]]:
+    """(x, key, checkpoint folder or None, weights file, pipeline) of a chain's points, and its runs' ends.
+
+    A run whose checkpoints are gone keeps the points and length recorded in the store, so an earlier
+    session's measurements stay on the curve; the chain stops at the first run with neither.
+    """
+    points, ends = [], [0]
+    for run in chain:
+        found = checkpoints(work / run)
+        found = [(s, p) for s, p in found if s % every == 0 or p == found[-1][1]]
+        weights = "trainable" if run in FIRST else "ema"
+        pipeline = work / ("base-layout" if run.endswith("2d") else "base")
+        if found:
+            store["lengths"][run] = found[-1][0]
+            points += [(ends[-1] + s, f"{run}/{p.name}/{weights}", p, weights, pipeline) for s, p in found]
+        elif run in store["lengths"]:
+            kept = [k for k in store["scores"] if k.startswith(f"{run}/")]
+            points += [(ends[-1] + int(k.split("/")[1].split("-")[1]), k, None, None, None) for k in kept]
+        else:
+            break
+        ends.append(ends[-1] + store["lengths"][run])
+    return sorted(points, key=lambda p: p[0]), ends
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--prompts", type=int, default=100, help="held-out prompts per checkpoint (default 100)")
+    parser.add_argument("--prompts", type=int, default=100,
+                        help="held-out prompts per checkpoint not scored yet (default 100)")  # fmt: skip
     parser.add_argument("--plot", type=Path, default=Path("docs/demo-curves.svg"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--every", type=int, default=500, help="score checkpoints every N steps of a run (default 500)")
+    parser.add_argument("--every", type=int, default=1000, help="score checkpoints every N steps of a run (default "
+                        "1000; a run's last checkpoint always)")  # fmt: skip
+    parser.add_argument("--score", default="staged,scratch",
+                        help="whose checkpoints not in curves.json yet to score (default staged,scratch; '' to "
+                        "only plot what it holds)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    work, base = args.workdir, args.workdir / "base"
-    store = work / "curves.json"
-    done = json.loads(store.read_text()) if store.is_file() else {}
-
-    def last_step(run: str) -> int:
-        found = checkpoints(work / run)
-        return found[-1][0] if found else 0
-
-    def kept(run: str) -> list[tuple[int, Path]]:
-        return [(s, p) for s, p in checkpoints(work / run) if s % args.every == 0]
-
-    staged, ends = [], [0]  # stage 2's later phases continue the staged curve
-    for run in ("stage1", "stage2", "stage2b", "stage2c", "stage2d"):
-        staged += [(ends[-1] + s, p, work / "base-layout" if run == "stage2d" else base) for s, p in kept(run)]
-        ends.append(ends[-1] + last_step(run))
-    plan = {"staged": staged, "scratch": [(s, p, base) for s, p in kept("scratch")]}
+    work = args.workdir
+    store_file = work / "curves.json"
+    store = json.loads(store_file.read_text()) if store_file.is_file() else {"lengths": {}, "scores": {}}
     curves: dict[str, list[dict]] = {}
-    for run, points in plan.items():
-        curves[run] = []
-        for steps, folder, pipeline in points:
-            key = f"{folder.parent.parent.name}/{folder.name}"
-            if key not in done or done[key]["prompts"] != args.prompts:
-                done[key] = {"prompts": args.prompts, "scores": score(pipeline, folder, args.prompts)}
-                store.write_text(json.dumps(done, indent=2) + "\n")
-                log.info("%s %s: %s", run, key, {k: round(done[key]["scores"].get(k, 0.0), 1) for k in METRICS})
-            curves[run].append({"steps": steps, "checkpoint": key, "scores": done[key]["scores"]})
-    (work / "curves-table.json").write_text(json.dumps(curves, indent=2) + "\n")
-    args.plot.write_text(svg(curves, ends[1:3]))
+    boundaries = []
+    for name, chain in (("staged", STAGED), ("scratch", SCRATCH)):
+        points, ends = plan(work, chain, store, args.every)
+        boundaries = ends[1:-1] if name == "staged" else boundaries
+        curves[name] = []
+        for x, key, folder, weights, pipeline in points:
+            entry = store["scores"].get(key)
+            if folder is not None and name in args.score.split(",") and entry is None:
+                entry = {
+                    "prompts": args.prompts,
+                    "scores": score(pipeline, folder, args.prompts, f"{weights}.safetensors"),
+                }
+                store["scores"][key] = entry
+                save(store_file, json.dumps(store, indent=2) + "\n")
+                log.info("%s %s: %s", name, key, {k: round(entry["scores"].get(k, 0.0), 1) for k in METRICS})
+            if entry is not None:
+                curves[name].append(
+                    {"steps": x, "checkpoint": key, "prompts": entry["prompts"], "scores": entry["scores"]}
+                )
+    save(store_file, json.dumps(store, indent=2) + "\n")
+    save(args.plot, svg(curves, boundaries))
     for run, points in curves.items():
-        print(f"\n{run}: steps  " + "  ".join(f"{m:>15}" for m in METRICS))
+        print(f"\n{run}: steps  " + "  ".join(f"{m:>15}" for m in METRICS) + "  prompts  checkpoint")
         for p in points:
             values = "  ".join(f"{p['scores'].get(m, 0):>14.1f}%" for m in METRICS)
-            print(f"{'':{len(run)}}  {p['steps']:>5}  {values}")
-        hit = next((p["steps"] for p in points if all(p["scores"].get(m, 0) >= TARGETS[m] for m in METRICS)), None)
-        print(f"{'':{len(run)}}  all targets first met at: {hit if hit is not None else 'not within these steps'}")
-    print(f"\nwrote {args.plot} and {work / 'curves.json'}")
+            print(f"{'':{len(run)}}  {p['steps']:>5}  {values}  {p['prompts']:>7}  {p['checkpoint']}")
+        for label, metrics in (
+            ("one-object targets", [m for m in METRICS if m.startswith("single")]),
+            ("all targets", METRICS),
+        ):
+            hit = next((p["steps"] for p in points if all(p["scores"].get(m, 0) >= TARGETS[m] for m in metrics)), None)
+            print(f"{'':{len(run)}}  {label} first met at: {hit if hit is not None else 'not within these steps'}")
+    print(f"\nwrote {args.plot} and {store_file}")
     return 0
 
 

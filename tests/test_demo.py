@@ -130,6 +130,61 @@ def test_exported_pipeline_loads_in_diffusers_and_ours(smoke):
     assert stage3("a red circle", seed=0, steps=2, show_progress=False)[0].size == (128, 128)
 
 
+def test_scratch_control_and_accuracy_curves(smoke, tmp_path):
+    """The efficiency comparison: the from-scratch control continues through stage 2b-2d's recipes from its own
+    weights, and scripts/demo_curves.py scores both runs' checkpoints on one axis of steps (= compute)."""
+    control = ("scratch", "scratch2b", "scratch2c", "scratch2d")
+    done = run("scripts/train_demo.py", "--workdir", str(smoke), "--smoke", "--only", ",".join(control))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for phase, source, base, cache in (("scratch2b", "scratch", "base", "cache-64-text"),
+                                       ("scratch2c", "scratch2b", "base", "cache-pairs"),
+                                       ("scratch2d", "scratch2c", "base-layout", "cache-pairs-layout")):  # fmt: skip
+        config = json.loads((smoke / phase / "config.json").read_text())
+        staged = json.loads((smoke / phase.replace("scratch", "stage") / "config.json").read_text())
+        assert config["model"]["source"] == str(smoke / source / "final-ema.safetensors")
+        assert (config["model"]["pipeline"], config["data"]["cache"]) == (str(smoke / base), str(smoke / cache))
+        # only where it starts and writes differs from the staged run's phase: same recipe, steps, data
+        assert {k: v for k, v in config.items() if k not in ("run", "model")} == {
+            k: v for k, v in staged.items() if k not in ("run", "model")
+        }
+    assert json.loads((smoke / "scratch" / "config.json").read_text())["model"]["source"] == str(
+        smoke / "init.safetensors"
+    )
+
+    plot = tmp_path / "curves.svg"
+    done = run("scripts/demo_curves.py", "--workdir", str(smoke), "--prompts", "2", "--every", "1", "--plot", str(plot))
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = json.loads((smoke / "curves.json").read_text())
+    staged = ("stage1", "stage2", "stage2b", "stage2c", "stage2d")
+    assert store["lengths"] == {
+        **dict.fromkeys(staged, 2),
+        "scratch": 4,
+        "scratch2b": 2,
+        "scratch2c": 2,
+        "scratch2d": 2,
+    }
+    first = {"stage1", "stage2", "scratch"}  # raw weights; the later phases by their EMA
+    assert set(store["scores"]) == {
+        f"{r}/step-{store['lengths'][r]:08d}/{'trainable' if r in first else 'ema'}" for r in store["lengths"]
+    }
+    assert {e["prompts"] for e in store["scores"].values()} == {2}
+    assert all(e["scores"]["n_single"] + e["scores"]["n_pair"] == 2 for e in store["scores"].values())
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip().endswith(("/trainable", "/ema"))]
+    x = {row[-1].split("/")[0]: int(row[0]) for row in rows}  # each run's last step on the curves' common axis
+    assert x == {"stage1": 2, "stage2": 4, "stage2b": 6, "stage2c": 8, "stage2d": 10,
+                 "scratch": 4, "scratch2b": 6, "scratch2c": 8, "scratch2d": 10}  # fmt: skip
+    svg = plot.read_text()
+    assert svg.startswith("<svg") and svg.count("<circle") == 4 * 9  # 4 panels, 9 points
+    # a later session whose checkpoints are deleted keeps the recorded points: same table without scoring
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    (lost / "curves.json").write_text((smoke / "curves.json").read_text())
+    again = run("scripts/demo_curves.py", "--workdir", str(lost), "--score", "", "--plot", str(tmp_path / "again.svg"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.split("wrote")[0] == done.stdout.split("wrote")[0]
+    assert (tmp_path / "again.svg").read_text() == svg
+
+
 def test_evaluate_scores_what_the_checker_says_and_is_deterministic(smoke):
     pipe = PixArtPipeline.from_pretrained(smoke / "pipeline-stage2", device="cpu")
     first = evaluate(pipe, 6, seed=3, steps=2, batch_size=6)
