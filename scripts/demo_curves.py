@@ -127,7 +127,8 @@ def plan(work: Path, chain: tuple[str, ...], store: dict, every: int) -> tuple[l
     points, ends = [], [0]
     for run in chain:
         found = checkpoints(work / run)
-        found = [(s, p) for s, p in found if s % every == 0 or p == found[-1][1]]
+        finished = (work / run / "final.safetensors").is_file()
+        found = [(s, p) for s, p in found if s % every == 0 or (finished and p == found[-1][1])]
         weights = "trainable" if run in FIRST else "ema"
         pipeline = work / ("base-layout" if run.endswith("2d") else "base")
         if found:
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=Path("docs/demo-curves.svg"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--every", type=int, default=1000, help="score checkpoints every N steps of a run (default "
-                        "1000; a run's last checkpoint always)")  # fmt: skip
+                        "1000; a finished run's last checkpoint always)")  # fmt: skip
     parser.add_argument("--score", default="staged,scratch",
                         help="whose checkpoints not in curves.json yet to score (default staged,scratch; '' to "
                         "only plot what it holds)")  # fmt: skip
