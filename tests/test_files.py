@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pixart.files import atomic_write, plain_modes, temporary_folder
+from pixart.files import atomic_write, plain_modes, swap_into_place, temporary_folder
 
 
 def umask() -> int:
@@ -76,3 +76,20 @@ def test_plain_modes_covers_the_whole_folder_but_not_link_targets(tmp_path):
     assert mode(folder) == mode(folder / "sub") == 0o777 & ~mask
     assert mode(folder / "weights.safetensors") == mode(folder / "sub" / "state.json") == 0o666 & ~mask
     assert mode(outside) == 0o600
+
+
+def test_swap_into_place_replaces_a_folder_whole_with_plain_modes(tmp_path):
+    out = tmp_path / "pipeline"
+    for version in ("old", "new"):
+        tmp = temporary_folder(tmp_path, ".pipeline.", ".tmp")
+        (tmp / "transformer").mkdir(mode=0o700)
+        (tmp / "transformer" / "weights.safetensors").write_text(version)
+        os.chmod(tmp / "transformer" / "weights.safetensors", 0o600)  # as safetensors writes it
+        if version == "old":
+            (tmp / "only-in-old.txt").write_text("stale")
+        swap_into_place(tmp, out)
+        assert not tmp.exists()
+        assert (out / "transformer" / "weights.safetensors").read_text() == version
+        assert_plain_modes(out)
+        assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]  # nothing moved aside is left behind
+    assert not (out / "only-in-old.txt").exists()  # replaced whole, not merged

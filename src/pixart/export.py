@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pixart.convert import check_diffusers_compatible, load_transformer, save_diffusers
 from pixart.errors import PixArtError
-from pixart.files import plain_modes, temporary_folder
+from pixart.files import swap_into_place, temporary_folder
 from pixart.lora import load_lora, lora_layers, merge_lora
 from pixart.model import PixArtTransformer
 
@@ -162,7 +161,7 @@ def export_pipeline(
                 _copy_tree(base_dir / component, tmp / component, progress)
         save_diffusers(model, tmp / "transformer")
         (tmp / "model_index.json").write_text(json.dumps(_model_index(base_dir, family), indent=2) + "\n")
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,18 +177,3 @@ def _model_index(base_dir: Path, family: str) -> dict:
     index.update({c: base[c] for c in BASE_COMPONENTS})
     index["transformer"] = ["diffusers", "PixArtTransformer2DModel"]
     return index
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; an existing ``out`` is moved aside first and deleted last.
-
-    Everything in it gets a plain file's or folder's mode first: copied parts keep their source's (a private
-    0600 cache stays private) and safetensors writes 0600."""
-    plain_modes(tmp)
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

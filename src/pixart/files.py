@@ -3,13 +3,14 @@
 Atomic writes go through ``tempfile.mkstemp``, ``tempfile.mkdtemp`` or ``safetensors.torch.save_file``,
 which create files with mode 0600 and folders with 0700, so without a fix every exported model,
 dataset and generated image would be private to its owner whatever the user's umask. ``FILE_MODE``,
-``atomic_write``, ``temporary_folder`` and ``plain_modes`` give what a plain ``open()`` or ``mkdir()``
-would instead.
+``atomic_write``, ``temporary_folder``, ``plain_modes`` and ``swap_into_place`` give what a plain ``open()``
+or ``mkdir()`` would instead.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -69,3 +70,21 @@ def plain_modes(folder: Path) -> None:
                 path = os.path.join(root, name)
                 if not os.path.islink(path):
                     os.chmod(path, mode)
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` (from ``temporary_folder`` beside ``out``) to ``out``, with plain modes.
+
+    A rename cannot replace a non-empty folder, so an existing ``out`` is moved aside first and deleted last:
+    a reader sees the old folder or the new one, never a mix or neither for longer than between two renames.
+    Everything in it gets a plain file's or folder's mode first: copied parts keep their source's (a private
+    0600 cache stays private) and safetensors writes 0600.
+    """
+    plain_modes(tmp)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -28,7 +28,7 @@ from torch import nn
 
 from pixart.config import PixArtConfig
 from pixart.errors import PixArtError
-from pixart.files import temporary_folder
+from pixart.files import swap_into_place, temporary_folder
 from pixart.model import PixArtTransformer
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def export_openvino(
     from diffusers import AutoencoderKL
 
     from pixart.convert import load_transformer
-    from pixart.export import _check_out, _swap_into_place
+    from pixart.export import _check_out
     from pixart.pipeline import learned_null_caption, resolve_model
     from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder
 
@@ -190,7 +190,7 @@ def export_openvino(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if null is not None:
             np.save(tmp / "null_caption.npy", null.float().cpu().numpy())
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

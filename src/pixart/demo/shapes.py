@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pixart.errors import PixArtError
-from pixart.files import temporary_folder
+from pixart.files import swap_into_place, temporary_folder
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": 0.0, "orange": 26.0, "yellow": 54.0, "green": 125.0, "blue": 220.0, "purple": 280.0}
@@ -437,13 +436,7 @@ def write_dataset(
                 name = f"{i:0{digits}d}.png"
                 sample.image.save(tmp / name, compress_level=1)  # noisy backgrounds barely compress: save time
                 meta.write(json.dumps(metadata_row(sample, name, split)) + "\n")
-        if out.exists():  # rename cannot replace a non-empty folder: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
