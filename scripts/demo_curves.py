@@ -162,10 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     store_file = work / "curves.json"
     store = json.loads(store_file.read_text()) if store_file.is_file() else {"lengths": {}, "scores": {}}
     curves: dict[str, list[dict]] = {}
-    boundaries = []
-    for name, chain in (("staged", STAGED), ("scratch", SCRATCH)):
-        points, ends = plan(work, chain, store, args.every)
-        boundaries = ends[1:-1] if name == "staged" else boundaries
+    plans = {name: plan(work, chain, store, args.every) for name, chain in (("staged", STAGED), ("scratch", SCRATCH))}
+    for name, (points, _) in plans.items():
         curves[name] = []
         for x, key, folder, weights, pipeline in points:
             entry = store["scores"].get(key)
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     {"steps": x, "checkpoint": key, "prompts": entry["prompts"], "scores": entry["scores"]}
                 )
     save(store_file, json.dumps(store, indent=2) + "\n")
-    save(args.plot, svg(curves, boundaries))
+    save(args.plot, svg(curves, plans["staged"][1][1:-1]))  # grey lines where the staged parts end
     for run, points in curves.items():
         print(f"\n{run}: steps  " + "  ".join(f"{m:>15}" for m in METRICS) + "  prompts  checkpoint")
         for p in points:
