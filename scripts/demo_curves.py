@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="whose checkpoints not in curves.json yet to score (default staged,scratch; '' to "
                         "only plot what it holds)")  # fmt: skip
     args = parser.parse_args(argv)
+    scored = {name for name in args.score.split(",") if name}
+    if unknown := sorted(scored - {"staged", "scratch"}):
+        parser.error(f"--score: unknown run(s) {', '.join(unknown)}; runs: staged, scratch")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     work = args.workdir
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[name] = []
         for x, key, folder, weights, pipeline in points:
             entry = store["scores"].get(key)
-            if folder is not None and name in args.score.split(",") and entry is None:
+            if folder is not None and name in scored and entry is None:
                 entry = {
                     "prompts": args.prompts,
                     "scores": score(pipeline, folder, args.prompts, f"{weights}.safetensors"),

@@ -183,6 +183,8 @@ def test_scratch_control_and_accuracy_curves(smoke, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.split("wrote")[0] == done.stdout.split("wrote")[0]
     assert (tmp_path / "again.svg").read_text() == svg
+    typo = run("scripts/demo_curves.py", "--workdir", str(lost), "--score", "staged,scratc")
+    assert typo.returncode == 2 and "--score: unknown run(s) scratc" in typo.stderr.splitlines()[-1]
 
 
 def test_evaluate_scores_what_the_checker_says_and_is_deterministic(smoke):
