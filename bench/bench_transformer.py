@@ -9,6 +9,8 @@ swings with other jobs, while single-thread CPU time measures the work each mode
     python bench/bench_transformer.py                 # all tables (≈45 CPU minutes)
     python bench/bench_transformer.py --quick         # smaller model, for a smoke run
     python bench/bench_transformer.py --tables kv-blocks --kv-tokens 4096,16384   # one table
+    python bench/bench_transformer.py --tables kv-blocks,kv-model --kv-tokens 4096 --kv-layers paper,all
+                                                      # a block's prediction against whole models (≈50 CPU min)
 """
 
 from __future__ import annotations
@@ -81,9 +83,13 @@ def compare_with_diffusers(cfg, batch, tokens, text_tokens, repeats, device, clo
     return {"ours": o, "diffusers": r, "ratio": o / r, "max_abs_diff": diff}
 
 
-def compare_kv_compression(cfg, batch, tokens, repeats, device, clock) -> dict:
+KV_LAYERS = {"paper": lambda depth: sigma_kv_compress(depth), "all": lambda depth: dict.fromkeys(range(depth), 2)}
+"""Which layers the whole-model table compresses (factor 2): the Σ paper's deeper half, or every layer."""
+
+
+def compare_kv_compression(cfg, batch, tokens, repeats, device, clock, layers: str = "paper") -> dict:
     plain = perturbed(PixArtTransformer(cfg)).to(device).eval()
-    kv_cfg = cfg.replace(kv_compress=sigma_kv_compress(cfg.depth))
+    kv_cfg = cfg.replace(kv_compress=KV_LAYERS[layers](cfg.depth))
     compressed = PixArtTransformer(kv_cfg).to(device).eval()
     compressed.load_state_dict(plain.state_dict(), strict=False)  # same weights; sr/norm keep their init
     x, t, y, mask, _, _ = inputs(cfg, batch, tokens, 24, device)
@@ -148,6 +154,11 @@ def main() -> None:
     parser.add_argument(
         "--kv-tokens", default="1024,4096,16384", help="image token counts of the per-block KV table (square grids)"
     )
+    parser.add_argument(
+        "--kv-layers",
+        default="paper",
+        help="the whole-model table's compressed layers, comma-separated rows of paper (the deeper half) and all",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu_clock = args.device == "cpu" and not args.wall
@@ -163,6 +174,9 @@ def main() -> None:
         parser.error(f"--kv-tokens: expected square token counts such as 4096,16384, got {args.kv_tokens!r}")
     if unknown := sorted(set(tables) - set(TABLES)):
         parser.error(f"--tables: unknown {', '.join(unknown)}; choose from {', '.join(TABLES)}")
+    kv_layers = [v for v in args.kv_layers.split(",") if v]
+    if not kv_layers or set(kv_layers) - set(KV_LAYERS):
+        parser.error(f"--kv-layers: expected paper and/or all, got {args.kv_layers!r}")
     n = sum(p.numel() for p in PixArtTransformer(alpha).parameters())
     print(
         f"PixArt transformer forward, {args.device}, fp32, batch {args.batch}, depth {alpha.depth}, "
@@ -193,13 +207,12 @@ def main() -> None:
             r = compare_kv_block(sigma, args.batch, tokens, args.repeats, args.device, clock)
             print(f"| {tokens} | {r['off']:.2f} | {r['on']:.2f} | {r['paper']:.2f}× | {r['all']:.2f}× |", flush=True)
     if "kv-model" in tables:
-        print(
-            f"\n| PixArt-Σ, image tokens | KV compression off ({unit}) "
-            f"| on: layers {sigma.depth // 2}–{sigma.depth - 1}, factor 2 ({unit}) | speed-up |"
-        )
+        print(f"\n| PixArt-Σ, 4096 image tokens, factor 2 on | KV compression off ({unit}) | on ({unit}) | speed-up |")
         print("|---|---|---|---|")
-        r = compare_kv_compression(sigma, args.batch, 4096, max(1, args.repeats - 1), args.device, clock)
-        print(f"| 4096 | {r['off']:.2f} | {r['on']:.2f} | {r['speedup']:.2f}× |")
+        names = {"paper": f"layers {sigma.depth // 2}–{sigma.depth - 1} (the paper's)", "all": "all layers"}
+        for layers in kv_layers:
+            r = compare_kv_compression(sigma, args.batch, 4096, max(1, args.repeats - 1), args.device, clock, layers)
+            print(f"| {names[layers]} | {r['off']:.2f} | {r['on']:.2f} | {r['speedup']:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":
