@@ -117,3 +117,27 @@ def save_pipeline(path: str | Path, family: str = "alpha", seed: int = 0) -> Pat
     path = Path(path)
     build_pipeline(family, seed).save_pretrained(path)
     return path
+
+
+def training_setup(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny α pipeline folder, 8 captioned images (two colours × four shades) and their feature cache
+    under root: (pipeline, images, cache)."""
+    import numpy as np
+    from PIL import Image
+
+    from pixart.cache import build_cache
+    from pixart.data import open_dataset
+
+    pipe = save_pipeline(root / "pipe", "alpha")
+    images = root / "images"
+    images.mkdir()
+    for i in range(8):
+        colour = "red" if i % 2 else "blue"
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        pixels[..., 0 if colour == "red" else 2] = 120 + 30 * (i // 2)
+        pixels[8:24, 8:24] = 255 - pixels[8:24, 8:24]  # some structure, not a flat field
+        Image.fromarray(pixels).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {colour} square, shade {i // 2}")
+    cache = root / "cache"
+    build_cache(pipe, open_dataset(images), cache, resolution=256, max_tokens=16, batch_size=8)
+    return pipe, images, cache
