@@ -73,7 +73,7 @@ def run_one(name: str, folder: Path, size: int, steps: int) -> dict:
         generator = torch.Generator("cpu").manual_seed(0)
         pipe(PROMPT, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size, generator=generator)
     else:
-        from pixart.pipeline import PixArtPipeline
+        from pixart.inference.pipeline import PixArtPipeline
 
         pipe = PixArtPipeline.from_pretrained(folder, device="cpu", low_memory=name == "pixart-low")
         loaded = time.perf_counter()

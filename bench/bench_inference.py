@@ -61,10 +61,10 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
             return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size,
                         generator=generator).images[0]  # fmt: skip
     else:
-        from pixart.pipeline import PixArtPipeline
+        from pixart.inference.pipeline import PixArtPipeline
 
         if name.startswith("openvino"):
-            from pixart.openvino import load_openvino_pipeline
+            from pixart.inference.openvino import load_openvino_pipeline
 
             pipe = load_openvino_pipeline(work / name, threads=args.threads)
         else:
@@ -124,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pixart-bench-") as tmp:
         work = Path(tmp)
         build(work / "pipeline", args.size)
-        from pixart.openvino import export_openvino
+        from pixart.inference.openvino import export_openvino
 
         exports = {}
         for name, int8 in (("openvino", False), ("openvino-int8", True)):

@@ -24,9 +24,9 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from pixart import PixArtTransformer, preset
-from pixart.config import sigma_kv_compress
-from pixart.convert import diffusers_config, to_diffusers_state_dict
-from pixart.model import PixArtBlock
+from pixart.checkpoints.convert import diffusers_config, to_diffusers_state_dict
+from pixart.model.config import sigma_kv_compress
+from pixart.model.transformer import PixArtBlock
 
 
 def timed(fn, repeats: int, clock=time.perf_counter) -> list[float]:

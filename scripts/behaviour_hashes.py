@@ -35,11 +35,11 @@ from safetensors.torch import load_file  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: the tests' tiny real pipelines
 
-from pixart.lora import add_lora, save_lora  # noqa: E402
-from pixart.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
-from pixart.sampling import SAMPLERS  # noqa: E402
-from pixart.train import train  # noqa: E402
-from pixart.train_config import load_config  # noqa: E402
+from pixart.checkpoints.lora import add_lora, save_lora  # noqa: E402
+from pixart.inference.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
+from pixart.sampling.samplers import SAMPLERS  # noqa: E402
+from pixart.train.config import load_config  # noqa: E402
+from pixart.train.loop import train  # noqa: E402
 from tiny import save_pipeline, training_setup  # noqa: E402
 
 PROMPTS = ["a red circle above a blue square", "a green triangle"]
@@ -85,8 +85,8 @@ def generation_cases(work: Path):
 
 def make_lora(folder: Path | None, out: Path) -> Path:
     """A LoRA with random non-zero weights on the folder's transformer (the demo's if None)."""
-    from pixart.convert import load_transformer
-    from pixart.pipeline import DEMO_MODEL
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.inference.pipeline import DEMO_MODEL
 
     model = load_transformer(folder or DEMO_MODEL)
     torch.manual_seed(5)
@@ -101,7 +101,7 @@ def make_lora(folder: Path | None, out: Path) -> Path:
 
 def openvino_cases(work: Path):
     try:
-        from pixart.openvino import export_openvino, load_openvino_pipeline
+        from pixart.inference.openvino import export_openvino, load_openvino_pipeline
     except ImportError:
         return
     options = GenerationOptions(seed=3, steps=4, width=64, height=64, binning=False, max_tokens=16)

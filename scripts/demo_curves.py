@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pixart.convert import save_pixart
+from pixart.checkpoints.convert import save_pixart
 from pixart.demo import components
 from pixart.demo.eval import TARGETS, evaluate
 from pixart.files import atomic_write
-from pixart.model import PixArtTransformer
-from pixart.pipeline import PixArtPipeline
+from pixart.inference.pipeline import PixArtPipeline
+from pixart.model.transformer import PixArtTransformer
 
 log = logging.getLogger("demo_curves")
 

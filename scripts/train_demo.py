@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from pixart.convert import load_transformer, save_pixart
+from pixart.checkpoints.convert import load_transformer, save_pixart
+from pixart.checkpoints.export import export_pipeline
 from pixart.demo import checker, components
 from pixart.demo.shapes import Scene, write_dataset
-from pixart.export import export_pipeline
-from pixart.model import PixArtTransformer
-from pixart.train import train
-from pixart.train_config import load_config
+from pixart.model.transformer import PixArtTransformer
+from pixart.train.config import load_config
+from pixart.train.loop import train
 
 log = logging.getLogger("train_demo")
 
@@ -92,8 +92,8 @@ def build_caches(work: Path, base: str = "base", sets: tuple = CACHES) -> None:
     Encoding 16 000 images costs about what 100 training steps do, and every step after it skips the VAE
     and T5, so the stages run from these caches (`pixart cache`, the same files users make).
     """
-    from pixart.cache import build_cache
-    from pixart.data import open_dataset
+    from pixart.train.cache import build_cache
+    from pixart.train.data import open_dataset
 
     for data, size, column, cache in sets:
         dataset = open_dataset(work / data, caption_column=column)

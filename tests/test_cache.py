@@ -14,9 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import ByT5Tokenizer, T5EncoderModel
 
-from pixart.cache import build_cache, cache_expectations, open_cache
-from pixart.data import BatchLoader, open_dataset, resize_cover_crop, to_tensor
 from pixart.errors import PixArtError
+from pixart.train.cache import build_cache, cache_expectations, open_cache
+from pixart.train.data import BatchLoader, open_dataset, resize_cover_crop, to_tensor
 from test_data import fixture_images, png_bytes, write_folder
 from test_files import assert_plain_modes
 from tiny import save_pipeline

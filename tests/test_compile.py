@@ -12,9 +12,9 @@ import pytest
 import torch
 from tests.tiny import save_pipeline
 
-from pixart.convert import load_transformer
-from pixart.pipeline import GenerationOptions, PixArtPipeline
-from pixart.step_cache import StepCache, compile_seconds, compile_transformer, runs_every_block
+from pixart.checkpoints.convert import load_transformer
+from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
+from pixart.sampling.step_cache import StepCache, compile_seconds, compile_transformer, runs_every_block
 
 OPTIONS = GenerationOptions(seed=5, steps=3, width=64, height=64, binning=False)
 

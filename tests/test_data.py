@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pixart.data import BatchLoader, ImageBuckets, bucket_table, open_dataset, resize_cover_crop, to_tensor
 from pixart.errors import PixArtError
+from pixart.train.data import BatchLoader, ImageBuckets, bucket_table, open_dataset, resize_cover_crop, to_tensor
 
 # (height, width) of the fixture images: four each of three aspect ratios.
 SHAPES = [(32, 32)] * 4 + [(24, 48)] * 4 + [(48, 24)] * 4
-# The official 256-px buckets these land in, copied from the PixArt tables (not from pixart.data).
+# The official 256-px buckets these land in, copied from the PixArt tables (not from pixart.train.data).
 BUCKET_OF_SHAPE = {(32, 32): (1.0, (256, 256)), (24, 48): (0.5, (176, 352)), (48, 24): (2.0, (352, 176))}
 
 

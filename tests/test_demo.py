@@ -15,7 +15,7 @@ from pixart.demo import components
 from pixart.demo.checker import check, score
 from pixart.demo.eval import evaluate, format_table
 from pixart.demo.shapes import held_out_prompts
-from pixart.pipeline import DEMO_MODEL, PixArtPipeline
+from pixart.inference.pipeline import DEMO_MODEL, PixArtPipeline
 from test_files import assert_plain_modes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_smoke_run_writes_every_stage(smoke):
     # stage 2 starts from stage 1's weights, its second phase from stage 2's EMA (with min-SNR weighting), its
     # third from the second's EMA on the pair-heavy set, its fourth from the third's EMA through the layout-trained
     # text encoder, and stage 3 from the fourth phase's weights at 128 px
-    from pixart.convert import load_transformer
+    from pixart.checkpoints.convert import load_transformer
 
     for phase, source in (("stage2b", "stage2"), ("stage2c", "stage2b"), ("stage2d", "stage2c")):
         config = json.loads((smoke / phase / "config.json").read_text())

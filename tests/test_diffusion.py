@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch.distributions import Normal, kl_divergence
 
-from pixart.diffusion import GaussianDiffusion, drop_captions
+from pixart.train.diffusion import GaussianDiffusion, drop_captions
 
 
 def ddpm(variance_type: str = "learned_range") -> DDPMScheduler:

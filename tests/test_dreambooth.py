@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pixart.checkpoints.convert import load_transformer, save_pixart
 from pixart.cli import main as cli_main
-from pixart.convert import load_transformer, save_pixart
 from pixart.errors import PixArtError
-from pixart.pipeline import GenerationOptions, PixArtPipeline
-from pixart.train import train
-from pixart.train_config import load_config
+from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
+from pixart.train.config import load_config
+from pixart.train.loop import train
 from test_files import assert_plain_modes
 from test_train import torchrun, weights
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 
+from pixart.checkpoints.convert import load_transformer, save_pixart
+from pixart.checkpoints.export import export_pipeline
+from pixart.checkpoints.lora import add_lora, load_lora, lora_layers, save_lora
 from pixart.cli import main
-from pixart.convert import load_transformer, save_pixart
 from pixart.errors import PixArtError
-from pixart.export import export_pipeline
-from pixart.lora import add_lora, load_lora, lora_layers, save_lora
 from test_files import assert_plain_modes
 from tiny import T5_WIDTH, build_pipeline, save_pipeline
 

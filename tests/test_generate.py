@@ -21,8 +21,8 @@ from tests.tiny import save_pipeline, scheduler, tiny_text_encoder, tiny_transfo
 
 from pixart.cli import main
 from pixart.errors import PixArtError
-from pixart.pipeline import GenerationOptions, PixArtPipeline, save_image
-from pixart.sampling import make_scheduler
+from pixart.inference.pipeline import GenerationOptions, PixArtPipeline, save_image
+from pixart.sampling.samplers import make_scheduler
 from test_files import umask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,9 +99,9 @@ def test_sampler_defaults_follow_the_model(folders):
 
 
 def test_half_precision_on_cpu_is_warned(caplog):
-    from pixart.pipeline import resolve_dtype
+    from pixart.inference.pipeline import resolve_dtype
 
-    with caplog.at_level("WARNING", logger="pixart.pipeline"):
+    with caplog.at_level("WARNING", logger="pixart.inference.pipeline"):
         assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert "very slow" in caplog.text
     with pytest.raises(PixArtError, match="unknown dtype 'fp8'"):
@@ -171,8 +171,8 @@ def test_seeds_per_image_progress_and_prompt_deduplication(folders):
 def test_alpha_learned_null_caption_is_used_without_negative_prompt(folders):
     from diffusers import AutoencoderKL
 
-    from pixart.convert import load_transformer
-    from pixart.text import TextEncoder
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.model.text import TextEncoder
 
     folder = folders["alpha"]
     text_encoder = TextEncoder.from_pretrained(folder)
@@ -198,8 +198,8 @@ def test_alpha_learned_null_caption_is_used_without_negative_prompt(folders):
 
 
 def test_lora_is_merged_at_its_scale(folders, tmp_path):
-    from pixart.convert import load_transformer
-    from pixart.lora import add_lora, save_lora
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.checkpoints.lora import add_lora, save_lora
 
     model = load_transformer(folders["sigma"])
     add_lora(model, rank=4)
@@ -256,9 +256,9 @@ def test_size_rule_without_binning_is_the_patch_grid(folders):
 
 
 def test_missing_default_model_says_what_to_pass(monkeypatch, tmp_path):
-    import pixart.pipeline
+    import pixart.inference.pipeline
 
-    monkeypatch.setattr(pixart.pipeline, "DEMO_MODEL", tmp_path / "absent")
+    monkeypatch.setattr(pixart.inference.pipeline, "DEMO_MODEL", tmp_path / "absent")
     with pytest.raises(PixArtError, match="pass --model with a pipeline folder or a hub id"):
         PixArtPipeline.from_pretrained(None, device="cpu")
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pixart.cache import open_cache
-from pixart.convert import load_transformer
-from pixart.diffusion import GaussianDiffusion
+from pixart.checkpoints.convert import load_transformer
 from pixart.errors import PixArtError
-from pixart.lcm import LCMSettings, ddim_grid, lcm_loss, update_target
-from pixart.train import train
-from pixart.train_config import load_config
+from pixart.train.cache import open_cache
+from pixart.train.config import load_config
+from pixart.train.diffusion import GaussianDiffusion
+from pixart.train.lcm import LCMSettings, ddim_grid, lcm_loss, update_target
+from pixart.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

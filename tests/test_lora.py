@@ -10,9 +10,8 @@ from diffusers import PixArtTransformer2DModel
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from pixart.convert import load_transformer
-from pixart.errors import PixArtError
-from pixart.lora import (
+from pixart.checkpoints.convert import load_transformer
+from pixart.checkpoints.lora import (
     add_lora,
     load_lora,
     load_lora_state_dict,
@@ -22,6 +21,7 @@ from pixart.lora import (
     parse_lora_spec,
     save_lora,
 )
+from pixart.errors import PixArtError
 from test_files import assert_plain_modes
 from tiny import T5_WIDTH, tiny_transformer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pixart import PixArtConfig, PixArtError, PixArtTransformer, preset
-from pixart.model import pos_embed_2d
+from pixart.model.transformer import pos_embed_2d
 
 
 def inputs(cfg, b=2, h=8, w=12, valid=(5, 9)):

@@ -18,8 +18,8 @@ from test_files import assert_plain_modes
 ov = pytest.importorskip("openvino")
 
 from pixart.cli import main  # noqa: E402
-from pixart.openvino import export_openvino, load_openvino_pipeline  # noqa: E402
-from pixart.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
+from pixart.inference.openvino import export_openvino, load_openvino_pipeline  # noqa: E402
+from pixart.inference.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
 
 PROMPTS = ["a red fox in the snow", "a castle"]
 GUIDED = GenerationOptions(seed=2, steps=4, width=64, height=64, binning=False)

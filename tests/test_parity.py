@@ -9,7 +9,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from pixart import PixArtTransformer, preset
-from pixart.convert import load_transformer, save_diffusers
+from pixart.checkpoints.convert import load_transformer, save_diffusers
 from tiny import save_pipeline
 
 TOLERANCE = 1e-5

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tests.tiny import scheduler as released_scheduler
 
-from pixart.sampling import Conditioning, denoise, make_scheduler
+from pixart.sampling.samplers import Conditioning, denoise, make_scheduler
 
 
 class Oracle(torch.nn.Module):

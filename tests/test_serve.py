@@ -29,8 +29,8 @@ from PIL import Image
 from tests.tiny import save_pipeline
 
 from pixart.cli import main
-from pixart.pipeline import PixArtPipeline
-from pixart.serve import ImageService, ServeLimits, ServerBusy
+from pixart.inference.pipeline import PixArtPipeline
+from pixart.serve.app import ImageService, ServeLimits, ServerBusy
 
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_PROMPT_CHARS = 100

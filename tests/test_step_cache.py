@@ -12,8 +12,8 @@ from tests.tiny import save_pipeline
 
 from pixart.cli import main
 from pixart.errors import PixArtError
-from pixart.pipeline import GenerationOptions, PixArtPipeline
-from pixart.step_cache import StepCache, check_cache_steps
+from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
+from pixart.sampling.step_cache import StepCache, check_cache_steps
 
 OPTIONS = GenerationOptions(seed=3, steps=8, width=64, height=64, binning=False)
 

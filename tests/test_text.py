@@ -9,7 +9,7 @@ import torch
 from tests.tiny import build_pipeline, save_pipeline
 
 from pixart.errors import PixArtError
-from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder, preprocess_caption, quantize_int8_dynamic
+from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, preprocess_caption, quantize_int8_dynamic
 
 NASTY_CAPTIONS = [
     "A Cat   on a Mat ",
@@ -66,7 +66,7 @@ def test_duplicate_prompts_encoded_once(diffusers_pipe):
 
 def test_truncation_is_warned_with_dropped_count(diffusers_pipe, caplog):
     encoder = TextEncoder(diffusers_pipe.tokenizer, diffusers_pipe.text_encoder)
-    with caplog.at_level(logging.WARNING, logger="pixart.text"):
+    with caplog.at_level(logging.WARNING, logger="pixart.model.text"):
         _, mask = encoder.encode(["abcdefghij"], max_length=6, clean=False)  # 10 byte tokens + </s>: keeps 5 + </s>
     assert mask.sum() == 6
     assert "5 token(s) dropped" in caplog.text

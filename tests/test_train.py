@@ -20,17 +20,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pixart.cache import open_cache
+from pixart.checkpoints.convert import load_transformer
 from pixart.cli import main as cli_main
-from pixart.config import preset
-from pixart.convert import load_transformer
-from pixart.diffusion import GaussianDiffusion
 from pixart.errors import PixArtError
-from pixart.model import PixArtTransformer
-from pixart.objective import sample_generator
-from pixart.train import train
-from pixart.train_checkpoint import complete_checkpoints, find_checkpoint
-from pixart.train_config import load_config, recipe_names
+from pixart.model.config import preset
+from pixart.model.transformer import PixArtTransformer
+from pixart.train.cache import open_cache
+from pixart.train.checkpoint import complete_checkpoints, find_checkpoint
+from pixart.train.config import load_config, recipe_names
+from pixart.train.diffusion import GaussianDiffusion
+from pixart.train.loop import train
+from pixart.train.objective import sample_generator
 from test_files import assert_plain_modes
 from tiny import save_pipeline
 
@@ -237,7 +237,7 @@ def test_killed_lcm_run_resumes_bit_identically(setup, tmp_path, capsys, adapter
 def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):
     root, pipe, images, _ = setup
     source = tmp_path / "base.safetensors"
-    from pixart.convert import save_pixart
+    from pixart.checkpoints.convert import save_pixart
 
     torch.manual_seed(1)
     base_model = PixArtTransformer(preset("debug-alpha"))

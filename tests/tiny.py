@@ -125,8 +125,8 @@ def training_setup(root: Path) -> tuple[Path, Path, Path]:
     import numpy as np
     from PIL import Image
 
-    from pixart.cache import build_cache
-    from pixart.data import open_dataset
+    from pixart.train.cache import build_cache
+    from pixart.train.data import open_dataset
 
     pipe = save_pipeline(root / "pipe", "alpha")
     images = root / "images"

@@ -1,8 +1,8 @@
 """pixart: PixArt-α and PixArt-Σ text-to-image diffusion transformers — generate, train, ship."""
 
-from pixart.config import PRESETS, PixArtConfig, preset
 from pixart.errors import PixArtError
-from pixart.model import PixArtTransformer
+from pixart.model.config import PRESETS, PixArtConfig, preset
+from pixart.model.transformer import PixArtTransformer
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.data import BUCKET_RESOLUTIONS
+from pixart.train.data import BUCKET_RESOLUTIONS
 
 
 def register(subparsers) -> None:
@@ -46,8 +46,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixart.cache import build_cache, resolve_model
-    from pixart.data import open_dataset
+    from pixart.train.cache import build_cache, resolve_model
+    from pixart.train.data import open_dataset
 
     resolve_model(args.model)  # a bad --model fails before the dataset is scanned
     dataset = open_dataset(

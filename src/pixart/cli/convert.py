@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.config import FAMILIES
-from pixart.convert import FORMATS, IMAGE_SIZES, convert_checkpoint
+from pixart.checkpoints.convert import FORMATS, IMAGE_SIZES, convert_checkpoint
+from pixart.model.config import FAMILIES
 
 EXAMPLES = """\
 examples:

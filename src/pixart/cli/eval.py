@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     held_out_prompts(args.prompts, seed=args.seed)  # refuse a bad count or seed before importing torch
     from pixart.demo.eval import evaluate, format_table
-    from pixart.pipeline import PixArtPipeline
+    from pixart.inference.pipeline import PixArtPipeline
 
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
     pipe = PixArtPipeline.from_pretrained(args.model, device=args.device, cache_steps=args.cache_steps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.convert import IMAGE_SIZES
+from pixart.checkpoints.convert import IMAGE_SIZES
 
 DIFFUSERS_EXAMPLES = """\
 examples:
@@ -98,8 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_diffusers(args: argparse.Namespace) -> int:
     # peft and diffusers take seconds to import: only pay for them when exporting, not on `pixart --help`.
-    from pixart.export import export_pipeline
-    from pixart.lora import parse_lora_spec
+    from pixart.checkpoints.export import export_pipeline
+    from pixart.checkpoints.lora import parse_lora_spec
 
     export_pipeline(
         args.base,
@@ -114,7 +114,7 @@ def run_diffusers(args: argparse.Namespace) -> int:
 
 
 def run_openvino(args: argparse.Namespace) -> int:
-    from pixart.openvino import export_openvino
+    from pixart.inference.openvino import export_openvino
 
     export_openvino(
         args.model,

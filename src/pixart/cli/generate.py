@@ -20,7 +20,7 @@ EXAMPLES = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pixart.sampling import SAMPLERS
+    from pixart.sampling.samplers import SAMPLERS
 
     p = subparsers.add_parser(
         "generate",
@@ -108,8 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixart.lora import parse_lora_spec
-    from pixart.pipeline import GenerationOptions, PixArtPipeline, save_image
+    from pixart.checkpoints.lora import parse_lora_spec
+    from pixart.inference.pipeline import GenerationOptions, PixArtPipeline, save_image
 
     prompts, options, model, transformer, cache_steps = _inputs(args, GenerationOptions)
     loras = [parse_lora_spec(spec) for spec in args.lora]
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         print(save_image(image, args.out))
     log.info("%s", pipe.last_run.summary())
     if model is None:  # the bundled demo answered: point at the real models
-        from pixart.pipeline import HUB_MODELS
+        from pixart.inference.pipeline import HUB_MODELS
 
         log.info("this was the small bundled demo model (coloured shapes only, docs/demo.md); for real images "
                  "pass --model with a released model, e.g. %s", ", ".join(HUB_MODELS))  # fmt: skip
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _openvino_pipeline(args: argparse.Namespace, model, transformer, quantization, cache_steps):
     """The pipeline of a `pixart export openvino` folder; refuses flags that only apply to PyTorch weights."""
-    from pixart.openvino import load_openvino_pipeline
+    from pixart.inference.openvino import load_openvino_pipeline
 
     torch_only = {
         "--transformer": transformer,

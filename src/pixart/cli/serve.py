@@ -1,4 +1,4 @@
-"""`pixart serve`: the web UI and HTTP API (:mod:`pixart.serve`) on one loaded model."""
+"""`pixart serve`: the web UI and HTTP API (:mod:`pixart.serve.app`) on one loaded model."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ EXAMPLES = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pixart.serve import ServeLimits
+    from pixart.serve.app import ServeLimits
 
     defaults = ServeLimits()
     p = subparsers.add_parser(
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixart.serve import ServeLimits
+    from pixart.serve.app import ServeLimits
 
     limits = ServeLimits(
         max_prompt_chars=args.max_prompt_chars,
@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from pixart.pipeline import PixArtPipeline
-    from pixart.serve import ImageService, build_app
+    from pixart.inference.pipeline import PixArtPipeline
+    from pixart.serve.app import ImageService, build_app
 
     pipe = PixArtPipeline.from_pretrained(
         args.model, args.transformer, device=args.device, dtype=args.dtype, low_memory=args.low_memory

@@ -20,7 +20,7 @@ Overrides are --section.key=value; lists are comma-separated or a TOML array (--
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pixart.train_config import TrainConfig, recipe_names
+    from pixart.train.config import TrainConfig, recipe_names
 
     sections = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
     parser = subparsers.add_parser(
@@ -63,8 +63,8 @@ def split_resume(items: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixart.train import train
-    from pixart.train_config import load_config
+    from pixart.train.config import load_config
+    from pixart.train.loop import train
 
     config = load_config(args.config, split_resume(args.overrides))
     run_dir = train(config)

@@ -2,7 +2,7 @@
 
 Every part is a real class users already load (diffusers ``AutoencoderKL``, transformers
 ``T5EncoderModel`` with ``ByT5Tokenizer``, our ``PixArtTransformer`` saved in the diffusers layout), so
-both :class:`pixart.pipeline.PixArtPipeline` and diffusers' ``PixArtSigmaPipeline`` load the result.
+both :class:`pixart.inference.pipeline.PixArtPipeline` and diffusers' ``PixArtSigmaPipeline`` load the result.
 ByT5's tokenizer is byte-level: no vocabulary file to ship. The VAE and the text encoder are trained
 here (minutes on a CPU) before the transformer's three stages; see ``scripts/train_demo.py`` and
 ``docs/demo.md``. Everything is deterministic given its seed.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixart.config import PixArtConfig
+from pixart.model.config import PixArtConfig
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def scheduler():
 
 def save_base_pipeline(folder: str | Path, tokenizer, text_encoder, vae) -> Path:
     """Write tokenizer/, text_encoder/, vae/, scheduler/ and a Σ model_index.json: the base that
-    ``pixart train`` (model.pipeline) and ``pixart.export.export_pipeline`` read."""
+    ``pixart train`` (model.pipeline) and ``pixart.checkpoints.export.export_pipeline`` read."""
     import diffusers
 
     folder = Path(folder)

@@ -28,7 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pixart.data import (
+from pixart.errors import PixArtError
+from pixart.files import atomic_write
+from pixart.train.data import (
     BUCKET_RESOLUTIONS,
     ImageBuckets,
     ImageDataset,
@@ -37,8 +39,6 @@ from pixart.data import (
     resize_cover_crop,
     to_tensor,
 )
-from pixart.errors import PixArtError
-from pixart.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def component_fingerprint(root: Path, subfolder: str) -> dict[str, str]:
 
 def model_defaults(root: Path) -> dict[str, int | None]:
     """Base resolution and max tokens implied by a pipeline folder (None where it cannot tell)."""
-    from pixart.text import DEFAULT_MAX_TOKENS
+    from pixart.model.text import DEFAULT_MAX_TOKENS
 
     resolution = None
     config = root / "transformer" / "config.json"
@@ -156,7 +156,7 @@ def build_cache(
     """Encode every image and caption of a dataset once and write the cache to ``out``; returns the manifest."""
     from diffusers import AutoencoderKL
 
-    from pixart.text import TextEncoder
+    from pixart.model.text import TextEncoder
 
     for name, value in (("batch size", batch_size), ("shard size", shard_size), ("max tokens", max_tokens)):
         if value is not None and (not isinstance(value, int) or value < 1):

@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pixart.config import FAMILIES, PixArtConfig
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
-from pixart.model import PixArtTransformer, pos_embed_2d
+from pixart.model.config import FAMILIES, PixArtConfig
+from pixart.model.transformer import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)
 

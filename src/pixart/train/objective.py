@@ -3,7 +3,7 @@
 The batch is either images and captions (encoded now by the frozen VAE and T5) or a feature cache's latent
 posteriors and T5 features. Every sample's latent draw, noise, timestep and caption-dropout decision comes
 from :func:`sample_generator` seeded by (seed, step, index in the global batch), which is what makes a run
-the same on 1 or N processes and a resumed run bit-identical (:mod:`pixart.train`).
+the same on 1 or N processes and a resumed run bit-identical (:mod:`pixart.train.loop`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pixart.diffusion import GaussianDiffusion, drop_captions
 from pixart.errors import PixArtError
-from pixart.train_config import TrainConfig
+from pixart.train.config import TrainConfig
+from pixart.train.diffusion import GaussianDiffusion, drop_captions
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -38,7 +38,7 @@ def load_frozen_encoders(config: TrainConfig, model, device, need_text: bool, ne
     """T5 and the VAE from the pipeline folder, frozen, for uncached training and the T5 null caption."""
     from diffusers import AutoencoderKL
 
-    from pixart.text import TextEncoder
+    from pixart.model.text import TextEncoder
 
     source = config.model.pipeline or config.model.source
     text = vae = None

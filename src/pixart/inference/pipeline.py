@@ -5,8 +5,9 @@ The one entry point for notebooks, the CLI and the web UI::
     pipe = PixArtPipeline.from_pretrained("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")
     images = pipe("a red fox in the snow", GenerationOptions(seed=1, width=1024, height=768))
 
-Components: T5 (:class:`pixart.text.TextEncoder`), our transformer (:func:`pixart.convert.load_transformer`),
-diffusers' AutoencoderKL and schedulers (:mod:`pixart.sampling`). Each image carries its settings as
+Components: T5 (:class:`pixart.model.text.TextEncoder`), our transformer
+(:func:`pixart.checkpoints.convert.load_transformer`), diffusers' AutoencoderKL and schedulers
+(:mod:`pixart.sampling.samplers`). Each image carries its settings as
 PNG text metadata (``image.info``) from which :meth:`GenerationOptions.from_metadata` rebuilds the run.
 """
 
@@ -37,14 +38,14 @@ from PIL.PngImagePlugin import PngInfo
 from pixart import __version__
 from pixart.errors import PixArtError
 from pixart.files import FILE_MODE
-from pixart.resolution import check_size, generation_size, resize_and_crop
-from pixart.sampling import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
-from pixart.step_cache import cached_denoiser, compile_seconds, runs_every_block
-from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
+from pixart.model.resolution import check_size, generation_size, resize_and_crop
+from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
+from pixart.sampling.samplers import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
+from pixart.sampling.step_cache import cached_denoiser, compile_seconds, runs_every_block
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = Path(__file__).parent / "assets" / "demo"
+DEMO_MODEL = Path(__file__).parent.parent / "assets" / "demo"
 """The small bundled model used when no model is named (a diffusers pipeline folder)."""
 
 HUB_MODELS = (
@@ -70,7 +71,7 @@ class GenerationOptions:
     seed: int | None = None
     """Seed of the first image; None picks one at random (it is recorded in the metadata)."""
     sampler: str | None = None
-    """A name from :data:`pixart.sampling.SAMPLERS`; None: dpm++ (lcm for LCM models)."""
+    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: dpm++ (lcm for LCM models)."""
     steps: int | None = None
     guidance: float | None = None
     """Classifier-free guidance scale; ≤ 1 turns guidance off (one model pass per step)."""
@@ -251,11 +252,11 @@ def learned_null_caption(model: torch.nn.Module) -> torch.Tensor | None:
     """α's learned null caption if the checkpoint carried one, else None (use T5 of "" instead).
 
     Official α checkpoints store ``y_embedding``; diffusers folders do not, and
-    :func:`pixart.convert.load_transformer` then fills the buffer with fixed seeded noise, recognised here.
+    :func:`pixart.checkpoints.convert.load_transformer` then fills the buffer with fixed seeded noise, recognised here.
     """
     if model.config.family != "alpha":
         return None
-    from pixart.convert import placeholder_y_embedding
+    from pixart.checkpoints.convert import placeholder_y_embedding
 
     y = model.y_embedder.y_embedding
     if torch.equal(y.detach().float().cpu(), placeholder_y_embedding(model.config)):
@@ -284,7 +285,7 @@ class PixArtPipeline:
         """Components are either loaded objects or zero-argument loaders. low_memory: load each part
         when its stage starts and release it when the stage ends; offload: keep parts on the CPU and
         move each to the device only for its stage. compiled: the transformer went through
-        torch.compile (its first step is timed as compile time); cache_steps: see :mod:`pixart.step_cache`."""
+        torch.compile (its first step is timed as compile time); cache_steps: see :mod:`pixart.sampling.step_cache`."""
         self.device, self.dtype, self.low_memory, self._offload = device, dtype, low_memory, offload
         self.compiled, self.cache_steps = compiled, cache_steps
         self.scheduler_config = dict(scheduler_config)
@@ -323,13 +324,13 @@ class PixArtPipeline:
 
         low_memory: T5, transformer and VAE are each loaded for their stage and released after it
         (on CUDA they wait on the CPU instead), so peak memory is the largest part, not the sum.
-        compile: torch.compile the transformer; cache_steps: reuse deep blocks (:mod:`pixart.step_cache`).
+        compile: torch.compile the transformer; cache_steps: reuse deep blocks (:mod:`pixart.sampling.step_cache`).
         """
         from diffusers import AutoencoderKL
 
-        from pixart.convert import load_transformer
-        from pixart.lora import load_lora
-        from pixart.step_cache import check_cache_steps, compile_transformer
+        from pixart.checkpoints.convert import load_transformer
+        from pixart.checkpoints.lora import load_lora
+        from pixart.sampling.step_cache import check_cache_steps, compile_transformer
 
         device = parse_device(device)
         check_cache_steps(cache_steps)

@@ -5,7 +5,7 @@ the *base* model generates from ``class_prompt``: ``class-K.png`` from seed ``ru
 ``class-K.txt`` holding the prompt. Images already there are kept. During training every micro-batch of
 instance images is followed by a class batch of the same size whose loss, times ``prior_loss_weight``,
 joins the instance loss. Which class batch comes at a step is a pure function of (seed, step) and its
-per-sample noise comes from ``pixart.objective.sample_generator(seed, step, CLASS_INDEX + i)``, so without
+per-sample noise comes from ``pixart.train.objective.sample_generator(seed, step, CLASS_INDEX + i)``, so without
 saving any state a resumed run stays bit-identical and 1 or N processes train the same weights.
 """
 
@@ -48,7 +48,7 @@ def class_folder(config) -> Path:
 
 def class_images(folder: Path) -> list[Path]:
     """The images in a class folder, as the dataset reader finds them (recursively, by extension)."""
-    from pixart.data import IMAGE_EXTENSIONS
+    from pixart.train.data import IMAGE_EXTENSIONS
 
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
@@ -101,7 +101,7 @@ def open_class_batches(config, num_processes: int, process_index: int, batch_siz
     Every image gets the class prompt as caption. A bucket's last incomplete batch is filled up by
     cycling, so any number of class images works.
     """
-    from pixart.data import BatchLoader, ImageBuckets, open_dataset
+    from pixart.train.data import BatchLoader, ImageBuckets, open_dataset
 
     b = config.dreambooth
     dataset = open_dataset(class_folder(config), caption=b.class_prompt)

@@ -1,7 +1,7 @@
 """Ship a trained transformer: a diffusers pipeline folder that diffusers' PixArt pipelines load unchanged.
 
 The folder takes the tokenizer, text encoder, VAE and scheduler of a base pipeline (a local folder or
-a hub id) and our transformer, written by :func:`pixart.convert.save_diffusers`. It is built in a
+a hub id) and our transformer, written by :func:`pixart.checkpoints.convert.save_diffusers`. It is built in a
 temporary folder next to the output and renamed into place, so an interrupted export leaves nothing
 half-written and an existing folder is only replaced when asked to.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pixart.convert import check_diffusers_compatible, load_transformer, save_diffusers
+from pixart.checkpoints.convert import check_diffusers_compatible, load_transformer, save_diffusers
+from pixart.checkpoints.lora import load_lora, lora_layers, merge_lora
 from pixart.errors import PixArtError
 from pixart.files import swap_into_place, temporary_folder
-from pixart.lora import load_lora, lora_layers, merge_lora
-from pixart.model import PixArtTransformer
+from pixart.model.transformer import PixArtTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def export_pipeline(
     """Write a diffusers pipeline folder: the base pipeline's components around our transformer.
 
     base: a local diffusers PixArt pipeline folder or a hub id; it decides the family (α or Σ).
-    transformer: a model, or any checkpoint :func:`pixart.convert.load_transformer` reads (``image_size``
+    transformer: a model, or any checkpoint :func:`pixart.checkpoints.convert.load_transformer` reads (``image_size``
     is its hint for an official .pth). loras: (path, scale) adapters merged into the weights in order; a
     model's live LoRA is merged too (the caller's model is left untouched). Refuses a non-empty ``out``
     unless ``force``.

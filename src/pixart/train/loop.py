@@ -24,9 +24,9 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
-from pixart.objective import Objective, load_frozen_encoders
-from pixart.train_checkpoint import ema_weights, find_checkpoint, load_checkpoint, save_checkpoint, save_final
-from pixart.train_config import TrainConfig
+from pixart.train.checkpoint import ema_weights, find_checkpoint, load_checkpoint, save_checkpoint, save_final
+from pixart.train.config import TrainConfig
+from pixart.train.objective import Objective, load_frozen_encoders
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,13 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
 
 def open_batches(config: TrainConfig, accelerator: Accelerator):
     """The BatchLoader of this process: its slice of every global batch, from images or from the cache."""
-    from pixart.data import BatchLoader, ImageBuckets, open_dataset
+    from pixart.train.data import BatchLoader, ImageBuckets, open_dataset
 
     n, batch_size = accelerator.num_processes, config.data.batch_size
     if batch_size % n:
         raise PixArtError(f"data.batch_size={batch_size} must be divisible by the number of processes ({n})")
     if config.data.cache:
-        from pixart.cache import component_fingerprint, open_cache
+        from pixart.train.cache import component_fingerprint, open_cache
 
         expect = {"resolution": config.data.image_size}
         pipeline = Path(config.model.pipeline or config.model.source).expanduser().resolve()
@@ -94,9 +94,9 @@ def open_batches(config: TrainConfig, accelerator: Accelerator):
 
 def load_model(config: TrainConfig):
     """The transformer to fine-tune (model.source) or a freshly initialised preset (model.preset)."""
-    from pixart.config import preset
-    from pixart.convert import load_transformer
-    from pixart.model import PixArtTransformer
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.model.config import preset
+    from pixart.model.transformer import PixArtTransformer
 
     if config.model.source:
         return load_transformer(config.model.source)
@@ -140,9 +140,9 @@ def train(config: TrainConfig) -> Path:
     accelerator = make_accelerator(config, run_dir)
     device, main, accum = accelerator.device, accelerator.is_main_process, config.optim.grad_accum
     resume_from = find_checkpoint(run_dir, config.run.resume) if config.run.resume else None
-    prior = config.dreambooth.prior  # DreamBooth prior preservation: pixart.dreambooth
+    prior = config.dreambooth.prior  # DreamBooth prior preservation: pixart.train.dreambooth
     if prior:
-        from pixart import dreambooth
+        from pixart.train import dreambooth
 
         dreambooth.class_folder(config)  # refuses a file
     loader = open_batches(config, accelerator)  # validates the dataset before the model loads
@@ -159,13 +159,13 @@ def train(config: TrainConfig) -> Path:
     if prior:
         accelerator.wait_for_everyone()
     if config.lora.rank:
-        from pixart.lora import add_lora
+        from pixart.checkpoints.lora import add_lora
 
         torch.manual_seed(config.run.seed)  # peft draws lora_A from the global generator: the same adapters every run
         add_lora(model, config.lora.rank, config.lora.alpha or None, config.lora.targets)
     model.gradient_checkpointing = config.model.gradient_checkpointing
     if config.lcm.enabled:
-        from pixart.lcm import LCMObjective
+        from pixart.train.lcm import LCMObjective
 
         loss_fn = LCMObjective(objective, teacher, model, config.lcm)
     lcm_target = loss_fn.target if config.lcm.enabled else None  # checkpointed: resume must not restart it
@@ -257,9 +257,9 @@ def render_validation(config, accelerator, model, objective, ema, trainable, ste
     if not config.validation.prompts or not accelerator.is_main_process:
         return
     try:
-        import pixart.pipeline  # noqa: F401 (training_pipeline builds one)
+        import pixart.inference.pipeline  # noqa: F401 (training_pipeline builds one)
     except ImportError:
-        log.warning("validation skipped: pixart.pipeline is not available in this install")
+        log.warning("validation skipped: pixart.inference.pipeline is not available in this install")
         return
     v, model = config.validation, accelerator.unwrap_model(model)
     if objective.vae is None:  # cached training has no VAE until the first validation
@@ -280,7 +280,7 @@ def render_validation(config, accelerator, model, objective, ema, trainable, ste
 
 def training_pipeline(config: TrainConfig, model, objective: Objective, device):
     """A PixArtPipeline over the (unwrapped) model and the trainer's T5 and VAE, in fp32."""
-    from pixart.pipeline import PixArtPipeline
+    from pixart.inference.pipeline import PixArtPipeline
 
     scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}

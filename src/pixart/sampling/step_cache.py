@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pixart.errors import PixArtError
-from pixart.model import PixArtTransformer
+from pixart.model.transformer import PixArtTransformer
 
 MAX_CACHE_STEPS = 10
 """Beyond one full step in ten the reused residual is too stale to be useful."""

@@ -31,10 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pixart.config import PixArtConfig
-from pixart.convert import diffusers_key_map
+from pixart.checkpoints.convert import diffusers_key_map
 from pixart.errors import PixArtError
 from pixart.files import plain_modes
+from pixart.model.config import PixArtConfig
 
 logger = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pixart.diffusion import GaussianDiffusion, drop_captions
-from pixart.train_config import LCMConfig
+from pixart.train.config import LCMConfig
+from pixart.train.diffusion import GaussianDiffusion, drop_captions
 
 
 @dataclass(frozen=True)
 class LCMSettings:
     """The distillation's constants. Defaults: the official PixArt-LCM recipe, as the trainer's
-    ``[lcm]`` config section (:class:`pixart.train_config.LCMConfig`) holds them."""
+    ``[lcm]`` config section (:class:`pixart.train.config.LCMConfig`) holds them."""
 
     ddim_steps: int = LCMConfig.ddim_steps
     """Points on the teacher's DDIM grid; the teacher jumps 1000 / ddim_steps = 20 timesteps."""
@@ -124,8 +124,8 @@ class LCMObjective:
     """The trainer's loss for LCM distillation: the base objective's inputs, the LCM loss, the target's EMA."""
 
     def __init__(self, base, teacher: torch.nn.Module, student: torch.nn.Module, config):
-        """base: pixart.objective.Objective (latents, captions, per-sample seeded noise and timesteps);
-        config: pixart.train_config.LCMConfig. The target network starts as a copy of the student."""
+        """base: pixart.train.objective.Objective (latents, captions, per-sample seeded noise and timesteps);
+        config: pixart.train.config.LCMConfig. The target network starts as a copy of the student."""
         self.base = base
         self.settings = LCMSettings(
             ddim_steps=config.ddim_steps, guidance=config.guidance, huber_c=config.huber_c, target_ema=config.target_ema

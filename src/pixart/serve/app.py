@@ -8,7 +8,7 @@ Two doors to the same generation:
 - ``POST /api/generate`` taking JSON and returning the PNGs as base64 with their metadata.
 
 Both go through :class:`ImageService`, which checks a request against :class:`ServeLimits`, runs at
-most ``concurrency`` generations at once and saves every image with :func:`pixart.pipeline.save_image`,
+most ``concurrency`` generations at once and saves every image with :func:`pixart.inference.pipeline.save_image`,
 so what users download is the PNG with its generation metadata, exactly as ``pixart generate`` writes it.
 """
 
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pixart.errors import PixArtError
-from pixart.sampling import DEFAULTS, SAMPLERS, default_sampler
+from pixart.sampling.samplers import DEFAULTS, SAMPLERS, default_sampler
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
-    from pixart.pipeline import GenerationOptions, PixArtPipeline
+    from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ImageService:
 
     def options(self, prompt: object, **given) -> "GenerationOptions":
         """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit."""
-        from pixart.pipeline import GenerationOptions
+        from pixart.inference.pipeline import GenerationOptions
 
         limits = self.limits
         unknown = sorted(set(given) - set(API_FIELDS))
@@ -123,7 +123,7 @@ class ImageService:
         self, prompt: str, options: "GenerationOptions", progress: Callable[[int, int], None] | None = None
     ) -> list[tuple[Path, dict[str, str]]]:
         """Generate and save; returns each PNG's path and metadata. Waits for a slot, or raises ServerBusy."""
-        from pixart.pipeline import save_image
+        from pixart.inference.pipeline import save_image
 
         with self._waiting_lock:
             if self._waiting >= self.limits.max_queue:
@@ -142,7 +142,7 @@ class ImageService:
 
     def size_presets(self) -> dict[str, tuple[int, int]]:
         """Labels like "1024 × 768" → (width, height): the model's trained aspect-ratio bins within the pixel limit."""
-        from pixart.resolution import bins_for
+        from pixart.model.resolution import bins_for
 
         config = self.pipe.model_config
         bins = bins_for(config.sample_size, self.pipe.vae_factor) or {}

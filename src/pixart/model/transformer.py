@@ -1,7 +1,7 @@
 """The PixArt-α / PixArt-Σ diffusion transformer (one file, official parameter names).
 
 Parameter names follow the official code (``x_embedder``, ``t_embedder``, ``t_block``, ``y_embedder``,
-``blocks.i.attn.qkv`` …) so an official checkpoint loads with no renaming; :mod:`pixart.convert`
+``blocks.i.attn.qkv`` …) so an official checkpoint loads with no renaming; :mod:`pixart.checkpoints.convert`
 maps them to and from diffusers. The model only predicts: it knows nothing of noise schedules.
 """
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixart.config import PixArtConfig
+from pixart.model.config import PixArtConfig
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint from every process (each adds its RNG state), then rotate old ones.
 
-    target: the LCM target network (pixart.lcm), of which only the trained parameters' copies are saved."""
+    target: the LCM target network (pixart.train.lcm), of which only the trained parameters' copies are saved."""
     folder = checkpoints_dir(run_dir)
     final = folder / f"step-{position['step']:08d}"
     tmp = folder / f".tmp-{final.name}"
@@ -215,12 +215,12 @@ def save_final(config, accelerator, model, ema, trainable, run_dir) -> None:
 
 def save_final_weights(config, model, path: Path) -> None:
     """The model in our format at ``path``; for LoRA runs merged, with the adapter alone in ``<stem>-lora/``."""
-    from pixart.convert import save_pixart
+    from pixart.checkpoints.convert import save_pixart
 
     if not config.lora.rank:
         save_pixart(model, path)
         return
-    from pixart.lora import merge_lora, save_lora
+    from pixart.checkpoints.lora import merge_lora, save_lora
 
     save_lora(model, path.with_suffix("").with_name(path.stem + "-lora"))
     save_pixart(merge_lora(copy.deepcopy(model)), path)

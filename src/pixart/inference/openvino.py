@@ -3,7 +3,7 @@
 ``export_openvino(model, out)`` writes a self-contained folder: ``text_encoder.xml``, ``transformer.xml``
 and ``vae_decoder.xml`` (IR from ``openvino.convert_model`` on traced PyTorch modules), the tokenizer and
 scheduler folders, and ``pixart_openvino.json`` (model config, latent size, VAE scaling, α's learned null
-caption). ``load_openvino_pipeline(folder)`` returns a :class:`pixart.pipeline.PixArtPipeline` whose
+caption). ``load_openvino_pipeline(folder)`` returns a :class:`pixart.inference.pipeline.PixArtPipeline` whose
 components run through OpenVINO, so sampling, guidance, decoding and metadata are the PyTorch path's.
 
 One IR serves every image size: the transformer is traced at one latent size, but the trace records the
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pixart.config import PixArtConfig
 from pixart.errors import PixArtError
 from pixart.files import swap_into_place, temporary_folder
-from pixart.model import PixArtTransformer
+from pixart.model.config import PixArtConfig
+from pixart.model.transformer import PixArtTransformer
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,10 @@ def export_openvino(
     ov = _require_openvino()
     from diffusers import AutoencoderKL
 
-    from pixart.convert import load_transformer
-    from pixart.export import _check_out
-    from pixart.pipeline import learned_null_caption, resolve_model
-    from pixart.text import DEFAULT_MAX_TOKENS, TextEncoder
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.checkpoints.export import _check_out
+    from pixart.inference.pipeline import learned_null_caption, resolve_model
+    from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder
 
     out = Path(out)
     _check_out(out, force)
@@ -237,7 +237,7 @@ class OVTransformer(_OVModule):
 
     def __init__(self, core, path: Path, threads: int | None, config: PixArtConfig, null):
         super().__init__(core, path, threads)
-        from pixart.convert import placeholder_y_embedding
+        from pixart.checkpoints.convert import placeholder_y_embedding
 
         self.config = config
         # Read by learned_null_caption, which recognises the placeholder as "no learned null caption".
@@ -271,12 +271,12 @@ class OVVaeDecoder(_OVModule):
 
 
 def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = None):
-    """A :class:`pixart.pipeline.PixArtPipeline` running T5, the transformer and the VAE through OpenVINO on CPU."""
+    """A :class:`pixart.inference.pipeline.PixArtPipeline` running T5, the transformer and the VAE through OpenVINO."""
     ov = _require_openvino()
     from transformers import AutoTokenizer
 
-    from pixart.pipeline import PixArtPipeline
-    from pixart.text import TextEncoder
+    from pixart.inference.pipeline import PixArtPipeline
+    from pixart.model.text import TextEncoder
 
     folder = Path(folder)
     manifest = read_manifest(folder)

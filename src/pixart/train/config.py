@@ -48,7 +48,7 @@ class ModelConfig:
     our .safetensors. Leave empty to train from scratch from `preset`."""
 
     preset: str = ""
-    """Preset name (see `pixart.config.PRESETS`) for training from scratch; empty when fine-tuning."""
+    """Preset name (see `pixart.model.config.PRESETS`) for training from scratch; empty when fine-tuning."""
 
     pipeline: str = ""
     """Pipeline folder or hub id holding tokenizer/, text_encoder/ and vae/. Empty: use `source`."""
@@ -209,13 +209,13 @@ class LoraConfig:
     """Adapter scaling numerator (scale = alpha / rank); 0 means alpha = rank."""
 
     targets: list[str] = field(default_factory=lambda: ["attn", "cross_attn"])
-    """Layers to adapt: groups 'attn', 'cross_attn', 'mlp' or module-name patterns (see pixart.lora).
+    """Layers to adapt: groups 'attn', 'cross_attn', 'mlp' or module-name patterns (see pixart.checkpoints.lora).
     The default is diffusers' to_q/to_k/to_v/to_out.0 of both attentions."""
 
 
 @dataclass
 class LCMConfig:
-    """Latent consistency distillation (pixart.lcm): model.source is the frozen teacher and the student's start."""
+    """Latent consistency distillation (pixart.train.lcm): model.source is the teacher and the student's start."""
 
     enabled: bool = False
     """Train the LCM consistency loss instead of the diffusion loss; sample the result with --sampler lcm."""
@@ -302,7 +302,7 @@ class TrainConfig:
             raise PixArtError("data: set data.dataset (images + captions) or data.cache (a feature cache folder)")
         if d.dataset and d.cache:
             raise PixArtError("data: set only one of data.dataset and data.cache")
-        _choice("data.image_size", d.image_size, (64, 128, 256, 512, 1024, 2048))  # pixart.data.BUCKET_RESOLUTIONS
+        _choice("data.image_size", d.image_size, (64, 128, 256, 512, 1024, 2048))  # train.data.BUCKET_RESOLUTIONS
         _choice("diffusion.null_caption", self.diffusion.null_caption, ("auto", "embedding", "t5"))
         _choice("optim.optimizer", o.optimizer, ("adamw", "came"))
         _choice("optim.mixed_precision", o.mixed_precision, ("no", "fp16", "bf16"))

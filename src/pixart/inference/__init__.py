@@ -1,0 +1,1 @@
+"""Generation: the PixArtPipeline (pipeline) and the OpenVINO export and runtime (openvino)."""

@@ -1,0 +1,1 @@
+"""`pixart serve`: the Gradio page and the JSON API over one PixArtPipeline (app)."""
