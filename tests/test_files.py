@@ -93,3 +93,16 @@ def test_swap_into_place_replaces_a_folder_whole_with_plain_modes(tmp_path):
         assert_plain_modes(out)
         assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]  # nothing moved aside is left behind
     assert not (out / "only-in-old.txt").exists()  # replaced whole, not merged
+
+
+def test_modes_follow_the_umask_in_force_when_writing_not_at_import(tmp_path):
+    from pixart.files import umask as pixart_umask
+
+    before = os.umask(0o027)  # a user who tightens the umask after pixart was imported
+    try:
+        assert pixart_umask() == 0o027
+        path = atomic_write(tmp_path / "tight.txt", lambda tmp: tmp.write_text("x"))
+        folder = temporary_folder(tmp_path, ".t.")
+        assert mode(path) == 0o640 and mode(folder) == 0o750
+    finally:
+        os.umask(before)

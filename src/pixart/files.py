@@ -2,7 +2,7 @@
 
 Atomic writes go through ``tempfile.mkstemp``, ``tempfile.mkdtemp`` or ``safetensors.torch.save_file``,
 which create files with mode 0600 and folders with 0700, so without a fix every exported model,
-dataset and generated image would be private to its owner whatever the user's umask. ``FILE_MODE``,
+dataset and generated image would be private to its owner whatever the user's umask. ``file_mode``,
 ``atomic_write``, ``temporary_folder``, ``plain_modes`` and ``swap_into_place`` give what a plain ``open()``
 or ``mkdir()`` would instead.
 """
@@ -16,23 +16,34 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _umask() -> int:
-    # The umask can only be read by setting it; this runs once, at import, before any thread writes files.
+def umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (Linux 4.7+)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere it can only be read by setting it; restored at once (another thread creating a file in between
+    # would get the usual 022 for that moment).
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-_MASK = _umask()
-FILE_MODE = 0o666 & ~_MASK
-"""Mode of a new file under the process's umask (0644 under the usual 022)."""
-DIR_MODE = 0o777 & ~_MASK
-"""Mode of a new folder under the process's umask (0755 under the usual 022)."""
+def file_mode() -> int:
+    """Mode of a new file under the process's umask (0644 under the usual 022)."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """Mode of a new folder under the process's umask (0755 under the usual 022)."""
+    return 0o777 & ~umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Have ``write`` fill a hidden temporary file next to ``path`` (its folder made if missing), then rename it
-    into place with ``FILE_MODE``.
+    into place with a plain file's mode (:func:`file_mode`).
 
     A write that fails or is killed never leaves a half-written file at ``path`` nor loses the one there;
     a failure also removes the temporary file (a kill leaves it, hidden, as ``.NAME.XXXXXXXX.tmp``).
@@ -44,7 +55,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(name)
     try:
         write(tmp)
-        os.chmod(tmp, FILE_MODE)  # after writing: safetensors recreates the file with 0600
+        os.chmod(tmp, file_mode())  # after writing: safetensors recreates the file with 0600
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -55,7 +66,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 def temporary_folder(parent: Path, prefix: str, suffix: str = "") -> Path:
     """A fresh folder in ``parent`` to be renamed into place once complete, with a plain folder's mode."""
     folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
-    os.chmod(folder, DIR_MODE)
+    os.chmod(folder, dir_mode())
     return folder
 
 
@@ -63,9 +74,10 @@ def plain_modes(folder: Path) -> None:
     """Give ``folder`` and everything in it a plain folder's / file's mode before it is renamed into place:
     files that safetensors or mkstemp wrote in it are 0600. Symbolic links are skipped, as chmod would follow them.
     """
-    os.chmod(folder, DIR_MODE)
+    dirs_mode, files_mode = dir_mode(), file_mode()
+    os.chmod(folder, dirs_mode)
     for root, dirs, files in os.walk(folder):
-        for names, mode in ((dirs, DIR_MODE), (files, FILE_MODE)):
+        for names, mode in ((dirs, dirs_mode), (files, files_mode)):
             for name in names:
                 path = os.path.join(root, name)
                 if not os.path.islink(path):

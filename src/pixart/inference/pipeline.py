@@ -37,7 +37,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pixart import __version__
 from pixart.errors import PixArtError
-from pixart.files import FILE_MODE
+from pixart.files import file_mode
 from pixart.model.resolution import check_size, generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
 from pixart.sampling.samplers import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
@@ -609,7 +609,7 @@ def save_image(image: Image.Image, out_dir: str | os.PathLike) -> Path:
         if isinstance(value, str):
             info.add_text(key, value)
     fd, tmp = tempfile.mkstemp(prefix=".pixart-", suffix=".png", dir=out)
-    os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide the image from other users whatever the umask
+    os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the image from other users whatever the umask
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
