@@ -1,5 +1,8 @@
 """The transformer on its own: shapes, the official initialisation, KV compression, config checks."""
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -97,20 +100,49 @@ def test_pos_embed_layout():
     assert not torch.equal(emb[1, :8], emb[0, :8])
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+@contextlib.contextmanager
+def saved_for_backward() -> Iterator[list[int]]:
+    """Collect the size in bytes of every tensor autograd keeps for the backward pass, while inside.
+
+    Tensors a non-reentrant torch.utils.checkpoint region saves go to its own hooks, not to these: what
+    checkpointing exists to save is what this list no longer holds.
+    """
+    sizes: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        sizes.append(tensor.nbytes)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield sizes
+
+
+def test_gradient_checkpointing_gives_same_gradients_and_recomputes_the_blocks():
+    """Checkpointing keeps the gradients, keeps fewer activations for backward, and reruns each block there."""
     cfg = preset("debug-sigma")
     model = perturbed(cfg).train()
     args = inputs(cfg)
+    block_runs: list[int] = []
+    for i, block in enumerate(model.blocks):  # a pre-hook: checkpoint's recomputation may stop before the end
+        block.register_forward_pre_hook(lambda module, inputs, i=i: block_runs.append(i))
 
-    def grads():
+    def step():
+        """A training step's gradients, the bytes autograd kept for backward, and the blocks run in backward."""
         model.zero_grad()
-        model(*args).square().mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
+        block_runs.clear()
+        with saved_for_backward() as saved:
+            loss = model(*args).square().mean()
+        in_forward = len(block_runs)
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()], sum(saved), block_runs[in_forward:]
 
-    plain = grads()
+    plain, plain_saved, plain_reruns = step()
     model.gradient_checkpointing = True
-    for a, b in zip(plain, grads(), strict=True):
+    checkpointed, checkpointed_saved, reruns = step()
+    for a, b in zip(plain, checkpointed, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+    assert plain_reruns == [] and reruns == [2, 1, 0]  # backward walks the blocks last to first
+    assert checkpointed_saved < plain_saved / 4, (checkpointed_saved, plain_saved)
 
 
 def test_micro_conditions_required():

@@ -699,17 +699,25 @@ def save_pixart(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
-    """Save in the official ``{"state_dict": …}`` .pth layout, which the official code loads strictly.
+def to_official_state_dict(model: PixArtTransformer) -> dict[str, torch.Tensor]:
+    """The state dict the official code builds for this model: ours plus its ``pos_embed`` buffer.
 
-    Includes the official model's ``pos_embed`` buffer, (1, base_size², C) at the training resolution.
+    ``pos_embed`` is (1, base_size², C) at the training resolution, computed on the CPU in float64 (MPS
+    would take float32) so every device saves the same values; a model on the meta device gets shapes only.
     """
-    path = Path(path)
     cfg = model.config
-    state_dict = _cpu_state_dict(model)
-    state_dict["pos_embed"] = pos_embed_2d(cfg.hidden_size, cfg.base_size, cfg.base_size, cfg.base_size, cfg.pe_scale)[
-        None
-    ].to(model.dtype)
+    device = "meta" if model.x_embedder.proj.weight.is_meta else None
+    state_dict = dict(model.state_dict())
+    state_dict["pos_embed"] = pos_embed_2d(
+        cfg.hidden_size, cfg.base_size, cfg.base_size, cfg.base_size, cfg.pe_scale, device
+    )[None].to(model.dtype)
+    return state_dict
+
+
+def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
+    """Save in the official ``{"state_dict": …}`` .pth layout, which the official code loads strictly."""
+    path = Path(path)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in to_official_state_dict(model).items()}
     atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict}, tmp))
     log.info("wrote %s (%s)", path, _size(path))
     return path
