@@ -26,18 +26,12 @@ from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
-from pixart.model.config import FAMILIES, PixArtConfig
+from pixart.model.config import FAMILIES, FAMILY, PixArtConfig, family_of_pipeline
 from pixart.model.transformer import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZES = (256, 512, 1024, 2048)
-PE_SCALES = {
-    "alpha": {256: 1.0, 512: 1.0, 1024: 2.0},  # official α scripts' lewei_scale
-    "sigma": {256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0},  # official Σ configs' pe_interpolation
-}
-"""Position-embedding scale per family and image side; what an official .pth cannot tell."""
-TEXT_LENGTHS = {"alpha": 120, "sigma": 300}
 RELEASED_HEAD_DIM = 72  # every released PixArt model: 1152 wide, 16 heads
 FORMATS = ("diffusers", "official", "pixart")
 
@@ -273,6 +267,8 @@ def config_from_diffusers(
         if not micro:
             raise PixArtError("cannot tell whether this diffusers transformer is PixArt-α or Σ; pass family (--family)")
         family = "alpha"
+    if family not in FAMILY:  # e.g. from a foreign sidecar's metadata
+        raise PixArtError(f"invalid model config: family={family!r}: expected one of {', '.join(FAMILIES)}")
     return PixArtConfig(
         family=family,
         sample_size=sample_size,
@@ -285,7 +281,7 @@ def config_from_diffusers(
         num_heads=heads,
         mlp_ratio=4.0,
         caption_channels=cfg["caption_channels"],
-        model_max_length=model_max_length or TEXT_LENGTHS.get(family, 120),
+        model_max_length=model_max_length or FAMILY[family].max_tokens,
         micro_conditions=micro,
     )
 
@@ -350,7 +346,8 @@ def config_from_state_dict(
     qk_norm = "blocks.0.attn.q_norm.weight" in state_dict
     micro = "csize_embedder.mlp.0.weight" in state_dict
     if family is None:
-        family = {120: "alpha", 300: "sigma"}.get(len(y_embedding)) if y_embedding is not None else None
+        by_length = {f.max_tokens: f.name for f in FAMILY.values()}
+        family = by_length.get(len(y_embedding)) if y_embedding is not None else None
         family = family or ("sigma" if kv_compress or qk_norm else "alpha" if micro else None)
         if family is None:
             raise PixArtError(
@@ -364,10 +361,9 @@ def config_from_state_dict(
     if image_size is None:
         image_size = _image_size_from_name(name) or 1024
         log.info("%s: assuming %d px (pass image_size / --image-size if wrong)", name or "checkpoint", image_size)
-    if image_size not in PE_SCALES[family]:
-        raise PixArtError(
-            f"image size {image_size} has no PixArt-{family} release; accepted: {sorted(PE_SCALES[family])}"
-        )
+    pe_scales = FAMILY[family].pe_scales
+    if image_size not in pe_scales:
+        raise PixArtError(f"image size {image_size} has no PixArt-{family} release; accepted: {sorted(pe_scales)}")
     if num_heads is None:
         if hidden % RELEASED_HEAD_DIM:
             raise PixArtError(f"width {hidden} is not a multiple of 72; pass num_heads (--num-heads)")
@@ -375,7 +371,7 @@ def config_from_state_dict(
     return PixArtConfig(
         family=family,
         sample_size=image_size // 8,
-        pe_scale=PE_SCALES[family][image_size],
+        pe_scale=pe_scales[image_size],
         patch_size=patch,
         in_channels=in_channels,
         learn_sigma=out_channels == 2 * in_channels,
@@ -384,7 +380,7 @@ def config_from_state_dict(
         num_heads=num_heads,
         mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
-        model_max_length=len(y_embedding) if y_embedding is not None else TEXT_LENGTHS[family],
+        model_max_length=len(y_embedding) if y_embedding is not None else FAMILY[family].max_tokens,
         micro_conditions=micro,
         kv_compress=kv_compress,
         qk_norm=qk_norm,
@@ -511,7 +507,7 @@ def _pipeline_family(folder: Path) -> str | None:
         name = str(json.loads(index.read_text()).get("_class_name", ""))
     except (OSError, ValueError, AttributeError):
         return None  # an unreadable index says nothing about the family; the caller then asks for it
-    return "sigma" if "Sigma" in name else "alpha" if "Alpha" in name else None
+    return family_of_pipeline(name)
 
 
 def _read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> tuple[dict, PixArtConfig]:

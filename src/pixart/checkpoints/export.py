@@ -23,11 +23,12 @@ from pixart.checkpoints.convert import check_diffusers_compatible, load_transfor
 from pixart.checkpoints.lora import load_lora, lora_layers, merge_lora
 from pixart.errors import PixArtError
 from pixart.files import swap_into_place, temporary_folder
+from pixart.model.config import FAMILY
 from pixart.model.transformer import PixArtTransformer
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_CLASSES = {"alpha": "PixArtAlphaPipeline", "sigma": "PixArtSigmaPipeline"}
+PIPELINE_CLASSES = {name: family.pipeline_class for name, family in FAMILY.items()}
 """diffusers pipeline class written to model_index.json for each family."""
 
 BASE_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")

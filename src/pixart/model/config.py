@@ -9,7 +9,65 @@ from typing import Any
 
 from pixart.errors import PixArtError
 
-FAMILIES = ("alpha", "sigma")
+
+@dataclass(frozen=True)
+class Family:
+    """What sets PixArt-α and PixArt-Σ apart that a checkpoint's tensor shapes cannot tell: one instance per family.
+
+    Both families use T5-XXL text features; α ships with the SD VAE (sd-vae-ft-ema), Σ with the SDXL VAE, each
+    inside its diffusers pipeline folder, so nothing here has to name the VAE.
+    """
+
+    name: str
+    """'alpha' or 'sigma', as configs, checkpoints and command lines spell it."""
+
+    max_tokens: int
+    """T5 tokens per caption the family was trained with: α 120 (PixArt-α paper §3.1), Σ 300 for its longer
+    captions. The default ``model_max_length`` and caption length, and the length of α's null caption."""
+
+    pe_scales: dict[int, float]
+    """Position-embedding scale per released image side (px). Positions are divided by it so a model sees the
+    coordinate range of the stage it was fine-tuned from: α's scripts (``lewei_scale``) keep 1 up to 512 px and
+    use 2 at 1024; Σ's configs (``pe_interpolation``) anchor at 512 px, so 256 px gets 0.5 and 2048 px 4."""
+
+    learned_null_caption: bool
+    """Whether classifier-free guidance's empty caption is a learned tensor: α's official checkpoints train
+    ``y_embedding`` for it; Σ encodes "" with T5 instead."""
+
+    pipeline_class: str
+    """The diffusers pipeline class of the family: ``_class_name`` in a pipeline folder's model_index.json."""
+
+
+FAMILY: dict[str, Family] = {
+    "alpha": Family(
+        name="alpha",
+        max_tokens=120,
+        pe_scales={256: 1.0, 512: 1.0, 1024: 2.0},
+        learned_null_caption=True,
+        pipeline_class="PixArtAlphaPipeline",
+    ),
+    "sigma": Family(
+        name="sigma",
+        max_tokens=300,
+        pe_scales={256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0},
+        learned_null_caption=False,
+        pipeline_class="PixArtSigmaPipeline",
+    ),
+}
+"""The facts of each family, by name; every module that needs one reads it here."""
+
+FAMILIES = tuple(FAMILY)
+
+
+def family_of_pipeline(class_name: str) -> str | None:
+    """The family a diffusers pipeline class name belongs to ("PixArtSigmaPipeline" → "sigma"), if any.
+
+    By the word in the name, so variants such as diffusers' PAG pipelines count too.
+    """
+    for family in FAMILY.values():
+        if family.pipeline_class.removeprefix("PixArt").removesuffix("Pipeline") in class_name:  # Alpha, Sigma
+            return family.name
+    return None
 
 
 @dataclass(frozen=True)
@@ -17,7 +75,7 @@ class PixArtConfig:
     """The shape of a PixArt transformer: everything needed to build it, nothing about sampling."""
 
     family: str = "alpha"
-    """'alpha' or 'sigma'. Decides defaults the weights cannot tell (text length, null caption, VAE)."""
+    """'alpha' or 'sigma': a key of FAMILY, which holds what the weights cannot tell (text length, null caption)."""
 
     sample_size: int = 128
     """Latent side the model was trained at (image side / 8): 32, 64, 128, 256 for 256…2048 px.
@@ -43,7 +101,7 @@ class PixArtConfig:
     caption_channels: int = 4096
     """Width of the text-encoder features (T5-XXL: 4096)."""
 
-    model_max_length: int = 120
+    model_max_length: int = FAMILY["alpha"].max_tokens
     """Text tokens the model was trained with (α 120, Σ 300); the null caption has this length."""
 
     micro_conditions: bool = False
@@ -132,23 +190,23 @@ class PixArtConfig:
 
 
 def _alpha(image_size: int, micro_conditions: bool = False) -> PixArtConfig:
-    # Official α scripts: lewei_scale = {256: 1, 512: 1, 1024: 2}.
+    alpha = FAMILY["alpha"]
     return PixArtConfig(
-        family="alpha",
+        family=alpha.name,
         sample_size=image_size // 8,
-        pe_scale={256: 1.0, 512: 1.0, 1024: 2.0}[image_size],
-        model_max_length=120,
+        pe_scale=alpha.pe_scales[image_size],
+        model_max_length=alpha.max_tokens,
         micro_conditions=micro_conditions,
     )
 
 
 def _sigma(image_size: int, kv_compress: dict[int, int] | None = None) -> PixArtConfig:
-    # Official Σ configs: pe_interpolation 0.5 / 1 / 2 / 4 for 256 / 512 / 1024 / 2048 px.
+    sigma = FAMILY["sigma"]
     return PixArtConfig(
-        family="sigma",
+        family=sigma.name,
         sample_size=image_size // 8,
-        pe_scale={256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0}[image_size],
-        model_max_length=300,
+        pe_scale=sigma.pe_scales[image_size],
+        model_max_length=sigma.max_tokens,
         kv_compress=kv_compress or {},
     )
 
