@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.train.data import BUCKET_RESOLUTIONS
+from pixart.model.resolution import BUCKET_RESOLUTIONS
 
 
 def register(subparsers) -> None:

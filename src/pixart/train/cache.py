@@ -30,15 +30,9 @@ from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
-from pixart.train.data import (
-    BUCKET_RESOLUTIONS,
-    ImageBuckets,
-    ImageDataset,
-    UnreadableImage,
-    bucket_table,
-    resize_cover_crop,
-    to_tensor,
-)
+from pixart.model.config import FAMILY, family_of_pipeline
+from pixart.model.resolution import BUCKET_RESOLUTIONS, bucket_table
+from pixart.train.data import ImageBuckets, ImageDataset, UnreadableImage, resize_cover_crop, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +73,14 @@ def component_fingerprint(root: Path, subfolder: str) -> dict[str, str]:
 
 def model_defaults(root: Path) -> dict[str, int | None]:
     """Base resolution and max tokens implied by a pipeline folder (None where it cannot tell)."""
-    from pixart.model.text import DEFAULT_MAX_TOKENS
-
     resolution = None
     config = root / "transformer" / "config.json"
     if config.is_file():
         side = json.loads(config.read_text()).get("sample_size", 0) * 8
         resolution = side if side in BUCKET_RESOLUTIONS else None
     index = root / "model_index.json"
-    family = "alpha"
-    if index.is_file() and "Sigma" in json.loads(index.read_text()).get("_class_name", ""):
-        family = "sigma"
-    return {"resolution": resolution, "max_tokens": DEFAULT_MAX_TOKENS[family]}
+    family = family_of_pipeline(json.loads(index.read_text()).get("_class_name", "")) if index.is_file() else None
+    return {"resolution": resolution, "max_tokens": FAMILY[family or "alpha"].max_tokens}
 
 
 def cache_expectations(
