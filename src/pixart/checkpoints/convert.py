@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
 from pixart.model.config import FAMILIES, FAMILY, PixArtConfig, family_of_pipeline
@@ -565,32 +566,13 @@ def _read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> 
     return state_dict, config
 
 
-_HUB_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_HUB_FILE = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.(?:pth|pt|safetensors))")
-
-
 def _from_hub(source: str) -> Path:
     """Fetch a hub model's transformer files (``owner/name``) or one checkpoint file (``owner/name/file.pth``)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+    if file := HUB_FILE.fullmatch(source):
+        return fetch_file(file.group(1), file.group(2))
     names = ["config.json", DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, "diffusion_pytorch_model-*.safetensors"]
     patterns = ["model_index.json", Y_EMBEDDING_FILE, *names, *(f"transformer/{n}" for n in names + [Y_EMBEDDING_FILE])]
-    log.info("fetching %s from the Hugging Face hub", source)
-    try:
-        if file := _HUB_FILE.fullmatch(source):
-            return Path(hf_hub_download(file.group(1), file.group(2)))
-        root = Path(snapshot_download(source, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise PixArtError(
-            f"{source!r} is not a local path, and the hub is unreachable (offline?) with no cached copy; "
-            "pass a local path or connect and retry"
-        ) from None
-    except (HfHubHTTPError, ValueError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PixArtError(
-            f"{source!r} is not a local path, and the hub cannot provide it ({reason}); pass a local path"
-        ) from None
+    root = fetch(source, patterns)
     for folder in (root / "transformer", root):
         if (folder / "config.json").is_file():
             return folder
@@ -628,7 +610,7 @@ def load_transformer(
 
     path = Path(source).expanduser()
     if not path.exists():
-        if _HUB_FILE.fullmatch(str(source)) or _HUB_MODEL.fullmatch(str(source)):
+        if HUB_FILE.fullmatch(str(source)) or HUB_ID.fullmatch(str(source)):
             path = _from_hub(str(source))
         else:
             raise PixArtError(f"no such file or directory: {source} (expected a checkpoint path or a hub id)")

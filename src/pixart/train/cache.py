@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from pixart.checkpoints.hub import resolve_pipeline
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
 from pixart.model.config import FAMILY, family_of_pipeline
@@ -43,18 +44,11 @@ _MODEL_FILES = ["model_index.json", "vae/*", "text_encoder/*", "tokenizer/*", "t
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A local pipeline folder for a path or hub id (downloading only the VAE, T5 and tokenizer)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists() or not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(model)):
-        raise PixArtError(f"model {str(model)!r} not found: expected a diffusers pipeline folder or a hub id")
-    from huggingface_hub import snapshot_download
+    """A local pipeline folder for a path or hub id (downloading only the VAE, T5 and tokenizer).
 
-    try:
-        return Path(snapshot_download(str(model), allow_patterns=_MODEL_FILES))
-    except Exception as err:  # hub errors have many types; all mean "cannot get it"
-        raise PixArtError(f"cannot download {str(model)!r} from the Hugging Face hub: {_first_line(err)}") from None
+    Absolute, as the manifest records it: a cache built from ./model then opens from any folder.
+    """
+    return resolve_pipeline(model, _MODEL_FILES).resolve()
 
 
 def component_fingerprint(root: Path, subfolder: str) -> dict[str, str]:
