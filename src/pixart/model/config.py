@@ -189,25 +189,22 @@ class PixArtConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _alpha(image_size: int, micro_conditions: bool = False) -> PixArtConfig:
-    alpha = FAMILY["alpha"]
+def _release(family: str, image_size: int, **changes: Any) -> PixArtConfig:
+    """A released XL-2 checkpoint of a family trained at ``image_size`` px: its text length and pe scale."""
+    facts = FAMILY[family]
     return PixArtConfig(
-        family=alpha.name,
+        family=family,
         sample_size=image_size // 8,
-        pe_scale=alpha.pe_scales[image_size],
-        model_max_length=alpha.max_tokens,
-        micro_conditions=micro_conditions,
+        pe_scale=facts.pe_scales[image_size],
+        model_max_length=facts.max_tokens,
+        **changes,
     )
 
 
-def _sigma(image_size: int, kv_compress: dict[int, int] | None = None) -> PixArtConfig:
-    sigma = FAMILY["sigma"]
+def _debug(family: str, **changes: Any) -> PixArtConfig:
+    """A tiny model of a family for tests and CPU experiments: the same code paths, seconds to run."""
     return PixArtConfig(
-        family=sigma.name,
-        sample_size=image_size // 8,
-        pe_scale=sigma.pe_scales[image_size],
-        model_max_length=sigma.max_tokens,
-        kv_compress=kv_compress or {},
+        family=family, sample_size=8, pe_scale=1.0, hidden_size=48, num_heads=2, caption_channels=32, **changes
     )
 
 
@@ -217,37 +214,15 @@ def sigma_kv_compress(depth: int = 28, factor: int = 2) -> dict[int, int]:
 
 
 PRESETS: dict[str, PixArtConfig] = {
-    "alpha-256": _alpha(256),
-    "alpha-512": _alpha(512),
-    "alpha-1024-ms": _alpha(1024, micro_conditions=True),  # also PixArt-LCM-XL-2-1024-MS
-    "sigma-256": _sigma(256),
-    "sigma-512-ms": _sigma(512),
-    "sigma-1024-ms": _sigma(1024),
-    "sigma-2k-ms": _sigma(2048),
-    # Tiny models for tests and CPU experiments; same code paths, seconds to run.
-    "debug-alpha": PixArtConfig(
-        family="alpha",
-        sample_size=8,
-        pe_scale=1.0,
-        hidden_size=48,
-        depth=2,
-        num_heads=2,
-        caption_channels=32,
-        model_max_length=16,
-        micro_conditions=True,
-    ),
-    "debug-sigma": PixArtConfig(
-        family="sigma",
-        sample_size=8,
-        pe_scale=1.0,
-        hidden_size=48,
-        depth=3,
-        num_heads=2,
-        caption_channels=32,
-        model_max_length=24,
-        kv_compress={1: 2, 2: 2},
-        qk_norm=True,
-    ),
+    "alpha-256": _release("alpha", 256),
+    "alpha-512": _release("alpha", 512),
+    "alpha-1024-ms": _release("alpha", 1024, micro_conditions=True),  # also PixArt-LCM-XL-2-1024-MS
+    "sigma-256": _release("sigma", 256),
+    "sigma-512-ms": _release("sigma", 512),
+    "sigma-1024-ms": _release("sigma", 1024),
+    "sigma-2k-ms": _release("sigma", 2048),
+    "debug-alpha": _debug("alpha", depth=2, model_max_length=16, micro_conditions=True),
+    "debug-sigma": _debug("sigma", depth=3, model_max_length=24, kv_compress={1: 2, 2: 2}, qk_norm=True),
 }
 """Configs of the released XL-2 checkpoints (≈611 M parameters) and of small debug models."""
 
