@@ -32,7 +32,8 @@ from pixart.model.transformer import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZES = (256, 512, 1024, 2048)
+IMAGE_SIZES = tuple(sorted({side for family in FAMILY.values() for side in family.pe_scales}))
+"""Image sides (px) some release was trained at: 256, 512, 1024, 2048."""
 RELEASED_HEAD_DIM = 72  # every released PixArt model: 1152 wide, 16 heads
 FORMATS = ("diffusers", "official", "pixart")
 
