@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from pixart.errors import PixArtError
-from pixart.train.data import BatchLoader, ImageBuckets, bucket_table, open_dataset, resize_cover_crop, to_tensor
+from pixart.model.resolution import bucket_table
+from pixart.train.data import BatchLoader, ImageBuckets, open_dataset, resize_cover_crop, to_tensor
 
 # (height, width) of the fixture images: four each of three aspect ratios.
 SHAPES = [(32, 32)] * 4 + [(24, 48)] * 4 + [(48, 24)] * 4

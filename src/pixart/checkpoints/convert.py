@@ -24,20 +24,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
-from pixart.model.config import FAMILIES, PixArtConfig
+from pixart.model.config import FAMILIES, FAMILY, PixArtConfig, family_of_pipeline
 from pixart.model.transformer import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZES = (256, 512, 1024, 2048)
-PE_SCALES = {
-    "alpha": {256: 1.0, 512: 1.0, 1024: 2.0},  # official α scripts' lewei_scale
-    "sigma": {256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0},  # official Σ configs' pe_interpolation
-}
-"""Position-embedding scale per family and image side; what an official .pth cannot tell."""
-TEXT_LENGTHS = {"alpha": 120, "sigma": 300}
+IMAGE_SIZES = tuple(sorted({side for family in FAMILY.values() for side in family.pe_scales}))
+"""Image sides (px) some release was trained at: 256, 512, 1024, 2048."""
 RELEASED_HEAD_DIM = 72  # every released PixArt model: 1152 wide, 16 heads
 FORMATS = ("diffusers", "official", "pixart")
 
@@ -273,6 +269,8 @@ def config_from_diffusers(
         if not micro:
             raise PixArtError("cannot tell whether this diffusers transformer is PixArt-α or Σ; pass family (--family)")
         family = "alpha"
+    if family not in FAMILY:  # e.g. from a foreign sidecar's metadata
+        raise PixArtError(f"invalid model config: family={family!r}: expected one of {', '.join(FAMILIES)}")
     return PixArtConfig(
         family=family,
         sample_size=sample_size,
@@ -285,7 +283,7 @@ def config_from_diffusers(
         num_heads=heads,
         mlp_ratio=4.0,
         caption_channels=cfg["caption_channels"],
-        model_max_length=model_max_length or TEXT_LENGTHS.get(family, 120),
+        model_max_length=model_max_length or FAMILY[family].max_tokens,
         micro_conditions=micro,
     )
 
@@ -350,7 +348,8 @@ def config_from_state_dict(
     qk_norm = "blocks.0.attn.q_norm.weight" in state_dict
     micro = "csize_embedder.mlp.0.weight" in state_dict
     if family is None:
-        family = {120: "alpha", 300: "sigma"}.get(len(y_embedding)) if y_embedding is not None else None
+        by_length = {f.max_tokens: f.name for f in FAMILY.values()}
+        family = by_length.get(len(y_embedding)) if y_embedding is not None else None
         family = family or ("sigma" if kv_compress or qk_norm else "alpha" if micro else None)
         if family is None:
             raise PixArtError(
@@ -364,10 +363,9 @@ def config_from_state_dict(
     if image_size is None:
         image_size = _image_size_from_name(name) or 1024
         log.info("%s: assuming %d px (pass image_size / --image-size if wrong)", name or "checkpoint", image_size)
-    if image_size not in PE_SCALES[family]:
-        raise PixArtError(
-            f"image size {image_size} has no PixArt-{family} release; accepted: {sorted(PE_SCALES[family])}"
-        )
+    pe_scales = FAMILY[family].pe_scales
+    if image_size not in pe_scales:
+        raise PixArtError(f"image size {image_size} has no PixArt-{family} release; accepted: {sorted(pe_scales)}")
     if num_heads is None:
         if hidden % RELEASED_HEAD_DIM:
             raise PixArtError(f"width {hidden} is not a multiple of 72; pass num_heads (--num-heads)")
@@ -375,7 +373,7 @@ def config_from_state_dict(
     return PixArtConfig(
         family=family,
         sample_size=image_size // 8,
-        pe_scale=PE_SCALES[family][image_size],
+        pe_scale=pe_scales[image_size],
         patch_size=patch,
         in_channels=in_channels,
         learn_sigma=out_channels == 2 * in_channels,
@@ -384,7 +382,7 @@ def config_from_state_dict(
         num_heads=num_heads,
         mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
-        model_max_length=len(y_embedding) if y_embedding is not None else TEXT_LENGTHS[family],
+        model_max_length=len(y_embedding) if y_embedding is not None else FAMILY[family].max_tokens,
         micro_conditions=micro,
         kv_compress=kv_compress,
         qk_norm=qk_norm,
@@ -511,7 +509,7 @@ def _pipeline_family(folder: Path) -> str | None:
         name = str(json.loads(index.read_text()).get("_class_name", ""))
     except (OSError, ValueError, AttributeError):
         return None  # an unreadable index says nothing about the family; the caller then asks for it
-    return "sigma" if "Sigma" in name else "alpha" if "Alpha" in name else None
+    return family_of_pipeline(name)
 
 
 def _read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> tuple[dict, PixArtConfig]:
@@ -569,32 +567,13 @@ def _read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> 
     return state_dict, config
 
 
-_HUB_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_HUB_FILE = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.(?:pth|pt|safetensors))")
-
-
 def _from_hub(source: str) -> Path:
     """Fetch a hub model's transformer files (``owner/name``) or one checkpoint file (``owner/name/file.pth``)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+    if file := HUB_FILE.fullmatch(source):
+        return fetch_file(file.group(1), file.group(2))
     names = ["config.json", DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, "diffusion_pytorch_model-*.safetensors"]
     patterns = ["model_index.json", Y_EMBEDDING_FILE, *names, *(f"transformer/{n}" for n in names + [Y_EMBEDDING_FILE])]
-    log.info("fetching %s from the Hugging Face hub", source)
-    try:
-        if file := _HUB_FILE.fullmatch(source):
-            return Path(hf_hub_download(file.group(1), file.group(2)))
-        root = Path(snapshot_download(source, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise PixArtError(
-            f"{source!r} is not a local path, and the hub is unreachable (offline?) with no cached copy; "
-            "pass a local path or connect and retry"
-        ) from None
-    except (HfHubHTTPError, ValueError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PixArtError(
-            f"{source!r} is not a local path, and the hub cannot provide it ({reason}); pass a local path"
-        ) from None
+    root = fetch(source, patterns)
     for folder in (root / "transformer", root):
         if (folder / "config.json").is_file():
             return folder
@@ -632,7 +611,7 @@ def load_transformer(
 
     path = Path(source).expanduser()
     if not path.exists():
-        if _HUB_FILE.fullmatch(str(source)) or _HUB_MODEL.fullmatch(str(source)):
+        if HUB_FILE.fullmatch(str(source)) or HUB_ID.fullmatch(str(source)):
             path = _from_hub(str(source))
         else:
             raise PixArtError(f"no such file or directory: {source} (expected a checkpoint path or a hub id)")

@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,14 +19,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pixart.checkpoints.convert import check_diffusers_compatible, load_transformer, save_diffusers
+from pixart.checkpoints.hub import resolve_pipeline
 from pixart.checkpoints.lora import load_lora, lora_layers, merge_lora
 from pixart.errors import PixArtError
 from pixart.files import swap_into_place, temporary_folder
+from pixart.model.config import FAMILY
 from pixart.model.transformer import PixArtTransformer
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_CLASSES = {"alpha": "PixArtAlphaPipeline", "sigma": "PixArtSigmaPipeline"}
+PIPELINE_CLASSES = {name: family.pipeline_class for name, family in FAMILY.items()}
 """diffusers pipeline class written to model_index.json for each family."""
 
 BASE_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
@@ -37,36 +38,6 @@ BASE_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 HUB_PATTERNS = ["model_index.json", "tokenizer/*", "scheduler/*"] + [
     f"{c}/{p}" for c in ("text_encoder", "vae") for p in ("*.json", "*.safetensors")
 ]
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def resolve_base(base: str | os.PathLike) -> Path:
-    """A local pipeline folder as is; a hub id downloaded (only the components we copy) or taken from the cache."""
-    path = Path(base)
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise PixArtError(f"base {str(base)!r} is not a diffusers pipeline folder (it has no model_index.json)")
-        return path
-    if not HUB_ID.fullmatch(str(base)):
-        raise PixArtError(
-            f"base {str(base)!r} does not exist; expected a pipeline folder or a hub id "
-            "like PixArt-alpha/PixArt-XL-2-1024-MS"
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    logger.info("fetching the text encoder, VAE, tokenizer and scheduler of %s from the hub", base)
-    try:
-        return Path(snapshot_download(str(base), allow_patterns=HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise PixArtError(
-            f"base {str(base)!r} is not a local folder and the hub is unreachable (offline?) with no cached copy; "
-            "pass a local pipeline folder or connect and retry"
-        ) from None
-    except (HfHubHTTPError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PixArtError(f"base {str(base)!r} cannot be fetched from the hub ({reason})") from None
 
 
 def base_family(base_dir: Path, name: str) -> str:
@@ -130,7 +101,7 @@ def export_pipeline(
     """
     out = Path(out)
     _check_out(out, force)
-    base_dir = resolve_base(base)
+    base_dir = resolve_pipeline(base, HUB_PATTERNS, what="base")
     family = base_family(base_dir, str(base))
     if isinstance(transformer, PixArtTransformer):
         model = transformer

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.train.data import BUCKET_RESOLUTIONS
+from pixart.model.resolution import BUCKET_RESOLUTIONS
+from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
 
 
 def register(subparsers) -> None:
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
         choices=BUCKET_RESOLUTIONS,
         help="base resolution of the aspect-ratio buckets (default: the model's)",
     )
-    parser.add_argument("--max-tokens", type=int, help="T5 tokens per caption (default: 120 for α, 300 for Σ)")
+    parser.add_argument("--max-tokens", type=int, help=f"T5 tokens per caption (default: {DEFAULT_MAX_TOKENS_TEXT})")
     parser.add_argument("--batch-size", type=int, default=8, help="images per VAE / T5 pass (default: %(default)s)")
     parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default: %(default)s)")
     parser.add_argument("--flip", action="store_true", help="also cache latents of the mirrored images")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pixart.checkpoints.convert import IMAGE_SIZES
+from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
 
 DIFFUSERS_EXAMPLES = """\
 examples:
@@ -90,7 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     openvino.add_argument("--transformer", metavar="CKPT", help="other transformer weights (any form convert reads)")
     for side in ("width", "height"):  # the IR runs at every size; tracing needs one
         openvino.add_argument(f"--{side}", type=int, metavar="PX", help=f"{side} to trace at (default: the model's)")
-    openvino.add_argument("--max-tokens", type=int, metavar="N", help="T5 tokens per prompt (default: α 120, Σ 300)")
+    openvino.add_argument(
+        "--max-tokens", type=int, metavar="N", help=f"T5 tokens per prompt (default: {DEFAULT_MAX_TOKENS_TEXT})"
+    )
     openvino.add_argument("--int8", action="store_true", help="INT8 weight compression of T5 and transformer (NNCF)")
     openvino.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     openvino.set_defaults(func=run_openvino)

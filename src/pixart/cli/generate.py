@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from pixart.errors import PixArtError
+from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="sample at exactly width × height (multiples of 16) instead of the nearest trained aspect-ratio bin",
     )
-    s.add_argument("--max-tokens", type=int, metavar="N", help="T5 tokens per prompt (default: α 120, Σ 300)")
+    s.add_argument(
+        "--max-tokens", type=int, metavar="N", help=f"T5 tokens per prompt (default: {DEFAULT_MAX_TOKENS_TEXT})"
+    )
     s.add_argument("--no-clean", action="store_true", help="skip caption cleaning (lower-casing still happens)")
     p.add_argument("--out", type=Path, metavar="DIR", default=Path("outputs"), help="output folder (default ./outputs)")
     p.set_defaults(func=run)

@@ -217,35 +217,12 @@ def resolve_model(model: str | os.PathLike | None, need_transformer: bool = True
             f"no model given and the bundled demo model is not installed ({DEMO_MODEL}); "
             f"pass --model with a pipeline folder or a hub id such as {HUB_MODELS[1]}"
         )
-    path = Path(model)
-    if path.exists():
-        if not (path / "model_index.json").is_file() and not (path / "text_encoder").is_dir():
-            raise PixArtError(f"{path} is not a diffusers pipeline folder (no model_index.json, text_encoder/, vae/)")
-        return path
-    if str(model).count("/") != 1 or str(model).startswith((".", "/")):
-        raise PixArtError(f"model {str(model)!r} is neither an existing folder nor a hub id such as {HUB_MODELS[0]}")
-    return _snapshot(str(model), need_transformer)
-
-
-def _snapshot(repo_id: str, need_transformer: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from pixart.checkpoints.hub import resolve_pipeline
 
     folders = ["tokenizer", "text_encoder", "vae", "scheduler"] + (["transformer"] if need_transformer else [])
-    patterns = ["model_index.json"] + [f"{f}/*" for f in folders]
     # Releases ship the same weights in several formats; safetensors in full precision is enough.
     ignore = ["*.bin", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx*", "*fp16*"]
-    log.info("fetching %s (%s) from the Hugging Face hub", repo_id, ", ".join(folders))
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
-    except LocalEntryNotFoundError:
-        raise PixArtError(
-            f"cannot fetch {repo_id!r}: the hub is unreachable (offline?) and it is not cached; "
-            "connect and retry, or pass --model with a local pipeline folder"
-        ) from None
-    except (HfHubHTTPError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PixArtError(f"cannot fetch {repo_id!r} from the hub: {reason}") from None
+    return resolve_pipeline(model, ["model_index.json"] + [f"{f}/*" for f in folders], ignore)
 
 
 def learned_null_caption(model: torch.nn.Module) -> torch.Tensor | None:

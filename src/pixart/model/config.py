@@ -9,7 +9,65 @@ from typing import Any
 
 from pixart.errors import PixArtError
 
-FAMILIES = ("alpha", "sigma")
+
+@dataclass(frozen=True)
+class Family:
+    """What sets PixArt-α and PixArt-Σ apart that a checkpoint's tensor shapes cannot tell: one instance per family.
+
+    Both families use T5-XXL text features; α ships with the SD VAE (sd-vae-ft-ema), Σ with the SDXL VAE, each
+    inside its diffusers pipeline folder, so nothing here has to name the VAE.
+    """
+
+    name: str
+    """'alpha' or 'sigma', as configs, checkpoints and command lines spell it."""
+
+    max_tokens: int
+    """T5 tokens per caption the family was trained with: α 120 (PixArt-α paper §3.1), Σ 300 for its longer
+    captions. The default ``model_max_length`` and caption length, and the length of α's null caption."""
+
+    pe_scales: dict[int, float]
+    """Position-embedding scale per released image side (px). Positions are divided by it so a model sees the
+    coordinate range of the stage it was fine-tuned from: α's scripts (``lewei_scale``) keep 1 up to 512 px and
+    use 2 at 1024; Σ's configs (``pe_interpolation``) anchor at 512 px, so 256 px gets 0.5 and 2048 px 4."""
+
+    learned_null_caption: bool
+    """Whether classifier-free guidance's empty caption is a learned tensor: α's official checkpoints train
+    ``y_embedding`` for it; Σ encodes "" with T5 instead."""
+
+    pipeline_class: str
+    """The diffusers pipeline class of the family: ``_class_name`` in a pipeline folder's model_index.json."""
+
+
+FAMILY: dict[str, Family] = {
+    "alpha": Family(
+        name="alpha",
+        max_tokens=120,
+        pe_scales={256: 1.0, 512: 1.0, 1024: 2.0},
+        learned_null_caption=True,
+        pipeline_class="PixArtAlphaPipeline",
+    ),
+    "sigma": Family(
+        name="sigma",
+        max_tokens=300,
+        pe_scales={256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0},
+        learned_null_caption=False,
+        pipeline_class="PixArtSigmaPipeline",
+    ),
+}
+"""The facts of each family, by name; every module that needs one reads it here."""
+
+FAMILIES = tuple(FAMILY)
+
+
+def family_of_pipeline(class_name: str) -> str | None:
+    """The family a diffusers pipeline class name belongs to ("PixArtSigmaPipeline" → "sigma"), if any.
+
+    By the word in the name, so variants such as diffusers' PAG pipelines count too.
+    """
+    for family in FAMILY.values():
+        if family.pipeline_class.removeprefix("PixArt").removesuffix("Pipeline") in class_name:  # Alpha, Sigma
+            return family.name
+    return None
 
 
 @dataclass(frozen=True)
@@ -17,7 +75,7 @@ class PixArtConfig:
     """The shape of a PixArt transformer: everything needed to build it, nothing about sampling."""
 
     family: str = "alpha"
-    """'alpha' or 'sigma'. Decides defaults the weights cannot tell (text length, null caption, VAE)."""
+    """'alpha' or 'sigma': a key of FAMILY, which holds what the weights cannot tell (text length, null caption)."""
 
     sample_size: int = 128
     """Latent side the model was trained at (image side / 8): 32, 64, 128, 256 for 256…2048 px.
@@ -43,7 +101,7 @@ class PixArtConfig:
     caption_channels: int = 4096
     """Width of the text-encoder features (T5-XXL: 4096)."""
 
-    model_max_length: int = 120
+    model_max_length: int = FAMILY["alpha"].max_tokens
     """Text tokens the model was trained with (α 120, Σ 300); the null caption has this length."""
 
     micro_conditions: bool = False
@@ -131,25 +189,22 @@ class PixArtConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _alpha(image_size: int, micro_conditions: bool = False) -> PixArtConfig:
-    # Official α scripts: lewei_scale = {256: 1, 512: 1, 1024: 2}.
+def _release(family: str, image_size: int, **changes: Any) -> PixArtConfig:
+    """A released XL-2 checkpoint of a family trained at ``image_size`` px: its text length and pe scale."""
+    facts = FAMILY[family]
     return PixArtConfig(
-        family="alpha",
+        family=family,
         sample_size=image_size // 8,
-        pe_scale={256: 1.0, 512: 1.0, 1024: 2.0}[image_size],
-        model_max_length=120,
-        micro_conditions=micro_conditions,
+        pe_scale=facts.pe_scales[image_size],
+        model_max_length=facts.max_tokens,
+        **changes,
     )
 
 
-def _sigma(image_size: int, kv_compress: dict[int, int] | None = None) -> PixArtConfig:
-    # Official Σ configs: pe_interpolation 0.5 / 1 / 2 / 4 for 256 / 512 / 1024 / 2048 px.
+def _debug(family: str, **changes: Any) -> PixArtConfig:
+    """A tiny model of a family for tests and CPU experiments: the same code paths, seconds to run."""
     return PixArtConfig(
-        family="sigma",
-        sample_size=image_size // 8,
-        pe_scale={256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0}[image_size],
-        model_max_length=300,
-        kv_compress=kv_compress or {},
+        family=family, sample_size=8, pe_scale=1.0, hidden_size=48, num_heads=2, caption_channels=32, **changes
     )
 
 
@@ -159,37 +214,15 @@ def sigma_kv_compress(depth: int = 28, factor: int = 2) -> dict[int, int]:
 
 
 PRESETS: dict[str, PixArtConfig] = {
-    "alpha-256": _alpha(256),
-    "alpha-512": _alpha(512),
-    "alpha-1024-ms": _alpha(1024, micro_conditions=True),  # also PixArt-LCM-XL-2-1024-MS
-    "sigma-256": _sigma(256),
-    "sigma-512-ms": _sigma(512),
-    "sigma-1024-ms": _sigma(1024),
-    "sigma-2k-ms": _sigma(2048),
-    # Tiny models for tests and CPU experiments; same code paths, seconds to run.
-    "debug-alpha": PixArtConfig(
-        family="alpha",
-        sample_size=8,
-        pe_scale=1.0,
-        hidden_size=48,
-        depth=2,
-        num_heads=2,
-        caption_channels=32,
-        model_max_length=16,
-        micro_conditions=True,
-    ),
-    "debug-sigma": PixArtConfig(
-        family="sigma",
-        sample_size=8,
-        pe_scale=1.0,
-        hidden_size=48,
-        depth=3,
-        num_heads=2,
-        caption_channels=32,
-        model_max_length=24,
-        kv_compress={1: 2, 2: 2},
-        qk_norm=True,
-    ),
+    "alpha-256": _release("alpha", 256),
+    "alpha-512": _release("alpha", 512),
+    "alpha-1024-ms": _release("alpha", 1024, micro_conditions=True),  # also PixArt-LCM-XL-2-1024-MS
+    "sigma-256": _release("sigma", 256),
+    "sigma-512-ms": _release("sigma", 512),
+    "sigma-1024-ms": _release("sigma", 1024),
+    "sigma-2k-ms": _release("sigma", 2048),
+    "debug-alpha": _debug("alpha", depth=2, model_max_length=16, micro_conditions=True),
+    "debug-sigma": _debug("sigma", depth=3, model_max_length=24, kv_compress={1: 2, 2: 2}, qk_norm=True),
 }
 """Configs of the released XL-2 checkpoints (≈611 M parameters) and of small debug models."""
 

@@ -28,17 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from pixart.checkpoints.hub import resolve_pipeline
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
-from pixart.train.data import (
-    BUCKET_RESOLUTIONS,
-    ImageBuckets,
-    ImageDataset,
-    UnreadableImage,
-    bucket_table,
-    resize_cover_crop,
-    to_tensor,
-)
+from pixart.model.config import FAMILY, family_of_pipeline
+from pixart.model.resolution import BUCKET_RESOLUTIONS, bucket_table
+from pixart.train.data import ImageBuckets, ImageDataset, UnreadableImage, resize_cover_crop, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +44,11 @@ _MODEL_FILES = ["model_index.json", "vae/*", "text_encoder/*", "tokenizer/*", "t
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A local pipeline folder for a path or hub id (downloading only the VAE, T5 and tokenizer)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists() or not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(model)):
-        raise PixArtError(f"model {str(model)!r} not found: expected a diffusers pipeline folder or a hub id")
-    from huggingface_hub import snapshot_download
+    """A local pipeline folder for a path or hub id (downloading only the VAE, T5 and tokenizer).
 
-    try:
-        return Path(snapshot_download(str(model), allow_patterns=_MODEL_FILES))
-    except Exception as err:  # hub errors have many types; all mean "cannot get it"
-        raise PixArtError(f"cannot download {str(model)!r} from the Hugging Face hub: {_first_line(err)}") from None
+    Absolute, as the manifest records it: a cache built from ./model then opens from any folder.
+    """
+    return resolve_pipeline(model, _MODEL_FILES).resolve()
 
 
 def component_fingerprint(root: Path, subfolder: str) -> dict[str, str]:
@@ -79,18 +67,14 @@ def component_fingerprint(root: Path, subfolder: str) -> dict[str, str]:
 
 def model_defaults(root: Path) -> dict[str, int | None]:
     """Base resolution and max tokens implied by a pipeline folder (None where it cannot tell)."""
-    from pixart.model.text import DEFAULT_MAX_TOKENS
-
     resolution = None
     config = root / "transformer" / "config.json"
     if config.is_file():
         side = json.loads(config.read_text()).get("sample_size", 0) * 8
         resolution = side if side in BUCKET_RESOLUTIONS else None
     index = root / "model_index.json"
-    family = "alpha"
-    if index.is_file() and "Sigma" in json.loads(index.read_text()).get("_class_name", ""):
-        family = "sigma"
-    return {"resolution": resolution, "max_tokens": DEFAULT_MAX_TOKENS[family]}
+    family = family_of_pipeline(json.loads(index.read_text()).get("_class_name", "")) if index.is_file() else None
+    return {"resolution": resolution, "max_tokens": FAMILY[family or "alpha"].max_tokens}
 
 
 def cache_expectations(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pixart.errors import PixArtError
+from pixart.model.resolution import BUCKET_RESOLUTIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -302,7 +303,7 @@ class TrainConfig:
             raise PixArtError("data: set data.dataset (images + captions) or data.cache (a feature cache folder)")
         if d.dataset and d.cache:
             raise PixArtError("data: set only one of data.dataset and data.cache")
-        _choice("data.image_size", d.image_size, (64, 128, 256, 512, 1024, 2048))  # train.data.BUCKET_RESOLUTIONS
+        _choice("data.image_size", d.image_size, BUCKET_RESOLUTIONS)
         _choice("diffusion.null_caption", self.diffusion.null_caption, ("auto", "embedding", "t5"))
         _choice("optim.optimizer", o.optimizer, ("adamw", "came"))
         _choice("optim.mixed_precision", o.mixed_precision, ("no", "fp16", "bf16"))

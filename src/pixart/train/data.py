@@ -35,38 +35,13 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
+from pixart.model.resolution import bucket_table
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 """Caption column names tried, in order, when the user names none."""
-
-# The official PixArt training buckets (diffusion/data/datasets/utils.py, ASPECT_RATIO_1024): 40 ratios
-# h/w from 0.25 to 4.0 as (height, width) in pixels. The 256, 512 and 2048 tables are exactly this one
-# scaled by base/1024, so only this one is spelled out.
-_RATIOS_1024 = {
-    0.25: (512, 2048), 0.26: (512, 1984), 0.27: (512, 1920), 0.28: (512, 1856), 0.32: (576, 1792),
-    0.33: (576, 1728), 0.35: (576, 1664), 0.4: (640, 1600), 0.42: (640, 1536), 0.48: (704, 1472),
-    0.5: (704, 1408), 0.52: (704, 1344), 0.57: (768, 1344), 0.6: (768, 1280), 0.68: (832, 1216),
-    0.72: (832, 1152), 0.78: (896, 1152), 0.82: (896, 1088), 0.88: (960, 1088), 0.94: (960, 1024),
-    1.0: (1024, 1024), 1.07: (1024, 960), 1.13: (1088, 960), 1.21: (1088, 896), 1.29: (1152, 896),
-    1.38: (1152, 832), 1.46: (1216, 832), 1.67: (1280, 768), 1.75: (1344, 768), 2.0: (1408, 704),
-    2.09: (1472, 704), 2.4: (1536, 640), 2.5: (1600, 640), 2.89: (1664, 576), 3.0: (1728, 576),
-    3.11: (1792, 576), 3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512), 4.0: (2048, 512),
-}  # fmt: skip
-BUCKET_RESOLUTIONS = (64, 128, 256, 512, 1024, 2048)
-"""64 and 128 are for the bundled demo (pixart.demo): its VAE downsamples 4×, so 128-px buckets (sides
-multiples of 8) split into whole patches; at 64 px only the square bucket suits a patch-2 model."""
-
-
-def bucket_table(resolution: int) -> dict[float, tuple[int, int]]:
-    """The official training buckets for a base resolution: {h/w ratio: (height, width)}."""
-    if resolution not in BUCKET_RESOLUTIONS:
-        raise PixArtError(
-            f"no bucket table for resolution {resolution!r}; expected one of {', '.join(map(str, BUCKET_RESOLUTIONS))}"
-        )
-    return {ratio: (h * resolution // 1024, w * resolution // 1024) for ratio, (h, w) in _RATIOS_1024.items()}
 
 
 def closest_ratio(height: int, width: int, table: dict[float, tuple[int, int]]) -> float:
