@@ -13,8 +13,9 @@ import torch
 from tests.tiny import save_pipeline
 
 from pixart.checkpoints.convert import load_transformer
-from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
-from pixart.sampling.step_cache import StepCache, compile_seconds, compile_transformer, runs_every_block
+from pixart.errors import PixArtError
+from pixart.inference.pipeline import GenerationOptions, PixArtPipeline, compile_seconds
+from pixart.sampling.step_cache import cached_denoiser, runs_every_block
 
 OPTIONS = GenerationOptions(seed=5, steps=3, width=64, height=64, binning=False)
 
@@ -44,9 +45,10 @@ def test_compiled_image_matches_eager(tmp_path):
 def test_compiled_step_cache_matches_cached_eager(tmp_path):
     folder = save_pipeline(tmp_path / "sigma", "sigma")
     eager_model = load_transformer(folder).eval()
-    model = compile_transformer(copy.deepcopy(eager_model), torch.device("cpu"), cache_steps=2)
+    model = copy.deepcopy(eager_model)
+    model.compile(regional=True)
     frames = torch._dynamo.utils.counters["frames"]["ok"]
-    eager_cache, compiled_cache = StepCache(eager_model, 2), StepCache(model, 2)
+    eager_cache, compiled_cache = cached_denoiser(eager_model, 2), cached_denoiser(model, 2)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 120, 32, generator=gen)
     mask = torch.zeros(2, 120, dtype=torch.long)
@@ -90,3 +92,9 @@ def test_compile_seconds_compares_the_first_step_with_later_full_steps():
     ends = np.cumsum([0.0, *durations]).tolist()
     assert compile_seconds(ends, [runs_every_block(k, 2) for k in range(5)]) == pytest.approx(8.0)
     assert compile_seconds(ends) == pytest.approx(8.75)  # every step taken as full: the median is 1.25 s
+
+
+def test_compile_without_a_cxx_compiler_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++ to find
+    with pytest.raises(PixArtError, match=r"^--compile on CPU needs a C\+\+ compiler \(g\+\+ or clang\+\+\) on PATH"):
+        PixArtPipeline.from_pretrained(tmp_path / "absent", device="cpu", compile=True)

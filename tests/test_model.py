@@ -1,4 +1,4 @@
-"""The transformer on its own: shapes, the official initialisation, KV compression, config checks."""
+"""The transformer on its own: shapes, official init, KV compression, block hooks, tracing, config checks."""
 
 import contextlib
 from collections.abc import Iterator
@@ -143,6 +143,85 @@ def test_gradient_checkpointing_gives_same_gradients_and_recomputes_the_blocks()
         assert torch.allclose(a, b, atol=1e-6)
     assert plain_reruns == [] and reruns == [2, 1, 0]  # backward walks the blocks last to first
     assert checkpointed_saved < plain_saved / 4, (checkpointed_saved, plain_saved)
+
+
+def count_block_calls(model) -> list[int]:
+    """Pre-forward hooks on the blocks themselves (a checkpoint's recomputation stops early, before a
+    forward hook would fire)."""
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def test_gradient_checkpointing_applies_where_a_hook_runs_the_block():
+    cfg = preset("debug-sigma")
+    model = perturbed(cfg).train()
+    args = inputs(cfg)
+
+    def grads(**hook):
+        model.zero_grad()
+        model(*args, **hook).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.gradient_checkpointing = True
+    calls = count_block_calls(model)
+    hooked = grads(block_hook=lambda i, x, run: run(x))
+    assert calls == [2] * cfg.depth  # each block ran again in the backward pass: it was checkpointed
+    for a, b in zip(plain, hooked, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["debug-alpha", "debug-sigma"])
+def test_a_hook_that_only_runs_each_block_is_the_plain_forward(name):
+    cfg = preset(name)
+    model = perturbed(cfg)
+    args = inputs(cfg)
+    seen = []
+
+    def hook(i, x, run):
+        seen.append(i)
+        return run(x)
+
+    with torch.no_grad():
+        assert torch.equal(model(*args, block_hook=hook), model(*args))
+    assert seen == list(range(cfg.depth))
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_a_hook_adding_a_residual_after_block_i_equals_the_blocks_run_by_hand(after):
+    # As a ControlNet does: block i's output plus a control residual is the next block's input.
+    cfg = preset("debug-sigma")
+    model = perturbed(cfg)
+    args = inputs(cfg)  # 8 x 12 latents, patch 2: 24 tokens
+    residual = torch.randn(2, 24, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = model(*args, block_hook=lambda i, x, run: run(x) + residual if i == after else run(x))
+        x, y, mask, t, t0, hw = model.embed(*args)
+        for i, block in enumerate(model.blocks):
+            x = block(x, y, t0, mask, hw)
+            if i == after:
+                x = x + residual
+        expected = model.head(x, t, hw)
+        assert not torch.allclose(expected, model(*args), atol=1e-3)
+    assert torch.equal(got, expected)
+
+
+def test_a_trace_leaves_the_caption_length_free():
+    # OpenVINO exports a torch.jit.trace of the forward: it must not freeze the trimmed caption length.
+    cfg = preset("debug-alpha")
+    model = perturbed(cfg)
+    torch.manual_seed(2)
+    short, longer = inputs(cfg, valid=(3, 4)), inputs(cfg, valid=(9, 16))
+    with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(model, short, check_trace=False)
+    with torch.no_grad():
+        trimmed_there = model(*short)
+        assert model(*longer).shape == trimmed_there.shape
+        # Attending the padded caption under a key mask instead of trimming it reorders float sums only.
+        torch.testing.assert_close(traced(*short), trimmed_there)
+        torch.testing.assert_close(traced(*longer), model(*longer))
 
 
 def test_micro_conditions_required():

@@ -10,10 +10,11 @@ import pytest
 import torch
 from tests.tiny import save_pipeline
 
+from pixart import PixArtTransformer, preset
 from pixart.cli import main
 from pixart.errors import PixArtError
 from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
-from pixart.sampling.step_cache import StepCache, check_cache_steps
+from pixart.sampling.step_cache import StepCache, cached_denoiser, check_cache_steps
 
 OPTIONS = GenerationOptions(seed=3, steps=8, width=64, height=64, binning=False)
 
@@ -52,7 +53,8 @@ def test_every_step_fresh_is_the_model_exactly(folder):
     with torch.no_grad():
         for t in (900.0, 300.0):
             expected = model(x, torch.tensor([t, t]), y, mask)
-            assert torch.equal(StepCache(model, every=1)(x, torch.tensor([t, t]), y, mask), expected)
+            cache = StepCache(len(model.blocks), every=1)
+            assert torch.equal(model(x, torch.tensor([t, t]), y, mask, block_hook=cache), expected)
 
 
 def test_strength_0_and_1_give_the_uncached_image(folder):
@@ -75,6 +77,36 @@ def test_caching_skips_deep_blocks_at_a_bounded_cost(folder):
     assert calls == [8, 3]
     assert not np.array_equal(cached, plain)
     assert psnr(cached, plain) > 30.0
+
+
+def test_a_cached_call_adds_the_deep_blocks_residual_of_the_last_full_call(folder):
+    model = PixArtPipeline.from_pretrained(folder, device="cpu")._loaded["transformer"]  # depth 2: block 0 is fresh
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 120, 32, generator=gen)
+    mask = torch.ones(2, 120, dtype=torch.long)
+    denoiser = cached_denoiser(model, 3)
+    with torch.no_grad():
+        for k, t in enumerate((900.0, 800.0, 700.0, 600.0)):  # full, cached, cached, full
+            x = x + 0.1 * torch.randn(x.shape, generator=gen)
+            tokens, cy, cmask, temb, t0, hw = model.embed(x, torch.tensor([t, t]), y, mask)
+            fresh = model.blocks[0](tokens, cy, t0, cmask, hw)
+            if k % 3 == 0:
+                deep = model.blocks[1](fresh, cy, t0, cmask, hw)
+                residual, out = deep - fresh, deep
+            else:
+                out = fresh + residual
+                assert not torch.allclose(out, model.blocks[1](fresh, cy, t0, cmask, hw), atol=1e-3)  # stale
+            expected = model.head(out, temb, hw)
+            assert torch.equal(denoiser(x, torch.tensor([t, t]), y, mask), expected)
+
+
+def test_cache_is_off_for_0_and_1_and_refuses_a_foreign_model():
+    model = PixArtTransformer(preset("debug-sigma"))
+    assert cached_denoiser(model, 0) is model and cached_denoiser(model, 1) is model
+    with pytest.raises(PixArtError, match="step caching needs the PyTorch transformer"):
+        cached_denoiser(torch.nn.Linear(2, 2), 2)
+    with pytest.raises(PixArtError, match="fresh blocks must be from 0 to 2 for this model, got 3"):
+        StepCache(3, every=2, fresh_blocks=3)
 
 
 @pytest.mark.parametrize("bad", [-1, 11, 2.5, True])

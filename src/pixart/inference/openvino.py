@@ -29,7 +29,6 @@ from torch import nn
 from pixart.errors import PixArtError
 from pixart.files import swap_into_place, temporary_folder
 from pixart.model.config import PixArtConfig
-from pixart.model.transformer import PixArtTransformer
 
 log = logging.getLogger(__name__)
 
@@ -54,35 +53,6 @@ class _T5Features(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.t5(input_ids=input_ids, attention_mask=attention_mask)[0]
-
-
-class _Denoiser(nn.Module):
-    """The transformer's forward without the data-dependent trimming of padded caption tokens.
-
-    ``PixArtTransformer.forward`` cuts the caption to the longest real one with a Python int, which a
-    trace would freeze; here the full padded caption is attended with a boolean key mask (exact, as
-    masked keys get zero weight), so any caption length works at run time.
-    """
-
-    def __init__(self, model: PixArtTransformer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, timestep, y, mask, resolution=None, aspect_ratio=None):
-        m = self.model
-        b, _, height, width = x.shape
-        p = m.config.patch_size
-        h, w = height // p, width // p
-        x = m.x_embedder(x) + m.pos_embed(h, w, x.device).to(x.dtype)  # (B, h*w, C)
-        t = m.embed_timestep(timestep, resolution, aspect_ratio)  # (B, C)
-        t0 = m.t_block(t)  # (B, 6C)
-        keep = mask > 0
-        keep = keep | ~keep.any(dim=1, keepdim=True)  # an all-padding caption attends to everything
-        key_mask = keep[:, None, None, :]  # (B, 1, 1, L)
-        y = m.y_embedder(y)
-        for block in m.blocks:
-            x = block(x, y, t0, key_mask, (h, w))
-        return m.unpatchify(m.final_layer(x, t), h, w)
 
 
 class _VaeDecoder(nn.Module):
@@ -158,7 +128,9 @@ def export_openvino(
             shapes = [[-1, config.in_channels, -1, -1], [-1], [-1, -1, config.caption_channels], [-1, -1]]
             if config.micro_conditions:
                 shapes += [[-1, 2], [-1]]
-            denoiser_ir = ov.convert_model(_Denoiser(net.eval()), example_input=tuple(example), input=shapes)
+            # The model's own forward, traced: under tracing it attends the whole padded caption (see
+            # text_attention_mask), so the IR takes any caption length.
+            denoiser_ir = ov.convert_model(net.eval(), example_input=tuple(example), input=shapes)
             vae_ir = ov.convert_model(
                 _VaeDecoder(vae), example_input=(torch.randn(lat),), input=[[-1, config.in_channels, -1, -1]]
             )
@@ -233,7 +205,7 @@ class OVTextEncoderModel(_OVModule):
 
 
 class OVTransformer(_OVModule):
-    """The exported transformer, called with the arguments of :meth:`PixArtTransformer.forward`."""
+    """The exported transformer, called like :meth:`pixart.model.transformer.PixArtTransformer.forward`."""
 
     def __init__(self, core, path: Path, threads: int | None, config: PixArtConfig, null):
         super().__init__(core, path, threads)

@@ -24,6 +24,8 @@ import os
 import random
 import re
 import resource
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +43,7 @@ from pixart.files import file_mode
 from pixart.model.resolution import check_size, generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
 from pixart.sampling.samplers import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
-from pixart.sampling.step_cache import cached_denoiser, compile_seconds, runs_every_block
+from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, runs_every_block
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,28 @@ class RunStats:
             f"{self.images} image(s) in {self.seconds:.1f} s, {rate:.2f} steps/s, "
             f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB{compiled}"
         )
+
+
+def compile_seconds(step_ends: list[float], full: list[bool] | None = None) -> float:
+    """Time the first step took beyond a typical later step: how long torch.compile took.
+
+    ``step_ends`` are perf_counter readings: the start of denoising, then the end of each step. ``full``
+    marks the steps that ran every block (default: all); the typical step is taken among those, because a
+    step-cached step skips the deep blocks that the first step runs.
+    """
+    durations = [b - a for a, b in zip(step_ends[:-1], step_ends[1:], strict=True)]
+    if not durations:
+        return 0.0
+    full = [True] * len(durations) if full is None else full
+    later = [d for d, f in zip(durations[1:], full[1:], strict=True) if f] or durations[1:]
+    typical = statistics.median(later) if later else 0.0
+    return max(0.0, durations[0] - typical)
+
+
+def check_compiler(device: torch.device) -> None:
+    """Refuse torch.compile on a CPU without a C++ compiler, which inductor needs to build its kernels."""
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise PixArtError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop it")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -307,10 +331,11 @@ class PixArtPipeline:
 
         from pixart.checkpoints.convert import load_transformer
         from pixart.checkpoints.lora import load_lora
-        from pixart.sampling.step_cache import check_cache_steps, compile_transformer
 
         device = parse_device(device)
         check_cache_steps(cache_steps)
+        if compile:
+            check_compiler(device)
         dtype = resolve_dtype(dtype, device)
         check_quantization(t5_quantization, device)
         root = resolve_model(model, need_transformer=transformer is None)
@@ -334,7 +359,9 @@ class PixArtPipeline:
             net = load_transformer(source, device=stage_device, dtype=dtype)
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
-            return compile_transformer(net, device, cache_steps) if compile else net
+            if compile:
+                net.compile(regional=cache_steps > 1)  # the step cache's block hook would break a whole-forward graph
+            return net
 
         def load_vae() -> torch.nn.Module:
             vae_config = json.loads((root / "vae" / "config.json").read_text())

@@ -8,6 +8,8 @@ maps them to and from diffusers. The model only predicts: it knows nothing of no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -194,14 +196,27 @@ def text_attention_mask(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
 
     Trimming is exact (masked keys have zero weight) and makes cross-attention cheaper: captions are
     padded to 120/300 tokens but usually use a few dozen. Returns (y, mask (B, 1, 1, L) bool or None).
+    Under torch.jit.trace (the OpenVINO export) nothing is trimmed: the kept length is a Python int that
+    a trace would freeze, so the whole padded caption is attended through the key mask instead.
     """
     if mask is None:
         return y, None
-    keep = mask.to(device=y.device, dtype=torch.bool).reshape(y.shape[0], -1).clone()
-    keep[~keep.any(dim=1)] = True  # an all-padding caption attends to everything, as with diffusers' -10000 bias
+    keep = mask.to(device=y.device, dtype=torch.bool).reshape(y.shape[0], -1)
+    keep = keep | ~keep.any(dim=1, keepdim=True)  # all padding: attend to everything, as diffusers' -10000 bias does
+    if torch.jit.is_tracing():
+        return y, keep[:, None, None, :]
     length = int(keep.any(dim=0).nonzero().max()) + 1
     y, keep = y[:, :length], keep[:, :length]
     return y, (None if bool(keep.all()) else keep[:, None, None, :])
+
+
+BlockHook = Callable[[int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+"""``hook(i, x, run) -> x``: stands in for block i of :meth:`PixArtTransformer.forward`.
+
+x is the block's input tokens (B, h*w, C); ``run(x)`` runs block i on them (with gradient
+checkpointing when it is on). A hook may run the block and change its output (ControlNet adds a
+control residual), skip it (step caching reuses a residual), or only look (collect features).
+"""
 
 
 class PixArtTransformer(nn.Module):
@@ -287,6 +302,8 @@ class PixArtTransformer(nn.Module):
         mask: torch.Tensor | None = None,
         resolution: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
+        *,
+        block_hook: BlockHook | None = None,
     ) -> torch.Tensor:
         """Predict noise (and variance) for latents.
 
@@ -295,19 +312,41 @@ class PixArtTransformer(nn.Module):
         y: (B, L, caption_channels) caption features; mask: (B, L), 1 for real tokens, 0 for padding.
         resolution: (B, 2) image (height, width) in pixels; aspect_ratio: (B,) height / width
         (both only for models with micro-conditions).
+        block_hook: called in place of each block as ``block_hook(i, x, run)`` (see :data:`BlockHook`);
+        None runs every block plainly.
         Returns (B, out_channels, H, W).
         """
         x, y, mask, t, t0, hw = self.embed(x, timestep, y, mask, resolution, aspect_ratio)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, t0, mask, hw, use_reentrant=False)
+        for i, block in enumerate(self.blocks):
+            if block_hook is None:
+                x = self.run_block(block, x, y, t0, mask, hw)
             else:
-                x = block(x, y, t0, mask, hw)
+                x = block_hook(i, x, partial(self.run_block, block, y=y, t0=t0, mask=mask, hw=hw))
         return self.head(x, t, hw)
+
+    def run_block(self, block: PixArtBlock, x: torch.Tensor, y, t0, mask, hw) -> torch.Tensor:
+        """One block on tokens x (B, h*w, C), recomputed in the backward pass under gradient checkpointing."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, y, t0, mask, hw, use_reentrant=False)
+        return block(x, y, t0, mask, hw)
+
+    def compile(self, *, regional: bool = False, **kwargs) -> None:
+        """torch.compile in place (inductor; compiling happens on the first call).
+
+        regional=False compiles the whole forward. regional=True compiles each block instead, for runs
+        with a block hook, whose Python between blocks would break a whole-forward graph: the blocks hold
+        nearly all the work, and blocks of one shape share one compiled graph ("regional compilation").
+        """
+        if regional:
+            for block in self.blocks:
+                block.compile(**kwargs)
+        else:
+            super().compile(**kwargs)  # in place: attributes such as .config and .y_embedder stay reachable
 
     def embed(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None):
         """What the blocks take, from :meth:`forward`'s inputs: (image tokens (B, h*w, C), caption tokens
-        (B, L', C) trimmed of unused padding, SDPA key mask or None, t (B, C), t0 (B, 6C), (h, w))."""
+        (B, L', C) trimmed of unused padding (:func:`text_attention_mask`), SDPA key mask or None, t (B, C),
+        t0 (B, 6C), (h, w))."""
         b, _, height, width = x.shape
         p = self.config.patch_size
         h, w = height // p, width // p
