@@ -286,6 +286,22 @@ def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):
     assert_plain_modes(run)  # checkpoint, final weights, final-lora/ and config.json alike
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_wandb_logs_to_the_configured_project_and_tensorboard_keeps_its_folder(setup, tmp_path, monkeypatch):
+    """A real offline W&B run: logging.wandb_project names its project; TensorBoard still writes to logs/pixart."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    project = "pixart-project-from-config"
+    extra = ["--schedule.max_steps=2", "--checkpoint.every=0", "--logging.every=1", "--logging.tensorboard=true"]
+    run = run_in_process(setup, tmp_path / "run", *extra, "--logging.wandb=true", f"--logging.wandb_project={project}")
+    [offline] = (tmp_path / "wandb").glob("offline-run-*")
+    [records] = offline.glob("run-*.wandb")
+    assert project.encode() in records.read_bytes()  # the run record's project field
+    assert f"finishing run {project}/" in (offline / "logs" / "debug.log").read_text()
+    assert list((run / "logs" / "pixart").glob("events.out.tfevents.*"))
+
+
 def test_sample_randomness_depends_only_on_seed_step_and_index():
     a = torch.randn(3, generator=sample_generator(0, 5, 2))
     assert torch.equal(a, torch.randn(3, generator=sample_generator(0, 5, 2)))

@@ -58,7 +58,10 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     if config.logging.wandb:
         if importlib.util.find_spec("wandb") is None:
             raise PixArtError("logging.wandb=true needs wandb: pip install wandb, or set logging.wandb=false")
-        trackers.append("wandb")
+        from accelerate.tracking import WandBTracker
+
+        # A tracker object, not "wandb": init_trackers' project name is also TensorBoard's folder (logs/pixart).
+        trackers.append(WandBTracker(config.logging.wandb_project))
     accelerator = Accelerator(
         cpu=cpu_only, mixed_precision=precision, log_with=trackers or None, project_dir=str(run_dir / "logs")
     )
