@@ -2,8 +2,8 @@
 
 1. ours vs diffusers: the same mid-size transformer (width 384, depth 8, 6 heads, T5-XXL-wide captions),
    identical weights (pixart.checkpoints.convert.to_diffusers_state_dict), batch 4 of 32×32 latents, fp32, AdamW,
-   gradient clipping. Ours is the trainer's own step (pixart.train.loop.Objective: per-sample seeded noise,
-   caption dropout, hybrid ε-MSE + VLB loss); diffusers' is the loop of its training examples
+   gradient clipping. Ours is the trainer's own step (pixart.train.objective.DiffusionObjective: per-sample
+   seeded noise, caption dropout, hybrid ε-MSE + VLB loss); diffusers' is the loop of its training examples
    (DDPMScheduler.add_noise, ε-MSE). Steps of the two alternate so machine load hits both alike.
 2. ours with vs without the feature cache: the same step fed cached latents/T5 features, or images and
    captions that go through the VAE and T5 first. CPU-sized stand-ins: an SD-VAE-shaped AutoencoderKL
@@ -31,7 +31,7 @@ from pixart.model.config import PixArtConfig
 from pixart.model.text import TextEncoder
 from pixart.model.transformer import PixArtTransformer
 from pixart.train.config import load_config
-from pixart.train.loop import Objective
+from pixart.train.objective import DiffusionObjective
 
 BATCH, SIDE, TEXT_TOKENS = 4, 32, 40
 
@@ -43,13 +43,13 @@ def model_config(caption_channels: int) -> PixArtConfig:
     )  # fmt: skip
 
 
-def trainer_objective(model, text=None, vae=None) -> Objective:
-    """The trainer's Objective for a cached run; text/vae switch it to encoding images and captions."""
+def trainer_objective(model, text=None, vae=None) -> DiffusionObjective:
+    """The trainer's DiffusionObjective for a cached run; text/vae switch it to encoding images and captions."""
     config = load_config(
         None, ["--model.preset=debug-alpha", "--data.cache=unused", "--diffusion.null_caption=embedding"]
     )
     cache = SimpleNamespace(data=SimpleNamespace(scaling_factor=0.18215, shift_factor=None))
-    objective = Objective(config, model, cache, torch.device("cpu"))
+    objective = DiffusionObjective(config, model, cache, torch.device("cpu"))
     objective.text, objective.vae = text, vae
     return objective
 
@@ -81,7 +81,7 @@ def image_batch() -> dict:
 
 
 def ours_step(model, objective, optimizer, batch, step):
-    loss = objective(model, batch, 0, step)
+    loss = objective.loss(model, batch, 0, step)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
     optimizer.step()

@@ -11,9 +11,9 @@ import torch
 from pixart.checkpoints.convert import load_transformer
 from pixart.errors import PixArtError
 from pixart.train.cache import open_cache
-from pixart.train.config import load_config
+from pixart.train.config import LCMConfig, load_config
 from pixart.train.diffusion import GaussianDiffusion
-from pixart.train.lcm import LCMSettings, ddim_grid, lcm_loss, update_target
+from pixart.train.lcm import ddim_grid, lcm_loss, update_target
 from pixart.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,7 +77,7 @@ def test_loss_matches_hand_computation():
 def test_grid_and_settings_are_the_official_ones():
     grid = ddim_grid(1000, 50)
     assert grid[0] == 19 and grid[-1] == 999 and len(grid) == 50 and set(np.diff(grid.numpy())) == {20}
-    s = LCMSettings()
+    s = LCMConfig()
     assert (s.ddim_steps, s.guidance, s.huber_c, s.target_ema) == (50, 4.5, 0.001, 0.95)
 
 

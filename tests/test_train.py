@@ -7,6 +7,7 @@ the same float reductions on both sides, and 2-thread OpenMP on a busy 2-core ma
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -26,11 +27,11 @@ from pixart.errors import PixArtError
 from pixart.model.config import preset
 from pixart.model.transformer import PixArtTransformer
 from pixart.train.cache import open_cache
-from pixart.train.checkpoint import complete_checkpoints, find_checkpoint
 from pixart.train.config import load_config, recipe_names
 from pixart.train.diffusion import GaussianDiffusion
 from pixart.train.loop import train
 from pixart.train.objective import sample_generator
+from pixart.train.state import complete_checkpoints, find_checkpoint
 from test_files import assert_plain_modes
 from test_model import saved_for_backward
 from tiny import save_pipeline
@@ -190,6 +191,12 @@ def test_killed_run_resumes_bit_identically(setup, tmp_path):
     extra += ["--schedule.warmup_steps=5", "--schedule.lr_schedule=cosine", "--diffusion.snr_gamma=5"]
     killed = tmp_path / "killed"
     found = kill_after_first_checkpoint(setup, killed, *extra)
+    # The folder layout that earlier runs wrote too, so their checkpoints resume (docs/design.md).
+    layout = ["ema.safetensors", "lr_schedule.pt", "optimizer.pt", "rng-0.pt", "state.json", "trainable.safetensors"]
+    assert sorted(p.name for p in found[-1].iterdir()) == layout
+    saved = json.loads((found[-1] / "state.json").read_text())
+    assert [*saved] == ["step", "epoch", "batch", "num_processes", "config"]
+    assert found[-1].name == f"step-{saved['step']:08d}"
     # A checkpoint interrupted while being written leaves a temporary folder; resume must not use it.
     fake = killed / "checkpoints" / ".tmp-step-00000039"
     fake.mkdir(exist_ok=True)
@@ -214,6 +221,9 @@ def test_killed_lcm_run_resumes_bit_identically(setup, tmp_path, capsys, adapter
     extra += ["--schedule.max_steps=12", "--checkpoint.every=4", "--optim.ema_decay=0.9", *adapters]
     killed = tmp_path / "killed"
     found = kill_after_first_checkpoint(setup, killed, *extra)
+    assert {p.name for p in found[-1].iterdir()} == {"lr_schedule.pt", "optimizer.pt", "rng-0.pt", "state.json"} | {
+        f"{name}.safetensors" for name in ("trainable", "ema", "target")
+    }
     trained, target = (weights(found[-1] / f"{name}.safetensors") for name in ("trainable", "target"))
     assert target.keys() == trained.keys()  # only the copies of what trains; the rest is the frozen source
     assert any(not torch.equal(trained[k], target[k]) for k in trained)  # the target lags the student
@@ -276,6 +286,22 @@ def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):
     assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-00000002-0.png"]
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard scalars
     assert_plain_modes(run)  # checkpoint, final weights, final-lora/ and config.json alike
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_wandb_logs_to_the_configured_project_and_tensorboard_keeps_its_folder(setup, tmp_path, monkeypatch):
+    """A real offline W&B run: logging.wandb_project names its project; TensorBoard still writes to logs/pixart."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    project = "pixart-project-from-config"
+    extra = ["--schedule.max_steps=2", "--checkpoint.every=0", "--logging.every=1", "--logging.tensorboard=true"]
+    run = run_in_process(setup, tmp_path / "run", *extra, "--logging.wandb=true", f"--logging.wandb_project={project}")
+    [offline] = (tmp_path / "wandb").glob("offline-run-*")
+    [records] = offline.glob("run-*.wandb")
+    assert project.encode() in records.read_bytes()  # the run record's project field
+    assert f"finishing run {project}/" in (offline / "logs" / "debug.log").read_text()
+    assert list((run / "logs" / "pixart").glob("events.out.tfevents.*"))
 
 
 def test_sample_randomness_depends_only_on_seed_step_and_index():

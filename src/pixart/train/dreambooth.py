@@ -4,9 +4,10 @@ Before training, the main process tops ``dreambooth.class_data`` up to ``num_cla
 the *base* model generates from ``class_prompt``: ``class-K.png`` from seed ``run.seed + K``, next to
 ``class-K.txt`` holding the prompt. Images already there are kept. During training every micro-batch of
 instance images is followed by a class batch of the same size whose loss, times ``prior_loss_weight``,
-joins the instance loss. Which class batch comes at a step is a pure function of (seed, step) and its
-per-sample noise comes from ``pixart.train.objective.sample_generator(seed, step, CLASS_INDEX + i)``, so without
-saving any state a resumed run stays bit-identical and 1 or N processes train the same weights.
+is backpropagated in its own pass (:class:`PriorPreservation`). Which class batch comes at a step is a pure
+function of (seed, step) and its per-sample noise comes from
+``pixart.train.objective.sample_generator(seed, step, CLASS_INDEX + i)``, so without saving any state a resumed
+run stays bit-identical and 1 or N processes train the same weights.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
+from pixart.train.objective import DiffusionObjective, Objective
+from pixart.train.state import batch_stream
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,16 @@ def class_images(folder: Path) -> list[Path]:
     from pixart.train.data import IMAGE_EXTENSIONS
 
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def make_class_images(config, accelerator, model, make_pipeline: Callable, max_tokens: int) -> None:
+    """Top the class folder up with images of the base ``model`` on the main process while the others wait."""
+    if accelerator.is_main_process:
+        model.eval()
+        # Only this process generates, and every process must keep the same global random state.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            generate_class_images(config, make_pipeline, max_tokens, show_progress=config.logging.progress)
+    accelerator.wait_for_everyone()
 
 
 def generate_class_images(config, make_pipeline: Callable, max_tokens: int, show_progress: bool = True) -> list[Path]:
@@ -117,3 +131,31 @@ def open_class_batches(config, num_processes: int, process_index: int, batch_siz
         drop_last=False,
         num_workers=config.data.num_workers,
     )
+
+
+class PriorPreservation(Objective):
+    """DreamBooth's objective: each micro-batch of instance images, then a class batch weighted by
+    ``prior_loss_weight``, each with the diffusion loss in its own backward pass."""
+
+    def __init__(self, base: DiffusionObjective, config, classes):
+        """classes: this process's class BatchLoader (:func:`open_class_batches`)."""
+        self.base, self.classes = base, classes
+        self.weight = config.dreambooth.prior_loss_weight
+        self.batch_size, self.accum = config.data.batch_size, config.optim.grad_accum
+        self.stream, self.position = None, -1
+
+    def passes(self, batch: dict, first: int, step: int) -> list[tuple[dict, int, float]]:
+        # first // batch_size is the micro-batch: the processes' slices of one micro-batch lie below batch_size.
+        classes = self.class_batch(step * self.accum + first // self.batch_size)
+        return [(batch, first, 1.0), (classes, CLASS_INDEX + first, self.weight)]
+
+    def class_batch(self, position: int) -> dict:
+        """The class batch at a position of the class stream (step × grad_accum + micro-batch), so a resumed
+        run needs no saved state; the stream is reopened only when the position jumps (at the start)."""
+        if position != self.position:
+            self.stream = batch_stream(self.classes, *divmod(position, len(self.classes)))
+        self.position = position + 1
+        return next(self.stream)[2]
+
+    def loss(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
+        return self.base.loss(model, batch, first, step)

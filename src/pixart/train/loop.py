@@ -5,6 +5,11 @@ CONFIG`` (several). Every sample's noise, timestep and caption-dropout decision 
 seeded by (seed, step, index in the global batch), and the data order is a pure function of (seed, epoch),
 so a run gives the same weights on 1 or N processes (up to float reduction order) and a resumed run is
 bit-identical to one that never stopped.
+
+:func:`setup` builds the run (accelerator, data, model, LoRA, objective, optimizer, schedule, resume) into a
+:class:`Run`; :func:`train_step` is one optimizer step over a :class:`pixart.train.state.TrainState`, whose
+objective (:mod:`pixart.train.objective`, :mod:`pixart.train.lcm`, :mod:`pixart.train.dreambooth`) says what
+each micro-batch's backward passes are.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -24,9 +31,12 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
-from pixart.train.checkpoint import ema_weights, find_checkpoint, load_checkpoint, save_checkpoint, save_final
 from pixart.train.config import TrainConfig
-from pixart.train.objective import Objective, load_frozen_encoders
+from pixart.train.objective import DiffusionObjective, Objective, load_frozen_encoders
+from pixart.train.state import TrainState, batch_stream, find_checkpoint
+
+if TYPE_CHECKING:
+    from pixart.train.data import BatchLoader
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,10 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     if config.logging.wandb:
         if importlib.util.find_spec("wandb") is None:
             raise PixArtError("logging.wandb=true needs wandb: pip install wandb, or set logging.wandb=false")
-        trackers.append("wandb")
+        from accelerate.tracking import WandBTracker
+
+        # A tracker object, not "wandb": init_trackers' project name is also TensorBoard's folder (logs/pixart).
+        trackers.append(WandBTracker(config.logging.wandb_project))
     accelerator = Accelerator(
         cpu=cpu_only, mixed_precision=precision, log_with=trackers or None, project_dir=str(run_dir / "logs")
     )
@@ -126,134 +139,159 @@ def make_lr_schedule(config: TrainConfig, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=config.schedule.warmup_steps, num_training_steps=total_steps)
 
 
-def batch_stream(loader, epoch: int, skip: int):
-    """(epoch, index, batch) forever from a data position, moving through epochs."""
-    while True:
-        for index, batch in enumerate(loader.epoch(epoch, skip=skip), start=skip):
-            yield epoch, index, batch
-        epoch, skip = epoch + 1, 0
+@dataclass
+class Run:
+    """A run ready to train: what :func:`setup` builds and the step loop works with."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    loader: BatchLoader
+    """This process's slice of every global batch."""
+    state: TrainState
+    encoders: DiffusionObjective
+    """The diffusion objective, whose T5, VAE and token length validation images also use."""
+    total_steps: int
+    run_dir: Path
 
 
 def train(config: TrainConfig) -> Path:
     """Train as the config says; returns the run folder, which ends up holding final.safetensors."""
+    run = setup(config)
+    state, accelerator = run.state, run.accelerator
+    stream = batch_stream(run.loader, state.epoch, state.batch)
+    main = accelerator.is_main_process
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not (main and config.logging.progress), unit="step")
+    tick = time.perf_counter()
+    while state.step < run.total_steps:
+        loss, grad_norm = train_step(run, stream)
+        now = time.perf_counter()
+        speed, tick = config.data.batch_size * config.optim.grad_accum / (now - tick), now
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{speed:.1f}")
+        last = state.step == run.total_steps
+        if last or state.step % config.logging.every == 0:
+            metrics = {"loss": accelerator.reduce(loss, "mean").item(), "lr": state.lr_schedule.get_last_lr()[0],
+                       "samples_per_s": speed}  # fmt: skip
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            accelerator.log(metrics, step=state.step)
+        if last or (config.checkpoint.every and state.step % config.checkpoint.every == 0):
+            state.save(run.run_dir, accelerator, config)
+        if last or (config.validation.every and state.step % config.validation.every == 0):
+            render_validation(run)
+    bar.close()
+    state.save_final(run.run_dir, accelerator, config)
+    accelerator.end_training()
+    return run.run_dir
+
+
+def train_step(run: Run, stream) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over grad_accum micro-batches from ``stream``; (summed loss, gradient norm or None)."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    accum, loss = config.optim.grad_accum, 0.0
+    for micro in range(accum):
+        state.epoch, index, batch = next(stream)
+        state.batch = index + 1
+        first = micro * config.data.batch_size + accelerator.process_index * run.loader.batch_size
+        passes = state.objective.passes(batch, first, state.step)
+        for k, (part_batch, part_first, weight) in enumerate(passes):
+            # Gradients are all-reduced once per optimizer step, in its last backward pass.
+            last = micro == accum - 1 and k == len(passes) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(state.model):
+                part = weight * state.objective.loss(state.model, part_batch, part_first, state.step)
+                accelerator.backward(part / accum)
+            loss = loss + part.detach()
+    params = [p for _, p in state.trainable]
+    grad_norm = accelerator.clip_grad_norm_(params, config.optim.grad_clip) if config.optim.grad_clip else None
+    state.optimizer.step()
+    state.lr_schedule.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.objective.after_step(accelerator.unwrap_model(state.model))
+    if state.ema is not None:
+        state.update_ema(config.optim.ema_decay)
+    state.step += 1
+    return loss, grad_norm
+
+
+def setup(config: TrainConfig) -> Run:
+    """Build the run: accelerator, data, model (+ LoRA), objective, optimizer and schedule, resumed if asked."""
     run_dir = Path(config.run.output_dir)
     accelerator = make_accelerator(config, run_dir)
-    device, main, accum = accelerator.device, accelerator.is_main_process, config.optim.grad_accum
+    device = accelerator.device
     resume_from = find_checkpoint(run_dir, config.run.resume) if config.run.resume else None
-    prior = config.dreambooth.prior  # DreamBooth prior preservation: pixart.train.dreambooth
-    if prior:
+    if config.dreambooth.prior:
         from pixart.train import dreambooth
 
-        dreambooth.class_folder(config)  # refuses a file
+        dreambooth.class_folder(config)  # refuses a file before anything loads
     loader = open_batches(config, accelerator)  # validates the dataset before the model loads
     model = load_model(config)
     # LCM distils the loaded model into itself: a frozen copy, taken before any LoRA, is the teacher.
     teacher = copy.deepcopy(model).requires_grad_(False) if config.lcm.enabled else None
-    objective = loss_fn = Objective(config, model, loader, device)
-    if prior and main:  # the class images come from the base model, before any LoRA or training
-        model.eval()
-        # Only this process generates, and every process must keep the same global random state.
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            dreambooth.generate_class_images(config, lambda: training_pipeline(config, model, objective, device),
-                                             objective.max_length, show_progress=config.logging.progress)  # fmt: skip
-    if prior:
-        accelerator.wait_for_everyone()
+    encoders = DiffusionObjective(config, model, loader, device)
+    if config.dreambooth.prior:  # the class images come from the base model, before any LoRA or training
+        make_pipeline = lambda: training_pipeline(config, model, encoders, device)
+        dreambooth.make_class_images(config, accelerator, model, make_pipeline, encoders.max_length)
     if config.lora.rank:
         from pixart.checkpoints.lora import add_lora
 
         torch.manual_seed(config.run.seed)  # peft draws lora_A from the global generator: the same adapters every run
         add_lora(model, config.lora.rank, config.lora.alpha or None, config.lora.targets)
     model.gradient_checkpointing = config.model.gradient_checkpointing
+    objective = make_objective(config, encoders, model, teacher, accelerator, loader.batch_size)
+    steps_per_epoch = max(1, len(loader) // config.optim.grad_accum)
+    total_steps = config.schedule.max_steps or config.schedule.epochs * steps_per_epoch
+    state = make_state(config, accelerator, model, objective, total_steps)
+    if resume_from is not None:
+        state.load(resume_from, accelerator.process_index)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch)
+    state.ema = {n: v.to(device) for n, v in state.ema.items()} if state.ema is not None else None
+    model.train()
+    state.model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
+    run = Run(config, accelerator, loader, state, encoders, total_steps, run_dir)
+    start_logging(run, steps_per_epoch)
+    return run
+
+
+def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher, accelerator, batch_size) -> Objective:
+    """The objective the config asks for: LCM distillation, DreamBooth prior preservation or plain diffusion."""
     if config.lcm.enabled:
         from pixart.train.lcm import LCMObjective
 
-        loss_fn = LCMObjective(objective, teacher, model, config.lcm)
-    lcm_target = loss_fn.target if config.lcm.enabled else None  # checkpointed: resume must not restart it
+        return LCMObjective(base, teacher, model, config.lcm)
+    if config.dreambooth.prior:
+        from pixart.train.dreambooth import PriorPreservation, open_class_batches
 
+        n, index = accelerator.num_processes, accelerator.process_index
+        return PriorPreservation(base, config, open_class_batches(config, n, index, batch_size))
+    return base
+
+
+def make_state(config: TrainConfig, accelerator, model, objective: Objective, total_steps: int) -> TrainState:
+    """The TrainState at step 0: optimizer and LR schedule over what trains, EMA weights if kept."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in trainable]
-    optimizer = make_optimizer(config, params)
-    steps_per_epoch = max(1, len(loader) // accum)
-    total_steps = config.schedule.max_steps or config.schedule.epochs * steps_per_epoch
+    optimizer = make_optimizer(config, [p for _, p in trainable])
     lr_schedule = make_lr_schedule(config, optimizer, total_steps)
     ema = {n: p.detach().clone().float() for n, p in trainable} if config.optim.ema_decay else None
     if ema is not None and accelerator.distributed_type == DistributedType.FSDP:
         raise PixArtError("optim.ema_decay is not supported with FSDP yet; set --optim.ema_decay=0")
-    step, epoch, batch_index = 0, 0, 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, lr_schedule, ema, accelerator.process_index,
-                                lcm_target)  # fmt: skip
-        step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_index)
-    ema = {n: v.to(device) for n, v in ema.items()} if ema is not None else None
-    class_stream = None
-    if prior:  # one class batch per micro-batch: the class position is step × grad_accum, a function of the step
-        classes = dreambooth.open_class_batches(config, accelerator.num_processes, accelerator.process_index,
-                                                loader.batch_size)  # fmt: skip
-        class_stream = batch_stream(classes, *divmod(step * accum, len(classes)))
-        prior_weight = config.dreambooth.prior_loss_weight
-    model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if main:
-        log.info("training %.2f M parameters for %d steps (%d per epoch) on %d process(es), %s",
-                 sum(p.numel() for p in params) / 1e6, total_steps, steps_per_epoch, accelerator.num_processes,
-                 device)  # fmt: skip
-        flat = {
-            f"{s}.{k}": str(v) if isinstance(v, list) else v for s, d in config.to_dict().items() for k, v in d.items()
-        }
-        accelerator.init_trackers("pixart", config=flat)
-    stream = batch_stream(loader, epoch, batch_index)
-    bar = tqdm(total=total_steps, initial=step, disable=not (main and config.logging.progress), unit="step")
-    tick = time.perf_counter()
-    while step < total_steps:
-        for micro in range(accum):
-            epoch, batch_index, batch = next(stream)
-            first = micro * config.data.batch_size + accelerator.process_index * loader.batch_size
-            parts = [(batch, first, 1.0)]
-            if class_stream is not None:
-                parts.append((next(class_stream)[2], dreambooth.CLASS_INDEX + first, prior_weight))
-            loss = 0.0
-            for k, (part_batch, part_first, weight) in enumerate(parts):
-                # Gradients are all-reduced once per optimizer step, in its last backward pass.
-                last = micro == accum - 1 and k == len(parts) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    part = weight * loss_fn(model, part_batch, part_first, step)
-                    accelerator.backward(part / accum)
-                loss = loss + part.detach()
-        grad_norm = accelerator.clip_grad_norm_(params, config.optim.grad_clip) if config.optim.grad_clip else None
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if config.lcm.enabled:
-            loss_fn.update_target(accelerator.unwrap_model(model))
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.values()), [p.float() for p in params], 1 - config.optim.ema_decay)
-        step += 1
-        now = time.perf_counter()
-        speed, tick = config.data.batch_size * accum / (now - tick), now
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{speed:.1f}")
-        if step % config.logging.every == 0 or step == total_steps:
-            metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_schedule.get_last_lr()[0],
-                       "samples_per_s": speed}  # fmt: skip
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            accelerator.log(metrics, step=step)
-        if step == total_steps or (config.checkpoint.every and step % config.checkpoint.every == 0):
-            position = {"step": step, "epoch": epoch, "batch": batch_index + 1}
-            save_checkpoint(accelerator, run_dir, position, model, optimizer, lr_schedule, ema, trainable, config,
-                            lcm_target)  # fmt: skip
-        if step == total_steps or (config.validation.every and step % config.validation.every == 0):
-            render_validation(config, accelerator, model, objective, ema, trainable, step, run_dir)
-    bar.close()
-    save_final(config, accelerator, model, ema, trainable, run_dir)
-    accelerator.end_training()
-    return run_dir
+    return TrainState(model, optimizer, lr_schedule, objective, ema)
 
 
-def render_validation(config, accelerator, model, objective, ema, trainable, step, run_dir) -> None:
+def start_logging(run: Run, steps_per_epoch: int) -> None:
+    """Say what trains and open the trackers with the config (main process)."""
+    if not run.accelerator.is_main_process:
+        return
+    state, config = run.state, run.config
+    log.info("training %.2f M parameters for %d steps (%d per epoch) on %d process(es), %s",
+             sum(p.numel() for _, p in state.trainable) / 1e6, run.total_steps, steps_per_epoch,
+             run.accelerator.num_processes, run.accelerator.device)  # fmt: skip
+    flat = {f"{s}.{k}": str(v) if isinstance(v, list) else v for s, d in config.to_dict().items() for k, v in d.items()}
+    run.accelerator.init_trackers("pixart", config=flat)
+
+
+def render_validation(run: Run) -> None:
     """Render the validation prompts to RUN/validation/step-N-i.png (main process only, EMA weights if kept)."""
+    config, accelerator, encoders = run.config, run.accelerator, run.encoders
     if not config.validation.prompts or not accelerator.is_main_process:
         return
     try:
@@ -261,27 +299,27 @@ def render_validation(config, accelerator, model, objective, ema, trainable, ste
     except ImportError:
         log.warning("validation skipped: pixart.inference.pipeline is not available in this install")
         return
-    v, model = config.validation, accelerator.unwrap_model(model)
-    if objective.vae is None:  # cached training has no VAE until the first validation
-        objective.vae = load_frozen_encoders(config, model, accelerator.device, False, True)[1]
-    pipe = training_pipeline(config, model, objective, accelerator.device)
+    v, model = config.validation, accelerator.unwrap_model(run.state.model)
+    if encoders.vae is None:  # cached training has no VAE until the first validation
+        encoders.vae = load_frozen_encoders(config, model, accelerator.device, False, True)[1]
+    pipe = training_pipeline(config, model, encoders, accelerator.device)
     size = v.image_size or config.data.image_size
     model.eval()
-    with ema_weights(model, ema, trainable), torch.no_grad():
+    with run.state.ema_weights(), torch.no_grad():
         images = pipe(v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance_scale, width=size, height=size,
-                      max_tokens=objective.max_length, show_progress=False)  # fmt: skip
+                      max_tokens=encoders.max_length, show_progress=False)  # fmt: skip
     model.train()
-    out = run_dir / "validation"
+    out = run.run_dir / "validation"
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        image.save(out / f"step-{step:08d}-{i}.png")
-    log.info("validation images of step %d in %s", step, out)
+        image.save(out / f"step-{run.state.step:08d}-{i}.png")
+    log.info("validation images of step %d in %s", run.state.step, out)
 
 
-def training_pipeline(config: TrainConfig, model, objective: Objective, device):
+def training_pipeline(config: TrainConfig, model, encoders: DiffusionObjective, device):
     """A PixArtPipeline over the (unwrapped) model and the trainer's T5 and VAE, in fp32."""
     from pixart.inference.pipeline import PixArtPipeline
 
     scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-    return PixArtPipeline(objective.text, model, objective.vae, scheduler, device=device, dtype=torch.float32)
+    return PixArtPipeline(encoders.text, model, encoders.vae, scheduler, device=device, dtype=torch.float32)

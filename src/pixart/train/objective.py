@@ -1,12 +1,19 @@
-"""What a training step optimises: a micro-batch in, the diffusion loss out (:class:`Objective`).
+"""What a training step optimises: the :class:`Objective` interface and the diffusion loss.
 
-The batch is either images and captions (encoded now by the frozen VAE and T5) or a feature cache's latent
-posteriors and T5 features. Every sample's latent draw, noise, timestep and caption-dropout decision comes
-from :func:`sample_generator` seeded by (seed, step, index in the global batch), which is what makes a run
-the same on 1 or N processes and a resumed run bit-identical (:mod:`pixart.train.loop`).
+An objective turns a micro-batch into the loss the trainer backpropagates and owns whatever else it needs
+across steps (LCM's target network in :mod:`pixart.train.lcm`, DreamBooth's class batches in
+:mod:`pixart.train.dreambooth`), so a new objective is a new file, not a branch in :mod:`pixart.train.loop`.
+
+The batch of :class:`DiffusionObjective` is either images and captions (encoded now by the frozen VAE and T5)
+or a feature cache's latent posteriors and T5 features. Every sample's latent draw, noise, timestep and
+caption-dropout decision comes from :func:`sample_generator` seeded by (seed, step, index in the global
+batch), which is what makes a run the same on 1 or N processes and a resumed run bit-identical
+(:mod:`pixart.train.loop`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,7 +68,32 @@ def load_frozen_encoders(config: TrainConfig, model, device, need_text: bool, ne
 
 
 class Objective:
-    """The loss of a micro-batch: latents and caption features (cached or encoded now), noise, dropout, loss."""
+    """The interface the trainer drives: a loss per backward pass, a hook after each optimizer step, and the
+    state a checkpoint must carry (named tensor files) to resume bit-identically."""
+
+    def passes(self, batch: dict, first: int, step: int) -> list[tuple[dict, int, float]]:
+        """The backward passes of a micro-batch whose first sample has index ``first`` in the global batch of
+        ``step``: (batch, index of its first sample, loss weight) each. One pass of the batch itself by default."""
+        return [(batch, first, 1.0)]
+
+    def loss(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
+        """Mean loss of one pass (see :meth:`passes`), before its weight."""
+        raise NotImplementedError
+
+    def after_step(self, model) -> None:
+        """Update what follows the trained weights, after each optimizer step (``model`` unwrapped)."""
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a checkpoint must keep: {file stem: tensors}, each written as ``<stem>.safetensors``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]], checkpoint: Path) -> None:
+        """Restore :meth:`state_dict` from the files ``checkpoint`` holds (a stem is absent if its file is)."""
+
+
+class DiffusionObjective(Objective):
+    """The diffusion loss of a micro-batch (ε-MSE + learned-range VLB): latents and caption features, cached
+    or encoded now, with per-sample seeded noise, timesteps and caption dropout."""
 
     def __init__(self, config: TrainConfig, model, loader, device):
         self.config, self.device = config, device
@@ -81,7 +113,7 @@ class Objective:
         source = loader.data if cached else self.vae.config
         self.vae_shift, self.vae_scale = getattr(source, "shift_factor", None) or 0.0, source.scaling_factor
 
-    def __call__(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
+    def loss(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
         """Mean loss of a micro-batch whose first sample has index ``first`` in the global batch of ``step``."""
         x0, noise, t, features, mask, drops = self.inputs(batch, first, step)
         with torch.no_grad():
