@@ -20,14 +20,17 @@ EXAMPLES = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pixart.sampling.samplers import SAMPLERS
+    from pixart.sampling.samplers import DEFAULT_SAMPLER, SAMPLERS
 
+    samplers = "\n".join(
+        f"  {s.name:<10} {s.steps:>3} steps, guidance {s.guidance:<4} {s.doc}" for s in SAMPLERS.values()
+    )
     p = subparsers.add_parser(
         "generate",
         help="generate images from text prompts",
         description="Generate images from text prompts with a PixArt-α or PixArt-Σ model. "
         "Each PNG carries its prompt, seed and settings as text metadata.",
-        epilog=EXAMPLES,
+        epilog=f"{EXAMPLES}\nsamplers (--sampler; default {DEFAULT_SAMPLER}, lcm for LCM models):\n{samplers}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts")
@@ -81,13 +84,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = p.add_argument_group("sampling")
     s.add_argument(
-        "--sampler", metavar="NAME", help=f"one of {', '.join(SAMPLERS)} (default: dpm++, lcm for LCM models)"
+        "--sampler",
+        metavar="NAME",
+        help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER}, lcm for LCM models)",
     )
+    s.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the sampler's, listed below)")
     s.add_argument(
-        "--steps", type=int, metavar="N", help="denoising steps (default: the sampler's, e.g. dpm++ 20, lcm 4)"
-    )
-    s.add_argument(
-        "--guidance", type=float, metavar="G", help="classifier-free guidance scale, ≤ 1 is off (default 4.5; lcm 1)"
+        "--guidance",
+        type=float,
+        metavar="G",
+        help="classifier-free guidance scale, ≤ 1 is off (default: the sampler's)",
     )
     s.add_argument(
         "--seed", type=int, metavar="N", help="seed of the first image; the k-th image uses seed + k (default random)"

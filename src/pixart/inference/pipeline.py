@@ -40,7 +40,7 @@ from pixart.errors import PixArtError
 from pixart.files import FILE_MODE
 from pixart.model.resolution import check_size, generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
-from pixart.sampling.samplers import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
+from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
 from pixart.sampling.step_cache import cached_denoiser, compile_seconds, runs_every_block
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class GenerationOptions:
     seed: int | None = None
     """Seed of the first image; None picks one at random (it is recorded in the metadata)."""
     sampler: str | None = None
-    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: dpm++ (lcm for LCM models)."""
+    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: the model's default (dpm++, lcm for LCM models)."""
     steps: int | None = None
     guidance: float | None = None
     """Classifier-free guidance scale; ≤ 1 turns guidance off (one model pass per step)."""
@@ -110,8 +110,8 @@ class GenerationOptions:
             check_size(self.width or 8, self.height or 8, multiple=8, binned=True)
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
             raise PixArtError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise PixArtError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.sampler is not None:
+            get_sampler(self.sampler)
         if self.guidance is not None:
             ok = isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
             if not ok or not math.isfinite(self.guidance) or self.guidance < 0:
@@ -416,13 +416,12 @@ class PixArtPipeline:
     def resolve(self, options: GenerationOptions | None = None, **overrides) -> GenerationOptions:
         """Options with every default filled in from the sampler and the model, checked against the model."""
         options = (options or GenerationOptions()).replace(**overrides)
-        sampler = options.sampler or default_sampler(self.scheduler_config)
-        defaults = DEFAULTS[sampler]
+        sampler = get_sampler(options.sampler) if options.sampler else default_sampler(self.scheduler_config)
         side = self.model_config.sample_size * self.vae_factor
         resolved = options.replace(
-            sampler=sampler,
-            steps=options.steps if options.steps is not None else defaults.steps,
-            guidance=options.guidance if options.guidance is not None else defaults.guidance,
+            sampler=sampler.name,
+            steps=options.steps if options.steps is not None else sampler.steps,
+            guidance=options.guidance if options.guidance is not None else sampler.guidance,
             width=options.width or side,
             height=options.height or side,
             max_tokens=options.max_tokens or DEFAULT_MAX_TOKENS[self.model_config.family],
