@@ -46,9 +46,10 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     folder = work / "pipeline"
     started = time.perf_counter()
-    steps, guidance, sampler = args.steps, 4.5, "dpm++"
-    if name == "lcm":
-        steps, guidance, sampler = 4, 1.0, "lcm"
+    from pixart.sampling.samplers import DEFAULT_SAMPLER, SAMPLERS
+
+    chosen = SAMPLERS["lcm" if name == "lcm" else DEFAULT_SAMPLER]
+    steps, guidance, sampler = chosen.steps if name == "lcm" else args.steps, chosen.guidance, chosen.name
     if name == "diffusers":
         from diffusers import PixArtSigmaPipeline
 

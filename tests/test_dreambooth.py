@@ -65,7 +65,7 @@ def test_missing_class_images_are_generated_by_the_base_model_and_present_ones_k
         with Image.open(classes / f"class-{k:05d}.png") as image:
             image.load()
             assert image.size == (256, 256) and image.info["prompt"] == CLASS and image.info["seed"] == str(k)
-            prompt, options = GenerationOptions.from_metadata(image.info)
+            prompt, options, _ = GenerationOptions.from_metadata(image.info)
             assert (options.steps, options.guidance, options.width, options.height) == (2, 4.5, 256, 256)
             if k == 0:  # what the base model makes with these settings, denoised two at a time as in the run
                 expected = reference([prompt] * 2, options.replace(batch_size=2), show_progress=False)

@@ -6,6 +6,7 @@ pipeline folder with the same seed, steps, guidance and size.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -21,7 +22,7 @@ from tests.tiny import save_pipeline, scheduler, tiny_text_encoder, tiny_transfo
 
 from pixart.cli import main
 from pixart.errors import PixArtError
-from pixart.inference.pipeline import GenerationOptions, PixArtPipeline, save_image
+from pixart.inference.pipeline import GenerationOptions, LoadSettings, PixArtPipeline, read_png_metadata, save_image
 from pixart.sampling.samplers import make_scheduler
 from test_files import umask
 
@@ -197,17 +198,22 @@ def test_alpha_learned_null_caption_is_used_without_negative_prompt(folders):
     assert np.array_equal(run(load_transformer(folder), None), run(learned, ""))
 
 
-def test_lora_is_merged_at_its_scale(folders, tmp_path):
+def trained_lora(folder: Path, out: Path) -> Path:
+    """A LoRA on the folder's transformer as training leaves it: B is no longer zero, so it changes images."""
     from pixart.checkpoints.convert import load_transformer
     from pixart.checkpoints.lora import add_lora, save_lora
 
-    model = load_transformer(folders["sigma"])
+    model = load_transformer(folder)
     add_lora(model, rank=4)
-    with torch.no_grad():  # a trained adapter: B is no longer zero
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn_like(param) * 0.5)
-    adapter = save_lora(model, tmp_path / "lora")
+    return save_lora(model, out)
+
+
+def test_lora_is_merged_at_its_scale(folders, tmp_path):
+    adapter = trained_lora(folders["sigma"], tmp_path / "lora")
     options = GenerationOptions(seed=3, steps=2, width=32, height=32, binning=False)
 
     def run(loras):
@@ -303,18 +309,71 @@ def test_cli_matches_diffusers_and_reproduces_from_metadata(folders, tmp_path):
     assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(again[1])))
 
 
-def test_step_cached_image_reproduces_from_its_metadata(folders, tmp_path, capsys):
-    args = ["a red car", "--model", str(folders["sigma"]), "--steps", "4", "--seed", "5", "--width", "32"]
-    args += ["--height", "32", "--no-binning", "--out", str(tmp_path)]
-    assert main(["generate", *args]) == 0
-    plain = np.asarray(Image.open(capsys.readouterr().out.strip()))
-    assert main(["generate", *args, "--cache-steps", "2"]) == 0
-    first = Path(capsys.readouterr().out.strip())
-    assert Image.open(first).info["cache_steps"] == "2"
-    assert not np.array_equal(np.asarray(Image.open(first)), plain)  # caching changes the image…
-    assert main(["generate", "--from-png", str(first), "--out", str(tmp_path)]) == 0
-    again = Path(capsys.readouterr().out.strip())
-    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))  # …so the PNG records it
+@pytest.mark.parametrize("weights", ["lora", "step-cache"])
+def test_image_reproduces_from_its_png_through_the_library_and_the_cli(folders, tmp_path, weights):
+    adapter = trained_lora(folders["sigma"], tmp_path / "lora")
+    load = LoadSettings(str(folders["sigma"]))
+    load = load.replace(loras=((str(adapter), 0.7),)) if weights == "lora" else load.replace(cache_steps=2)
+    options = GenerationOptions(seed=5, steps=4, width=32, height=32, binning=False, negative_prompt="blurry")
+    made = PixArtPipeline.from_pretrained(load, device="cpu")("a red car", options)[0]
+    png = save_image(made, tmp_path / "made")
+    plain = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu")("a red car", options)[0]
+    assert not np.array_equal(np.asarray(made), np.asarray(plain))  # what the PNG must record changes the image
+
+    # The library alone: the PNG's text gives the prompt, the options and the weights back.
+    prompt, saved, restored = GenerationOptions.from_metadata(read_png_metadata(png))
+    assert (prompt, restored) == ("a red car", load)
+    assert saved == options.replace(sampler="dpm++", guidance=4.5, max_tokens=300)  # resolved, as the run used them
+    again = PixArtPipeline.from_pretrained(restored, device="cpu")(prompt, saved)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(png)))
+
+    # The console command, as a user runs it, from nothing but the file.
+    result = run_cli("--from-png", str(png), "--out", str(tmp_path / "cli"))
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.asarray(Image.open(result.stdout.strip())), np.asarray(Image.open(png)))
+
+
+def test_from_png_flags_win_over_the_images_weights(folders, tmp_path, capsys):
+    adapter = trained_lora(folders["sigma"], tmp_path / "lora")
+    options = GenerationOptions(seed=2, steps=2, width=32, height=32, binning=False)
+    made = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu", loras=[(adapter, 1.0)])("a tree", options)
+    png = save_image(made[0], tmp_path)
+    assert json.loads(Image.open(png).info["loras"]) == [[str(adapter), 1.0]]
+    # --lora replaces the image's LoRAs (scale 0: none), --cache-steps and --steps add to what it says.
+    args = ["--from-png", str(png), "--lora", f"{adapter}:0", "--cache-steps", "2", "--steps", "3", "--out"]
+    assert main(["generate", *args, str(tmp_path)]) == 0
+    info = Image.open(capsys.readouterr().out.strip()).info
+    assert (json.loads(info["loras"]), info["cache_steps"], info["steps"]) == ([[str(adapter), 0.0]], "2", "3")
+    assert info["model"] == str(folders["sigma"]) and info["seed"] == "2"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"loras": "style.safetensors"}, "error: the image's loras metadata 'style.safetensors' is malformed"),
+        ({"loras": '[["a", "x"]]'}, 'error: the image\'s loras metadata \'[["a", "x"]]\' is malformed'),
+        ({"cache_steps": "two"}, "error: the image's cache_steps metadata 'two' is not a whole number"),
+        ({"steps": "many"}, "error: the image's generation metadata is incomplete or malformed"),
+        ({"seed": None}, "error: the image has no pixart generation metadata"),
+    ],
+)
+def test_from_png_bad_metadata_is_one_line(tmp_path, capsys, change, message):
+    info = {"prompt": "a", "seed": "1", "steps": "2", "sampler": "dpm++", "guidance": "4.5", "width": "32"}
+    info |= {"height": "32", "max_tokens": "8"}
+    image = Image.new("RGB", (8, 8))
+    image.info.update({k: v for k, v in (info | change).items() if v is not None})
+    png = save_image(image, tmp_path)
+    assert main(["generate", "--from-png", str(png)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+def test_from_png_needs_a_readable_image(tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    for path, message in ((tmp_path / "absent.png", "does not exist"), (tmp_path / "notes.png", "cannot read")):
+        assert main(["generate", "--from-png", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and str(path) in err, err
 
 
 def test_cli_offline_hub_id_is_one_line(tmp_path):

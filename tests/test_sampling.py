@@ -13,7 +13,16 @@ import pytest
 import torch
 from tests.tiny import scheduler as released_scheduler
 
-from pixart.sampling.samplers import Conditioning, denoise, make_scheduler
+from pixart.errors import PixArtError
+from pixart.sampling.samplers import (
+    DEFAULT_SAMPLER,
+    SAMPLERS,
+    Conditioning,
+    default_sampler,
+    denoise,
+    get_sampler,
+    make_scheduler,
+)
 
 
 class Oracle(torch.nn.Module):
@@ -55,3 +64,28 @@ def test_sampler_recovers_the_oracles_latent(sampler, steps, atol):
     assert len(oracle.timesteps) == steps and oracle.timesteps[0] >= 900  # started from (nearly) pure noise
     # LCM's last step keeps c_skip(t)·x_t with c_skip ≈ 0.25 / (10 t)² at its last t (≈ 4e-8 at t = 259).
     assert torch.allclose(out, x0, atol=atol), (sampler, (out - x0).abs().max().item())
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_builds_its_scheduler_on_the_models_schedule(name):
+    sampler = get_sampler(name)
+    config = released_scheduler().config
+    scheduler = sampler.build(config)
+    assert type(scheduler).__name__ == sampler.scheduler and sampler.name == name
+    # Only the solver changes: the noise schedule is the model's, and the sampler's own settings took.
+    assert torch.equal(scheduler.alphas_cumprod, released_scheduler().alphas_cumprod)
+    assert all(scheduler.config[key] == value for key, value in sampler.settings.items())
+    assert sampler.steps >= 1 and sampler.guidance >= 1.0 and "arXiv" in sampler.paper
+
+
+def test_unknown_sampler_is_one_line_naming_the_choices():
+    for bad in ("k_lms", ["dpm++"]):
+        with pytest.raises(PixArtError) as err:
+            get_sampler(bad)
+        assert str(err.value) == f"unknown sampler {bad!r}; choose one of {', '.join(SAMPLERS)}"
+
+
+def test_default_sampler_follows_the_scheduler_config():
+    assert default_sampler(released_scheduler().config).name == DEFAULT_SAMPLER == "dpm++"
+    assert default_sampler({"_class_name": "LCMScheduler"}) is SAMPLERS["lcm"]  # as PixArt-LCM-XL-2-1024-MS ships
+    assert [s.name for s in SAMPLERS.values() if s.distilled] == ["lcm"]

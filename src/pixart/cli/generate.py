@@ -21,14 +21,17 @@ EXAMPLES = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pixart.sampling.samplers import SAMPLERS
+    from pixart.sampling.samplers import DEFAULT_SAMPLER, SAMPLERS
 
+    samplers = "\n".join(
+        f"  {s.name:<10} {s.steps:>3} steps, guidance {s.guidance:<4} {s.doc}" for s in SAMPLERS.values()
+    )
     p = subparsers.add_parser(
         "generate",
         help="generate images from text prompts",
         description="Generate images from text prompts with a PixArt-α or PixArt-Σ model. "
         "Each PNG carries its prompt, seed and settings as text metadata.",
-        epilog=EXAMPLES,
+        epilog=f"{EXAMPLES}\nsamplers (--sampler; default {DEFAULT_SAMPLER}, lcm for LCM models):\n{samplers}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts")
@@ -82,13 +85,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = p.add_argument_group("sampling")
     s.add_argument(
-        "--sampler", metavar="NAME", help=f"one of {', '.join(SAMPLERS)} (default: dpm++, lcm for LCM models)"
+        "--sampler",
+        metavar="NAME",
+        help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER}, lcm for LCM models)",
     )
+    s.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the sampler's, listed below)")
     s.add_argument(
-        "--steps", type=int, metavar="N", help="denoising steps (default: the sampler's, e.g. dpm++ 20, lcm 4)"
-    )
-    s.add_argument(
-        "--guidance", type=float, metavar="G", help="classifier-free guidance scale, ≤ 1 is off (default 4.5; lcm 1)"
+        "--guidance",
+        type=float,
+        metavar="G",
+        help="classifier-free guidance scale, ≤ 1 is off (default: the sampler's)",
     )
     s.add_argument(
         "--seed", type=int, metavar="N", help="seed of the first image; the k-th image uses seed + k (default random)"
@@ -111,11 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixart.checkpoints.lora import parse_lora_spec
-    from pixart.inference.pipeline import GenerationOptions, PixArtPipeline, save_image
+    from pixart.inference.pipeline import PixArtPipeline, save_image
 
-    prompts, options, model, transformer, cache_steps = _inputs(args, GenerationOptions)
-    loras = [parse_lora_spec(spec) for spec in args.lora]
+    prompts, options, load = _inputs(args)
     if args.t5_int8 and args.t5_bits:
         raise PixArtError("choose one of --t5-int8 and --t5-bits")
     if args.t5_bits not in (None, 8, 4):
@@ -125,25 +129,22 @@ def run(args: argparse.Namespace) -> int:
     if args.runtime not in ("torch", "openvino"):
         raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
     if args.runtime == "openvino":
-        pipe = _openvino_pipeline(args, model, transformer, quantization, cache_steps)
+        pipe = _openvino_pipeline(args, load, quantization)
     else:
         pipe = PixArtPipeline.from_pretrained(
-            model,
-            transformer,
+            load,
             device=args.device,
             dtype=args.dtype,
             low_memory=args.low_memory,
             vae_tiling=args.vae_tiling,
             t5_quantization=quantization,
-            loras=loras,
             compile=args.compile,
-            cache_steps=cache_steps,
         )
     images = pipe(prompts, options)
     for image in images:
         print(save_image(image, args.out))
     log.info("%s", pipe.last_run.summary())
-    if model is None:  # the bundled demo answered: point at the real models
+    if load.model is None:  # the bundled demo answered: point at the real models
         from pixart.inference.pipeline import HUB_MODELS
 
         log.info("this was the small bundled demo model (coloured shapes only, docs/demo.md); for real images "
@@ -151,15 +152,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _openvino_pipeline(args: argparse.Namespace, model, transformer, quantization, cache_steps):
+def _openvino_pipeline(args: argparse.Namespace, load, quantization):
     """The pipeline of a `pixart export openvino` folder; refuses flags that only apply to PyTorch weights."""
     from pixart.inference.openvino import load_openvino_pipeline
 
     torch_only = {
-        "--transformer": transformer,
-        "--lora": args.lora,
+        "--transformer": load.transformer,
+        "--lora": load.loras,
         "--compile": args.compile,
-        "--cache-steps": cache_steps > 1,
+        "--cache-steps": load.cache_steps > 1,
         "--low-memory": args.low_memory,
         "--vae-tiling": args.vae_tiling,
         "--t5-int8/--t5-bits": quantization,
@@ -171,13 +172,16 @@ def _openvino_pipeline(args: argparse.Namespace, model, transformer, quantizatio
         raise PixArtError(
             f"not with --runtime openvino (it runs the exported folder as is, on CPU): {', '.join(given)}"
         )
-    if model is None:
+    if load.model is None:
         raise PixArtError("--runtime openvino needs --model FOLDER written by `pixart export openvino`")
-    return load_openvino_pipeline(model)
+    return load_openvino_pipeline(load.model)
 
 
-def _inputs(args: argparse.Namespace, options_cls):
-    """Prompts, options, model, transformer and step caching from the command line (or from --from-png)."""
+def _inputs(args: argparse.Namespace):
+    """Prompts, options and load settings from the command line, over an image's own with --from-png."""
+    from pixart.checkpoints.lora import parse_lora_spec
+    from pixart.inference.pipeline import GenerationOptions, LoadSettings, read_png_metadata
+
     given = {
         "negative_prompt": args.negative_prompt,
         "num_images": args.num_images,
@@ -193,28 +197,25 @@ def _inputs(args: argparse.Namespace, options_cls):
         "batch_size": args.batch_size,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    weights = {
+        "model": args.model,
+        "transformer": args.transformer,
+        "loras": tuple(parse_lora_spec(spec) for spec in args.lora),
+        "cache_steps": args.cache_steps,
+    }
+    weights = {k: v for k, v in weights.items() if v}  # None, no --lora, --cache-steps 0: not given
     if args.from_png is None:
         prompts = list(args.prompts)
         if args.prompts_file is not None:
             prompts += _read_prompts_file(args.prompts_file)
         if not prompts:
             raise PixArtError("no prompt given: pass prompts as arguments, --prompts-file or --from-png")
-        return prompts, options_cls(**given), args.model, args.transformer, args.cache_steps
+        return prompts, GenerationOptions(**given), LoadSettings(**weights)
     if args.prompts or args.prompts_file:
         raise PixArtError("--from-png takes the prompt from the image; do not also give prompts")
-    info = _png_text(args.from_png)
-    prompt, saved = options_cls.from_metadata(info)
+    prompt, options, load = GenerationOptions.from_metadata(read_png_metadata(args.from_png))
     # Flags given on the command line win over the image's settings.
-    # Empty fields mean "the default", as recorded by a run without --model/--transformer.
-    model = args.model or info.get("model") or None
-    transformer = args.transformer or info.get("transformer") or None
-    # Step caching changes the image, so a cached run's PNG records it; --cache-steps still wins.
-    try:
-        cache_steps = args.cache_steps or int(info.get("cache_steps", 0))
-    except ValueError:
-        bad = info["cache_steps"]
-        raise PixArtError(f"{args.from_png}: cache_steps {bad!r} in its metadata is not a number") from None
-    return [prompt], saved.replace(**given), model, transformer, cache_steps
+    return [prompt], options.replace(**given), load.replace(**weights)
 
 
 def _read_prompts_file(path: Path) -> list[str]:
@@ -228,15 +229,3 @@ def _read_prompts_file(path: Path) -> list[str]:
     if not prompts:
         raise PixArtError(f"prompts file {path} has no prompts (expected one prompt per line)")
     return prompts
-
-
-def _png_text(path: Path) -> dict[str, str]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return {k: v for k, v in image.info.items() if isinstance(v, str)}
-    except FileNotFoundError:
-        raise PixArtError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise PixArtError(f"cannot read {path} as an image: {err}") from None

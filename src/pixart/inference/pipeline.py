@@ -8,7 +8,8 @@ The one entry point for notebooks, the CLI and the web UI::
 Components: T5 (:class:`pixart.model.text.TextEncoder`), our transformer
 (:func:`pixart.checkpoints.convert.load_transformer`), diffusers' AutoencoderKL and schedulers
 (:mod:`pixart.sampling.samplers`). Each image carries its settings as
-PNG text metadata (``image.info``) from which :meth:`GenerationOptions.from_metadata` rebuilds the run.
+PNG text metadata (``image.info``) from which :meth:`GenerationOptions.from_metadata` rebuilds the run: prompt,
+options and the :class:`LoadSettings` (model, transformer, LoRAs, step caching) that made it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pixart.errors import PixArtError
 from pixart.files import file_mode
 from pixart.model.resolution import check_size, generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
-from pixart.sampling.samplers import DEFAULTS, SAMPLERS, Conditioning, default_sampler, denoise, make_scheduler
+from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
 from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, runs_every_block
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class GenerationOptions:
     seed: int | None = None
     """Seed of the first image; None picks one at random (it is recorded in the metadata)."""
     sampler: str | None = None
-    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: dpm++ (lcm for LCM models)."""
+    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: the model's default (dpm++, lcm for LCM models)."""
     steps: int | None = None
     guidance: float | None = None
     """Classifier-free guidance scale; ≤ 1 turns guidance off (one model pass per step)."""
@@ -112,8 +113,8 @@ class GenerationOptions:
             check_size(self.width or 8, self.height or 8, multiple=8, binned=True)
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
             raise PixArtError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise PixArtError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.sampler is not None:
+            get_sampler(self.sampler)
         if self.guidance is not None:
             ok = isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
             if not ok or not math.isfinite(self.guidance) or self.guidance < 0:
@@ -123,8 +124,8 @@ class GenerationOptions:
         return dataclasses.replace(self, **changes)
 
     @staticmethod
-    def from_metadata(info: dict[str, str]) -> tuple[str, GenerationOptions]:
-        """The prompt and options that reproduce an image, from its PNG text metadata (``image.info``)."""
+    def from_metadata(info: dict[str, str]) -> tuple[str, GenerationOptions, LoadSettings]:
+        """The prompt, options and weights that reproduce an image, from its PNG text metadata (``image.info``)."""
         if "prompt" not in info or "seed" not in info:
             raise PixArtError("the image has no pixart generation metadata (prompt, seed, …)")
         try:
@@ -142,7 +143,82 @@ class GenerationOptions:
             )
         except (KeyError, ValueError) as err:
             raise PixArtError(f"the image's generation metadata is incomplete or malformed: {err}") from None
-        return info["prompt"], options
+        return info["prompt"], options, LoadSettings.from_metadata(info)
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Which weights make an image: what its PNG records and :meth:`PixArtPipeline.from_pretrained` loads.
+
+    The device and dtype are not among them: they follow the machine that reproduces the image.
+    """
+
+    model: str | None = None
+    """Pipeline folder or hub id; None: the bundled demo model."""
+    transformer: str | None = None
+    """Other transformer weights (any form :func:`pixart.checkpoints.convert.load_transformer` reads)."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRAs merged into the transformer, as (path, scale), in order."""
+    cache_steps: int = 0
+    """Step caching (:mod:`pixart.sampling.step_cache`): it approximates the deep blocks, so it changes the image."""
+
+    def replace(self, **changes) -> LoadSettings:
+        return dataclasses.replace(self, **changes)
+
+    def metadata(self) -> dict[str, str]:
+        """The PNG text fields that record these settings; :meth:`from_metadata` reads them back."""
+        fields = {"model": self.model or "", "transformer": self.transformer or ""}
+        if self.loras:
+            fields["loras"] = json.dumps([[str(path), float(scale)] for path, scale in self.loras])
+        if self.cache_steps > 1:
+            fields["cache_steps"] = str(self.cache_steps)
+        return fields
+
+    @staticmethod
+    def from_metadata(info: dict[str, str]) -> LoadSettings:
+        """The settings a PNG's text metadata records; empty or missing fields mean the defaults."""
+        try:
+            loras = json.loads(info.get("loras", "[]"))
+            if not isinstance(loras, list) or not all(_is_lora_entry(entry) for entry in loras):
+                raise ValueError
+        except ValueError:
+            raise PixArtError(
+                f"the image's loras metadata {info['loras']!r} is malformed; expected a JSON list of [path, scale]"
+            ) from None
+        try:
+            cache_steps = int(info.get("cache_steps", 0))
+        except ValueError:
+            bad = info["cache_steps"]
+            raise PixArtError(f"the image's cache_steps metadata {bad!r} is not a whole number") from None
+        return LoadSettings(
+            model=info.get("model") or None,
+            transformer=info.get("transformer") or None,
+            loras=tuple((path, float(scale)) for path, scale in loras),
+            cache_steps=cache_steps,
+        )
+
+
+def _is_lora_entry(entry: object) -> bool:
+    """Whether a parsed ``loras`` entry is [path, scale]."""
+    if not isinstance(entry, list) or len(entry) != 2:
+        return False
+    path, scale = entry
+    return isinstance(path, str) and isinstance(scale, (int, float)) and not isinstance(scale, bool)
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text fields of an image file (a generated PNG's settings), or a one-line PixArtError naming the file."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        # Opening reads the header and the text chunks before the pixels; the pixels are never decoded.
+        with Image.open(path) as image:
+            return {k: v for k, v in image.info.items() if isinstance(v, str)}
+    except FileNotFoundError:
+        raise PixArtError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        # ValueError: PIL refuses a text chunk that decompresses beyond its limit (a zip bomb)
+        raise PixArtError(f"cannot read {path} as an image: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -282,15 +358,18 @@ class PixArtPipeline:
         names: dict[str, str] | None = None,
         compiled: bool = False,
         cache_steps: int = 0,
+        loras: tuple[tuple[str, float], ...] = (),
     ):
         """Components are either loaded objects or zero-argument loaders. low_memory: load each part
         when its stage starts and release it when the stage ends; offload: keep parts on the CPU and
         move each to the device only for its stage. compiled: the transformer went through
-        torch.compile (its first step is timed as compile time); cache_steps: see :mod:`pixart.sampling.step_cache`."""
+        torch.compile (its first step is timed as compile time); cache_steps: see :mod:`pixart.sampling.step_cache`;
+        loras: the (path, scale) merged into the transformer, for the metadata."""
         self.device, self.dtype, self.low_memory, self._offload = device, dtype, low_memory, offload
         self.compiled, self.cache_steps = compiled, cache_steps
         self.scheduler_config = dict(scheduler_config)
         self.names = dict(names or {})
+        self.loras = tuple(loras)
         self._loaders = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
         self._loaded: dict[str, object] = {k: v for k, v in self._loaders.items() if not callable(v) or _is_module(v)}
         # Each stage frees its part on exit in low-memory mode, so no reference may outlive the block.
@@ -308,7 +387,7 @@ class PixArtPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | os.PathLike | None = None,
+        model: str | os.PathLike | LoadSettings | None = None,
         transformer: str | os.PathLike | None = None,
         *,
         device: str | torch.device | None = None,
@@ -321,7 +400,9 @@ class PixArtPipeline:
         cache_steps: int = 0,
     ) -> PixArtPipeline:
         """Load a pipeline folder or hub id; ``transformer`` swaps in other weights (any form
-        load_transformer reads) while T5, VAE and scheduler come from ``model``.
+        load_transformer reads) while T5, VAE and scheduler come from ``model``. ``model`` may also be
+        :class:`LoadSettings` (e.g. an image's, from :meth:`GenerationOptions.from_metadata`), which then says
+        the model, transformer, LoRAs and step caching.
 
         low_memory: T5, transformer and VAE are each loaded for their stage and released after it
         (on CUDA they wait on the CPU instead), so peak memory is the largest part, not the sum.
@@ -332,6 +413,10 @@ class PixArtPipeline:
         from pixart.checkpoints.convert import load_transformer
         from pixart.checkpoints.lora import load_lora
 
+        if isinstance(model, LoadSettings):
+            if transformer is not None or loras or cache_steps:
+                raise TypeError("give the transformer, LoRAs and cache steps in the LoadSettings, not beside it")
+            model, transformer, loras, cache_steps = model.model, model.transformer, model.loras, model.cache_steps
         device = parse_device(device)
         check_cache_steps(cache_steps)
         if compile:
@@ -390,6 +475,7 @@ class PixArtPipeline:
             names=names,
             compiled=compile,
             cache_steps=cache_steps,
+            loras=tuple((str(path), float(scale)) for path, scale in loras or ()),
         )
 
     # ------------------------------------------------------------------ loading stages
@@ -420,13 +506,12 @@ class PixArtPipeline:
     def resolve(self, options: GenerationOptions | None = None, **overrides) -> GenerationOptions:
         """Options with every default filled in from the sampler and the model, checked against the model."""
         options = (options or GenerationOptions()).replace(**overrides)
-        sampler = options.sampler or default_sampler(self.scheduler_config)
-        defaults = DEFAULTS[sampler]
+        sampler = get_sampler(options.sampler) if options.sampler else default_sampler(self.scheduler_config)
         side = self.model_config.sample_size * self.vae_factor
         resolved = options.replace(
-            sampler=sampler,
-            steps=options.steps if options.steps is not None else defaults.steps,
-            guidance=options.guidance if options.guidance is not None else defaults.guidance,
+            sampler=sampler.name,
+            steps=options.steps if options.steps is not None else sampler.steps,
+            guidance=options.guidance if options.guidance is not None else sampler.guidance,
             width=options.width or side,
             height=options.height or side,
             max_tokens=options.max_tokens or DEFAULT_MAX_TOKENS[self.model_config.family],
@@ -588,15 +673,14 @@ class PixArtPipeline:
             "binning": str(opts.binning).lower(),
             "max_tokens": opts.max_tokens,
             "clean": str(opts.clean).lower(),
-            "model": self.names.get("model", ""),
-            "transformer": self.names.get("transformer", ""),
+            **LoadSettings(
+                self.names.get("model") or None, self.names.get("transformer") or None, self.loras, self.cache_steps
+            ).metadata(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "generator": f"pixart {__version__}",
         }
         if opts.negative_prompt is not None:
             fields["negative_prompt"] = opts.negative_prompt
-        if self.cache_steps > 1:  # step caching approximates the deep blocks, so it changes the image
-            fields["cache_steps"] = self.cache_steps
         return {k: str(v) for k, v in fields.items()}
 
 

@@ -1,4 +1,4 @@
-"""Samplers (diffusers schedulers by name) and the denoising loop with classifier-free guidance.
+"""Samplers (a table of diffusers schedulers by name) and the denoising loop with classifier-free guidance.
 
 A sampler is a diffusers scheduler built from the model's own scheduler config (1000 linear betas
 1e-4…0.02 for every PixArt release), so only the solver changes, never the noise schedule. The loop
@@ -9,66 +9,99 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from pixart.errors import PixArtError
+
 if TYPE_CHECKING:  # diffusers pulls in torch._dynamo (seconds); import it only when a run starts
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SAMPLERS: dict[str, tuple[str, dict]] = {
-    # DPM-Solver++(2M), Lu et al. 2022 (arXiv 2211.01095): the released pipelines' default.
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    # Its stochastic variant (SDE-DPM-Solver++ 2M).
-    "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    # SA-Solver, Xue et al. 2023 (arXiv 2309.05019): stochastic Adams, used by the official PixArt demo.
-    "sa-solver": ("SASolverScheduler", {"algorithm_type": "data_prediction"}),
-    # DDIM, Song et al. 2020 (arXiv 2010.02502), deterministic (eta 0). diffusers' DDIM and DDPM clip
-    # x̂0 to [-1, 1] unless told otherwise, which suits pixels, not latents (unit variance, so |x| > 1
-    # is common); the released scheduler configs (DPM-Solver's) do not say, so say it here.
-    "ddim": ("DDIMScheduler", {"clip_sample": False}),
-    # DDPM ancestral sampling, Ho et al. 2020 (arXiv 2006.11239); wants many steps.
-    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
-    # Euler and Euler ancestral in the k-diffusion (Karras et al. 2022) sigma parameterisation.
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    # Heun's 2nd-order method (Karras et al. 2022): two model calls per step.
-    "heun": ("HeunDiscreteScheduler", {}),
-    # UniPC, Zhao et al. 2023 (arXiv 2302.04867), and DEIS, Zhang & Chen 2022 (arXiv 2204.13902).
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {"algorithm_type": "deis"}),
-    # Latent consistency models, Luo et al. 2023 (arXiv 2310.04378): only for LCM-distilled weights.
-    "lcm": ("LCMScheduler", {}),
-}
-"""Sampler names users type → (diffusers scheduler class, settings over the model's scheduler config)."""
-
 
 @dataclass(frozen=True)
-class SamplerDefaults:
-    steps: int
-    guidance: float
+class Sampler:
+    """A sampler users can name: the diffusers scheduler that runs it and how it is usually run."""
+
+    name: str
+    """What users type: ``--sampler``, the web UI's dropdown, :attr:`GenerationOptions.sampler`."""
+    doc: str
+    """What it is, in one line (shown by ``pixart generate --help``)."""
+    paper: str
+    """Where the algorithm comes from."""
+    scheduler: str
+    """The diffusers scheduler class that runs it."""
+    settings: dict = field(default_factory=dict)
+    """Settings over the model's own scheduler config (which keeps the noise schedule)."""
+    steps: int = 20
+    """Steps it is usually run with (PixArt papers, official demo, diffusers)."""
+    guidance: float = 4.5
+    """Classifier-free guidance it is usually run with; 1 is off."""
+    distilled: bool = False
+    """Only for weights distilled for it; a model whose scheduler config names its scheduler defaults to it."""
+
+    def build(self, scheduler_config: dict) -> SchedulerMixin:
+        """A fresh scheduler for one sampling run (schedulers keep per-run state, so never share one)."""
+        import diffusers
+
+        return getattr(diffusers, self.scheduler).from_config(dict(scheduler_config), **self.settings)
 
 
-DEFAULTS: dict[str, SamplerDefaults] = {name: SamplerDefaults(20, 4.5) for name in SAMPLERS} | {
-    "sa-solver": SamplerDefaults(25, 3.0),
-    "ddpm": SamplerDefaults(100, 4.5),
-    "lcm": SamplerDefaults(4, 1.0),  # guidance 1 = off: LCM distillation baked guidance into the weights
-}
-"""Steps and guidance each sampler is usually run with (PixArt papers, official demo, diffusers)."""
+# fmt: off
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("dpm++", "DPM-Solver++(2M): the released pipelines' default", "Lu et al. 2022, arXiv 2211.01095",
+            "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    Sampler("dpm++-sde", "SDE-DPM-Solver++(2M): the stochastic variant of dpm++", "Lu et al. 2022, arXiv 2211.01095",
+            "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    Sampler("sa-solver", "SA-Solver, stochastic Adams: the official PixArt demo's", "Xue et al. 2023, arXiv 2309.05019",
+            "SASolverScheduler", {"algorithm_type": "data_prediction"}, steps=25, guidance=3.0),
+    # diffusers' DDIM and DDPM clip x̂0 to [-1, 1] unless told otherwise, which suits pixels, not latents (unit
+    # variance, so |x| > 1 is common); the released scheduler configs (DPM-Solver's) do not say, so say it here.
+    Sampler("ddim", "DDIM, deterministic (eta 0)", "Song et al. 2020, arXiv 2010.02502",
+            "DDIMScheduler", {"clip_sample": False}),
+    Sampler("ddpm", "DDPM ancestral sampling; wants many steps", "Ho et al. 2020, arXiv 2006.11239",
+            "DDPMScheduler", {"clip_sample": False}, steps=100),
+    Sampler("euler", "Euler in the k-diffusion sigma parameterisation", "Karras et al. 2022, arXiv 2206.00364",
+            "EulerDiscreteScheduler"),
+    Sampler("euler-a", "Euler ancestral (stochastic)", "Karras et al. 2022, arXiv 2206.00364",
+            "EulerAncestralDiscreteScheduler"),
+    Sampler("heun", "Heun's 2nd-order method: two model calls per step", "Karras et al. 2022, arXiv 2206.00364",
+            "HeunDiscreteScheduler"),
+    Sampler("unipc", "UniPC, a unified predictor-corrector", "Zhao et al. 2023, arXiv 2302.04867",
+            "UniPCMultistepScheduler"),
+    Sampler("deis", "DEIS, a diffusion exponential integrator", "Zhang & Chen 2022, arXiv 2204.13902",
+            "DEISMultistepScheduler", {"algorithm_type": "deis"}),
+    # Guidance 1 = off: LCM distillation baked guidance into the weights.
+    Sampler("lcm", "latent consistency: only for LCM-distilled weights", "Luo et al. 2023, arXiv 2310.04378",
+            "LCMScheduler", steps=4, guidance=1.0, distilled=True),
+)}
+"""Every sampler by the name users type; the one table the pipeline, the CLI and the web UI read."""
+# fmt: on
+
+DEFAULT_SAMPLER = "dpm++"
+"""The sampler of models not distilled for one (the released pipelines ship DPM-Solver++ configs)."""
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler called ``name``; an unknown name is a one-line PixArtError listing the names there are."""
+    try:
+        return SAMPLERS[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable value from a JSON request
+        raise PixArtError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
 
 
 def make_scheduler(name: str, scheduler_config: dict) -> SchedulerMixin:
-    """A fresh scheduler for one sampling run (schedulers keep per-run state, so never share one)."""
-    import diffusers
-
-    class_name, settings = SAMPLERS[name]
-    return getattr(diffusers, class_name).from_config(dict(scheduler_config), **settings)
+    """A fresh scheduler of the sampler called ``name`` for one sampling run."""
+    return get_sampler(name).build(scheduler_config)
 
 
-def default_sampler(scheduler_config: dict) -> str:
-    """LCM-distilled releases ship an LCMScheduler config; everything else defaults to DPM-Solver++."""
-    return "lcm" if scheduler_config.get("_class_name") == "LCMScheduler" else "dpm++"
+def default_sampler(scheduler_config: dict) -> Sampler:
+    """The sampler a model runs with unless told: the distilled one its scheduler config names (LCM releases
+    ship an LCMScheduler config), else :data:`DEFAULT_SAMPLER`."""
+    named = scheduler_config.get("_class_name")
+    distilled = (s for s in SAMPLERS.values() if s.distilled and s.scheduler == named)
+    return next(distilled, SAMPLERS[DEFAULT_SAMPLER])
 
 
 @dataclass

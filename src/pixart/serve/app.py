@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pixart.errors import PixArtError
-from pixart.sampling.samplers import DEFAULTS, SAMPLERS, default_sampler
+from pixart.sampling.samplers import SAMPLERS, default_sampler
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
     from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
@@ -214,8 +214,8 @@ def build_ui(service: ImageService):
         return gallery, int(results[0][1]["seed"])
 
     def sampler_defaults(name):
-        d = DEFAULTS.get(name, DEFAULTS[default])
-        return d.steps, d.guidance
+        chosen = SAMPLERS.get(name, default)
+        return chosen.steps, chosen.guidance
 
     # Gradio copies every returned file into its cache; an hourly sweep of copies older than an hour keeps a
     # long-running server's disk use bounded (the PNGs in out_dir are not touched).
@@ -246,11 +246,9 @@ def build_ui(service: ImageService):
                         max_length=limits.max_prompt_chars,
                         placeholder="empty: the model's null caption",
                     )
-                    samplers = gr.Dropdown(list(SAMPLERS), value=default, label="Sampler")
-                    steps = gr.Slider(1, limits.max_steps, value=DEFAULTS[default].steps, step=1, label="Steps")
-                    guidance = gr.Slider(
-                        0, 20, value=DEFAULTS[default].guidance, step=0.1, label="Guidance (≤ 1 is off)"
-                    )
+                    samplers = gr.Dropdown(list(SAMPLERS), value=default.name, label="Sampler")
+                    steps = gr.Slider(1, limits.max_steps, value=default.steps, step=1, label="Steps")
+                    guidance = gr.Slider(0, 20, value=default.guidance, step=0.1, label="Guidance (≤ 1 is off)")
                     with gr.Row():
                         seed = gr.Number(0, precision=0, label="Seed (image k uses seed + k)")
                         randomize = gr.Checkbox(True, label="Randomize seed")
@@ -318,7 +316,7 @@ def build_app(service: ImageService):
             "model": pipe.names.get("model", ""),
             "family": pipe.model_config.family,
             "samplers": list(SAMPLERS),
-            "default_sampler": default_sampler(pipe.scheduler_config),
+            "default_sampler": default_sampler(pipe.scheduler_config).name,
             "sizes": [list(s) for s in service.size_presets().values()],
             "limits": {f.name: getattr(service.limits, f.name) for f in fields(service.limits)},
             "waiting": service.waiting,
