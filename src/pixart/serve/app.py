@@ -7,9 +7,12 @@ Two doors to the same generation:
   (usable with ``gradio_client``);
 - ``POST /api/generate`` taking JSON and returning the PNGs as base64 with their metadata.
 
-Both go through :class:`ImageService`, which checks a request against :class:`ServeLimits`, runs at
-most ``concurrency`` generations at once and saves every image with :func:`pixart.inference.pipeline.save_image`,
+Both go through :class:`ImageService`, which rate-limits each client, checks a request against
+:class:`ServeLimits`, runs at most ``concurrency`` generations at once (stopping one whose API client
+hung up), logs one line per request and saves every image with :func:`pixart.inference.pipeline.save_image`,
 so what users download is the PNG with its generation metadata, exactly as ``pixart generate`` writes it.
+Before either door, :class:`pixart.serve.guard.Guard` turns away other sites, strangers' host names,
+missing tokens and oversized or slow bodies.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's `request: Request` annotation at run
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from pixart.errors import PixArtError
 from pixart.sampling.samplers import DEFAULTS, SAMPLERS, default_sampler
-from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter
+from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
     from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
@@ -89,7 +92,11 @@ class _Cancelled(Exception):
     """The client went away: raised from the progress callback to stop denoising and free the slot."""
 
 
-FIELD_KINDS = {"sampler": (str, "the name of a sampler (text)"), "width": (int, "an integer"), "height": (int, "an integer")}
+FIELD_KINDS = {
+    "sampler": (str, "the name of a sampler (text)"),
+    "width": (int, "an integer"),
+    "height": (int, "an integer"),
+}
 """Fields whose wrong type GenerationOptions would not name (a list as sampler cannot even be looked up)."""
 
 
@@ -239,8 +246,7 @@ class ImageService:
             if resolved is not None:
                 size = f"{resolved.width}x{resolved.height} {resolved.steps} steps x{resolved.num_images}"
             said = f" prompt={prompt!r}" if self.log_prompts and isinstance(prompt, str) else ""
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            log.info("%s %s %s %.2f s %s%s", stamp, client, size, time.monotonic() - started, outcome, said)
+            log.info("%s %s %s %.2f s %s%s", utc_stamp(), client, size, time.monotonic() - started, outcome, said)
 
     def size_presets(self) -> dict[str, tuple[int, int]]:
         """Labels like "1024 × 768" → (width, height): the model's trained aspect-ratio bins within the pixel limit."""

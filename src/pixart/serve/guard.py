@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import threading
 import time
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pixart.errors import PixArtError
+
+log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 ALL_INTERFACES = frozenset({"0.0.0.0", "::", ""})
@@ -90,6 +93,8 @@ class Guard:
             return await self.app(scope, receive, send)
         refusal = self.refusal(scope)
         if refusal is not None:
+            client = scope["client"][0] if scope.get("client") else "?"
+            log.info("%s %s %s %s %d %s", utc_stamp(), client, scope.get("method", "WS"), scope["path"], *refusal[:2])
             if scope["type"] == "websocket":  # 1008: policy violation
                 return await send({"type": "websocket.close", "code": 1008, "reason": refusal[1]})
             return await _respond(send, *refusal)
@@ -159,6 +164,11 @@ class Guard:
             await send(message)
 
         await self.app(scope, counted_receive, guarded_send)
+
+
+def utc_stamp() -> str:
+    """The time for a log line, in UTC so lines from servers anywhere sort together."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 async def _respond(send, status: int, message: str, headers: dict[str, str]) -> None:
