@@ -178,7 +178,7 @@ def test_a_client_that_hangs_up_stops_its_generation_and_frees_the_slot(server):
         time.sleep(0.5)  # some steps in
     hung_up = time.monotonic()
     while running(server) != 0:
-        assert time.monotonic() - hung_up < 3, "denoising went on after the client left"
+        assert time.monotonic() - hung_up < 5, "denoising went on after the client left"
         time.sleep(0.05)
     (line,) = [line for line in server.log_file.read_text().splitlines() if "127.0.0.6" in line]
     done = int(re.search(r"499 client gone, stopped after (\d+) of (\d+) steps", line).group(1))

@@ -115,7 +115,13 @@ def run(args: argparse.Namespace) -> int:
     if "" in hosts:
         raise PixArtError("--allowed-host needs a name, e.g. --allowed-host studio.lan")
     token = auth_token(args)
-    access = Access(args.host, hosts, token, limits.max_body, limits.body_timeout)
+    access = Access(
+        bind_host=args.host,
+        allowed_hosts=hosts,
+        token=token,
+        max_body=limits.max_body,
+        body_timeout=limits.body_timeout,
+    )
     # Bound before the (slow) imports and model load, so a taken port or bad host fails at once, and no
     # other process can take the port while the model loads.
     sock = listening_socket(args.host, args.port)
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             log.info("serving on http://%s:%d (API: POST /api/generate); images in %s", url_host, args.port, out)
             if token is not None:
                 log.info("the API and the page require the token (user name: any, password: the token)")
-            # timeout_keep_alive: an idle connection is closed after 5 s, so idle clients cannot hold sockets.
+            # timeout_keep_alive: a kept-alive connection idle for 5 s is closed (uvicorn's default, said here).
             config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5)
             uvicorn.Server(config).run(sockets=[sock])
     finally:
