@@ -23,6 +23,9 @@ from types import SimpleNamespace
 import pytest
 from tests.tiny import save_pipeline
 
+from pixart.errors import PixArtError
+from pixart.serve.guard import RateLimited, RateLimiter, parse_rate
+
 TOKEN = "pixart-test-token-" + "k" * 16
 RATE = 3  # requests per minute per client
 SIDE = 256  # the model's default size: sample_size 32 × VAE factor 8
@@ -90,6 +93,32 @@ def generate(server, body: dict, source: str, token: str = TOKEN) -> tuple[int, 
     headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
     status, answer_headers, data = call(server, "POST", "/api/generate", body, headers, source=source)
     return status, answer_headers, json.loads(data)
+
+
+def test_the_rate_limit_allows_a_burst_then_one_request_per_interval_per_client():
+    now = [0.0]
+    limiter = RateLimiter(6, clock=lambda: now[0])  # one every 10 s, six at once
+    for _ in range(6):
+        limiter.admit("a")
+    with pytest.raises(RateLimited, match="6 a minute") as refused:
+        limiter.admit("a")
+    assert refused.value.retry_after == 10
+    limiter.admit("b")  # its own allowance
+    now[0] = 9.0
+    with pytest.raises(RateLimited):
+        limiter.admit("a")
+    now[0] = 10.0
+    limiter.admit("a")
+    # Memory stays bounded under many addresses: clients whose allowance is whole again are forgotten.
+    for k in range(5000):
+        limiter.admit(f"10.0.{k // 256}.{k % 256}")
+    now[0] = 100.0
+    limiter.admit("c")
+    assert len(limiter._buckets) < 10
+    assert [parse_rate(r) for r in ("30/min", "30", "2/s", "120/h")] == [30, 30, 120, 2]
+    for bad in ("fast", "0/min", "30/day", "10/h", "-1"):
+        with pytest.raises(PixArtError, match="--rate-limit"):
+            parse_rate(bad)
 
 
 SMALL = {"prompt": "a small cube", "steps": 1, "width": 32, "height": 32, "binning": False}
