@@ -116,7 +116,7 @@ class Guard:
             return 403, f"requests from the page {origin!r} are refused; use this server's own page", {}
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 return 400, f"bad Content-Length {length!r}", {}
             if int(length) > self.access.max_body:
                 return 413, f"the body has {length} bytes; this server takes at most {self.access.max_body}", {}
