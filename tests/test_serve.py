@@ -9,6 +9,7 @@ The model is the tiny pipeline of tests/tiny.py, given a 256-px bin table so the
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -35,6 +36,10 @@ from pixart.serve.app import ImageService, ServeLimits, ServerBusy
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_PROMPT_CHARS = 100
 MAX_IMAGES = 2
+MAX_QUEUE = 8
+MAX_BODY = 100_000
+BODY_TIMEOUT = 2
+TOKEN = "tok-" + "7" * 20
 
 
 def free_port() -> int:
@@ -62,6 +67,9 @@ def launched(model, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("log") / "server.log"
     cmd = [sys.executable, "-m", "pixart", "serve", "--model", str(model), "--port", str(port), "--out", str(out)]
     cmd += ["--max-images", str(MAX_IMAGES), "--max-prompt-chars", str(MAX_PROMPT_CHARS), "--concurrency", "2"]
+    # 2 running + 8 waiting: the ten concurrent requests below all fit, the hundred of the load test do not.
+    cmd += ["--max-queue", str(MAX_QUEUE), "--rate-limit", "2000/min", "--max-body", str(MAX_BODY)]
+    cmd += ["--body-timeout", str(BODY_TIMEOUT)]
     # One thread per generation: tiny models gain nothing from more, and a busy CPU makes OpenMP spin.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_file, "wb") as log:
@@ -91,9 +99,10 @@ def server(launched):
             time.sleep(0.5)
 
 
-def post(url: str, body: bytes | dict, timeout: float = 60) -> tuple[int, dict]:
+def post(url: str, body: bytes | dict, timeout: float = 60, headers: dict | None = None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"content-type": "application/json"}, method="POST")
+    headers = {"content-type": "application/json"} | (headers or {})
+    request = urllib.request.Request(url, data, headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -128,7 +137,7 @@ def test_a_full_queue_is_refused_as_busy_and_the_running_requests_finish(model, 
     assert service.waiting == 0
 
 
-def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model):
+def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model, monkeypatch):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -137,13 +146,27 @@ def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model):
             (["--model", str(tmp_path / "missing"), "--port", str(free_port())], "missing"),
             (["--model", str(model), "--port", "70000"], "--port 70000"),
             (["--model", str(model), "--port", str(taken.getsockname()[1])], "cannot listen"),
-            (["--model", str(model), "--host", "192.0.2.1"], "cannot listen on 192.0.2.1"),  # not this machine's
+            # 192.0.2.1 is not this machine's: nothing is ever served there, whatever the checks say.
+            (["--model", str(model), "--host", "192.0.2.1", "--no-auth"], "cannot listen on 192.0.2.1"),
             (["--model", str(model), "--max-images", "0"], "--max-images must be a positive integer"),
+            (["--model", str(model), "--rate-limit", "fast"], "--rate-limit 'fast' is not a rate"),
+            (["--model", str(model), "--allowed-host", ""], "--allowed-host needs a name"),
+            # A host other machines can reach needs a token or an explicit --no-auth, checked before binding.
+            (["--model", str(model), "--host", "192.0.2.1"], "--host 192.0.2.1 lets other machines in"),
+            (["--model", str(model), "--host", "192.0.2.1", "--auth-token-file", str(tmp_path / "none")], "none"),
+            (["--model", str(model), "--auth-token", "short-secret"], "at least 16 characters"),
+            (["--model", str(model), "--auth-token", TOKEN, "--no-auth"], "--no-auth contradicts"),
+            (["--model", str(model), "--auth-token", TOKEN, "--auth-token-file", "t"], "give the token once"),
         ]
         for flags, message in cases:
             assert main(["serve", *flags]) == 2
             err = capsys.readouterr().err.strip()
             assert err.startswith("error: ") and message in err and "\n" not in err, (flags, err)
+            assert "short-secret" not in err and TOKEN not in err  # a token is never echoed
+        monkeypatch.setenv("PIXART_AUTH_TOKEN", "short-secret")  # checked like the flags' token
+        assert main(["serve", "--model", str(model), "--host", "192.0.2.1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "PIXART_AUTH_TOKEN must be at least 16 characters" in err and "short-secret" not in err, err
     finally:
         taken.close()
 
@@ -195,6 +218,22 @@ BAD_REQUESTS = [
     ({"prompt": 3}, "enter a prompt"),
     (["a cat"], "JSON object"),
     (b"not json", "must be JSON"),
+    # Malformed in every way a parser or a type check can trip on: each a 400 naming the problem, never a 500.
+    (b'{"prompt": "\\ud800 a cat"}', "lone surrogate"),
+    (b'{"prompt": "a cat", "negative_prompt": "\\udfff"}', "lone surrogate"),
+    (b"[" * 100_000, "must be JSON"),
+    (b'{"p": ' * 15_000, "must be JSON"),
+    (b'{"prompt": "a cat", "guidance": NaN}', "NaN is not a JSON number"),
+    (b'{"prompt": "a cat", "steps": Infinity}', "Infinity is not a JSON number"),
+    (b'{"prompt": "a \xff cat"}', "must be JSON"),
+    ({"prompt": "a cat", "sampler": ["ddim"]}, "sampler must be the name of a sampler"),
+    ({"prompt": "a cat", "sampler": {"name": "ddim"}}, "sampler must be the name of a sampler"),
+    ({"prompt": "a cat", "steps": "20"}, "steps must be a positive integer, got '20'"),
+    ({"prompt": "a cat", "width": "64", "height": 64}, "width must be an integer, got '64'"),
+    ({"prompt": "a cat", "guidance": "4.5"}, "guidance must be a finite number"),
+    ({"prompt": "a cat", "num_images": 1.5}, "num images must be a positive integer"),
+    ({"prompt": "a cat", "seed": [1]}, "seed must be an integer"),
+    ({"prompt": ["a cat"]}, "enter a prompt"),
 ]
 
 
@@ -266,3 +305,144 @@ def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
         finally:
             context.close()
     assert outside == []
+
+
+def request(server, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One request over http.client, which sends exactly the headers given (urllib adds its own)."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=60)
+    try:
+        conn.request(method, path, body, headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+GENERATE = json.dumps({"prompt": "a cat", "steps": 1, "width": 32, "height": 32, "binning": False}).encode()
+
+
+def test_requests_from_other_sites_and_other_host_names_are_refused(server):
+    host = server.url.removeprefix("http://")
+    port = host.rsplit(":", 1)[1]
+    json_type = {"content-type": "application/json"}
+    refused = [
+        # A page elsewhere can send these without a CORS preflight: a form post, text/plain, no content type.
+        ({"content-type": "text/plain"}, 415),
+        ({"content-type": "application/x-www-form-urlencoded"}, 415),
+        ({}, 415),
+        (json_type | {"origin": "https://evil.example"}, 403),
+        (json_type | {"origin": f"http://localhost.evil.example:{port}"}, 403),
+        (json_type | {"origin": "null"}, 403),  # a sandboxed frame or a file:// page
+        # DNS rebinding: evil.example resolves to 127.0.0.1, the browser sends its own name as Host.
+        (json_type | {"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}"}, 421),
+        (json_type | {"host": "evil.example"}, 421),
+    ]
+    for headers, status in refused:
+        answer, _, body = request(server, "POST", "/api/generate", GENERATE, headers)
+        assert answer == status and "\n" not in json.loads(body)["error"], (headers, answer, body)
+    for path in ("/", "/config", "/api/info"):  # the page and Gradio's routes answer to no stranger's name either
+        assert request(server, "GET", path, headers={"host": "evil.example"})[0] == 421, path
+    answer, _, _ = request(
+        server, "POST", "/gradio_api/queue/join", b"{}", {"content-type": "application/json", "origin": "https://a.b"}
+    )
+    assert answer == 403
+    # The server's own page, by any loopback name, is served.
+    for own in (host, f"localhost:{port}", f"[::1]:{port}"):
+        headers = json_type | {"host": own, "origin": f"http://{own}"}
+        answer, _, body = request(server, "POST", "/api/generate", GENERATE, headers)
+        assert answer == 200 and json.loads(body)["images"], (own, body)
+
+
+def test_bodies_over_the_limit_are_refused_before_they_are_read(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    head = f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    # Announced too large: answered at once, though not one byte of the body was sent.
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"{head}Content-Length: 1000000000\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+    # Chunked, so of unknown length: answered once the running count passes the limit, though the body goes on.
+    # (Just past it: sending on while the server closes could turn its answer into a connection reset.)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"x" * 4096
+        for _ in range(MAX_BODY // len(chunk) + 2):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+    # Gradio's upload route is behind the same limit.
+    boundary = "pixartboundary"
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + b"\0" * (MAX_BODY + 1)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, _, _ = request(
+        server, "POST", "/gradio_api/upload", form, {"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert status == 413
+    assert post(f"{server.url}/api/generate", GENERATE)[0] == 200
+
+
+def test_a_slow_body_is_timed_out_and_idle_connections_are_closed(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            'Content-Length: 100\r\n\r\n{"prompt": '.encode()
+        )
+        started = time.monotonic()
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < BODY_TIMEOUT + 5, answer
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # kept alive after an answer, then closed
+        sock.sendall(f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        started, received = time.monotonic(), b""
+        while chunk := sock.recv(65536):  # ends when the server closes the idle connection
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200 ") and time.monotonic() - started < 15
+
+
+def test_no_path_of_the_server_machine_reaches_a_client(server, model):
+    info = json.loads(urllib.request.urlopen(f"{server.url}/api/info", timeout=30).read())
+    assert info["model"] == model.name
+    pages = [json.dumps(info)]
+    pages += [urllib.request.urlopen(f"{server.url}{p}", timeout=30).read().decode() for p in ("/", "/config")]
+    for text in pages:
+        for secret in (str(model), str(model.parent), str(server.out), tempfile.gettempdir() + "/"):
+            assert secret not in text, (secret, text[:2000])
+
+
+def vm_rss(pid: int) -> int:
+    """Resident memory of a process in kB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+def test_a_hundred_concurrent_clients_all_get_an_answer_and_memory_stays_flat(server):
+    def one(k: int) -> tuple[int, float]:
+        started = time.monotonic()
+        try:
+            return request(server, "POST", "/api/generate", GENERATE, {"content-type": "application/json"})[0], (
+                time.monotonic() - started
+            )
+        except OSError as err:
+            return repr(err), time.monotonic() - started
+
+    def round_of_100() -> list[tuple[int, float]]:
+        with ThreadPoolExecutor(100) as pool:
+            return list(pool.map(one, range(100), timeout=300))
+
+    round_of_100()  # warm-up: the server's thread pool and allocator reach their working size
+    before = vm_rss(server.proc.pid)
+    for _ in range(2):
+        results = round_of_100()
+        statuses = [status for status, _ in results]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) >= 2
+        # A full queue is answered at once, not after waiting for a slot.
+        assert max(seconds for status, seconds in results if status == 503) < 10
+    after = vm_rss(server.proc.pid)
+    assert after - before < 50_000, (before, after)  # kB
+    assert post(f"{server.url}/api/generate", GENERATE)[0] == 200
+    assert json.loads(urllib.request.urlopen(f"{server.url}/api/info", timeout=30).read())["waiting"] == 0

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
+import signal
 import socket
 import tempfile
 from pathlib import Path
 
 from pixart.errors import PixArtError
+from pixart.serve.guard import Access, host_name, is_loopback, parse_rate
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +21,11 @@ EXAMPLES = """examples:
   pixart serve --model ./my-pipeline --transformer finetuned.pth --port 8000 --out renders/
   curl -s http://127.0.0.1:7860/api/generate -H 'content-type: application/json' \\
        -d '{"prompt": "a red fox in the snow", "seed": 1}'
+  python -c 'import secrets; print(secrets.token_urlsafe())' > token.txt   # sharing on the network:
+  pixart serve --host 0.0.0.0 --auth-token-file token.txt --allowed-host studio.lan
 """
+TOKEN_ENV = "PIXART_AUTH_TOKEN"
+MIN_TOKEN_CHARS = 16  # the page's login form has no attempt limit: a short token could be guessed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,12 +56,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--max-queue", type=int, default=defaults.max_queue, help=f"requests waiting (default {defaults.max_queue})"
     )
+    s.add_argument("--log-prompts", action="store_true", help="write each request's prompt in the request log")
+
+    a = p.add_argument_group(
+        "access (requests must name this server in Host, come from its own page if from a page at all, "
+        "and send JSON to the API)"
+    )
+    a.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name clients reach the server by (a LAN name, a proxy's); repeatable",
+    )
+    a.add_argument(
+        "--auth-token-file",
+        type=Path,
+        metavar="PATH",
+        help=f"file holding the token the API (Authorization: Bearer) and the page's login require; or set {TOKEN_ENV}",
+    )
+    a.add_argument("--auth-token", metavar="TOKEN", help="the token itself (other users see it in ps: prefer a file)")
+    a.add_argument("--no-auth", action="store_true", help="serve a non-loopback --host without a token")
 
     lim = p.add_argument_group("limits per request (refused with a message beyond these)")
     lim.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars, help="default %(default)s")
     lim.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="per image (default 2048 × 2048)")
     lim.add_argument("--max-images", type=int, default=defaults.max_images, help="default %(default)s")
     lim.add_argument("--max-steps", type=int, default=defaults.max_steps, help="default %(default)s")
+    lim.add_argument(
+        "--max-work",
+        type=int,
+        help="pixels × steps × images (default: the model's default size × 100 steps (ddpm's default) × --max-images)",
+    )
+    lim.add_argument("--max-body", type=int, default=defaults.max_body, help="bytes per request body (default 8 MiB)")
+    lim.add_argument("--body-timeout", type=int, default=defaults.body_timeout, help="seconds to send a body (30)")
+    lim.add_argument("--rate-limit", default=f"{defaults.rate_limit}/min", help="per client address (%(default)s)")
     p.set_defaults(func=run)
 
 
@@ -68,34 +104,95 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         concurrency=args.concurrency,
         max_queue=args.max_queue,
+        max_work=args.max_work,
+        max_body=args.max_body,
+        body_timeout=args.body_timeout,
+        rate_limit=parse_rate(args.rate_limit),
     )
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise PixArtError(f"--out {args.out} exists and is not a folder")
+    hosts = tuple(host_name(h) for h in args.allowed_host)
+    if "" in hosts:
+        raise PixArtError("--allowed-host needs a name, e.g. --allowed-host studio.lan")
+    token = auth_token(args)
+    access = Access(
+        bind_host=args.host,
+        allowed_hosts=hosts,
+        token=token,
+        max_body=limits.max_body,
+        body_timeout=limits.body_timeout,
+    )
     # Bound before the (slow) imports and model load, so a taken port or bad host fails at once, and no
     # other process can take the port while the model loads.
     sock = listening_socket(args.host, args.port)
     missing = [name for name in ("gradio", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:  # found without importing: gradio takes seconds to import, the model loads first
         raise PixArtError(f"pixart serve needs {' and '.join(missing)}: pip install 'pixart[serve]'")
-    if args.host in ("0.0.0.0", "::", ""):
-        log.warning("listening on all interfaces (%s): anyone who can reach this machine can use the server", args.host)
+    if token is None and not is_loopback(args.host):
+        log.warning("listening on %s with --no-auth: anyone who can reach this machine can use the server", args.host)
 
     import uvicorn
 
     from pixart.inference.pipeline import PixArtPipeline
     from pixart.serve.app import ImageService, build_app
 
-    pipe = PixArtPipeline.from_pretrained(
-        args.model, args.transformer, device=args.device, dtype=args.dtype, low_memory=args.low_memory
-    )
-    with tempfile.TemporaryDirectory(prefix="pixart-serve-") as tmp:
-        out = args.out or Path(tmp)
-        app = build_app(ImageService(pipe, limits, out))
-        url_host = f"[{args.host}]" if ":" in args.host else args.host
-        log.info("serving on http://%s:%d (API: POST /api/generate); images in %s", url_host, args.port, out)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        server.run(sockets=[sock])
+    previous = signal.signal(signal.SIGTERM, _leave)
+    try:
+        pipe = PixArtPipeline.from_pretrained(
+            args.model, args.transformer, device=args.device, dtype=args.dtype, low_memory=args.low_memory
+        )
+        with tempfile.TemporaryDirectory(prefix="pixart-serve-") as tmp:
+            out = args.out or Path(tmp)
+            app = build_app(ImageService(pipe, limits, out, log_prompts=args.log_prompts), access)
+            url_host = f"[{args.host}]" if ":" in args.host else args.host
+            log.info("serving on http://%s:%d (API: POST /api/generate); images in %s", url_host, args.port, out)
+            if token is not None:
+                log.info("the API and the page require the token (user name: any, password: the token)")
+            # timeout_keep_alive: a kept-alive connection idle for 5 s is closed (uvicorn's default, said here).
+            config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5)
+            uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _leave(signum: int, frame) -> None:
+    """SIGTERM: leave through the ``with`` blocks, so the temporary image folder is removed, and exit 0.
+
+    uvicorn stops gracefully on SIGTERM and then sends it again to the handler it found, this one; the
+    default handler would kill the process before the folder is removed.
+    """
+    raise SystemExit(0)
+
+
+def auth_token(args: argparse.Namespace) -> str | None:
+    """The token the server requires, from --auth-token-file, --auth-token or the environment; never echoed."""
+    given = [name for name in ("auth_token", "auth_token_file") if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise PixArtError("give the token once: --auth-token or --auth-token-file, not both")
+    if args.auth_token_file is not None:
+        try:
+            token = args.auth_token_file.read_text().strip()
+        except OSError as err:
+            raise PixArtError(f"--auth-token-file {args.auth_token_file}: {err.strerror}") from None
+        source = f"--auth-token-file {args.auth_token_file}"
+    elif args.auth_token is not None:
+        token, source = args.auth_token.strip(), "--auth-token"
+    else:
+        token, source = os.environ.get(TOKEN_ENV, "").strip() or None, TOKEN_ENV
+    if token is not None and args.no_auth:
+        raise PixArtError(f"--no-auth contradicts the token given by {source}; drop one of them")
+    if token is not None and (len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token)):
+        raise PixArtError(
+            f"the token from {source} must be at least {MIN_TOKEN_CHARS} characters without spaces; "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
+        )
+    if token is None and not args.no_auth and not is_loopback(args.host):
+        raise PixArtError(
+            f"--host {args.host} lets other machines in: give a token with --auth-token-file PATH, --auth-token "
+            f"or {TOKEN_ENV}, or pass --no-auth to serve without one"
+        )
+    return token
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -7,16 +7,23 @@ Two doors to the same generation:
   (usable with ``gradio_client``);
 - ``POST /api/generate`` taking JSON and returning the PNGs as base64 with their metadata.
 
-Both go through :class:`ImageService`, which checks a request against :class:`ServeLimits`, runs at
-most ``concurrency`` generations at once and saves every image with :func:`pixart.inference.pipeline.save_image`,
+Both go through :class:`ImageService`, which rate-limits each client, checks a request against
+:class:`ServeLimits`, runs at most ``concurrency`` generations at once (stopping one whose API client
+hung up), logs one line per request and saves every image with :func:`pixart.inference.pipeline.save_image`,
 so what users download is the PNG with its generation metadata, exactly as ``pixart generate`` writes it.
+Before either door, :class:`pixart.serve.guard.Guard` turns away other sites, strangers' host names,
+missing tokens and oversized or slow bodies.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's `request: Request` annotation at run
 # time, and Request is imported inside build_app (gradio and fastapi are an optional extra).
+import asyncio
 import base64
+import json
 import logging
+import reprlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from pixart.errors import PixArtError
 from pixart.sampling.samplers import SAMPLERS, default_sampler
+from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
     from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
@@ -58,10 +66,21 @@ class ServeLimits:
     """Generations running at once; more only helps with spare GPU memory and cores."""
     max_queue: int = 16
     """Requests allowed to wait for a free slot; beyond that the server answers "busy"."""
+    max_work: int | None = None
+    """Largest pixels × steps × images of one request; None: the model's default size × the most steps a
+    sampler defaults to (ddpm's 100) × max_images."""
+    max_body: int = 8 * 2**20
+    """Largest request body in bytes (also the page's upload limit); enough for base64 image inputs."""
+    body_timeout: int = 30
+    """Seconds a client has to send a request body."""
+    rate_limit: int = 60
+    """Generation requests per minute per client address."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "max_work":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PixArtError(f"--{f.name.replace('_', '-')} must be a positive integer, got {value!r}")
 
@@ -70,20 +89,43 @@ class ServerBusy(PixArtError):
     """Too many requests are already waiting; the client should retry later."""
 
 
+class _Cancelled(Exception):
+    """The client went away: raised from the progress callback to stop denoising and free the slot."""
+
+
+FIELD_KINDS = {
+    "sampler": (str, "the name of a sampler (text)"),
+    "width": (int, "an integer"),
+    "height": (int, "an integer"),
+}
+"""Fields whose wrong type GenerationOptions would not name (a list as sampler cannot even be looked up)."""
+
+
 class ImageService:
     """The model behind the UI and the API: checks requests, generates under the concurrency limit, saves PNGs."""
 
-    def __init__(self, pipe: "PixArtPipeline", limits: ServeLimits, out_dir: str | Path):
-        self.pipe, self.limits, self.out_dir = pipe, limits, Path(out_dir)
+    def __init__(self, pipe: "PixArtPipeline", limits: ServeLimits, out_dir: str | Path, log_prompts: bool = False):
+        self.pipe, self.limits, self.out_dir, self.log_prompts = pipe, limits, Path(out_dir), log_prompts
+        side = pipe.model_config.sample_size * pipe.vae_factor
+        # The most steps any sampler's defaults ask (ddpm's 100), so every default request fits.
+        steps = max(sampler.steps for sampler in SAMPLERS.values())
+        self.max_work = limits.max_work or side * side * steps * limits.max_images
+        self.rate = RateLimiter(limits.rate_limit)
         self._slots = threading.Semaphore(limits.concurrency)
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
+        self._waiting = self._running = 0
+        self._count_lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
         """Requests waiting for a generation slot right now."""
-        with self._waiting_lock:
+        with self._count_lock:
             return self._waiting
+
+    @property
+    def running(self) -> int:
+        """Generations running right now."""
+        with self._count_lock:
+            return self._running
 
     def options(self, prompt: object, **given) -> "GenerationOptions":
         """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit."""
@@ -100,8 +142,14 @@ class ImageService:
                 raise PixArtError(
                     f"the {name} has {len(text)} characters; this server takes at most {limits.max_prompt_chars}"
                 )
+            if isinstance(text, str) and not _encodable(text):
+                raise PixArtError(f"the {name} is not valid Unicode text (it holds a lone surrogate)")
+        for name, (kind, what) in FIELD_KINDS.items():
+            value = given.get(name)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise PixArtError(f"{name} must be {what}, got {reprlib.repr(value)}")
         if not isinstance(given.get("binning", True), bool):
-            raise PixArtError(f"binning must be true or false, got {given['binning']!r}")
+            raise PixArtError(f"binning must be true or false, got {reprlib.repr(given['binning'])}")
         options = GenerationOptions(**{k: v for k, v in given.items() if v is not None})
         if options.num_images > limits.max_images:
             raise PixArtError(
@@ -117,28 +165,90 @@ class ImageService:
                 f"{resolved.width} × {resolved.height} (sampled at {width} × {height}) is {pixels} pixels; "
                 f"this server makes at most {limits.max_pixels} per image"
             )
+        work = pixels * resolved.steps * resolved.num_images
+        if work > self.max_work:
+            raise PixArtError(
+                f"{pixels} pixels × {resolved.steps} steps × {resolved.num_images} images is {work} pixel-steps "
+                f"of work; this server does at most {self.max_work} per request"
+            )
         return options
 
     def generate(
-        self, prompt: str, options: "GenerationOptions", progress: Callable[[int, int], None] | None = None
+        self,
+        prompt: str,
+        options: "GenerationOptions",
+        progress: Callable[[int, int], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[tuple[Path, dict[str, str]]]:
-        """Generate and save; returns each PNG's path and metadata. Waits for a slot, or raises ServerBusy."""
+        """Generate and save; returns each PNG's path and metadata. Waits for a slot, or raises ServerBusy.
+
+        Once ``cancel`` is set, waiting or denoising stops within a step with :class:`_Cancelled`.
+        """
         from pixart.inference.pipeline import save_image
 
-        with self._waiting_lock:
+        def step(done: int, total: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled(f"stopped after {done} of {total} steps")
+            if progress is not None:
+                progress(done, total)
+
+        with self._count_lock:
             if self._waiting >= self.limits.max_queue:
                 raise ServerBusy(f"the server is busy ({self._waiting} requests waiting); retry in a moment")
             self._waiting += 1
         try:
-            self._slots.acquire()
+            while not self._slots.acquire(timeout=0.1):
+                if cancel is not None and cancel.is_set():
+                    raise _Cancelled("stopped while waiting for a slot")
         finally:
-            with self._waiting_lock:
+            with self._count_lock:
                 self._waiting -= 1
         try:
-            images = self.pipe(prompt, options, progress=progress, show_progress=False)
+            with self._count_lock:
+                self._running += 1
+            images = self.pipe(prompt, options, progress=step, show_progress=False)
         finally:
+            with self._count_lock:
+                self._running -= 1
             self._slots.release()
         return [(save_image(image, self.out_dir), dict(image.info)) for image in images]
+
+    def handle(
+        self,
+        client: str,
+        read: Callable[[], tuple[object, dict]],
+        progress: Callable[[int, int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[tuple[Path, dict[str, str]]]:
+        """One request from either door, logged on one line: rate limit, ``read()`` → (prompt, fields), generate."""
+        started, prompt, resolved = time.monotonic(), None, None
+        outcome = "500 internal error"
+        try:
+            self.rate.admit(client)
+            prompt, given = read()
+            options = self.options(prompt, **given)
+            resolved = self.pipe.resolve(options)
+            results = self.generate(prompt, options, progress, cancel)
+            outcome = "200 ok"
+            return results
+        except RateLimited:
+            outcome = "429 rate limited"
+            raise
+        except ServerBusy:
+            outcome = "503 busy"
+            raise
+        except _Cancelled as err:
+            outcome = f"499 client gone, {err}"
+            raise
+        except PixArtError as err:
+            outcome = f"400 {err}"
+            raise
+        finally:
+            size = "-"
+            if resolved is not None:
+                size = f"{resolved.width}x{resolved.height} {resolved.steps} steps x{resolved.num_images}"
+            said = f" prompt={prompt!r}" if self.log_prompts and isinstance(prompt, str) else ""
+            log.info("%s %s %s %.2f s %s%s", utc_stamp(), client, size, time.monotonic() - started, outcome, said)
 
     def size_presets(self) -> dict[str, tuple[int, int]]:
         """Labels like "1024 × 768" → (width, height): the model's trained aspect-ratio bins within the pixel limit."""
@@ -150,6 +260,34 @@ class ImageService:
             {(int(w), int(h)) for h, w in bins.values() if w * h <= self.limits.max_pixels}, key=lambda s: s[0] / s[1]
         )
         return {f"{w} × {h}": (w, h) for w, h in sizes}
+
+    def model_name(self) -> str:
+        """The model as clients may see it: a hub id, or a local folder's own name, never a path of this machine."""
+        name = self.pipe.names.get("model", "")
+        return Path(name).name if Path(name).exists() or Path(name).is_absolute() else name
+
+
+def read_api_body(raw: bytes) -> tuple[object, dict]:
+    """The prompt and the other fields of a ``POST /api/generate`` body; a PixArtError unless it is a JSON object."""
+
+    def refuse_constant(name: str):
+        raise PixArtError(f"{name} is not a JSON number; send a finite number")
+
+    try:
+        body = json.loads(raw, parse_constant=refuse_constant)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
+        raise PixArtError('the body must be JSON, e.g. {"prompt": "a red fox"}') from None
+    if not isinstance(body, dict):
+        raise PixArtError('the body must be a JSON object with at least a "prompt"')
+    return body.pop("prompt", None), body
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def api_response(results: list[tuple[Path, dict[str, str]]]) -> dict:
@@ -189,24 +327,28 @@ def build_ui(service: ImageService):
         seed,
         randomize,
         binning,
+        request: gr.Request,
         progress=gr.Progress(),  # noqa: B008 - Gradio finds its progress tracker by this default
     ):
         w, h = presets.get(size, (width, height))
+        fields = dict(
+            negative_prompt=negative_prompt or None,
+            sampler=sampler,
+            steps=_whole(steps),
+            guidance=guidance,
+            seed=None if randomize else _whole(seed),
+            width=_whole(w),
+            height=_whole(h),
+            num_images=_whole(num_images),
+            binning=binning,
+        )
         try:
-            options = service.options(
-                prompt,
-                negative_prompt=negative_prompt or None,
-                sampler=sampler,
-                steps=_whole(steps),
-                guidance=guidance,
-                seed=None if randomize else _whole(seed),
-                width=_whole(w),
-                height=_whole(h),
-                num_images=_whole(num_images),
-                binning=binning,
-            )
             progress(0, desc="waiting for a free slot")
-            results = service.generate(prompt, options, lambda done, total: progress((done, total), desc="denoising"))
+            results = service.handle(
+                request.client.host if request.client else "?",
+                lambda: (prompt, fields),
+                lambda done, total: progress((done, total), desc="denoising"),
+            )
         except PixArtError as err:
             raise gr.Error(str(err), print_exception=False) from None
         # File paths, not PIL images: Gradio then serves the saved PNGs, metadata included, instead of re-encoding.
@@ -220,7 +362,7 @@ def build_ui(service: ImageService):
     # Gradio copies every returned file into its cache; an hourly sweep of copies older than an hour keeps a
     # long-running server's disk use bounded (the PNGs in out_dir are not touched).
     with gr.Blocks(title="PixArt", analytics_enabled=False, delete_cache=(3600, 3600)) as ui:
-        gr.Markdown(f"# PixArt\nModel: `{pipe.names.get('model', '')}` ({pipe.model_config.family})")
+        gr.Markdown(f"# PixArt\nModel: `{service.model_name()}` ({pipe.model_config.family})")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(
@@ -279,57 +421,82 @@ def build_ui(service: ImageService):
     return ui.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
 
 
-def build_app(service: ImageService):
-    """A FastAPI app with ``POST /api/generate`` and ``GET /api/info``, the Gradio page mounted at ``/``."""
+def build_app(service: ImageService, access: Access | None = None):
+    """The ``pixart serve`` ASGI app: ``POST /api/generate`` and ``GET /api/info``, the Gradio page at ``/``.
+
+    Every request passes :class:`Guard` first (host, origin, token, content type, body size and deadline).
+    """
     import gradio as gr
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
 
+    limits = service.limits
+    access = access or Access(max_body=limits.max_body, body_timeout=limits.body_timeout)
     app = FastAPI(title="pixart", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.post("/api/generate")
     async def api_generate(request: Request):
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": 'the body must be JSON, e.g. {"prompt": "a red fox"}'}, 400)
-        if not isinstance(body, dict):
-            return JSONResponse({"error": 'the body must be a JSON object with at least a "prompt"'}, 400)
-        prompt = body.pop("prompt", None)
+            raw = await request.body()
+        except ClientDisconnect:  # the guard already answered (body too large or too slow), or the client left
+            return JSONResponse({"error": "the request body did not arrive"}, 400)
+        cancel = threading.Event()
+
+        async def watch() -> None:  # a client that hangs up stops its generation within a step
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.1)
+            cancel.set()
+
+        watcher = asyncio.create_task(watch())
+        client = request.client.host if request.client else "?"
         try:
-            options = service.options(prompt, **body)
-            results = await run_in_threadpool(service.generate, prompt, options)
+            results = await run_in_threadpool(service.handle, client, lambda: read_api_body(raw), None, cancel)
+        except RateLimited as err:
+            return JSONResponse({"error": str(err)}, 429, {"retry-after": str(err.retry_after)})
         except ServerBusy as err:
-            return JSONResponse({"error": str(err)}, 503)
+            return JSONResponse({"error": str(err)}, 503, {"retry-after": "5"})
+        except _Cancelled:
+            return JSONResponse({"error": "the client disconnected"}, 499)
         except PixArtError as err:
             return JSONResponse({"error": str(err)}, 400)
         except Exception:  # a bug in pixart: keep its traceback in the log, keep the answer JSON
             log.exception("POST /api/generate failed")
             return JSONResponse({"error": "internal error while generating; see the server log"}, 500)
+        finally:
+            watcher.cancel()
         return api_response(results)
 
     @app.get("/api/info")
     def api_info():
         pipe = service.pipe
         return {
-            "model": pipe.names.get("model", ""),
+            "model": service.model_name(),
             "family": pipe.model_config.family,
             "samplers": list(SAMPLERS),
             "default_sampler": default_sampler(pipe.scheduler_config).name,
             "sizes": [list(s) for s in service.size_presets().values()],
-            "limits": {f.name: getattr(service.limits, f.name) for f in fields(service.limits)},
+            "limits": {f.name: getattr(limits, f.name) for f in fields(limits)} | {"max_work": service.max_work},
             "waiting": service.waiting,
+            "running": service.running,
         }
 
-    return gr.mount_gradio_app(
+    def login(username: str, password: str) -> bool:  # any user name: the token is the password
+        return access.token_matches(password)
+
+    app = gr.mount_gradio_app(
         app,
         build_ui(service),
         path="/",
         allowed_paths=[str(service.out_dir.resolve())],
         ssr_mode=False,
         footer_links=["api"],
+        max_file_size=limits.max_body,
+        auth=login if access.token is not None else None,
+        auth_message="Sign in with any user name and the server's token as the password.",
     )
+    return Guard(app, access)
 
 
 def _whole(value):
