@@ -180,9 +180,9 @@ def test_a_client_over_the_rate_limit_gets_429_with_retry_after_and_others_are_s
 def test_work_per_request_is_bounded_by_the_models_size(server):
     info = json.loads(get(server, "/api/info")[2])
     assert info["limits"]["max_work"] == DEFAULT_WORK
-    status, _, body = generate(server, {"prompt": "a cat", "steps": 101}, "127.0.0.5")  # 256² × 101 steps
+    status, _, body = generate(server, {"prompt": "a cat", "steps": 201}, "127.0.0.5")  # 256² × 201 steps
     assert status == 400 and f"at most {DEFAULT_WORK}" in body["error"] and "\n" not in body["error"], body
-    status, _, body = generate(server, {"prompt": "a cat", "steps": 51, "num_images": 2}, "127.0.0.5")
+    status, _, body = generate(server, {"prompt": "a cat", "steps": 101, "num_images": 2}, "127.0.0.5")
     assert status == 400 and "pixel-steps" in body["error"], body
     assert generate(server, {"prompt": "a cat", "steps": 2, "num_images": 2}, "127.0.0.5")[0] == 200
 
