@@ -22,7 +22,8 @@ from tests.tiny import save_pipeline, scheduler, tiny_text_encoder, tiny_transfo
 
 from pixart.cli import main
 from pixart.errors import PixArtError
-from pixart.inference.pipeline import GenerationOptions, LoadSettings, PixArtPipeline, read_png_metadata, save_image
+from pixart.inference.options import GenerationOptions, LoadSettings, read_png_metadata, save_image
+from pixart.inference.pipeline import PixArtPipeline
 from pixart.sampling.samplers import make_scheduler
 from test_files import umask
 
@@ -100,9 +101,9 @@ def test_sampler_defaults_follow_the_model(folders):
 
 
 def test_half_precision_on_cpu_is_warned(caplog):
-    from pixart.inference.pipeline import resolve_dtype
+    from pixart.inference.devices import resolve_dtype
 
-    with caplog.at_level("WARNING", logger="pixart.inference.pipeline"):
+    with caplog.at_level("WARNING", logger="pixart.inference.devices"):
         assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert "very slow" in caplog.text
     with pytest.raises(PixArtError, match="unknown dtype 'fp8'"):
