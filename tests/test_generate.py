@@ -254,6 +254,21 @@ def test_options_refuse_bad_values(kwargs, message):
         GenerationOptions(**kwargs)
 
 
+def test_the_family_table_says_which_family_has_a_learned_null_caption(folders, monkeypatch):
+    import dataclasses
+
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.inference.pipeline import learned_null_caption
+    from pixart.model.config import FAMILY
+
+    net = load_transformer(folders["sigma"])
+    with torch.no_grad():  # a real (non-placeholder) caption, which Σ ignores: it guides against T5 of ""
+        net.y_embedder.y_embedding.copy_(torch.randn_like(net.y_embedder.y_embedding))
+    assert learned_null_caption(net) is None
+    monkeypatch.setitem(FAMILY, "sigma", dataclasses.replace(FAMILY["sigma"], learned_null_caption=True))
+    assert torch.equal(learned_null_caption(net), net.y_embedder.y_embedding)
+
+
 def test_size_rule_without_binning_is_the_patch_grid(folders):
     pipe = PixArtPipeline.from_pretrained(folders["sigma-256"], device="cpu", low_memory=True)
     with pytest.raises(PixArtError, match="width 72 is not allowed without binning: use a multiple of 16"):

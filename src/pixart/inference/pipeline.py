@@ -39,6 +39,7 @@ from pixart.inference.devices import (
 from pixart.inference.options import GenerationOptions, LoadSettings
 from pixart.inference.options import read_png_metadata as read_png_metadata  # re-exported: the README imports it here
 from pixart.inference.options import save_image as save_image  # re-exported: the README imports it here
+from pixart.model.config import FAMILY
 from pixart.model.resolution import generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
 from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
@@ -75,12 +76,12 @@ def resolve_model(model: str | os.PathLike | None, need_transformer: bool = True
 
 
 def learned_null_caption(model: torch.nn.Module) -> torch.Tensor | None:
-    """α's learned null caption if the checkpoint carried one, else None (use T5 of "" instead).
+    """The learned null caption (α's) if the family has one and the checkpoint carried it, else None (T5 of "").
 
     Official α checkpoints store ``y_embedding``; diffusers folders do not, and
     :func:`pixart.checkpoints.convert.load_transformer` then fills the buffer with fixed seeded noise, recognised here.
     """
-    if model.config.family != "alpha":
+    if not FAMILY[model.config.family].learned_null_caption:
         return None
     from pixart.checkpoints.convert import placeholder_y_embedding
 
