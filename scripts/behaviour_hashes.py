@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: the tests' tiny real pipelines
 
 from pixart.checkpoints.lora import add_lora, save_lora  # noqa: E402
-from pixart.inference.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
+from pixart.inference.options import GenerationOptions  # noqa: E402
+from pixart.inference.pipeline import PixArtPipeline  # noqa: E402
 from pixart.sampling.samplers import SAMPLERS  # noqa: E402
 from pixart.train.config import load_config  # noqa: E402
 from pixart.train.loop import train  # noqa: E402

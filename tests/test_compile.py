@@ -14,7 +14,9 @@ from tests.tiny import save_pipeline
 
 from pixart.checkpoints.convert import load_transformer
 from pixart.errors import PixArtError
-from pixart.inference.pipeline import GenerationOptions, PixArtPipeline, compile_seconds
+from pixart.inference.devices import compile_seconds
+from pixart.inference.options import GenerationOptions
+from pixart.inference.pipeline import PixArtPipeline
 from pixart.sampling.step_cache import cached_denoiser, runs_every_block
 
 OPTIONS = GenerationOptions(seed=5, steps=3, width=64, height=64, binning=False)

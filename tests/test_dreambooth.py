@@ -17,7 +17,8 @@ from PIL import Image
 from pixart.checkpoints.convert import load_transformer, save_pixart
 from pixart.cli import main as cli_main
 from pixart.errors import PixArtError
-from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
+from pixart.inference.options import GenerationOptions
+from pixart.inference.pipeline import PixArtPipeline
 from pixart.train.config import load_config
 from pixart.train.loop import train
 from test_files import assert_plain_modes

@@ -22,7 +22,8 @@ from tests.tiny import save_pipeline, scheduler, tiny_text_encoder, tiny_transfo
 
 from pixart.cli import main
 from pixart.errors import PixArtError
-from pixart.inference.pipeline import GenerationOptions, LoadSettings, PixArtPipeline, read_png_metadata, save_image
+from pixart.inference.options import GenerationOptions, LoadSettings, read_png_metadata, save_image
+from pixart.inference.pipeline import PixArtPipeline
 from pixart.sampling.samplers import make_scheduler
 from test_files import umask
 
@@ -100,9 +101,9 @@ def test_sampler_defaults_follow_the_model(folders):
 
 
 def test_half_precision_on_cpu_is_warned(caplog):
-    from pixart.inference.pipeline import resolve_dtype
+    from pixart.inference.devices import resolve_dtype
 
-    with caplog.at_level("WARNING", logger="pixart.inference.pipeline"):
+    with caplog.at_level("WARNING", logger="pixart.inference.devices"):
         assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert "very slow" in caplog.text
     with pytest.raises(PixArtError, match="unknown dtype 'fp8'"):
@@ -251,6 +252,21 @@ def test_save_image_never_overwrites(tmp_path):
 def test_options_refuse_bad_values(kwargs, message):
     with pytest.raises(PixArtError, match=message):
         GenerationOptions(**kwargs)
+
+
+def test_the_family_table_says_which_family_has_a_learned_null_caption(folders, monkeypatch):
+    import dataclasses
+
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.inference.pipeline import learned_null_caption
+    from pixart.model.config import FAMILY
+
+    net = load_transformer(folders["sigma"])
+    with torch.no_grad():  # a real (non-placeholder) caption, which Σ ignores: it guides against T5 of ""
+        net.y_embedder.y_embedding.copy_(torch.randn_like(net.y_embedder.y_embedding))
+    assert learned_null_caption(net) is None
+    monkeypatch.setitem(FAMILY, "sigma", dataclasses.replace(FAMILY["sigma"], learned_null_caption=True))
+    assert torch.equal(learned_null_caption(net), net.y_embedder.y_embedding)
 
 
 def test_size_rule_without_binning_is_the_patch_grid(folders):

@@ -19,7 +19,8 @@ ov = pytest.importorskip("openvino")
 
 from pixart.cli import main  # noqa: E402
 from pixart.inference.openvino import export_openvino, load_openvino_pipeline  # noqa: E402
-from pixart.inference.pipeline import GenerationOptions, PixArtPipeline  # noqa: E402
+from pixart.inference.options import GenerationOptions  # noqa: E402
+from pixart.inference.pipeline import PixArtPipeline  # noqa: E402
 
 PROMPTS = ["a red fox in the snow", "a castle"]
 GUIDED = GenerationOptions(seed=2, steps=4, width=64, height=64, binning=False)

@@ -13,7 +13,8 @@ from tests.tiny import save_pipeline
 from pixart import PixArtTransformer, preset
 from pixart.cli import main
 from pixart.errors import PixArtError
-from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
+from pixart.inference.options import GenerationOptions
+from pixart.inference.pipeline import PixArtPipeline
 from pixart.sampling.step_cache import StepCache, cached_denoiser, check_cache_steps
 
 OPTIONS = GenerationOptions(seed=3, steps=8, width=64, height=64, binning=False)

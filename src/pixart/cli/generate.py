@@ -117,7 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixart.inference.pipeline import PixArtPipeline, save_image
+    from pixart.inference.options import save_image
+    from pixart.inference.pipeline import PixArtPipeline
 
     prompts, options, load = _inputs(args)
     if args.t5_int8 and args.t5_bits:
@@ -180,7 +181,7 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
 def _inputs(args: argparse.Namespace):
     """Prompts, options and load settings from the command line, over an image's own with --from-png."""
     from pixart.checkpoints.lora import parse_lora_spec
-    from pixart.inference.pipeline import GenerationOptions, LoadSettings, read_png_metadata
+    from pixart.inference.options import GenerationOptions, LoadSettings, read_png_metadata
 
     given = {
         "negative_prompt": args.negative_prompt,

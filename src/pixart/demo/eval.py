@@ -49,7 +49,7 @@ def evaluate(pipe, n_prompts: int = 200, *, seed: int = 0, progress: Callable[[i
              **options) -> Evaluation:  # fmt: skip
     """Generate one image per held-out prompt (image i with seed + i) and score them.
 
-    ``options`` are :class:`pixart.inference.pipeline.GenerationOptions` fields (steps, sampler, guidance,
+    ``options`` are :class:`pixart.inference.options.GenerationOptions` fields (steps, sampler, guidance,
     batch_size, …). The same (pipeline, n_prompts, seed, options) always give the same scores.
     """
     prompts = held_out_prompts(n_prompts, seed=seed)

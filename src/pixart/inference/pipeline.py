@@ -7,46 +7,46 @@ The one entry point for notebooks, the CLI and the web UI::
 
 Components: T5 (:class:`pixart.model.text.TextEncoder`), our transformer
 (:func:`pixart.checkpoints.convert.load_transformer`), diffusers' AutoencoderKL and schedulers
-(:mod:`pixart.sampling.samplers`). Each image carries its settings as
-PNG text metadata (``image.info``) from which :meth:`GenerationOptions.from_metadata` rebuilds the run: prompt,
-options and the :class:`LoadSettings` (model, transformer, LoRAs, step caching) that made it.
+(:mod:`pixart.sampling.samplers`). What to generate and the PNG metadata that reproduces an image live in
+:mod:`pixart.inference.options`; device, dtype and memory in :mod:`pixart.inference.devices`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import dataclasses
-import gc
 import json
 import logging
-import math
 import os
 import random
-import re
-import resource
-import shutil
-import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from pixart import __version__
 from pixart.errors import PixArtError
-from pixart.files import file_mode
-from pixart.model.resolution import check_size, generation_size, resize_and_crop
+from pixart.inference.devices import (
+    RunStats,
+    check_compiler,
+    compile_seconds,
+    parse_device,
+    peak_memory_bytes,
+    release_memory,
+    resolve_dtype,
+)
+from pixart.inference.options import GenerationOptions, LoadSettings
+from pixart.inference.options import read_png_metadata as read_png_metadata  # re-exported: the README imports it here
+from pixart.inference.options import save_image as save_image  # re-exported: the README imports it here
+from pixart.model.config import FAMILY
+from pixart.model.resolution import generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
 from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
 from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, runs_every_block
 
 log = logging.getLogger(__name__)
+
 
 DEMO_MODEL = Path(__file__).parent.parent / "assets" / "demo"
 """The small bundled model used when no model is named (a diffusers pipeline folder)."""
@@ -56,256 +56,6 @@ HUB_MODELS = (
     "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
     "PixArt-alpha/PixArt-LCM-XL-2-1024-MS",
 )
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MAX_SEED = 2**63 - 1
-
-
-@dataclass
-class GenerationOptions:
-    """How to generate: everything but the prompt and the model. Shared by the CLI and the web UI.
-
-    Fields left None take the sampler's or the model's defaults when the pipeline resolves them.
-    """
-
-    negative_prompt: str | None = None
-    """What to steer away from. None: the model's null caption (α's learned one, else T5 of "")."""
-    num_images: int = 1
-    """Images per prompt; image k of a run uses seed + k."""
-    seed: int | None = None
-    """Seed of the first image; None picks one at random (it is recorded in the metadata)."""
-    sampler: str | None = None
-    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: the model's default (dpm++, lcm for LCM models)."""
-    steps: int | None = None
-    guidance: float | None = None
-    """Classifier-free guidance scale; ≤ 1 turns guidance off (one model pass per step)."""
-    width: int | None = None
-    """Output size in pixels; None: the model's training size (sample_size × 8)."""
-    height: int | None = None
-    binning: bool = True
-    """Sample at the nearest trained aspect-ratio bin, then resize and centre-crop to width × height."""
-    max_tokens: int | None = None
-    """T5 tokens per caption; None: the family's (α 120, Σ 300)."""
-    clean: bool = True
-    """DeepFloyd-IF caption cleaning (needs the ``clean`` extra); lower-casing happens regardless."""
-    batch_size: int = 1
-    """Images denoised together; larger is faster on a GPU and needs more memory."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Refuse values no model could use, naming the value and what is accepted."""
-
-        def positive_int(name: str, value, optional: bool = True) -> None:
-            if value is None and optional:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PixArtError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
-
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise PixArtError(f"negative prompt must be text, got {self.negative_prompt!r}")
-        positive_int("num_images", self.num_images, optional=False)
-        positive_int("batch_size", self.batch_size, optional=False)
-        positive_int("steps", self.steps)
-        positive_int("max_tokens", self.max_tokens)
-        if self.width is not None or self.height is not None:
-            # The model-independent part of the size rule; the pipeline checks the rest (patch grid, bins).
-            check_size(self.width or 8, self.height or 8, multiple=8, binned=True)
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
-            raise PixArtError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
-        if self.sampler is not None:
-            get_sampler(self.sampler)
-        if self.guidance is not None:
-            ok = isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
-            if not ok or not math.isfinite(self.guidance) or self.guidance < 0:
-                raise PixArtError(f"guidance must be a finite number ≥ 0 (≤ 1 turns it off), got {self.guidance!r}")
-
-    def replace(self, **changes) -> GenerationOptions:
-        return dataclasses.replace(self, **changes)
-
-    @staticmethod
-    def from_metadata(info: dict[str, str]) -> tuple[str, GenerationOptions, LoadSettings]:
-        """The prompt, options and weights that reproduce an image, from its PNG text metadata (``image.info``)."""
-        if "prompt" not in info or "seed" not in info:
-            raise PixArtError("the image has no pixart generation metadata (prompt, seed, …)")
-        try:
-            options = GenerationOptions(
-                negative_prompt=info.get("negative_prompt"),
-                seed=int(info["seed"]),
-                sampler=info["sampler"],
-                steps=int(info["steps"]),
-                guidance=float(info["guidance"]),
-                width=int(info["width"]),
-                height=int(info["height"]),
-                binning=info.get("binning", "true") == "true",
-                max_tokens=int(info["max_tokens"]),
-                clean=info.get("clean", "true") == "true",
-            )
-        except (KeyError, ValueError) as err:
-            raise PixArtError(f"the image's generation metadata is incomplete or malformed: {err}") from None
-        return info["prompt"], options, LoadSettings.from_metadata(info)
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """Which weights make an image: what its PNG records and :meth:`PixArtPipeline.from_pretrained` loads.
-
-    The device and dtype are not among them: they follow the machine that reproduces the image.
-    """
-
-    model: str | None = None
-    """Pipeline folder or hub id; None: the bundled demo model."""
-    transformer: str | None = None
-    """Other transformer weights (any form :func:`pixart.checkpoints.convert.load_transformer` reads)."""
-    loras: tuple[tuple[str, float], ...] = ()
-    """LoRAs merged into the transformer, as (path, scale), in order."""
-    cache_steps: int = 0
-    """Step caching (:mod:`pixart.sampling.step_cache`): it approximates the deep blocks, so it changes the image."""
-
-    def replace(self, **changes) -> LoadSettings:
-        return dataclasses.replace(self, **changes)
-
-    def metadata(self) -> dict[str, str]:
-        """The PNG text fields that record these settings; :meth:`from_metadata` reads them back."""
-        fields = {"model": self.model or "", "transformer": self.transformer or ""}
-        if self.loras:
-            fields["loras"] = json.dumps([[str(path), float(scale)] for path, scale in self.loras])
-        if self.cache_steps > 1:
-            fields["cache_steps"] = str(self.cache_steps)
-        return fields
-
-    @staticmethod
-    def from_metadata(info: dict[str, str]) -> LoadSettings:
-        """The settings a PNG's text metadata records; empty or missing fields mean the defaults."""
-        try:
-            loras = json.loads(info.get("loras", "[]"))
-            if not isinstance(loras, list) or not all(_is_lora_entry(entry) for entry in loras):
-                raise ValueError
-        except ValueError:
-            raise PixArtError(
-                f"the image's loras metadata {info['loras']!r} is malformed; expected a JSON list of [path, scale]"
-            ) from None
-        try:
-            cache_steps = int(info.get("cache_steps", 0))
-        except ValueError:
-            bad = info["cache_steps"]
-            raise PixArtError(f"the image's cache_steps metadata {bad!r} is not a whole number") from None
-        return LoadSettings(
-            model=info.get("model") or None,
-            transformer=info.get("transformer") or None,
-            loras=tuple((path, float(scale)) for path, scale in loras),
-            cache_steps=cache_steps,
-        )
-
-
-def _is_lora_entry(entry: object) -> bool:
-    """Whether a parsed ``loras`` entry is [path, scale]."""
-    if not isinstance(entry, list) or len(entry) != 2:
-        return False
-    path, scale = entry
-    return isinstance(path, str) and isinstance(scale, (int, float)) and not isinstance(scale, bool)
-
-
-def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The text fields of an image file (a generated PNG's settings), or a one-line PixArtError naming the file."""
-    from PIL import UnidentifiedImageError
-
-    try:
-        # Opening reads the header and the text chunks before the pixels; the pixels are never decoded.
-        with Image.open(path) as image:
-            return {k: v for k, v in image.info.items() if isinstance(v, str)}
-    except FileNotFoundError:
-        raise PixArtError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-        # ValueError: PIL refuses a text chunk that decompresses beyond its limit (a zip bomb)
-        raise PixArtError(f"cannot read {path} as an image: {err}") from None
-
-
-@dataclass(frozen=True)
-class RunStats:
-    """What the last call cost: for the closing summary of the CLI and the benchmark."""
-
-    seconds: float
-    images: int
-    steps: int  # model evaluations × images, i.e. denoising steps done in total
-    peak_memory_bytes: int  # CUDA: max allocated; CPU: the process's peak resident set
-    compile_seconds: float | None = None  # torch.compile: first step's time beyond a normal step's
-
-    def summary(self) -> str:
-        rate = self.steps / self.seconds if self.seconds > 0 else float("inf")
-        compiled = "" if self.compile_seconds is None else f", torch.compile {self.compile_seconds:.1f} s (included)"
-        return (
-            f"{self.images} image(s) in {self.seconds:.1f} s, {rate:.2f} steps/s, "
-            f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB{compiled}"
-        )
-
-
-def compile_seconds(step_ends: list[float], full: list[bool] | None = None) -> float:
-    """Time the first step took beyond a typical later step: how long torch.compile took.
-
-    ``step_ends`` are perf_counter readings: the start of denoising, then the end of each step. ``full``
-    marks the steps that ran every block (default: all); the typical step is taken among those, because a
-    step-cached step skips the deep blocks that the first step runs.
-    """
-    durations = [b - a for a, b in zip(step_ends[:-1], step_ends[1:], strict=True)]
-    if not durations:
-        return 0.0
-    full = [True] * len(durations) if full is None else full
-    later = [d for d, f in zip(durations[1:], full[1:], strict=True) if f] or durations[1:]
-    typical = statistics.median(later) if later else 0.0
-    return max(0.0, durations[0] - typical)
-
-
-def check_compiler(device: torch.device) -> None:
-    """Refuse torch.compile on a CPU without a C++ compiler, which inductor needs to build its kernels."""
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        raise PixArtError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop it")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: CUDA allocations on a GPU, else the process's peak RSS (ru_maxrss)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """The execution device: the one asked for (checked to exist) or the best available."""
-    if device is None:
-        return default_device()
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise PixArtError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PixArtError(f"device {str(device)!r} asked for, but this torch build sees no CUDA GPU; use cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise PixArtError("device 'mps' asked for, but MPS is not available here; use cpu")
-    return device
-
-
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """fp32 on CPU, fp16 on accelerators unless asked otherwise; half precision on CPU is allowed but warned."""
-    if isinstance(name, torch.dtype):
-        dtype = name
-    elif name is None or name == "auto":
-        dtype = torch.float32 if device.type == "cpu" else torch.float16
-    elif name in DTYPES:
-        dtype = DTYPES[name]
-    else:
-        raise PixArtError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-    if device.type == "cpu" and dtype != torch.float32:
-        log.warning("%s on CPU is very slow (no fast half-precision kernels); fp32 is recommended", dtype)
-    return dtype
 
 
 def resolve_model(model: str | os.PathLike | None, need_transformer: bool = True) -> Path:
@@ -326,12 +76,12 @@ def resolve_model(model: str | os.PathLike | None, need_transformer: bool = True
 
 
 def learned_null_caption(model: torch.nn.Module) -> torch.Tensor | None:
-    """α's learned null caption if the checkpoint carried one, else None (use T5 of "" instead).
+    """The learned null caption (α's) if the family has one and the checkpoint carried it, else None (T5 of "").
 
     Official α checkpoints store ``y_embedding``; diffusers folders do not, and
     :func:`pixart.checkpoints.convert.load_transformer` then fills the buffer with fixed seeded noise, recognised here.
     """
-    if model.config.family != "alpha":
+    if not FAMILY[model.config.family].learned_null_caption:
         return None
     from pixart.checkpoints.convert import placeholder_y_embedding
 
@@ -682,47 +432,6 @@ class PixArtPipeline:
         if opts.negative_prompt is not None:
             fields["negative_prompt"] = opts.negative_prompt
         return {k: str(v) for k, v in fields.items()}
-
-
-def save_image(image: Image.Image, out_dir: str | os.PathLike) -> Path:
-    """Write a PNG with its generation metadata into out_dir under a fresh name; never overwrites a file.
-
-    Names are ``NNNNN-SEED.png``. The file is written to a temporary name and hard-linked into
-    place, which fails rather than replaces if another process took the name first.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    for key, value in image.info.items():
-        if isinstance(value, str):
-            info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=".pixart-", suffix=".png", dir=out)
-    os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the image from other users whatever the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"(\d+)-", f.name))]
-        index = max(taken, default=-1) + 1
-        while True:
-            target = out / f"{index:05d}-{image.info.get('seed', 'x')}.png"
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                index += 1
-    finally:
-        os.unlink(tmp)
-
-
-def release_memory() -> None:
-    """Return freed tensors' memory to the system, so the next stage does not stack on the last one."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            # glibc keeps freed heap pages for reuse; trimming hands them back so the RSS really drops.
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _is_module(value: object) -> bool:

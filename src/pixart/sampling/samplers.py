@@ -119,7 +119,7 @@ class Conditioning:
 
 @torch.no_grad()
 def denoise(
-    model: torch.nn.Module,
+    model: Callable[..., torch.Tensor],
     scheduler: SchedulerMixin,
     noise: torch.Tensor,
     cond: Conditioning,
@@ -133,6 +133,8 @@ def denoise(
 
     Guidance > 1 runs negative and positive in one batched pass and mixes ``uncond + g·(cond − uncond)``;
     otherwise only the positive rows run. Only the ε half of a learned-sigma output reaches the solver.
+    ``model(x, timestep, text, mask, resolution=, aspect_ratio=) -> (B, C, h, w)`` is the transformer or any
+    callable like it (a step-cached ``functools.partial`` of it, the OpenVINO runtime).
     """
     guided = guidance > 1.0
     scheduler.set_timesteps(steps, device=noise.device)

@@ -9,7 +9,7 @@ Two doors to the same generation:
 
 Both go through :class:`ImageService`, which rate-limits each client, checks a request against
 :class:`ServeLimits`, runs at most ``concurrency`` generations at once (stopping one whose API client
-hung up), logs one line per request and saves every image with :func:`pixart.inference.pipeline.save_image`,
+hung up), logs one line per request and saves every image with :func:`pixart.inference.options.save_image`,
 so what users download is the PNG with its generation metadata, exactly as ``pixart generate`` writes it.
 Before either door, :class:`pixart.serve.guard.Guard` turns away other sites, strangers' host names,
 missing tokens and oversized or slow bodies.
@@ -34,7 +34,8 @@ from pixart.sampling.samplers import SAMPLERS, default_sampler
 from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
-    from pixart.inference.pipeline import GenerationOptions, PixArtPipeline
+    from pixart.inference.options import GenerationOptions
+    from pixart.inference.pipeline import PixArtPipeline
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class ImageService:
 
     def options(self, prompt: object, **given) -> "GenerationOptions":
         """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit."""
-        from pixart.inference.pipeline import GenerationOptions
+        from pixart.inference.options import GenerationOptions
 
         limits = self.limits
         unknown = sorted(set(given) - set(API_FIELDS))
@@ -184,7 +185,7 @@ class ImageService:
 
         Once ``cancel`` is set, waiting or denoising stops within a step with :class:`_Cancelled`.
         """
-        from pixart.inference.pipeline import save_image
+        from pixart.inference.options import save_image
 
         def step(done: int, total: int) -> None:
             if cancel is not None and cancel.is_set():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pixart.errors import PixArtError
+from pixart.model.config import FAMILY
 from pixart.train.config import TrainConfig
 from pixart.train.diffusion import GaussianDiffusion, drop_captions
 
@@ -102,7 +103,7 @@ class DiffusionObjective(Objective):
         cached = bool(config.data.cache)
         null_kind = config.diffusion.null_caption
         if null_kind == "auto":
-            null_kind = "embedding" if model.config.family == "alpha" else "t5"
+            null_kind = "embedding" if FAMILY[model.config.family].learned_null_caption else "t5"
         need_text = not cached or null_kind == "t5" or bool(config.validation.prompts)
         self.text, self.vae = load_frozen_encoders(config, model, device, need_text, not cached)
         if null_kind == "t5":

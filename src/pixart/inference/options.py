@@ -1,0 +1,218 @@
+"""What to generate and how to reproduce it: ``GenerationOptions``, ``LoadSettings`` and the PNG that records them.
+
+Each generated image carries its settings as PNG text metadata (``image.info``); :func:`save_image` writes them with
+the image, :func:`read_png_metadata` reads them from a file, and :meth:`GenerationOptions.from_metadata` rebuilds the
+run from them: prompt, options and the :class:`LoadSettings` (model, transformer, LoRAs, step caching) that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from pixart.errors import PixArtError
+from pixart.files import file_mode
+from pixart.model.resolution import check_size
+from pixart.sampling.samplers import get_sampler
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationOptions:
+    """How to generate: everything but the prompt and the model. Shared by the CLI and the web UI.
+
+    Fields left None take the sampler's or the model's defaults when the pipeline resolves them.
+    """
+
+    negative_prompt: str | None = None
+    """What to steer away from. None: the model's null caption (α's learned one, else T5 of "")."""
+    num_images: int = 1
+    """Images per prompt; image k of a run uses seed + k."""
+    seed: int | None = None
+    """Seed of the first image; None picks one at random (it is recorded in the metadata)."""
+    sampler: str | None = None
+    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: the model's default (dpm++, lcm for LCM models)."""
+    steps: int | None = None
+    guidance: float | None = None
+    """Classifier-free guidance scale; ≤ 1 turns guidance off (one model pass per step)."""
+    width: int | None = None
+    """Output size in pixels; None: the model's training size (sample_size × 8)."""
+    height: int | None = None
+    binning: bool = True
+    """Sample at the nearest trained aspect-ratio bin, then resize and centre-crop to width × height."""
+    max_tokens: int | None = None
+    """T5 tokens per caption; None: the family's (α 120, Σ 300)."""
+    clean: bool = True
+    """DeepFloyd-IF caption cleaning (needs the ``clean`` extra); lower-casing happens regardless."""
+    batch_size: int = 1
+    """Images denoised together; larger is faster on a GPU and needs more memory."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse values no model could use, naming the value and what is accepted."""
+
+        def positive_int(name: str, value, optional: bool = True) -> None:
+            if value is None and optional:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PixArtError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise PixArtError(f"negative prompt must be text, got {self.negative_prompt!r}")
+        positive_int("num_images", self.num_images, optional=False)
+        positive_int("batch_size", self.batch_size, optional=False)
+        positive_int("steps", self.steps)
+        positive_int("max_tokens", self.max_tokens)
+        if self.width is not None or self.height is not None:
+            # The model-independent part of the size rule; the pipeline checks the rest (patch grid, bins).
+            check_size(self.width or 8, self.height or 8, multiple=8, binned=True)
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise PixArtError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
+        if self.sampler is not None:
+            get_sampler(self.sampler)
+        if self.guidance is not None:
+            ok = isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
+            if not ok or not math.isfinite(self.guidance) or self.guidance < 0:
+                raise PixArtError(f"guidance must be a finite number ≥ 0 (≤ 1 turns it off), got {self.guidance!r}")
+
+    def replace(self, **changes) -> GenerationOptions:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def from_metadata(info: dict[str, str]) -> tuple[str, GenerationOptions, LoadSettings]:
+        """The prompt, options and weights that reproduce an image, from its PNG text metadata (``image.info``)."""
+        if "prompt" not in info or "seed" not in info:
+            raise PixArtError("the image has no pixart generation metadata (prompt, seed, …)")
+        try:
+            options = GenerationOptions(
+                negative_prompt=info.get("negative_prompt"),
+                seed=int(info["seed"]),
+                sampler=info["sampler"],
+                steps=int(info["steps"]),
+                guidance=float(info["guidance"]),
+                width=int(info["width"]),
+                height=int(info["height"]),
+                binning=info.get("binning", "true") == "true",
+                max_tokens=int(info["max_tokens"]),
+                clean=info.get("clean", "true") == "true",
+            )
+        except (KeyError, ValueError) as err:
+            raise PixArtError(f"the image's generation metadata is incomplete or malformed: {err}") from None
+        return info["prompt"], options, LoadSettings.from_metadata(info)
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Which weights make an image: what its PNG records and :meth:`PixArtPipeline.from_pretrained` loads.
+
+    The device and dtype are not among them: they follow the machine that reproduces the image.
+    """
+
+    model: str | None = None
+    """Pipeline folder or hub id; None: the bundled demo model."""
+    transformer: str | None = None
+    """Other transformer weights (any form :func:`pixart.checkpoints.convert.load_transformer` reads)."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRAs merged into the transformer, as (path, scale), in order."""
+    cache_steps: int = 0
+    """Step caching (:mod:`pixart.sampling.step_cache`): it approximates the deep blocks, so it changes the image."""
+
+    def replace(self, **changes) -> LoadSettings:
+        return dataclasses.replace(self, **changes)
+
+    def metadata(self) -> dict[str, str]:
+        """The PNG text fields that record these settings; :meth:`from_metadata` reads them back."""
+        fields = {"model": self.model or "", "transformer": self.transformer or ""}
+        if self.loras:
+            fields["loras"] = json.dumps([[str(path), float(scale)] for path, scale in self.loras])
+        if self.cache_steps > 1:
+            fields["cache_steps"] = str(self.cache_steps)
+        return fields
+
+    @staticmethod
+    def from_metadata(info: dict[str, str]) -> LoadSettings:
+        """The settings a PNG's text metadata records; empty or missing fields mean the defaults."""
+        try:
+            loras = json.loads(info.get("loras", "[]"))
+            if not isinstance(loras, list) or not all(_is_lora_entry(entry) for entry in loras):
+                raise ValueError
+        except ValueError:
+            raise PixArtError(
+                f"the image's loras metadata {info['loras']!r} is malformed; expected a JSON list of [path, scale]"
+            ) from None
+        try:
+            cache_steps = int(info.get("cache_steps", 0))
+        except ValueError:
+            bad = info["cache_steps"]
+            raise PixArtError(f"the image's cache_steps metadata {bad!r} is not a whole number") from None
+        return LoadSettings(
+            model=info.get("model") or None,
+            transformer=info.get("transformer") or None,
+            loras=tuple((path, float(scale)) for path, scale in loras),
+            cache_steps=cache_steps,
+        )
+
+
+def _is_lora_entry(entry: object) -> bool:
+    """Whether a parsed ``loras`` entry is [path, scale]."""
+    if not isinstance(entry, list) or len(entry) != 2:
+        return False
+    path, scale = entry
+    return isinstance(path, str) and isinstance(scale, (int, float)) and not isinstance(scale, bool)
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text fields of an image file (a generated PNG's settings), or a one-line PixArtError naming the file."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        # Opening reads the header and the text chunks before the pixels; the pixels are never decoded.
+        with Image.open(path) as image:
+            return {k: v for k, v in image.info.items() if isinstance(v, str)}
+    except FileNotFoundError:
+        raise PixArtError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        # ValueError: PIL refuses a text chunk that decompresses beyond its limit (a zip bomb)
+        raise PixArtError(f"cannot read {path} as an image: {err}") from None
+
+
+def save_image(image: Image.Image, out_dir: str | os.PathLike) -> Path:
+    """Write a PNG with its generation metadata into out_dir under a fresh name; never overwrites a file.
+
+    Names are ``NNNNN-SEED.png``. The file is written to a temporary name and hard-linked into
+    place, which fails rather than replaces if another process took the name first.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key, value in image.info.items():
+        if isinstance(value, str):
+            info.add_text(key, value)
+    fd, tmp = tempfile.mkstemp(prefix=".pixart-", suffix=".png", dir=out)
+    os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the image from other users whatever the umask
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"(\d+)-", f.name))]
+        index = max(taken, default=-1) + 1
+        while True:
+            target = out / f"{index:05d}-{image.info.get('seed', 'x')}.png"
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                index += 1
+    finally:
+        os.unlink(tmp)
