@@ -1,3 +1,5 @@
+import copy
+
 """The transformer on its own: shapes, official init, KV compression, block hooks, tracing, config checks."""
 
 import contextlib
@@ -206,6 +208,31 @@ def test_a_hook_adding_a_residual_after_block_i_equals_the_blocks_run_by_hand(af
         expected = model.head(x, t, hw)
         assert not torch.allclose(expected, model(*args), atol=1e-3)
     assert torch.equal(got, expected)
+
+
+def test_a_hook_runs_another_block_with_the_same_conditioning():
+    # A ControlNet branch: a copy of block 0 runs on its own tokens with the base's caption, t0 and mask.
+    cfg = preset("debug-alpha")
+    model = perturbed(cfg)
+    args = inputs(cfg)
+    branch = copy.deepcopy(model.blocks[0])
+    with torch.no_grad():
+        for p in branch.parameters():  # other weights than the model's block 0
+            p.add_(torch.randn_like(p) * 0.05)
+    seen = {}
+
+    def hook(i, x, run):
+        if i == 0:
+            seen["branch"] = run(x * 0.5, block=branch)
+        return run(x)
+
+    with torch.no_grad():
+        assert torch.equal(model(*args, block_hook=hook), model(*args))
+        x, y, mask, t, t0, hw = model.embed(*args)
+        expected = branch(x * 0.5, y, t0, mask, hw)
+    assert torch.equal(seen["branch"], expected) and not torch.allclose(
+        expected, model.blocks[0](x * 0.5, y, t0, mask, hw)
+    )
 
 
 def test_a_trace_leaves_the_caption_length_free():

@@ -214,8 +214,10 @@ BlockHook = Callable[[int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 """``hook(i, x, run) -> x``: stands in for block i of :meth:`PixArtTransformer.forward`.
 
 x is the block's input tokens (B, h*w, C); ``run(x)`` runs block i on them (with gradient
-checkpointing when it is on). A hook may run the block and change its output (ControlNet adds a
-control residual), skip it (step caching reuses a residual), or only look (collect features).
+checkpointing when it is on), and ``run(x, block=other)`` runs another block with the same caption,
+timestep and mask (a ControlNet's copied blocks). A hook may run the block and change its output
+(ControlNet adds a control residual), skip it (step caching reuses a residual), or only look (collect
+features).
 """
 
 
@@ -319,12 +321,12 @@ class PixArtTransformer(nn.Module):
         x, y, mask, t, t0, hw = self.embed(x, timestep, y, mask, resolution, aspect_ratio)
         for i, block in enumerate(self.blocks):
             if block_hook is None:
-                x = self.run_block(block, x, y, t0, mask, hw)
+                x = self.run_block(x, y, t0, mask, hw, block)
             else:
-                x = block_hook(i, x, partial(self.run_block, block, y=y, t0=t0, mask=mask, hw=hw))
+                x = block_hook(i, x, partial(self.run_block, y=y, t0=t0, mask=mask, hw=hw, block=block))
         return self.head(x, t, hw)
 
-    def run_block(self, block: PixArtBlock, x: torch.Tensor, y, t0, mask, hw) -> torch.Tensor:
+    def run_block(self, x: torch.Tensor, y, t0, mask, hw, block: PixArtBlock) -> torch.Tensor:
         """One block on tokens x (B, h*w, C), recomputed in the backward pass under gradient checkpointing."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, y, t0, mask, hw, use_reentrant=False)
