@@ -1,8 +1,7 @@
-import copy
-
 """The transformer on its own: shapes, official init, KV compression, block hooks, tracing, config checks."""
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import pytest
