@@ -290,7 +290,7 @@ def to_peft(pairs: dict[str, Pair]) -> tuple[dict[str, torch.Tensor], LoraConfig
     """Pairs as a peft adapter (``PeftModel.from_pretrained`` on diffusers' PixArtTransformer2DModel loads it)."""
     tensors = {}
     for name, pair in pairs.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = pair.down.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = pair.down.clone()  # safetensors refuses shared storage
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = pair.up.contiguous()
     ranks = {name: pair.rank for name, pair in pairs.items()}
     return tensors, peft_config(ranks, {name: pair.alpha for name, pair in pairs.items()})
@@ -301,7 +301,7 @@ def to_kohya(pairs: dict[str, Pair]) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, pair in pairs.items():
         stem = "lora_transformer_" + name.replace(".", "_")
-        tensors[f"{stem}.lora_down.weight"] = pair.down.contiguous()
+        tensors[f"{stem}.lora_down.weight"] = pair.down.clone()  # parts of a fused LoRA share down
         tensors[f"{stem}.lora_up.weight"] = pair.up.contiguous()
         tensors[f"{stem}.alpha"] = torch.tensor(pair.alpha)
     return tensors
