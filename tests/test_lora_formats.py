@@ -43,9 +43,9 @@ def family(request):
 
 @pytest.fixture
 def base_folder(tmp_path, family):
-    folder = tmp_path / f"base-{family}"
-    tiny_transformer(family, seed=3).save_pretrained(folder)
-    return folder
+    """The tiny diffusers transformer of ``family`` saved to a folder, which pixart loads afresh for each LoRA."""
+    tiny_transformer(family, seed=3).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
 
 
 def shape_of(name):
@@ -106,49 +106,36 @@ def write_peft(folder, pairs, rank, alpha):
     return folder
 
 
-def write_kohya(path, pairs, alpha, prefix="lora_transformer_"):
-    """OneTrainer / ai-toolkit naming: prefix + module name with '.' → '_', lora_down / lora_up / alpha."""
+def write_keys(path, pairs, alpha, stem, roles=("lora_down", "lora_up")):
+    """Save each (down, up) as ``stem(module).<down role>.weight`` / ``.<up role>.weight`` / ``.alpha``."""
     tensors = {}
     for name, (down, up) in pairs.items():
-        stem = prefix + name.replace(".", "_")
-        tensors[f"{stem}.lora_down.weight"] = down.clone()
-        tensors[f"{stem}.lora_up.weight"] = up.clone()
-        tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+        tensors[f"{stem(name)}.{roles[0]}.weight"] = down.clone()
+        tensors[f"{stem(name)}.{roles[1]}.weight"] = up.clone()
+        tensors[f"{stem(name)}.alpha"] = torch.tensor(float(alpha))
     save_file(tensors, path)
     return path
+
+
+# Each writer's stem rule for PixArt, on diffusers module names (split) or official ones (fused).
+def write_kohya(path, pairs, alpha, prefix="lora_transformer_"):
+    """OneTrainer / ai-toolkit: prefix + diffusers module name with '.' → '_'."""
+    return write_keys(path, pairs, alpha, lambda name: prefix + name.replace(".", "_"))
 
 
 def write_diffusers_with_alpha(path, pairs, alpha):
-    """diffusers-style file: 'transformer.' prefix, lora_A / lora_B, and an '.alpha' scalar per module."""
-    tensors = {}
-    for name, (down, up) in pairs.items():
-        tensors[f"transformer.{name}.lora_A.weight"] = down.clone()
-        tensors[f"transformer.{name}.lora_B.weight"] = up.clone()
-        tensors[f"transformer.{name}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, path)
-    return path
+    """diffusers-style: 'transformer.' + diffusers module name, lora_A / lora_B, and an '.alpha' scalar."""
+    return write_keys(path, pairs, alpha, lambda name: f"transformer.{name}", roles=("lora_A", "lora_B"))
 
 
 def write_comfyui(path, fused, alpha, prefix="diffusion_model."):
-    """ComfyUI's names for its native PixArt (official modules), or ExtraModels' (no prefix)."""
-    tensors = {}
-    for official, (down, up) in fused.items():
-        tensors[f"{prefix}{official}.lora_down.weight"] = down.clone()
-        tensors[f"{prefix}{official}.lora_up.weight"] = up.clone()
-        tensors[f"{prefix}{official}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, path)
-    return path
+    """ComfyUI's generic names for its native PixArt (official modules), or ExtraModels' (no prefix)."""
+    return write_keys(path, fused, alpha, lambda official: prefix + official)
 
 
 def write_comfy_kohya(path, fused, alpha):
     """ComfyUI's kohya names for native models: lora_unet_ + official module name with '.' → '_'."""
-    tensors = {}
-    for official, (down, up) in fused.items():
-        stem = "lora_unet_" + official.replace(".", "_")
-        tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"] = down.clone(), up.clone()
-        tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, path)
-    return path
+    return write_keys(path, fused, alpha, lambda official: "lora_unet_" + official.replace(".", "_"))
 
 
 def cli_error(capsys, args, *fragments):

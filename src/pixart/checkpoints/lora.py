@@ -11,6 +11,7 @@ diffusers' ``PixArtTransformer2DModel`` has separate ``to_q``/``to_k``/``to_v``.
 
 Files are peft's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``) with diffusers'
 module names, so ``peft.PeftModel.from_pretrained(diffusers_transformer, folder)`` loads them unchanged.
+:func:`load_lora` also reads kohya-style and ComfyUI files: their key rules live in ``lora_formats``.
 """
 
 from __future__ import annotations

@@ -29,23 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert LoRA files between peft, kohya and ComfyUI formats, or merge several into one",
         description="Rewrite or combine LoRA files. The input format is detected from the keys. Pick an action:",
     )
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)  # `pixart lora` alone: show the actions
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
-
-    def no_action(args: argparse.Namespace) -> int:
-        parser.print_help()
-        return 2
-
-    parser.set_defaults(func=no_action)
-
+    shown = {"epilog": EXAMPLES, "formatter_class": argparse.RawDescriptionHelpFormatter}
     convert = actions.add_parser(
         "convert",
         help="rewrite a LoRA in another format (the weights it applies are unchanged)",
-        description=(
-            "Read a LoRA in any known format (peft/diffusers, kohya-style from OneTrainer, ai-toolkit or "
-            "SimpleTuner, ComfyUI / ExtraModels) and write it in the format given by --to."
-        ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read a LoRA in any known format (peft/diffusers, kohya-style from OneTrainer, ai-toolkit or "
+        "SimpleTuner, ComfyUI / ExtraModels) and write it in the format given by --to.",
+        **shown,
     )
     convert.add_argument("source", metavar="IN", help="a peft adapter folder or a LoRA .safetensors file")
     convert.add_argument("dest", metavar="OUT", help="a folder for --to peft, a .safetensors file otherwise")
@@ -55,12 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge = actions.add_parser(
         "merge",
         help="merge several LoRAs, each at its scale, into one LoRA",
-        description=(
-            "Write one LoRA that applies every given LoRA at its scale (its rank is the sum of theirs). "
-            "The inputs may be of different formats; they must be for the same model."
-        ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write one LoRA that applies every given LoRA at its scale (its rank is the sum of theirs). "
+        "The inputs may be of different formats; they must be for the same model.",
+        **shown,
     )
     merge.add_argument("loras", nargs="+", metavar="LORA[:SCALE]", help="two or more LoRAs, scale 1 by default")
     merge.add_argument("dest", metavar="OUT", help="a folder for --to peft, a .safetensors file otherwise")
