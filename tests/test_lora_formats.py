@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig
+from diffusers import PixArtTransformer2DModel
+from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from pixart.checkpoints.convert import load_transformer
@@ -200,6 +201,33 @@ def test_fused_official_formats_merge_exactly_like_peft(base_folder, family, tmp
     assert_same(merged_weights(base_folder, family, (other, 1.0)), merged_weights(base_folder, family, (peft, 1.0)))
 
 
+@pytest.mark.parametrize("config", [LoHaConfig, LoKrConfig], ids=["loha", "lokr"])
+def test_lycoris_loha_and_lokr_merge_like_peft(base_folder, family, tmp_path, config):
+    """SimpleTuner's LyCORIS files: lycoris_ + underscored diffusers names, LyCORIS tensor names, .alpha."""
+    reference = PixArtTransformer2DModel.from_pretrained(base_folder)
+    targets = ["attn1.to_q", "attn1.to_k", "attn2.to_v", "ff.net.2"]
+    peft_model = get_peft_model(reference, config(r=2, alpha=3, target_modules=targets))
+    g = torch.Generator().manual_seed(8)
+    tensors = {}
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".hada_" in name or ".lokr_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+                module, kind = name.removeprefix("base_model.model.").removesuffix(".default").rsplit(".", 1)
+                stem = "lycoris_" + module.replace(".", "_")
+                tensors[f"{stem}.{kind}"], tensors[f"{stem}.alpha"] = param.detach().clone(), torch.tensor(3.0)
+    assert any(".lokr_w2_b" in k or ".hada_w2_b" in k for k in tensors)  # w2 is a low-rank pair: scale alpha/r
+    save_file(tensors, tmp_path / "lycoris.safetensors")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    expected = load_transformer(tmp_path / "merged", family=family).state_dict()
+    got = merged_weights(base_folder, family, (tmp_path / "lycoris.safetensors", 1.0))
+    assert not torch.equal(
+        got["blocks.0.attn.qkv.weight"], merged_weights(base_folder, family)["blocks.0.attn.qkv.weight"]
+    )
+    # the Hadamard / Kronecker product as one LoRA: the same sums in another order, hence ≤ 1e-6
+    assert_same(got, expected, atol=1e-6)
+
+
 def trained(base_folder, family, tmp_path, name, seed):
     model = load_transformer(base_folder, family=family)
     add_lora(model, rank=4, alpha=6, targets=("attn", "cross_attn", "mlp"))
@@ -276,13 +304,13 @@ def test_lora_for_another_model_is_one_line_naming_the_file(base_folder, family,
 
 
 def test_other_adapter_kinds_and_bad_cli_input_fail_with_one_line(base_folder, family, tmp_path, capsys):
-    loha = {"lycoris_transformer_blocks_0_attn1_to_q.hada_w1_a": torch.zeros(WIDTH, 2)}
-    save_file(loha, tmp_path / "loha.safetensors")
     model = load_transformer(base_folder, family=family)
-    one_line_error(lambda: load_lora(model, tmp_path / "loha.safetensors"), "loha.safetensors", "LyCORIS LoHa")
-    lokr = {"lora_transformer_transformer_blocks_0_attn1_to_q.lokr_w1": torch.zeros(2, 2)}
-    save_file(lokr, tmp_path / "lokr.safetensors")
-    one_line_error(lambda: load_lora(model, tmp_path / "lokr.safetensors"), "LyCORIS LoKr")
+    tucker = {"lycoris_transformer_blocks_0_attn1_to_q.lokr_t2": torch.zeros(2, 2, 1, 1)}
+    save_file(tucker, tmp_path / "tucker.safetensors")
+    one_line_error(lambda: load_lora(model, tmp_path / "tucker.safetensors"), "tucker.safetensors", "LyCORIS Tucker")
+    half = {"lycoris_transformer_blocks_0_attn1_to_q.hada_w1_a": torch.zeros(WIDTH, 2)}
+    save_file(half, tmp_path / "half.safetensors")
+    one_line_error(lambda: load_lora(model, tmp_path / "half.safetensors"), "half.safetensors", "malformed LyCORIS")
 
     good = write_kohya(tmp_path / "good.safetensors", split_lora(), alpha=5)
     cli_error(

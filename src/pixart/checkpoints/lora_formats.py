@@ -17,7 +17,9 @@ alpha = rank). What differs is the stem, as each writer names PixArt's modules:
 
 Everything is read into one form, :class:`Pair` per diffusers-named linear: a LoRA on a fused official
 layer (``attn.qkv``, ``cross_attn.kv_linear``) becomes one pair per part sharing ``down``, with ``up`` split
-by rows, which is exact. LyCORIS LoHa / LoKr and DoRA files are refused with one line naming the format.
+by rows, which is exact. LyCORIS LoHa / LoKr tensors (``hada_w1_a`` …, ``lokr_w1`` …, under any stem above) are
+read as the plain LoRA of the same update (:func:`lycoris_as_lora`); DoRA and conv-only parts are refused with one
+line naming the format.
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ ROLES = {
     "alpha": "alpha",
 }
 # Tensor names of adapters that are not a plain LoRA (LyCORIS, peft's DoRA): refused, never half-applied.
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
+ROLES.update({name: name for name in LOHA + LOKR})  # LyCORIS tensors keep their names as roles
+# Tensor names of adapters that are not a LoRA in disguise (conv-only Tucker cores, peft's DoRA): refused.
 REFUSED = {
-    **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "LyCORIS LoHa"),
-    **dict.fromkeys(
-        ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "LyCORIS LoKr"
-    ),
+    **dict.fromkeys(("hada_t1", "hada_t2", "lokr_t2"), "LyCORIS Tucker (conv)"),
     **dict.fromkeys(("dora_scale", "lora_magnitude_vector.weight"), "DoRA"),
     "lora_mid.weight": "LyCORIS LoCon (conv mid)",
 }
@@ -182,6 +185,41 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return stripped, config
 
 
+def _factors(found: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoKr factor as (left, right) with left @ right = the factor: its low-rank pair, or it and an identity."""
+    if f"{name}_a" in found:
+        return found[f"{name}_a"].float(), found[f"{name}_b"].float()
+    full = found[name].float()
+    if full.shape[0] <= full.shape[1]:  # the identity on the shorter side keeps the rank smallest
+        return torch.eye(full.shape[0]), full
+    return full, torch.eye(full.shape[1])
+
+
+def lycoris_as_lora(found: dict[str, torch.Tensor], stem: str, where: str) -> dict[str, torch.Tensor]:
+    """A LyCORIS LoHa or LoKr as the plain LoRA with the same update (LyCORIS' and ComfyUI's scale rules).
+
+    LoHa ``(w1a @ w1b) ∘ (w2a @ w2b) · alpha/r`` is the LoRA of rank r² with up = the row-wise Kronecker
+    product of w1a and w2a, down = the column-wise one of w1b and w2b. LoKr ``kron(w1, w2) · alpha/r`` (r the
+    rank of w2's pair, else w1's; scale 1 when both are full) is ``kron(L1, L2) @ kron(R1, R2)`` for any
+    Li @ Ri = wi. Exact up to float rounding; the scale is folded into up, so alpha = the new rank.
+    """
+    alpha = float(found["alpha"]) if "alpha" in found else None
+    try:
+        if "hada_w1_a" in found:
+            w1a, w1b, w2a, w2b = (found[n].float() for n in LOHA)
+            scale = alpha / w1b.shape[0] if alpha is not None else 1.0
+            up = (w1a[:, :, None] * w2a[:, None, :]).flatten(1)
+            down = (w1b[:, None, :] * w2b[None, :, :]).flatten(0, 1)
+        else:
+            (l1, r1), (l2, r2) = _factors(found, "lokr_w1"), _factors(found, "lokr_w2")
+            rank = next((found[n].shape[0] for n in ("lokr_w2_b", "lokr_w1_b") if n in found), None)
+            scale = alpha / rank if alpha is not None and rank is not None else 1.0
+            up, down = torch.kron(l1, l2), torch.kron(r1, r2)
+    except (KeyError, RuntimeError, IndexError) as err:
+        raise PixArtError(f"{where}: {stem} is an incomplete or malformed LyCORIS LoHa/LoKr ({err})") from None
+    return {"down": down, "up": up * scale, "alpha": torch.tensor(float(down.shape[0]))}
+
+
 def parse_pairs(tensors: dict[str, torch.Tensor], config: dict, where: str) -> tuple[dict[str, Pair], str]:
     """Read tensors of any known format into one :class:`Pair` per diffusers module, and name the format."""
     table = stems(_depth(tensors))
@@ -206,6 +244,8 @@ def parse_pairs(tensors: dict[str, torch.Tensor], config: dict, where: str) -> t
         raise PixArtError(f"{where} holds no LoRA weights")
     pairs: dict[str, Pair] = {}
     for stem, found in grouped.items():
+        if any(role in found for role in LOHA + LOKR):
+            found = lycoris_as_lora(found, stem, where)
         if "down" not in found or "up" not in found:
             raise PixArtError(f"{where}: {stem} lacks its {'up' if 'down' in found else 'down'} (lora_B/A) weight")
         down, up = found["down"].float(), found["up"].float()
