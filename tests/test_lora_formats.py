@@ -7,17 +7,19 @@ so a wrong rule in ``pixart.checkpoints.lora_formats`` cannot agree with itself.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pixart.checkpoints.convert import load_transformer
 from pixart.checkpoints.lora import add_lora, load_lora, save_lora
 from pixart.cli import main
 from test_lora import one_line_error, perturb
-from tiny import tiny_transformer
+from tiny import save_pipeline, tiny_transformer
 
 WIDTH = 48  # the tiny transformer's hidden size
 # Official module → diffusers modules (row blocks), as in the PixArt repo's convert_pixart_alpha_to_diffusers.py.
@@ -322,3 +324,21 @@ def test_other_adapter_kinds_and_bad_cli_input_fail_with_one_line(base_folder, f
     args = ["lora", "merge", str(good), str(other), str(tmp_path / "o")]
     cli_error(capsys, args, "transformer_blocks.0.attn1.to_q", "one model")
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_takes_any_format_with_a_scale(tmp_path):
+    """`pixart generate --lora PATH:SCALE` with a OneTrainer file draws what the same LoRA as peft draws."""
+    folder = save_pipeline(tmp_path / "sigma", "sigma")
+    pairs = split_lora()
+    peft = write_peft(tmp_path / "peft", pairs, rank=3, alpha=5)
+    kohya = write_kohya(tmp_path / "onetrainer.safetensors", pairs, 5)
+
+    def draw(lora, out):
+        args = ["generate", "a tree", "--model", str(folder), "--device", "cpu", "--steps", "2", "--seed", "3"]
+        assert main([*args, "--width", "32", "--height", "32", "--no-binning", "--lora", lora, "--out", str(out)]) == 0
+        (png,) = out.glob("*.png")
+        return np.asarray(Image.open(png))
+
+    drawn = draw(f"{kohya}:0.8", tmp_path / "k")
+    assert np.array_equal(drawn, draw(f"{peft}:0.8", tmp_path / "p"))
+    assert not np.array_equal(drawn, draw(f"{kohya}:0", tmp_path / "none"))
