@@ -29,7 +29,6 @@ import math
 import os
 import re
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +117,8 @@ def stems(depth: int) -> dict[str, tuple[str, tuple[str, ...]]]:
     for fmt, prefixes in STEM_PREFIXES.items():
         for prefix, naming in prefixes:
             for name, parts in table[naming].items():
-                stem = prefix + (name if prefix in ("", "diffusion_model.") else name.replace(".", "_"))
+                # kohya-style prefixes end in '_' and go with underscored names; the others keep the dots
+                stem = prefix + (name.replace(".", "_") if prefix.endswith("_") else name)
                 found.setdefault(stem, (fmt, parts))
     return found
 
@@ -423,12 +423,11 @@ def merge_loras(specs: Sequence[tuple[str, float]], dest: str | os.PathLike, fmt
         if not math.isfinite(scale):
             raise PixArtError(f"LoRA scale {scale!r} for {path!r} is invalid; expected a finite number such as 0.7")
     loras = [(read_pairs(path), scale) for path, scale in specs]
-    shapes = Counter()
+    shapes: dict[str, set[tuple[int, int]]] = {}
     for pairs, _ in loras:
         for name, pair in pairs.items():
-            shapes[(name, pair.down.shape[1], pair.up.shape[0])] += 1
-    by_name = Counter(name for name, _, _ in shapes)
-    clash = next((name for name, count in by_name.items() if count > 1), None)
+            shapes.setdefault(name, set()).add((pair.down.shape[1], pair.up.shape[0]))
+    clash = next((name for name, found in shapes.items() if len(found) > 1), None)
     if clash:
         raise PixArtError(
             f"LoRAs {', '.join(p for p, _ in specs)} disagree on the shape of {clash}; are they for one model?"
