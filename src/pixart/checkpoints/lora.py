@@ -11,29 +11,26 @@ diffusers' ``PixArtTransformer2DModel`` has separate ``to_q``/``to_k``/``to_v``.
 
 Files are peft's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``) with diffusers'
 module names, so ``peft.PeftModel.from_pretrained(diffusers_transformer, folder)`` loads them unchanged.
+:func:`load_lora` also reads kohya-style and ComfyUI files: their key rules live in ``lora_formats``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pixart.checkpoints.convert import diffusers_key_map
+from pixart.checkpoints.lora_formats import PEFT_PREFIX, pattern_value, peft_config, read_lora, write_peft_folder
 from pixart.errors import PixArtError
-from pixart.files import plain_modes
 from pixart.model.config import PixArtConfig
 
 logger = logging.getLogger(__name__)
@@ -47,10 +44,6 @@ TARGET_GROUPS = {
     "mlp": ("mlp.fc1", "mlp.fc2"),
 }
 """Names accepted in ``add_lora(targets=…)`` for the linears of every block."""
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."  # peft's PeftModel.save_pretrained writes keys under this prefix
 
 
 def diffusers_module_names(config: PixArtConfig) -> dict[str, tuple[str, ...]]:
@@ -188,82 +181,9 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
             tensors[f"{PEFT_PREFIX}{part}.lora_A.weight"] = a.clone()  # safetensors refuses shared storage
             tensors[f"{PEFT_PREFIX}{part}.lora_B.weight"] = b_part.contiguous()
             ranks[part], alphas[part] = rank, alpha
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=sorted(ranks),
-        rank_pattern={re.escape(k): v for k, v in ranks.items() if v != rank},
-        alpha_pattern={re.escape(k): v for k, v in alphas.items() if v != alpha},
-        bias="none",
-    )
-    return _write_adapter(Path(path), tensors, config)
-
-
-def _write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> Path:
-    if path.exists() and not path.is_dir():
-        raise PixArtError(f"LoRA output {str(path)!r} is a file; give a folder path (it gets {CONFIG_NAME} + weights)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp") as tmp:
-        config.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        plain_modes(Path(tmp))
-        path.mkdir(exist_ok=True)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):  # each file swaps in atomically: never a half-written adapter
-            os.replace(os.path.join(tmp, name), path / name)
+    write_peft_folder(Path(path), tensors, peft_config(ranks, alphas, dropout))
     logger.info("saved LoRA (%d tensors) to %s", len(tensors), path)
-    return path
-
-
-def _read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Adapter tensors with peft/diffusers prefixes removed, and its peft config (or {} when absent)."""
-    if path.is_dir():
-        candidates = (path / WEIGHTS_NAME, path / "pytorch_lora_weights.safetensors")  # peft's, diffusers' names
-        weights = next((c for c in candidates if c.exists()), None)
-        if weights is None:
-            raise PixArtError(f"LoRA folder {str(path)!r} has no {WEIGHTS_NAME}; expected a peft adapter folder")
-        config_path = path / CONFIG_NAME
-    elif path.is_file():
-        weights, config_path = path, path.parent / CONFIG_NAME
-    else:
-        raise PixArtError(f"LoRA {str(path)!r} does not exist; expected a peft adapter folder or a .safetensors file")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError) as err:
-        raise PixArtError(f"LoRA file {str(weights)!r} is not a readable safetensors file ({err})") from None
-    config: dict = {}
-    if config_path.exists():
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as err:
-            raise PixArtError(f"LoRA config {str(config_path)!r} is not valid JSON ({err})") from None
-    stripped = {}
-    for key, value in tensors.items():
-        for prefix in (PEFT_PREFIX, "transformer."):
-            key = key.removeprefix(prefix)
-        stripped[key] = value
-    return stripped, config
-
-
-def _check_config(config: dict, where: str) -> None:
-    if not config:
-        return
-    if config.get("peft_type", "LORA") != "LORA":
-        raise PixArtError(f"{where} is a {config['peft_type']} adapter; only LoRA adapters are supported")
-    if config.get("use_dora"):
-        raise PixArtError(f"{where} is a DoRA adapter (use_dora=true); only plain LoRA is supported")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise PixArtError(f"{where} trains biases (bias={config.get('bias')!r}); only bias='none' is supported")
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    # peft's rule: a pattern key matches a module name or its tail after a dot.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+    return Path(path)
 
 
 def _adapter_parts(tensors: dict[str, torch.Tensor], config: dict, where: str) -> dict[str, tuple]:
@@ -290,10 +210,10 @@ def _adapter_parts(tensors: dict[str, torch.Tensor], config: dict, where: str) -
             )
         rank = a.shape[0]
         # Without a config (diffusers' pytorch_lora_weights), diffusers takes alpha = rank.
-        expected = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
+        expected = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
         if expected != rank:
             raise PixArtError(f"{where}: {module} has rank {rank} but its adapter config says r={expected}")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
         parts[module] = (a.float(), b.float(), _scaling(rank, alpha, bool(config.get("use_rslora"))))
     return parts
 
@@ -358,9 +278,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, mer
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise PixArtError(f"LoRA scale {scale!r} is invalid; expected a finite number such as 1.0 or 0.7")
     path = Path(path)
-    tensors, config = _read_adapter(path)
+    tensors, config = read_lora(path)  # any known format, as peft tensors and config
     where = f"LoRA {str(path)!r}"
-    _check_config(config, where)
     fused = _fuse(model, _adapter_parts(tensors, config, where), where)
     if merge:
         with torch.no_grad():
