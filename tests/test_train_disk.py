@@ -198,3 +198,23 @@ def test_checkpoint_files_and_folder_reach_the_disk_before_the_rename_that_publi
     [(_, src, _)] = [c for c in calls if c[0] == "replace" and c[2] == str(run / "final.safetensors")]
     assert calls.index(("fsync", src)) < calls.index(("replace", src, str(run / "final.safetensors")))
     assert ("fsync", str(run)) in calls[calls.index(("replace", src, str(run / "final.safetensors"))) :]
+
+
+def test_full_disk_while_writing_the_final_weights_is_one_line(setup, finished, tmp_path):
+    """A run resumed at its last step only writes final-ema and final: the disk fills up during the first."""
+    mount = tmp_path / "disk"
+    mount_tmpfs(mount, "64m")
+    try:
+        run = copy_run(finished, mount / "run")
+        room = shutil.disk_usage(mount).used + (finished / "final-ema.safetensors").stat().st_size // 2
+        subprocess.run(["mount", "-o", f"remount,size={room}", str(mount)], check=True)
+        args = overrides(setup, run, *EXTRA, "--run.resume=latest")
+        done = subprocess.run([sys.executable, "-m", "pixart", "train", "debug", *args], capture_output=True, text=True,
+                              env=ENV, timeout=240)  # fmt: skip
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith(f"error: disk full while writing the final weights in {run} ("), last
+        assert last.endswith(f" free); the previous checkpoint {STEP[2]} is intact"), last
+        assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # no half-written or temporary file
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

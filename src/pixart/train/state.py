@@ -97,7 +97,7 @@ class TrainState:
         folder = checkpoints_dir(run_dir)
         final = folder / f"step-{self.step:08d}"
         tmp = folder / f".tmp-{final.name}"
-        with out_of_space_is_one_line(tmp, final):
+        with out_of_space_is_one_line(f"checkpoint {final.name}", folder, run_dir, tmp):
             if accelerator.is_main_process:
                 for stale in folder.glob(".tmp-step-*"):  # left by a run killed while writing; never complete
                     shutil.rmtree(stale, ignore_errors=True)
@@ -175,12 +175,13 @@ class TrainState:
         if not accelerator.is_main_process:
             return
         model = accelerator.unwrap_model(self.model)
-        if self.ema is not None:
-            with self.ema_weights():
-                save_final_weights(config, model, run_dir / "final-ema.safetensors")
-        save_final_weights(config, model, run_dir / "final.safetensors")
-        text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(text))
+        with out_of_space_is_one_line("the final weights", run_dir, run_dir):  # atomic_write removes its own leftovers
+            if self.ema is not None:
+                with self.ema_weights():
+                    save_final_weights(config, model, run_dir / "final-ema.safetensors")
+            save_final_weights(config, model, run_dir / "final.safetensors")
+            text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+            atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(text))
 
 
 def save_final_weights(config, model, path: Path) -> None:
@@ -266,9 +267,10 @@ def damage(folder: Path, hashes: bool) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
-    for name, (_, digest) in expected.items() if hashes else ():
-        if sha256(folder / name) != digest:
-            return f"{name} does not match its SHA-256 in the manifest"
+    if hashes:
+        for name, (_, digest) in expected.items():
+            if sha256(folder / name) != digest:
+                return f"{name} does not match its SHA-256 in the manifest"
     return None
 
 
@@ -281,23 +283,23 @@ def sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def out_of_space_is_one_line(tmp: Path, final: Path):
-    """Turn a full disk (or quota, or file size limit) while writing checkpoint ``final`` under ``tmp`` into one
-    PixArtError line, after removing ``tmp``; other failures also remove ``tmp`` but keep their traceback."""
+def out_of_space_is_one_line(what: str, folder: Path, run_dir: Path, tmp: Path | None = None):
+    """Turn a full disk (or quota, or file size limit) while writing ``what`` into ``folder`` into one PixArtError
+    line naming the newest intact checkpoint of ``run_dir``, after removing the temporary folder ``tmp`` (other
+    failures remove it too, and keep their traceback)."""
     try:
         yield
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         code = _errno(err)
         if code not in OUT_OF_SPACE:
             raise
-        folder = final.parent
         free = shutil.disk_usage(folder).free
-        previous = [p.name for p in complete_checkpoints(folder.parent) if p != final]
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
-        raise PixArtError(
-            f"{OUT_OF_SPACE[code]} while writing checkpoint {final.name} in {folder} ({_size(free)} free); {kept}"
-        ) from None
+        kept = complete_checkpoints(run_dir)  # the one being written is not there yet (or still the old one)
+        intact = f"the previous checkpoint {kept[-1].name} is intact" if kept else "there is no earlier checkpoint"
+        reason = OUT_OF_SPACE[code]
+        raise PixArtError(f"{reason} while writing {what} in {folder} ({_size(free)} free); {intact}") from None
 
 
 def _errno(err: BaseException) -> int | None:
