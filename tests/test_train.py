@@ -191,8 +191,9 @@ def test_killed_run_resumes_bit_identically(setup, tmp_path):
     extra += ["--schedule.warmup_steps=5", "--schedule.lr_schedule=cosine", "--diffusion.snr_gamma=5"]
     killed = tmp_path / "killed"
     found = kill_after_first_checkpoint(setup, killed, *extra)
-    # The folder layout that earlier runs wrote too, so their checkpoints resume (docs/design.md).
-    layout = ["ema.safetensors", "lr_schedule.pt", "optimizer.pt", "rng-0.pt", "state.json", "trainable.safetensors"]
+    # The folder layout that earlier runs wrote too, so their checkpoints resume (docs/design.md), + the manifest.
+    layout = ["ema.safetensors", "lr_schedule.pt", "manifest.json", "optimizer.pt", "rng-0.pt", "state.json"]
+    layout += ["trainable.safetensors"]
     assert sorted(p.name for p in found[-1].iterdir()) == layout
     saved = json.loads((found[-1] / "state.json").read_text())
     assert [*saved] == ["step", "epoch", "batch", "num_processes", "config"]
@@ -221,7 +222,8 @@ def test_killed_lcm_run_resumes_bit_identically(setup, tmp_path, capsys, adapter
     extra += ["--schedule.max_steps=12", "--checkpoint.every=4", "--optim.ema_decay=0.9", *adapters]
     killed = tmp_path / "killed"
     found = kill_after_first_checkpoint(setup, killed, *extra)
-    assert {p.name for p in found[-1].iterdir()} == {"lr_schedule.pt", "optimizer.pt", "rng-0.pt", "state.json"} | {
+    layout = {"lr_schedule.pt", "manifest.json", "optimizer.pt", "rng-0.pt", "state.json"}
+    assert {p.name for p in found[-1].iterdir()} == layout | {
         f"{name}.safetensors" for name in ("trainable", "ema", "target")
     }
     trained, target = (weights(found[-1] / f"{name}.safetensors") for name in ("trainable", "target"))
@@ -232,6 +234,7 @@ def test_killed_lcm_run_resumes_bit_identically(setup, tmp_path, capsys, adapter
     old = tmp_path / "old" / found[-1].name
     shutil.copytree(found[-1], old)
     (old / "target.safetensors").unlink()
+    (old / "manifest.json").unlink()  # such checkpoints predate manifests too (with one, it would be "damaged")
     capsys.readouterr()
     code = cli_main(["train", "debug", *overrides(setup, tmp_path / "old", *extra, f"--run.resume={old}")])
     err = capsys.readouterr().err

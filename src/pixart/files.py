@@ -5,6 +5,10 @@ which create files with mode 0600 and folders with 0700, so without a fix every 
 dataset and generated image would be private to its owner whatever the user's umask. ``file_mode``,
 ``atomic_write``, ``temporary_folder``, ``plain_modes`` and ``swap_into_place`` give what a plain ``open()``
 or ``mkdir()`` would instead.
+
+A rename is atomic but not durable by itself: after a power cut the new name can point at blocks that were
+never written. ``fsync_path`` and ``fsync_tree`` flush files and folders to the disk before the rename that
+publishes them (and the parent folder after it, so the rename itself is kept).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from pixart.errors import PixArtError
 
 
 def umask() -> int:
@@ -56,11 +62,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     try:
         write(tmp)
         os.chmod(tmp, file_mode())  # after writing: safetensors recreates the file with 0600
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
     return path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's content (a folder's: its names) from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)  # fsync needs no write access, and folders open only read-only
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """:func:`fsync_path` every file and folder in ``folder``, ``folder`` itself last (symbolic links skipped)."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fsync_path(path)
+        fsync_path(root)
 
 
 def temporary_folder(parent: Path, prefix: str, suffix: str = "") -> Path:
@@ -100,3 +127,17 @@ def swap_into_place(tmp: Path, out: Path) -> None:
     os.replace(out, old / out.name)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def require_writable_folder(path: Path, option: str) -> None:
+    """Make the folder ``path`` if missing and check that a file can be created in it, so that a long job that
+    writes there is refused at its start rather than at its first save. ``option`` names it in the error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise PixArtError(
+            f"{option}={str(path)!r} is not a folder this process can write to ({err.strerror or err}); "
+            "pass a writable folder"
+        ) from None

@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
+from pixart.files import require_writable_folder
 from pixart.train.config import TrainConfig
 from pixart.train.objective import DiffusionObjective, Objective, load_frozen_encoders
 from pixart.train.state import TrainState, batch_stream, find_checkpoint
@@ -176,7 +177,12 @@ def train(config: TrainConfig) -> Path:
                 metrics["grad_norm"] = float(grad_norm)
             accelerator.log(metrics, step=state.step)
         if last or (config.checkpoint.every and state.step % config.checkpoint.every == 0):
-            state.save(run.run_dir, accelerator, config)
+            try:
+                state.save(run.run_dir, accelerator, config)
+            except PixArtError:  # a full disk: end the progress line and the trackers before the one-line error
+                bar.close()
+                accelerator.end_training()
+                raise
         if last or (config.validation.every and state.step % config.validation.every == 0):
             render_validation(run)
     bar.close()
@@ -216,6 +222,7 @@ def train_step(run: Run, stream) -> tuple[torch.Tensor, torch.Tensor | None]:
 def setup(config: TrainConfig) -> Run:
     """Build the run: accelerator, data, model (+ LoRA), objective, optimizer and schedule, resumed if asked."""
     run_dir = Path(config.run.output_dir)
+    require_writable_folder(run_dir, "run.output_dir")  # before anything loads, not at the first checkpoint
     accelerator = make_accelerator(config, run_dir)
     device = accelerator.device
     resume_from = find_checkpoint(run_dir, config.run.resume) if config.run.resume else None

@@ -4,9 +4,15 @@ A checkpoint is a folder ``RUN/checkpoints/step-00001000/`` holding the trained 
 (``trainable.safetensors``: every parameter that trains, i.e. the whole model or only the LoRA adapters),
 ``ema.safetensors``, ``optimizer.pt``, ``lr_schedule.pt``, one ``rng-<process>.pt`` per process and
 ``state.json`` (step, data position, config), plus one ``<stem>.safetensors`` per part of the objective's
-state (LCM: ``target.safetensors``, the target network's copies of the trained parameters). It is written
-under ``.tmp-step-…`` and renamed when complete, so a crash mid-write leaves only a temporary folder that
-resume ignores.
+state (LCM: ``target.safetensors``, the target network's copies of the trained parameters), and last
+``manifest.json``: every other file's size and SHA-256. It is written under ``.tmp-step-…``, flushed to the
+disk and renamed when complete, so a crash mid-write leaves only a temporary folder that resume ignores; a
+disk that fills up mid-write ends the run with one line and no temporary folder. ``--resume latest`` skips a
+checkpoint damaged later (truncated, corrupt) with a warning and resumes from the newest whole one.
+
+Checking the SHA-256 of a checkpoint reads all of it (GBs for a large model), so only the checkpoint about to
+be resumed is hashed, once; listing and rotating checkpoints compare file sizes only. Checkpoints written
+before manifests existed are trusted, as they were.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -29,12 +37,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.errors import PixArtError
-from pixart.files import atomic_write, plain_modes
+from pixart.files import atomic_write, fsync_path, fsync_tree, plain_modes
 from pixart.train.objective import Objective
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"step-(\d+)")
+MANIFEST = "manifest.json"
+OUT_OF_SPACE = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit hit"}
 
 
 @dataclass
@@ -87,18 +97,23 @@ class TrainState:
         folder = checkpoints_dir(run_dir)
         final = folder / f"step-{self.step:08d}"
         tmp = folder / f".tmp-{final.name}"
+        with out_of_space_is_one_line(f"checkpoint {final.name}", folder, run_dir, tmp):
+            if accelerator.is_main_process:
+                for stale in folder.glob(".tmp-step-*"):  # left by a run killed while writing; never complete
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            self._write(tmp, accelerator, config)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                plain_modes(tmp)
+                write_manifest(tmp)
+                fsync_tree(tmp)
         if accelerator.is_main_process:
-            for stale in folder.glob(".tmp-step-*"):  # left by a run killed while writing; never complete
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        self._write(tmp, accelerator, config)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            plain_modes(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fsync_path(folder)  # keeps the rename itself across a power cut
             for old in complete_checkpoints(run_dir)[: -config.checkpoint.keep_last]:
                 shutil.rmtree(old)
             log.info("checkpoint %s", final)
@@ -106,7 +121,7 @@ class TrainState:
         return final
 
     def _write(self, tmp: Path, accelerator, config) -> None:
-        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        _torch_save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
         full_state = accelerator.get_state_dict(self.model)  # every process must take part under FSDP
         optimizer_state = self.optimizer.state_dict()
         if not accelerator.is_main_process:
@@ -118,8 +133,8 @@ class TrainState:
             save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
         for stem, tensors in self.objective.state_dict().items():
             save_file(tensors, str(tmp / f"{stem}.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(self.lr_schedule.state_dict(), tmp / "lr_schedule.pt")
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(self.lr_schedule.state_dict(), tmp / "lr_schedule.pt")
         position = {"step": self.step, "epoch": self.epoch, "batch": self.batch}
         state = {**position, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(config)}
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -160,12 +175,13 @@ class TrainState:
         if not accelerator.is_main_process:
             return
         model = accelerator.unwrap_model(self.model)
-        if self.ema is not None:
-            with self.ema_weights():
-                save_final_weights(config, model, run_dir / "final-ema.safetensors")
-        save_final_weights(config, model, run_dir / "final.safetensors")
-        text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(text))
+        with out_of_space_is_one_line("the final weights", run_dir, run_dir):  # atomic_write removes its own leftovers
+            if self.ema is not None:
+                with self.ema_weights():
+                    save_final_weights(config, model, run_dir / "final-ema.safetensors")
+            save_final_weights(config, model, run_dir / "final.safetensors")
+            text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+            atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(text))
 
 
 def save_final_weights(config, model, path: Path) -> None:
@@ -193,27 +209,123 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first (temporary folders of interrupted writes excluded)."""
-    folder = checkpoints_dir(run_dir)
-    found = [p for p in folder.glob("step-*") if NAME.fullmatch(p.name) and (p / "state.json").is_file()]
+def published_checkpoints(run_dir: Path) -> list[Path]:
+    """The step-N folders of a run, whole or not, oldest first (temporary folders of interrupted writes excluded)."""
+    found = [p for p in checkpoints_dir(run_dir).glob("step-*") if NAME.fullmatch(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run whose files have the sizes their manifest lists, oldest first."""
+    return [p for p in published_checkpoints(run_dir) if damage(p, hashes=False) is None]
+
+
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint ``resume`` names: 'latest' (None if the run has none yet) or a checkpoint folder."""
+    """The checkpoint ``resume`` names: 'latest' (the newest whole one; None if the run has none yet) or a
+    checkpoint folder, refused if damaged."""
     if resume == "latest":
-        found = complete_checkpoints(run_dir)
-        if not found:
-            log.warning("--resume latest: no complete checkpoint in %s; starting from step 0", checkpoints_dir(run_dir))
-            return None
-        return found[-1]
+        for path in reversed(published_checkpoints(run_dir)):
+            problem = damage(path, hashes=True)
+            if problem is None:
+                return path
+            log.warning("--resume latest: skipping damaged checkpoint %s (%s)", path, problem)
+        log.warning("--resume latest: no complete checkpoint in %s; starting from step 0", checkpoints_dir(run_dir))
+        return None
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise PixArtError(
             f"resume={resume!r}: not a checkpoint folder (no state.json); pass 'latest' or a step-N folder"
         )
+    problem = damage(path, hashes=True)
+    if problem is not None:
+        raise PixArtError(f"resume={resume!r}: damaged checkpoint ({problem}); pass 'latest' or another step-N folder")
     return path
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file's size and SHA-256 in ``folder/manifest.json``, so a damaged checkpoint can be told apart."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    entries = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=2) + "\n")
+
+
+def damage(folder: Path, hashes: bool) -> str | None:
+    """What is wrong with a checkpoint folder (a file missing, or of another size or SHA-256 than its manifest
+    says), or None if nothing is. ``hashes=False`` compares sizes only: hashing reads every byte."""
+    if not (folder / "state.json").is_file():
+        return "no state.json"
+    if not (folder / MANIFEST).is_file():
+        return None  # written before checkpoints carried a manifest: trusted, as it was then
+    try:
+        entries = json.loads((folder / MANIFEST).read_text())["files"]
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, _) in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+    if hashes:
+        for name, (_, digest) in expected.items():
+            if sha256(folder / name) != digest:
+                return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def out_of_space_is_one_line(what: str, folder: Path, run_dir: Path, tmp: Path | None = None):
+    """Turn a full disk (or quota, or file size limit) while writing ``what`` into ``folder`` into one PixArtError
+    line naming the newest intact checkpoint of ``run_dir``, after removing the temporary folder ``tmp`` (other
+    failures remove it too, and keep their traceback)."""
+    try:
+        yield
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        code = _errno(err)
+        if code not in OUT_OF_SPACE:
+            raise
+        free = shutil.disk_usage(folder).free
+        kept = complete_checkpoints(run_dir)  # the one being written is not there yet (or still the old one)
+        intact = f"the previous checkpoint {kept[-1].name} is intact" if kept else "there is no earlier checkpoint"
+        reason = OUT_OF_SPACE[code]
+        raise PixArtError(f"{reason} while writing {what} in {folder} ({_size(free)} free); {intact}") from None
+
+
+def _errno(err: BaseException) -> int | None:
+    """The OS error number behind ``err``, wherever the writer put it: torch.save raises a RuntimeError whose
+    context is the OSError of the file it wrote to; safetensors keeps only Rust's text "(os error N)"."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err.errno
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found:
+            return int(found.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _torch_save(obj, path: Path) -> None:
+    # Through a Python file, so that a full disk surfaces as its OSError (torch's own writer hides the errno).
+    with open(path, "wb") as file:
+        torch.save(obj, file)
 
 
 def _rng_state() -> dict:
