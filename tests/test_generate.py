@@ -318,8 +318,8 @@ def test_cli_matches_diffusers_and_reproduces_from_metadata(folders, tmp_path):
     assert (meta["guidance"], meta["width"], meta["height"], meta["binning"]) == ("4.5", "128", "64", "false")
     assert meta["model"] == str(folders["alpha"]) and "negative_prompt" not in meta
 
-    # Regenerate from nothing but the PNG's text chunks.
-    assert main(["generate", "--from-png", str(saved), "--out", str(out)]) == 0
+    # Regenerate from nothing but the PNG's text chunks, once the user accepts the weights it names.
+    assert main(["generate", "--from-png", str(saved), "--out", str(out), "--trust-metadata"]) == 0
     again = sorted(out.glob("*.png"))
     assert len(again) == 2
     assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(again[1])))
@@ -344,7 +344,7 @@ def test_image_reproduces_from_its_png_through_the_library_and_the_cli(folders, 
     assert np.array_equal(np.asarray(again), np.asarray(Image.open(png)))
 
     # The console command, as a user runs it, from nothing but the file.
-    result = run_cli("--from-png", str(png), "--out", str(tmp_path / "cli"))
+    result = run_cli("--from-png", str(png), "--out", str(tmp_path / "cli"), "--trust-metadata")
     assert result.returncode == 0, result.stderr
     assert np.array_equal(np.asarray(Image.open(result.stdout.strip())), np.asarray(Image.open(png)))
 
@@ -356,11 +356,41 @@ def test_from_png_flags_win_over_the_images_weights(folders, tmp_path, capsys):
     png = save_image(made[0], tmp_path)
     assert json.loads(Image.open(png).info["loras"]) == [[str(adapter), 1.0]]
     # --lora replaces the image's LoRAs (scale 0: none), --cache-steps and --steps add to what it says.
-    args = ["--from-png", str(png), "--lora", f"{adapter}:0", "--cache-steps", "2", "--steps", "3", "--out"]
+    args = ["--from-png", str(png), "--lora", f"{adapter}:0", "--cache-steps", "2", "--steps", "3", "--trust-metadata"]
+    args.append("--out")
     assert main(["generate", *args, str(tmp_path)]) == 0
     info = Image.open(capsys.readouterr().out.strip()).info
     assert (json.loads(info["loras"]), info["cache_steps"], info["steps"]) == ([[str(adapter), 0.0]], "2", "3")
     assert info["model"] == str(folders["sigma"]) and info["seed"] == "2"
+
+
+def test_from_png_does_not_load_the_weights_an_image_names_unless_told(folders, tmp_path, capsys):
+    # A PNG is data anyone can write: its model, transformer and LoRA fields would be read as they stand.
+    options = GenerationOptions(seed=2, steps=2, width=32, height=32, binning=False)
+    made = PixArtPipeline.from_pretrained(folders["sigma"], device="cpu")("a tree", options)[0]
+    made.info.update(transformer="/elsewhere/evil.pth", loras=json.dumps([["/elsewhere/style.safetensors", 0.5]]))
+    png = save_image(made, tmp_path / "in")
+    capsys.readouterr()  # the loading chatter so far
+    assert main(["generate", "--from-png", str(png), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"model {folders['sigma']}" in err and "transformer /elsewhere/evil.pth" in err, err
+    assert "loras /elsewhere/style.safetensors:0.5" in err and "--model/--transformer/--lora" in err, err
+    # Choosing the weights oneself is enough: the image's own names are not touched.
+    given = ["--model", str(folders["sigma"]), "--transformer", str(folders["sigma"]), "--lora", "x:0"]
+    assert main(["generate", "--from-png", str(png), *given[:4], "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "transformer" not in err and "loras /elsewhere/style.safetensors:0.5" in err and "--lora," in err, err
+
+
+def test_a_demo_image_reproduces_without_naming_weights(tmp_path, capsys):
+    options = GenerationOptions(seed=4, steps=2)
+    made = PixArtPipeline.from_pretrained(device="cpu")("a red circle", options)[0]
+    assert made.info["model"] == "" and made.info["transformer"] == ""  # no path of this machine's install
+    png = save_image(made, tmp_path / "in")
+    assert main(["generate", "--from-png", str(png), "--out", str(tmp_path / "out")]) == 0
+    again = Image.open(capsys.readouterr().out.strip())
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(png)))
 
 
 @pytest.mark.parametrize(

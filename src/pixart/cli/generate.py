@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--from-png", type=Path, metavar="PNG", help="reproduce the image whose PNG metadata is in this file"
     )
     p.add_argument(
+        "--trust-metadata",
+        action="store_true",
+        help="with --from-png: load the model, transformer and LoRAs the image names (refused by default, "
+        "as a PNG is data anyone can write)",
+    )
+    p.add_argument(
         "--negative-prompt",
         metavar="TEXT",
         help='what to steer away from (default: the model\'s null caption, T5 of "")',
@@ -181,7 +187,7 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
 def _inputs(args: argparse.Namespace):
     """Prompts, options and load settings from the command line, over an image's own with --from-png."""
     from pixart.checkpoints.lora import parse_lora_spec
-    from pixart.inference.options import GenerationOptions, LoadSettings, read_png_metadata
+    from pixart.inference.options import GenerationOptions, LoadSettings, check_recorded_weights, read_png_metadata
 
     given = {
         "negative_prompt": args.negative_prompt,
@@ -215,6 +221,7 @@ def _inputs(args: argparse.Namespace):
     if args.prompts or args.prompts_file:
         raise PixArtError("--from-png takes the prompt from the image; do not also give prompts")
     prompt, options, load = GenerationOptions.from_metadata(read_png_metadata(args.from_png))
+    check_recorded_weights(load, set(weights), trust=args.trust_metadata, source=str(args.from_png))
     # Flags given on the command line win over the image's settings.
     return [prompt], options.replace(**given), load.replace(**weights)
 

@@ -165,6 +165,28 @@ class LoadSettings:
         )
 
 
+def check_recorded_weights(recorded: LoadSettings, given: set[str], *, trust: bool, source: str) -> None:
+    """Refuse to load the weights an image's metadata names unless the user chose them or trusts the image.
+
+    A PNG is data anyone can write, and its model, transformer and LoRA fields are paths and hub ids that would be
+    read (or downloaded) as they stand. ``given`` names the fields the user set themselves (model, transformer,
+    loras); what the image names beyond those needs ``trust``. The refusal shows what would be loaded.
+    """
+    wanted = {
+        "model": recorded.model,
+        "transformer": recorded.transformer,
+        "loras": ", ".join(f"{path}:{scale:g}" for path, scale in recorded.loras),
+    }
+    named = {field: value for field, value in wanted.items() if value and field not in given}
+    if named and not trust:
+        flags = "/".join(f"--{'lora' if field == 'loras' else field}" for field in named)
+        listing = "; ".join(f"{field} {value}" for field, value in named.items())
+        raise PixArtError(
+            f"{source} names weights to load ({listing}); choose them yourself with {flags}, "
+            "or pass --trust-metadata to load what the image names"
+        )
+
+
 def _is_lora_entry(entry: object) -> bool:
     """Whether a parsed ``loras`` entry is [path, scale]."""
     if not isinstance(entry, list) or len(entry) != 2:

@@ -211,7 +211,8 @@ class PixArtPipeline:
         scheduler_file = root / "scheduler" / "scheduler_config.json"
         # Without one, diffusers' solver defaults are the PixArt schedule anyway (1000 linear betas 1e-4…0.02).
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-        names = {"model": str(model if model is not None else root), "transformer": str(transformer or "")}
+        # The bundled demo is recorded as no model: its path is this machine's install, not a choice to repeat.
+        names = {"model": "" if model is None else str(model), "transformer": str(transformer or "")}
         loaders = (load_text_encoder, load_model, load_vae)
         if not low_memory:
             loaders = tuple(load() for load in loaders)

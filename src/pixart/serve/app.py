@@ -265,6 +265,8 @@ class ImageService:
     def model_name(self) -> str:
         """The model as clients may see it: a hub id, or a local folder's own name, never a path of this machine."""
         name = self.pipe.names.get("model", "")
+        if not name:
+            return "the bundled demo"
         return Path(name).name if Path(name).exists() or Path(name).is_absolute() else name
 
 
