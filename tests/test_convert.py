@@ -14,19 +14,16 @@ import torch
 from safetensors.torch import save_file
 
 from pixart import PixArtConfig, PixArtError, PixArtTransformer, preset
-from pixart.checkpoints.convert import (
+from pixart.checkpoints.convert import convert_checkpoint, load_transformer, placeholder_y_embedding
+from pixart.checkpoints.diffusers import (
     config_from_diffusers,
-    config_from_state_dict,
-    convert_checkpoint,
     diffusers_config,
     from_diffusers_state_dict,
-    load_transformer,
-    placeholder_y_embedding,
     save_diffusers,
-    save_official,
-    save_pixart,
     to_diffusers_state_dict,
 )
+from pixart.checkpoints.official import config_from_state_dict, save_official
+from pixart.checkpoints.ours import save_pixart
 from pixart.cli import main as cli_main
 from test_files import umask
 from tiny import save_pipeline, tiny_vae
@@ -144,7 +141,7 @@ def test_training_checkpoint_with_optimizer_loads(tmp_path):
 def test_bare_state_dict_and_hints_for_what_a_pth_cannot_tell(tmp_path, caplog):
     model = perturbed(ALPHA_1024_MS.replace(micro_conditions=False))
     torch.save(model.state_dict(), tmp_path / "finetune.pth")
-    with caplog.at_level("INFO", logger="pixart.checkpoints.convert"):
+    with caplog.at_level("INFO", logger="pixart.checkpoints"):
         guessed = load_transformer(tmp_path / "finetune.pth")
     assert (guessed.config.sample_size, guessed.config.pe_scale) == (128, 2.0)
     assert "assuming 1024 px" in caplog.text
@@ -174,7 +171,7 @@ def test_image_size_is_read_from_the_official_pos_embed_before_the_name(tmp_path
     # A fine-tune saved under any name still carries its training grid in pos_embed.
     model = perturbed(ALPHA_1024_MS.replace(sample_size=64, pe_scale=1.0))  # the 512 px layout
     save_official(model, tmp_path / "PixArt-XL-2-1024-MS-finetune.pth")
-    with caplog.at_level("INFO", logger="pixart.checkpoints.convert"):
+    with caplog.at_level("INFO", logger="pixart.checkpoints"):
         loaded = load_transformer(tmp_path / "PixArt-XL-2-1024-MS-finetune.pth")
     assert (loaded.config.sample_size, loaded.config.pe_scale) == (64, 1.0)
     assert "a 512 px model (its pos_embed grid)" in caplog.text

@@ -6,8 +6,8 @@ import diffusers
 import pytest
 import torch
 
-from pixart.checkpoints.convert import config_from_state_dict, save_official
 from pixart.checkpoints.export import PIPELINE_CLASSES
+from pixart.checkpoints.official import config_from_state_dict, save_official
 from pixart.model.config import FAMILIES, FAMILY, PRESETS, family_of_pipeline
 from pixart.model.text import DEFAULT_MAX_TOKENS
 from pixart.model.transformer import PixArtTransformer

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pixart.checkpoints.convert import diffusers_key_map
+from pixart.checkpoints.diffusers import diffusers_key_map
 from pixart.errors import PixArtError
 from pixart.files import plain_modes
 from pixart.model.config import PixArtConfig

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.checkpoints.convert import FORMATS, IMAGE_SIZES, convert_checkpoint
+from pixart.checkpoints.convert import FORMATS, convert_checkpoint
+from pixart.checkpoints.official import IMAGE_SIZES
 from pixart.model.config import FAMILIES
 
 EXAMPLES = """\

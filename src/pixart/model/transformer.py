@@ -1,7 +1,7 @@
 """The PixArt-α / PixArt-Σ diffusion transformer (one file, official parameter names).
 
 Parameter names follow the official code (``x_embedder``, ``t_embedder``, ``t_block``, ``y_embedder``,
-``blocks.i.attn.qkv`` …) so an official checkpoint loads with no renaming; :mod:`pixart.checkpoints.convert`
+``blocks.i.attn.qkv`` …) so an official checkpoint loads with no renaming; :mod:`pixart.checkpoints.diffusers`
 maps them to and from diffusers. The model only predicts: it knows nothing of noise schedules.
 """
 
