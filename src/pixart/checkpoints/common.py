@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -31,6 +32,18 @@ def reconcile(config: PixArtConfig | None, stated: PixArtConfig, fields: tuple[s
                 f"{what} has {name}={getattr(stated, name)!r} but the given config has {getattr(config, name)!r}"
             )
     return config
+
+
+def check_hints(stated: PixArtConfig, hints: dict[str, Any], what: str) -> None:
+    """Refuse load hints that contradict a checkpoint which states its config (ours, diffusers)."""
+    if hints.get("kv_compress") is not None:
+        raise PixArtError(f"{what} states its KV compression; kv_compress (--kv-compress) is for official checkpoints")
+    if hints.get("image_size") is not None and hints["image_size"] != stated.sample_size * 8:
+        raise PixArtError(f"{what} is a {stated.sample_size * 8} px model, not {hints['image_size']} px")
+    for name in ("family", "num_heads", "pe_scale"):
+        value = hints.get(name)
+        if value is not None and value != getattr(stated, name):
+            raise PixArtError(f"{what} is a {name}={getattr(stated, name)!r} model, not {name}={value!r}")
 
 
 def file_size(path: Path) -> str:

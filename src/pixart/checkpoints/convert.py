@@ -10,6 +10,7 @@ shape repeated: the config is read from the checkpoint, and the keyword argument
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from pixart.checkpoints.diffusers import (
     save_diffusers,
 )
 from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
-from pixart.checkpoints.official import IMAGE_SIZES, read_official, save_official
+from pixart.checkpoints.official import read_official, save_official
 from pixart.checkpoints.ours import read_pixart, save_pixart
 from pixart.errors import PixArtError
 from pixart.model.config import FAMILIES, PixArtConfig
@@ -56,6 +57,9 @@ def load_transformer(
     image_size: int | None = None,
     family: str | None = None,
     num_heads: int | None = None,
+    pe_scale: float | None = None,
+    kv_compress: str | None = None,
+    ema: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> PixArtTransformer:
@@ -64,19 +68,31 @@ def load_transformer(
     source: an official ``.pth``, our ``.safetensors``, a diffusers transformer folder, a diffusers
     pipeline folder (its ``transformer/``), a hub id such as ``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS``
     or a checkpoint file in a hub repo (``PixArt-alpha/PixArt-Sigma/PixArt-Sigma-XL-2-2K-MS.pth``).
-    image_size (256/512/1024/2048), family ('alpha'/'sigma') and num_heads supply what an official
-    .pth cannot tell; an explicit ``config`` must agree with the file. dtype defaults to float32.
+    What an official .pth cannot tell, and what it tells that you may override: image_size (px, a
+    multiple of 16; default its ``pos_embed`` grid), family ('alpha'/'sigma'), num_heads (needed unless
+    the width is a released one), pe_scale (default: read from its ``pos_embed``), kv_compress
+    (``SAMPLING:FACTOR[:LAYERS]`` for Σ's weightless 'uniform'/'ave' KV compression, e.g. ``uniform:2``)
+    and ema (load a training checkpoint's ``state_dict_ema``). Files that state their config refuse hints
+    that contradict it; an explicit ``config`` must agree with the file. dtype defaults to float32.
     Returns the model in eval mode.
     """
-    if image_size is not None and image_size not in IMAGE_SIZES:
-        raise PixArtError(f"image size {image_size!r} is not one of {', '.join(map(str, IMAGE_SIZES))}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 16 or image_size % 16):
+        raise PixArtError(f"image size {image_size!r} is not a positive multiple of 16 (px)")
     if family is not None and family not in FAMILIES:
         raise PixArtError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
     if num_heads is not None and (not isinstance(num_heads, int) or num_heads < 1):
         raise PixArtError(f"num_heads {num_heads!r} is not a positive integer")
-    if config is not None and any(v is not None for v in (image_size, family, num_heads)):
-        raise PixArtError("pass either config or image_size/family/num_heads, not both")
-    hints = {"image_size": image_size, "family": family, "num_heads": num_heads}
+    if pe_scale is not None and not (isinstance(pe_scale, (int, float)) and 0 < pe_scale < math.inf):
+        raise PixArtError(f"pe_scale {pe_scale!r} is not a positive number")
+    hints = {
+        "image_size": image_size,
+        "family": family,
+        "num_heads": num_heads,
+        "pe_scale": None if pe_scale is None else float(pe_scale),
+        "kv_compress": kv_compress,
+    }
+    if config is not None and any(v is not None for v in hints.values()):
+        raise PixArtError(f"pass either config or {'/'.join(hints)}, not both")
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -93,7 +109,9 @@ def load_transformer(
             )
         state_dict, config = read_diffusers(path, config, **hints)
     elif path.suffix in (".pth", ".pt"):
-        state_dict, config = read_official(path, config, **hints)
+        state_dict, config = read_official(path, config, ema=ema, **hints)
+    elif ema:
+        raise PixArtError(f"ema (--ema) picks the EMA weights of an official training checkpoint (.pth), not {path}")
     elif path.suffix == ".safetensors":
         if path.name == DIFFUSERS_WEIGHTS and (path.parent / "config.json").is_file():
             state_dict, config = read_diffusers(path.parent, config, **hints)

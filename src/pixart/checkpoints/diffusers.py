@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from pixart.checkpoints.common import (
     POS_EMBED_KEYS,
     Y_EMBEDDING,
+    check_hints,
     cpu_state_dict,
     load_safetensors,
     reconcile,
@@ -327,10 +328,7 @@ def read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> t
         )
     except PixArtError as err:
         raise PixArtError(f"{folder}: {err}") from None
-    if hints["image_size"] is not None and hints["image_size"] != stated.sample_size * 8:
-        raise PixArtError(f"{folder} is a {stated.sample_size * 8} px model, not {hints['image_size']} px")
-    if hints["num_heads"] is not None and hints["num_heads"] != stated.num_heads:
-        raise PixArtError(f"{folder} has {stated.num_heads} heads, not {hints['num_heads']}")
+    check_hints(stated, hints, str(folder))
     fields = (
         ("sample_size", "pe_scale", "patch_size", "in_channels", "learn_sigma", "hidden_size", "depth")
         + ("num_heads", "caption_channels", "micro_conditions")

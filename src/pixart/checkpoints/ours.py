@@ -11,6 +11,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from pixart.checkpoints.common import (
+    check_hints,
     cpu_state_dict,
     file_size,
     load_safetensors,
@@ -42,11 +43,7 @@ def read_pixart(path: Path, config: PixArtConfig | None, **hints: Any) -> tuple[
         stated = PixArtConfig.from_dict(json.loads(metadata["config"]))
     except (KeyError, ValueError, TypeError):
         raise PixArtError(f"{path} has a broken config in its metadata") from None
-    for name, value in (("family", hints["family"]), ("num_heads", hints["num_heads"])):
-        if value is not None and value != getattr(stated, name):
-            raise PixArtError(f"{path} is a {name}={getattr(stated, name)!r} model, not {name}={value!r}")
-    if hints["image_size"] is not None and hints["image_size"] != stated.sample_size * 8:
-        raise PixArtError(f"{path} is a {stated.sample_size * 8} px model, not {hints['image_size']} px")
+    check_hints(stated, hints, str(path))
     return state_dict, reconcile(config, stated, tuple(stated.to_dict()), str(path))
 
 

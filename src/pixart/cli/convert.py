@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from pixart.checkpoints.convert import FORMATS, convert_checkpoint
-from pixart.checkpoints.official import IMAGE_SIZES
 from pixart.model.config import FAMILIES
 
 EXAMPLES = """\
@@ -48,14 +47,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--image-size",
         type=int,
-        choices=IMAGE_SIZES,
-        help="training resolution of an official .pth (sets the position-embedding scale); "
-        "default: a size in the file name, else 1024",
+        metavar="PX",
+        help="training resolution of an official .pth, any multiple of 16; default: its pos_embed grid, "
+        "else a size in the file name, else 1024",
     )
     parser.add_argument(
         "--family", choices=FAMILIES, help="alpha or sigma, for a .pth; default: from its null-caption length"
     )
-    parser.add_argument("--num-heads", type=int, help="attention heads, for a .pth; default: width / 72")
+    parser.add_argument(
+        "--num-heads", type=int, help="attention heads, for a .pth (not recorded there); default: 16 at width 1152"
+    )
+    parser.add_argument(
+        "--pe-scale",
+        type=float,
+        metavar="S",
+        help="position-embedding scale, for a .pth; default: read from its pos_embed, else the family's for the size",
+    )
+    parser.add_argument(
+        "--kv-compress",
+        metavar="SAMPLING:FACTOR[:LAYERS]",
+        help="Σ KV compression a .pth cannot show ('uniform'/'ave' have no weights), e.g. uniform:2 or ave:2:14-27",
+    )
+    parser.add_argument("--ema", action="store_true", help="load a training .pth's EMA weights (state_dict_ema)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it already exists")
     parser.set_defaults(func=run)
 
@@ -69,5 +82,8 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         family=args.family,
         num_heads=args.num_heads,
+        pe_scale=args.pe_scale,
+        kv_compress=args.kv_compress,
+        ema=args.ema,
     )
     return 0
