@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from pixart.cli.convert import add_official_flags, official_flags
 from pixart.errors import PixArtError
 from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
 
@@ -59,16 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="other transformer weights: official .pth, pixart .safetensors or a folder",
     )
-    m.add_argument("--num-heads", type=int, metavar="N", help="attention heads of an official .pth of unreleased width")
-    m.add_argument(
-        "--pe-scale", type=float, metavar="S", help="position-embedding scale (default: read from the checkpoint)"
-    )
-    m.add_argument(
-        "--kv-compress",
-        metavar="SAMPLING:FACTOR[:LAYERS]",
-        help="Σ KV compression an official .pth cannot show ('uniform'/'ave' have no weights), e.g. uniform:2",
-    )
-    m.add_argument("--ema", action="store_true", help="the EMA weights of an official training checkpoint")
+    add_official_flags(m)
     m.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
     m.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the best available)")
     m.add_argument(
@@ -213,11 +205,7 @@ def _inputs(args: argparse.Namespace):
         "transformer": args.transformer,
         "loras": tuple(parse_lora_spec(spec) for spec in args.lora),
         "cache_steps": args.cache_steps,
-        "transformer_options": tuple(
-            (name, getattr(args, name))
-            for name in ("ema", "kv_compress", "num_heads", "pe_scale")
-            if getattr(args, name) not in (None, False)
-        ),
+        "transformer_options": tuple(sorted(official_flags(args).items())),
     }
     weights = {k: v for k, v in weights.items() if v}  # None, no --lora, --cache-steps 0: not given
     if args.from_png is None:
