@@ -251,5 +251,9 @@ def test_ema_weights_are_mentioned_and_loaded_on_request(tmp_path, caplog):
     assert torch.equal(model.t_block[1].weight, raw["t_block.1.weight"])  # state_dict, as the official scripts
     model = load_transformer(path, num_heads=4, ema=True)
     assert torch.equal(model.t_block[1].weight, ema["t_block.1.weight"])
+    out = convert_checkpoint(path, tmp_path / "ema-out.pth", "official", num_heads=4, ema=True)
+    written = torch.load(out, weights_only=True)["state_dict"]
+    assert sorted(written) == sorted(ema)
+    assert [k for k in ema if not torch.equal(ema[k], written[k])] == []  # the EMA weights, pos_embed too
     with pytest.raises(PixArtError, match="has no EMA weights"):
         load_transformer(tmp_path / "ema.pth", num_heads=4, ema=True)
