@@ -1,7 +1,7 @@
 """Training throughput (samples/s) of pixart's trainer step against a plain diffusers training loop.
 
 1. ours vs diffusers: the same mid-size transformer (width 384, depth 8, 6 heads, T5-XXL-wide captions),
-   identical weights (pixart.checkpoints.convert.to_diffusers_state_dict), batch 4 of 32×32 latents, fp32, AdamW,
+   identical weights (pixart.checkpoints.diffusers.to_diffusers_state_dict), batch 4 of 32×32 latents, fp32, AdamW,
    gradient clipping. Ours is the trainer's own step (pixart.train.objective.DiffusionObjective: per-sample
    seeded noise, caption dropout, hybrid ε-MSE + VLB loss); diffusers' is the loop of its training examples
    (DDPMScheduler.add_noise, ε-MSE). Steps of the two alternate so machine load hits both alike.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from pixart.checkpoints.convert import diffusers_config, to_diffusers_state_dict
+from pixart.checkpoints.diffusers import diffusers_config, to_diffusers_state_dict
 from pixart.model.config import PixArtConfig
 from pixart.model.text import TextEncoder
 from pixart.model.transformer import PixArtTransformer

@@ -24,7 +24,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from pixart import PixArtTransformer, preset
-from pixart.checkpoints.convert import diffusers_config, to_diffusers_state_dict
+from pixart.checkpoints.diffusers import diffusers_config, to_diffusers_state_dict
 from pixart.model.config import sigma_kv_compress
 from pixart.model.transformer import PixArtBlock
 

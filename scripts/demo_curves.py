@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pixart.checkpoints.convert import save_pixart
+from pixart.checkpoints.ours import save_pixart
 from pixart.demo import components
 from pixart.demo.eval import TARGETS, evaluate
 from pixart.files import atomic_write

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from pixart.checkpoints.convert import load_transformer, save_pixart
+from pixart.checkpoints.convert import load_transformer
 from pixart.checkpoints.export import export_pipeline
+from pixart.checkpoints.ours import save_pixart
 from pixart.demo import checker, components
 from pixart.demo.shapes import Scene, write_dataset
 from pixart.model.transformer import PixArtTransformer

@@ -14,19 +14,16 @@ import torch
 from safetensors.torch import save_file
 
 from pixart import PixArtConfig, PixArtError, PixArtTransformer, preset
-from pixart.checkpoints.convert import (
+from pixart.checkpoints.convert import convert_checkpoint, load_transformer, placeholder_y_embedding
+from pixart.checkpoints.diffusers import (
     config_from_diffusers,
-    config_from_state_dict,
-    convert_checkpoint,
     diffusers_config,
     from_diffusers_state_dict,
-    load_transformer,
-    placeholder_y_embedding,
     save_diffusers,
-    save_official,
-    save_pixart,
     to_diffusers_state_dict,
 )
+from pixart.checkpoints.official import config_from_state_dict, save_official
+from pixart.checkpoints.ours import save_pixart
 from pixart.cli import main as cli_main
 from test_files import umask
 from tiny import save_pipeline, tiny_vae
@@ -137,15 +134,15 @@ def test_training_checkpoint_with_optimizer_loads(tmp_path):
     optimizer.step()
     checkpoint = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 4, "step": 1000}
     torch.save(checkpoint, tmp_path / "epoch_4_step_1000.pth")
-    loaded = load_transformer(tmp_path / "epoch_4_step_1000.pth", image_size=1024)
+    loaded = load_transformer(tmp_path / "epoch_4_step_1000.pth", image_size=1024, num_heads=2)
     assert_same_tensors(model, loaded)
 
 
 def test_bare_state_dict_and_hints_for_what_a_pth_cannot_tell(tmp_path, caplog):
     model = perturbed(ALPHA_1024_MS.replace(micro_conditions=False))
     torch.save(model.state_dict(), tmp_path / "finetune.pth")
-    with caplog.at_level("INFO", logger="pixart.checkpoints.convert"):
-        guessed = load_transformer(tmp_path / "finetune.pth")
+    with caplog.at_level("INFO", logger="pixart.checkpoints"):
+        guessed = load_transformer(tmp_path / "finetune.pth", num_heads=2)
     assert (guessed.config.sample_size, guessed.config.pe_scale) == (128, 2.0)
     assert "assuming 1024 px" in caplog.text
     told = load_transformer(tmp_path / "finetune.pth", image_size=256, family="sigma", num_heads=4)
@@ -156,7 +153,8 @@ def test_bare_state_dict_and_hints_for_what_a_pth_cannot_tell(tmp_path, caplog):
         4,
     )
     assert told.config.model_max_length == 120  # the null caption's rows, not Σ's default
-    assert load_transformer(tmp_path / "finetune.pth", image_size=256).config.pe_scale == 1.0  # α at 256 px
+    at_256 = load_transformer(tmp_path / "finetune.pth", image_size=256, num_heads=2)
+    assert at_256.config.pe_scale == 1.0  # α at 256 px, from the table: a bare state dict has no pos_embed
     assert_same_tensors(model, told)
 
 
@@ -166,7 +164,7 @@ def test_bare_state_dict_and_hints_for_what_a_pth_cannot_tell(tmp_path, caplog):
 )
 def test_image_size_is_read_from_the_file_name(tmp_path, name, sample_size, pe_scale):
     torch.save({"state_dict": perturbed(ALPHA_1024_MS).state_dict()}, tmp_path / name)
-    config = load_transformer(tmp_path / name).config
+    config = load_transformer(tmp_path / name, num_heads=2).config
     assert (config.sample_size, config.pe_scale) == (sample_size, pe_scale)
 
 
@@ -174,7 +172,7 @@ def test_image_size_is_read_from_the_official_pos_embed_before_the_name(tmp_path
     # A fine-tune saved under any name still carries its training grid in pos_embed.
     model = perturbed(ALPHA_1024_MS.replace(sample_size=64, pe_scale=1.0))  # the 512 px layout
     save_official(model, tmp_path / "PixArt-XL-2-1024-MS-finetune.pth")
-    with caplog.at_level("INFO", logger="pixart.checkpoints.convert"):
+    with caplog.at_level("INFO", logger="pixart.checkpoints"):
         loaded = load_transformer(tmp_path / "PixArt-XL-2-1024-MS-finetune.pth")
     assert (loaded.config.sample_size, loaded.config.pe_scale) == (64, 1.0)
     assert "a 512 px model (its pos_embed grid)" in caplog.text
@@ -211,7 +209,7 @@ def test_kv_compressed_sigma_config_is_inferred_from_the_official_keys(tmp_path)
     assert state_dict["blocks.1.attn.sr.weight"].shape == (144, 1, 2, 2)
     torch.save({"state_dict": state_dict}, tmp_path / "PixArt-Sigma-XL-2-2K-MS.pth")
 
-    loaded = load_transformer(tmp_path / "PixArt-Sigma-XL-2-2K-MS.pth")
+    loaded = load_transformer(tmp_path / "PixArt-Sigma-XL-2-2K-MS.pth", num_heads=2)
     assert loaded.config == SIGMA_2K_KV
     assert_same_tensors(original, loaded)
     assert torch.equal(predict(original), predict(loaded))

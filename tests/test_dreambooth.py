@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pixart.checkpoints.convert import load_transformer, save_pixart
+from pixart.checkpoints.convert import load_transformer
+from pixart.checkpoints.ours import save_pixart
 from pixart.cli import main as cli_main
 from pixart.errors import PixArtError
 from pixart.inference.options import GenerationOptions

@@ -14,9 +14,10 @@ import pytest
 import torch
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 
-from pixart.checkpoints.convert import load_transformer, save_pixart
+from pixart.checkpoints.convert import load_transformer
 from pixart.checkpoints.export import export_pipeline
 from pixart.checkpoints.lora import add_lora, load_lora, lora_layers, save_lora
+from pixart.checkpoints.ours import save_pixart
 from pixart.cli import main
 from pixart.errors import PixArtError
 from test_files import assert_plain_modes

@@ -6,8 +6,8 @@ import diffusers
 import pytest
 import torch
 
-from pixart.checkpoints.convert import config_from_state_dict, save_official
 from pixart.checkpoints.export import PIPELINE_CLASSES
+from pixart.checkpoints.official import config_from_state_dict, save_official
 from pixart.model.config import FAMILIES, FAMILY, PRESETS, family_of_pipeline
 from pixart.model.text import DEFAULT_MAX_TOKENS
 from pixart.model.transformer import PixArtTransformer
@@ -51,7 +51,7 @@ def test_official_checkpoint_family_is_guessed_from_its_null_caption_length(tmp_
     )
     save_official(PixArtTransformer(config), tmp_path / "model.pth")
     state_dict = torch.load(tmp_path / "model.pth", weights_only=True)["state_dict"]
-    inferred = config_from_state_dict(state_dict, image_size=512)
+    inferred = config_from_state_dict(state_dict, image_size=512, num_heads=1)
     assert (inferred.family, inferred.model_max_length, inferred.pe_scale) == (
         family,
         FAMILY[family].max_tokens,

@@ -473,3 +473,26 @@ def test_prompts_file_feeds_several_prompts(folders, tmp_path, capsys):
     saved = [Path(line) for line in capsys.readouterr().out.split()]
     assert [Image.open(p).info["prompt"] for p in saved] == ["a red car", "a green tree"]
     assert [Image.open(p).info["seed"] for p in saved] == ["3", "4"]
+
+
+def test_official_checkpoint_flags_reach_the_loader_and_the_png(folders, tmp_path, capsys):
+    """--num-heads for an official .pth of unreleased width: refused without it, the folder's image with it."""
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.checkpoints.official import to_official_state_dict
+
+    state_dict = {k: v.contiguous() for k, v in to_official_state_dict(load_transformer(folders["sigma"])).items()}
+    torch.save({"state_dict": state_dict}, tmp_path / "official.pth")  # no pixart_config: heads unknown
+    args = ["a red car", "--model", str(folders["sigma"]), "--seed", "3", "--steps", "2", "--width", "32"]
+    args += ["--height", "32", "--no-binning"]
+    assert main(["generate", *args, "--transformer", str(tmp_path / "official.pth"), "--out", str(tmp_path)]) == 2
+    assert "pass num_heads (--num-heads)" in capsys.readouterr().err
+
+    flags = ["--transformer", str(tmp_path / "official.pth"), "--num-heads", "2", "--pe-scale", "2"]
+    assert main(["generate", *args, *flags, "--out", str(tmp_path / "official")]) == 0
+    assert main(["generate", *args, "--out", str(tmp_path / "folder")]) == 0
+    (made,), (reference,) = (tmp_path / "official").glob("*.png"), (tmp_path / "folder").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(reference)))
+    assert json.loads(Image.open(made).info["transformer_options"]) == {"num_heads": 2, "pe_scale": 2.0}
+    assert main(["generate", "--from-png", str(made), "--out", str(tmp_path / "again")]) == 0
+    (again,) = (tmp_path / "again").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))

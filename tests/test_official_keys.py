@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pixart import PixArtConfig, PixArtTransformer, preset
-from pixart.checkpoints.convert import config_from_state_dict, load_transformer, to_official_state_dict
+from pixart.checkpoints.convert import load_transformer
+from pixart.checkpoints.official import config_from_state_dict, to_official_state_dict
 from pixart.model.config import sigma_kv_compress
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from pixart import PixArtTransformer, preset
-from pixart.checkpoints.convert import load_transformer, save_diffusers
+from pixart.checkpoints.convert import load_transformer
+from pixart.checkpoints.diffusers import save_diffusers
 from tiny import save_pipeline
 
 TOLERANCE = 1e-5

@@ -252,7 +252,7 @@ def test_killed_lcm_run_resumes_bit_identically(setup, tmp_path, capsys, adapter
 def test_lora_from_images_with_came_trains_only_adapters(setup, tmp_path):
     root, pipe, images, _ = setup
     source = tmp_path / "base.safetensors"
-    from pixart.checkpoints.convert import save_pixart
+    from pixart.checkpoints.ours import save_pixart
 
     torch.manual_seed(1)
     base_model = PixArtTransformer(preset("debug-alpha"))

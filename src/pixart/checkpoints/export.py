@@ -1,7 +1,7 @@
 """Ship a trained transformer: a diffusers pipeline folder that diffusers' PixArt pipelines load unchanged.
 
 The folder takes the tokenizer, text encoder, VAE and scheduler of a base pipeline (a local folder or
-a hub id) and our transformer, written by :func:`pixart.checkpoints.convert.save_diffusers`. It is built in a
+a hub id) and our transformer, written by :func:`pixart.checkpoints.diffusers.save_diffusers`. It is built in a
 temporary folder next to the output and renamed into place, so an interrupted export leaves nothing
 half-written and an existing folder is only replaced when asked to.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pixart.checkpoints.convert import check_diffusers_compatible, load_transformer, save_diffusers
+from pixart.checkpoints.convert import load_transformer
+from pixart.checkpoints.diffusers import check_diffusers_compatible, save_diffusers
 from pixart.checkpoints.hub import resolve_pipeline
 from pixart.checkpoints.lora import load_lora, lora_layers, merge_lora
 from pixart.errors import PixArtError

@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from pixart.checkpoints.convert import diffusers_key_map
+from pixart.checkpoints.diffusers import diffusers_key_map
 from pixart.checkpoints.lora_formats import PEFT_PREFIX, pattern_value, peft_config, read_lora, write_peft_folder
 from pixart.errors import PixArtError
 from pixart.model.config import PixArtConfig

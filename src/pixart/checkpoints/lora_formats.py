@@ -38,7 +38,7 @@ from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pixart.checkpoints.convert import diffusers_key_map
+from pixart.checkpoints.diffusers import diffusers_key_map
 from pixart.errors import PixArtError
 from pixart.files import atomic_write, plain_modes
 from pixart.model.config import PixArtConfig

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from pixart.checkpoints.convert import FORMATS, IMAGE_SIZES, convert_checkpoint
+from pixart.checkpoints.convert import FORMATS, convert_checkpoint
 from pixart.model.config import FAMILIES
 
 EXAMPLES = """\
@@ -47,14 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--image-size",
         type=int,
-        choices=IMAGE_SIZES,
-        help="training resolution of an official .pth (sets the position-embedding scale); "
-        "default: a size in the file name, else 1024",
+        metavar="PX",
+        help="training resolution of an official .pth, any multiple of 16; default: its pos_embed grid, "
+        "else a size in the file name, else 1024",
     )
     parser.add_argument(
         "--family", choices=FAMILIES, help="alpha or sigma, for a .pth; default: from its null-caption length"
     )
-    parser.add_argument("--num-heads", type=int, help="attention heads, for a .pth; default: width / 72")
+    add_official_flags(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it already exists")
     parser.set_defaults(func=run)
 
@@ -67,6 +68,32 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         image_size=args.image_size,
         family=args.family,
-        num_heads=args.num_heads,
+        **official_flags(args),
     )
     return 0
+
+
+def add_official_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The flags for what an official .pth cannot tell (load_transformer's keywords); `generate` has them too."""
+    parser.add_argument(
+        "--num-heads", type=int, metavar="N", help="attention heads of an official .pth (not recorded there); "
+        "default: 16 at the released width 1152, else required"
+    )  # fmt: skip
+    parser.add_argument(
+        "--pe-scale",
+        type=float,
+        metavar="S",
+        help="position-embedding scale; default: read from an official .pth's pos_embed, else the family's",
+    )
+    parser.add_argument(
+        "--kv-compress",
+        metavar="SAMPLING:FACTOR[:LAYERS]",
+        help="Σ KV compression a .pth cannot show ('uniform'/'ave' have no weights), e.g. uniform:2 or ave:2:14-27",
+    )
+    parser.add_argument("--ema", action="store_true", help="load a training .pth's EMA weights (state_dict_ema)")
+
+
+def official_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The load_transformer keywords the flags of :func:`add_official_flags` gave (left out when not given)."""
+    given = {name: getattr(args, name) for name in ("ema", "kv_compress", "num_heads", "pe_scale")}
+    return {name: value for name, value in given.items() if value not in (None, False)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.checkpoints.convert import IMAGE_SIZES
+from pixart.checkpoints.official import IMAGE_SIZES
 from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
 
 DIFFUSERS_EXAMPLES = """\

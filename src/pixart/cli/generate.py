@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from pixart.cli.convert import add_official_flags, official_flags
 from pixart.errors import PixArtError
 from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
 
@@ -65,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="other transformer weights: official .pth, pixart .safetensors or a folder",
     )
+    add_official_flags(m)
     m.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
     m.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the best available)")
     m.add_argument(
@@ -166,6 +168,7 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
     torch_only = {
         "--transformer": load.transformer,
         "--lora": load.loras,
+        "--num-heads/--pe-scale/--kv-compress/--ema": load.transformer_options,
         "--compile": args.compile,
         "--cache-steps": load.cache_steps > 1,
         "--low-memory": args.low_memory,
@@ -209,6 +212,7 @@ def _inputs(args: argparse.Namespace):
         "transformer": args.transformer,
         "loras": tuple(parse_lora_spec(spec) for spec in args.lora),
         "cache_steps": args.cache_steps,
+        "transformer_options": tuple(sorted(official_flags(args).items())),
     }
     weights = {k: v for k, v in weights.items() if v}  # None, no --lora, --cache-steps 0: not given
     if args.from_png is None:

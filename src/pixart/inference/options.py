@@ -15,6 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -113,6 +114,10 @@ class GenerationOptions:
         return info["prompt"], options, LoadSettings.from_metadata(info)
 
 
+TRANSFORMER_OPTIONS = ("num_heads", "pe_scale", "kv_compress", "ema")
+"""The load_transformer keywords a LoadSettings may carry."""
+
+
 @dataclass(frozen=True)
 class LoadSettings:
     """Which weights make an image: what its PNG records and :meth:`PixArtPipeline.from_pretrained` loads.
@@ -128,6 +133,9 @@ class LoadSettings:
     """LoRAs merged into the transformer, as (path, scale), in order."""
     cache_steps: int = 0
     """Step caching (:mod:`pixart.sampling.step_cache`): it approximates the deep blocks, so it changes the image."""
+    transformer_options: tuple[tuple[str, Any], ...] = ()
+    """load_transformer keywords for what an official checkpoint cannot tell (num_heads, pe_scale, kv_compress,
+    ema), as sorted (name, value) pairs."""
 
     def replace(self, **changes) -> LoadSettings:
         return dataclasses.replace(self, **changes)
@@ -139,6 +147,8 @@ class LoadSettings:
             fields["loras"] = json.dumps([[str(path), float(scale)] for path, scale in self.loras])
         if self.cache_steps > 1:
             fields["cache_steps"] = str(self.cache_steps)
+        if self.transformer_options:
+            fields["transformer_options"] = json.dumps(dict(self.transformer_options))
         return fields
 
     @staticmethod
@@ -157,11 +167,21 @@ class LoadSettings:
         except ValueError:
             bad = info["cache_steps"]
             raise PixArtError(f"the image's cache_steps metadata {bad!r} is not a whole number") from None
+        try:
+            options = json.loads(info.get("transformer_options", "{}"))
+            if not isinstance(options, dict) or not set(options) <= set(TRANSFORMER_OPTIONS):
+                raise ValueError
+        except ValueError:
+            raise PixArtError(
+                f"the image's transformer_options metadata {info['transformer_options']!r} is malformed; expected "
+                f"a JSON object of {', '.join(TRANSFORMER_OPTIONS)}"
+            ) from None
         return LoadSettings(
             model=info.get("model") or None,
             transformer=info.get("transformer") or None,
             loras=tuple((path, float(scale)) for path, scale in loras),
             cache_steps=cache_steps,
+            transformer_options=tuple(sorted(options.items())),
         )
 
 

@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -109,17 +110,20 @@ class PixArtPipeline:
         compiled: bool = False,
         cache_steps: int = 0,
         loras: tuple[tuple[str, float], ...] = (),
+        transformer_options: tuple[tuple[str, Any], ...] = (),
     ):
         """Components are either loaded objects or zero-argument loaders. low_memory: load each part
         when its stage starts and release it when the stage ends; offload: keep parts on the CPU and
         move each to the device only for its stage. compiled: the transformer went through
         torch.compile (its first step is timed as compile time); cache_steps: see :mod:`pixart.sampling.step_cache`;
-        loras: the (path, scale) merged into the transformer, for the metadata."""
+        loras: the (path, scale) merged into the transformer, and transformer_options: the load_transformer
+        keywords it was loaded with, both for the metadata."""
         self.device, self.dtype, self.low_memory, self._offload = device, dtype, low_memory, offload
         self.compiled, self.cache_steps = compiled, cache_steps
         self.scheduler_config = dict(scheduler_config)
         self.names = dict(names or {})
         self.loras = tuple(loras)
+        self.transformer_options = tuple(transformer_options)
         self._loaders = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
         self._loaded: dict[str, object] = {k: v for k, v in self._loaders.items() if not callable(v) or _is_module(v)}
         # Each stage frees its part on exit in low-memory mode, so no reference may outlive the block.
@@ -148,6 +152,7 @@ class PixArtPipeline:
         loras: list[tuple[str, float]] | None = None,
         compile: bool = False,
         cache_steps: int = 0,
+        transformer_options: dict[str, Any] | None = None,
     ) -> PixArtPipeline:
         """Load a pipeline folder or hub id; ``transformer`` swaps in other weights (any form
         load_transformer reads) while T5, VAE and scheduler come from ``model``. ``model`` may also be
@@ -157,6 +162,7 @@ class PixArtPipeline:
         low_memory: T5, transformer and VAE are each loaded for their stage and released after it
         (on CUDA they wait on the CPU instead), so peak memory is the largest part, not the sum.
         compile: torch.compile the transformer; cache_steps: reuse deep blocks (:mod:`pixart.sampling.step_cache`).
+        transformer_options: more load_transformer keywords (``TRANSFORMER_OPTIONS``), e.g. num_heads.
         """
         from diffusers import AutoencoderKL
 
@@ -164,8 +170,9 @@ class PixArtPipeline:
         from pixart.checkpoints.lora import load_lora
 
         if isinstance(model, LoadSettings):
-            if transformer is not None or loras or cache_steps:
+            if transformer is not None or loras or cache_steps or transformer_options:
                 raise TypeError("give the transformer, LoRAs and cache steps in the LoadSettings, not beside it")
+            transformer_options = dict(model.transformer_options)
             model, transformer, loras, cache_steps = model.model, model.transformer, model.loras, model.cache_steps
         device = parse_device(device)
         check_cache_steps(cache_steps)
@@ -191,7 +198,7 @@ class PixArtPipeline:
         def load_model() -> torch.nn.Module:
             source = transformer if transformer is not None else root
             log.info("loading the transformer from %s", source)
-            net = load_transformer(source, device=stage_device, dtype=dtype)
+            net = load_transformer(source, device=stage_device, dtype=dtype, **(transformer_options or {}))
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
             if compile:
@@ -227,6 +234,7 @@ class PixArtPipeline:
             compiled=compile,
             cache_steps=cache_steps,
             loras=tuple((str(path), float(scale)) for path, scale in loras or ()),
+            transformer_options=tuple(sorted((transformer_options or {}).items())),
         )
 
     # ------------------------------------------------------------------ loading stages
@@ -425,7 +433,11 @@ class PixArtPipeline:
             "max_tokens": opts.max_tokens,
             "clean": str(opts.clean).lower(),
             **LoadSettings(
-                self.names.get("model") or None, self.names.get("transformer") or None, self.loras, self.cache_steps
+                self.names.get("model") or None,
+                self.names.get("transformer") or None,
+                self.loras,
+                self.cache_steps,
+                self.transformer_options,
             ).metadata(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "generator": f"pixart {__version__}",

@@ -70,6 +70,10 @@ def family_of_pipeline(class_name: str) -> str | None:
     return None
 
 
+KV_SAMPLINGS = ("conv", "uniform", "ave")
+"""The official Σ code's ways to compress keys and values (``AttentionKVCompress.sampling``)."""
+
+
 @dataclass(frozen=True)
 class PixArtConfig:
     """The shape of a PixArt transformer: everything needed to build it, nothing about sampling."""
@@ -109,7 +113,13 @@ class PixArtConfig:
 
     kv_compress: dict[int, int] = field(default_factory=dict)
     """Σ KV token compression: {layer index: downsampling factor}. Keys and values of those layers'
-    self-attention are pooled factor × factor by a learned depthwise conv."""
+    self-attention are reduced factor × factor on the token grid, as ``kv_compress_sampling`` says."""
+
+    kv_compress_sampling: str = "conv"
+    """How KV compression reduces the grid (official Σ ``sampling``): 'conv', a learned depthwise conv and a
+    LayerNorm (weights ``attn.sr``/``attn.norm``); 'uniform', every factor-th row and column; 'ave', which
+    despite its name is nearest-neighbour resizing by 1/factor (the same tokens as 'uniform' when the grid
+    divides). The last two have no weights, so an official checkpoint cannot tell they were used."""
 
     qk_norm: bool = False
     """Σ option: LayerNorm on queries and keys of self-attention."""
@@ -163,6 +173,8 @@ class PixArtConfig:
             raise bad("mlp_ratio", "expected a positive number")
         if self.micro_conditions and self.hidden_size % 3:
             raise bad("hidden_size", "must be divisible by 3 with micro_conditions (h, w, aspect ratio)")
+        if self.kv_compress_sampling not in KV_SAMPLINGS:
+            raise bad("kv_compress_sampling", f"expected one of {', '.join(KV_SAMPLINGS)}")
         for layer, factor in self.kv_compress.items():
             if not 0 <= layer < self.depth:
                 raise bad("kv_compress", f"layer {layer} is outside 0..{self.depth - 1}")
@@ -211,6 +223,32 @@ def _debug(family: str, **changes: Any) -> PixArtConfig:
 def sigma_kv_compress(depth: int = 28, factor: int = 2) -> dict[int, int]:
     """The Σ paper's KV-compression setting: the deeper half of the layers, factor 2."""
     return {layer: factor for layer in range(depth // 2, depth)}
+
+
+def parse_kv_compress(spec: str, depth: int) -> tuple[dict[int, int], str]:
+    """({layer: factor}, sampling) from a command-line spec ``SAMPLING:FACTOR[:LAYERS]``.
+
+    LAYERS is a comma list of indices and ranges (``14-27``, ``0,2,4``); without it, the deeper half
+    of the ``depth`` layers, as in the Σ paper. Example: ``uniform:2`` or ``ave:2:14-27``.
+    """
+    usage = "expected SAMPLING:FACTOR[:LAYERS], e.g. uniform:2 or ave:2:14-27, SAMPLING one of " + ", ".join(
+        KV_SAMPLINGS
+    )
+    parts = str(spec).split(":")
+    if len(parts) not in (2, 3) or parts[0] not in KV_SAMPLINGS or not parts[1].isdigit() or int(parts[1]) < 2:
+        raise PixArtError(f"KV compression {spec!r}: {usage} (FACTOR an integer >= 2)")
+    factor = int(parts[1])
+    if len(parts) == 2:
+        return sigma_kv_compress(depth, factor), parts[0]
+    layers = []
+    for item in parts[2].split(","):
+        ends = item.split("-")
+        if len(ends) > 2 or not all(e.isdigit() for e in ends) or int(ends[0]) > int(ends[-1]):
+            raise PixArtError(f"KV compression {spec!r}: bad layers {item!r}; {usage}")
+        layers.extend(range(int(ends[0]), int(ends[-1]) + 1))
+    if max(layers) >= depth:
+        raise PixArtError(f"KV compression {spec!r}: layer {max(layers)} is outside 0..{depth - 1} of this model")
+    return {layer: factor for layer in layers}, parts[0]
 
 
 PRESETS: dict[str, PixArtConfig] = {

@@ -1,7 +1,7 @@
 """The PixArt-α / PixArt-Σ diffusion transformer (one file, official parameter names).
 
 Parameter names follow the official code (``x_embedder``, ``t_embedder``, ``t_block``, ``y_embedder``,
-``blocks.i.attn.qkv`` …) so an official checkpoint loads with no renaming; :mod:`pixart.checkpoints.convert`
+``blocks.i.attn.qkv`` …) so an official checkpoint loads with no renaming; :mod:`pixart.checkpoints.diffusers`
 maps them to and from diffusers. The model only predicts: it knows nothing of noise schedules.
 """
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pixart.errors import PixArtError
 from pixart.model.config import PixArtConfig
 
 
@@ -103,18 +104,21 @@ class CaptionEmbedder(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with optional Σ KV token compression and qk-norm.
 
-    With compression factor r > 1, keys and values (after projection and qk-norm) are pooled r × r
-    on the token grid by a depthwise conv (initialised to average pooling) followed by a LayerNorm;
-    the same ``sr``/``norm`` serve both, as in the official code.
+    With compression factor r > 1, keys and values (after projection and qk-norm) are reduced r × r on
+    the token grid. ``sampling`` is the official Σ option: 'conv' pools by a depthwise conv (initialised
+    to average pooling) followed by a LayerNorm, the same ``sr``/``norm`` serving both; 'uniform' keeps
+    every r-th row and column; 'ave' resizes by 1/r with nearest-neighbour interpolation, as the official
+    code does under that name. Only 'conv' has weights.
     """
 
-    def __init__(self, dim: int, num_heads: int, kv_factor: int = 1, qk_norm: bool = False):
+    def __init__(self, dim: int, num_heads: int, kv_factor: int = 1, qk_norm: bool = False, sampling: str = "conv"):
         super().__init__()
         self.num_heads = num_heads
         self.kv_factor = kv_factor
+        self.sampling = sampling
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        if kv_factor > 1:
+        if kv_factor > 1 and sampling == "conv":
             self.sr = nn.Conv2d(dim, dim, kernel_size=kv_factor, stride=kv_factor, groups=dim)
             self.norm = nn.LayerNorm(dim)
         self.q_norm = nn.LayerNorm(dim) if qk_norm else nn.Identity()
@@ -122,8 +126,15 @@ class SelfAttention(nn.Module):
 
     def compress(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, _, c = x.shape
+        r = self.kv_factor
         x = x.transpose(1, 2).reshape(b, c, *hw)  # (B, C, h, w)
-        return self.norm(self.sr(x).flatten(2).transpose(1, 2))  # (B, h/r · w/r, C)
+        if self.sampling == "uniform":
+            x = x[:, :, ::r, ::r]
+        elif self.sampling == "ave":
+            x = F.interpolate(x, scale_factor=1 / r, mode="nearest")
+        else:
+            return self.norm(self.sr(x).flatten(2).transpose(1, 2))  # (B, h/r · w/r, C)
+        return x.flatten(2).transpose(1, 2)  # (B, h/r · w/r, C)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, c = x.shape
@@ -162,7 +173,9 @@ class PixArtBlock(nn.Module):
         super().__init__()
         c = config.hidden_size
         self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(c, config.num_heads, kv_factor=kv_factor, qk_norm=config.qk_norm)
+        self.attn = SelfAttention(
+            c, config.num_heads, kv_factor=kv_factor, qk_norm=config.qk_norm, sampling=config.kv_compress_sampling
+        )
         self.cross_attn = CrossAttention(c, config.num_heads)
         self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(c, int(c * config.mlp_ratio), c)
@@ -201,7 +214,15 @@ def text_attention_mask(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
     """
     if mask is None:
         return y, None
-    keep = mask.to(device=y.device, dtype=torch.bool).reshape(y.shape[0], -1)
+    keep = mask.to(device=y.device, dtype=torch.bool)
+    keep = keep.reshape(keep.shape[0] if keep.ndim > 1 else 1, -1)  # (rows, L)
+    if keep.shape[1] != y.shape[1] or y.shape[0] % keep.shape[0]:
+        raise PixArtError(
+            f"text mask of shape {tuple(mask.shape)} does not fit captions of shape {tuple(y.shape)}: expected "
+            f"(B, {y.shape[1]}) rows for a batch of {y.shape[0]}, or a number of rows that divides it"
+        )
+    if keep.shape[0] != y.shape[0]:  # one row for a CFG batch: the official model repeats it the same way
+        keep = keep.repeat(y.shape[0] // keep.shape[0], 1)
     keep = keep | ~keep.any(dim=1, keepdim=True)  # all padding: attend to everything, as diffusers' -10000 bias does
     if torch.jit.is_tracing():
         return y, keep[:, None, None, :]
@@ -265,7 +286,7 @@ class PixArtTransformer(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)  # each block starts as identity on the text path
             nn.init.zeros_(block.cross_attn.proj.bias)
-            if block.attn.kv_factor > 1:  # KV compression starts as plain average pooling
+            if hasattr(block.attn, "sr"):  # KV compression starts as plain average pooling
                 nn.init.constant_(block.attn.sr.weight, 1.0 / block.attn.kv_factor**2)
                 nn.init.zeros_(block.attn.sr.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -312,6 +333,8 @@ class PixArtTransformer(nn.Module):
         x: (B, in_channels, H, W) latents, H and W multiples of patch_size.
         timestep: (B,) or scalar diffusion timesteps in [0, 1000).
         y: (B, L, caption_channels) caption features; mask: (B, L), 1 for real tokens, 0 for padding.
+        A mask of m rows, m dividing B, is repeated B/m times as the official model does (a one-row mask
+        for a guidance batch [uncond, cond]).
         resolution: (B, 2) image (height, width) in pixels; aspect_ratio: (B,) height / width
         (both only for models with micro-conditions).
         block_hook: called in place of each block as ``block_hook(i, x, run)`` (see :data:`BlockHook`);

@@ -186,7 +186,7 @@ class TrainState:
 
 def save_final_weights(config, model, path: Path) -> None:
     """The model in our format at ``path``; for LoRA runs merged, with the adapter alone in ``<stem>-lora/``."""
-    from pixart.checkpoints.convert import save_pixart
+    from pixart.checkpoints.ours import save_pixart
 
     if not config.lora.rank:
         save_pixart(model, path)
