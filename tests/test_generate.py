@@ -493,6 +493,6 @@ def test_official_checkpoint_flags_reach_the_loader_and_the_png(folders, tmp_pat
     (made,), (reference,) = (tmp_path / "official").glob("*.png"), (tmp_path / "folder").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(reference)))
     assert json.loads(Image.open(made).info["transformer_options"]) == {"num_heads": 2, "pe_scale": 2.0}
-    assert main(["generate", "--from-png", str(made), "--out", str(tmp_path / "again")]) == 0
+    assert main(["generate", "--from-png", str(made), "--out", str(tmp_path / "again"), "--trust-metadata"]) == 0
     (again,) = (tmp_path / "again").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
