@@ -24,18 +24,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pixart.checkpoints import FORMATS
 from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
-from pixart.model.config import FAMILIES, FAMILY, PixArtConfig, family_of_pipeline
+from pixart.model.config import FAMILIES, FAMILY, IMAGE_SIZES, PixArtConfig, family_of_pipeline
 from pixart.model.transformer import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZES = tuple(sorted({side for family in FAMILY.values() for side in family.pe_scales}))
-"""Image sides (px) some release was trained at: 256, 512, 1024, 2048."""
 RELEASED_HEAD_DIM = 72  # every released PixArt model: 1152 wide, 16 heads
-FORMATS = ("diffusers", "official", "pixart")
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.checkpoints.convert import FORMATS, IMAGE_SIZES, convert_checkpoint
-from pixart.model.config import FAMILIES
+from pixart.checkpoints import FORMATS
+from pixart.model.config import FAMILIES, IMAGE_SIZES
 
 EXAMPLES = """\
 examples:
@@ -60,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pixart.checkpoints.convert import convert_checkpoint
+
     convert_checkpoint(
         args.source,
         args.dest,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.checkpoints.convert import IMAGE_SIZES
-from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
+from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT, IMAGE_SIZES
 
 DIFFUSERS_EXAMPLES = """\
 examples:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from pixart.errors import PixArtError
-from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
+from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT
 
 log = logging.getLogger(__name__)
 
