@@ -731,7 +731,7 @@ def save_diffusers(model: PixArtTransformer, folder: str | os.PathLike) -> Path:
     atomic_write(folder / Y_EMBEDDING_FILE, lambda tmp: save_file(y_embedding, str(tmp), metadata=sidecar_metadata))
     _remove_stale_shards(folder)
     atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    log.info("wrote diffusers transformer folder %s", folder)
+    log.debug("wrote diffusers transformer folder %s", folder)  # debug: export writes into a temporary folder
     return folder
 
 
@@ -755,4 +755,7 @@ def convert_checkpoint(
     model = load_transformer(source, **load_kwargs)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: PixArt-%s, %.1f M parameters, %s", model.config.family, n_params / 1e6, model.config)
-    return savers[to](model, dest)
+    saved = savers[to](model, dest)
+    if to == "diffusers":  # save_diffusers says it at debug only, as export's folder is a temporary one
+        log.info("wrote diffusers transformer folder %s", saved)
+    return saved
