@@ -44,6 +44,14 @@ def test_generate_shows_pixarts_output_and_libraries_only_with_v(tmp_path):
     assert "denoising: 100%" in loud.stderr
 
 
+def test_compile_hides_dynamos_graph_break_warnings_unless_v(tmp_path):
+    args = ("generate", "a red circle", "--steps", "2", "--seed", "1", "--compile", "--out", tmp_path)
+    quiet = pixart(*args)
+    assert "Graph break" not in quiet.stderr and "torch/_dynamo" not in quiet.stderr, quiet.stderr
+    assert "torch.compile" in quiet.stderr  # our summary says what compiling cost
+    assert "Graph break" in pixart("-v", *args).stderr
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
     return save_pipeline(tmp_path_factory.mktemp("calm") / "tiny-alpha")
