@@ -44,6 +44,13 @@ def test_generate_shows_pixarts_output_and_libraries_only_with_v(tmp_path):
     assert "denoising: 100%" in loud.stderr
 
 
+def test_eval_shows_a_bar_over_its_prompts(tmp_path):
+    done = pixart("eval", "--prompts", "3", "--steps", "2", "--batch-size", "2", "--json")
+    assert "generating: 100%" in done.stderr and "3/3" in done.stderr, done.stderr
+    assert chatter(done) == []
+    assert done.stdout.startswith("{")  # the bar is on stderr: --json output stays parseable
+
+
 def test_compile_hides_dynamos_graph_break_warnings_unless_v(tmp_path):
     args = ("generate", "a red circle", "--steps", "2", "--seed", "1", "--compile", "--out", tmp_path)
     quiet = pixart(*args)
