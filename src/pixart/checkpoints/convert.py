@@ -24,11 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pixart.checkpoints import FORMATS
+from pixart.checkpoints.formats import FORMATS, IMAGE_SIZES
 from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
-from pixart.model.config import FAMILIES, FAMILY, IMAGE_SIZES, PixArtConfig, family_of_pipeline
+from pixart.model.config import FAMILIES, FAMILY, PixArtConfig, family_of_pipeline
 from pixart.model.transformer import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.checkpoints import FORMATS
-from pixart.model.config import FAMILIES, IMAGE_SIZES
+from pixart.checkpoints.formats import FORMATS, IMAGE_SIZES
+from pixart.model.config import FAMILIES
 
 EXAMPLES = """\
 examples:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT, IMAGE_SIZES
+from pixart.checkpoints.formats import IMAGE_SIZES
+from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT
 
 DIFFUSERS_EXAMPLES = """\
 examples:

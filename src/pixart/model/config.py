@@ -57,8 +57,6 @@ FAMILY: dict[str, Family] = {
 """The facts of each family, by name; every module that needs one reads it here."""
 
 FAMILIES = tuple(FAMILY)
-IMAGE_SIZES = tuple(sorted({side for family in FAMILY.values() for side in family.pe_scales}))
-"""Image sides (px) some release was trained at: 256, 512, 1024, 2048."""
 DEFAULT_MAX_TOKENS_TEXT = f"α {FAMILY['alpha'].max_tokens}, Σ {FAMILY['sigma'].max_tokens}"
 """The default T5 tokens per caption as command-line help states them."""
 
