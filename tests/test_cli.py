@@ -3,6 +3,7 @@
 import argparse
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,3 +87,72 @@ def test_a_commands_own_parser_error_is_one_line_too(capsys):
         capsys.readouterr().err
         == "pixart export: error: --base and --transformer disagree (see pixart export --help)\n"
     )
+
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "gradio", "openvino", "nncf")
+"""Libraries that take seconds to import: reading a command's help must load none of them."""
+
+
+def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every (sub)command of ``parser`` whose help a user can ask for, e.g. ("export", "openvino")."""
+    paths = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += command_paths(sub, (*prefix, name))
+    return paths
+
+
+def imported_modules(importtime_log: str) -> set[str]:
+    """Top-level package names from the stderr of ``python -X importtime``."""
+    names = set()
+    for line in importtime_log.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def test_command_paths_cover_nested_commands():
+    paths = command_paths(build_parser())
+    assert {(), ("generate",), ("train",), ("export",), ("export", "openvino"), ("export", "diffusers")} <= set(paths)
+
+
+@pytest.mark.parametrize("path", command_paths(build_parser()), ids=lambda p: " ".join(p) or "pixart")
+def test_help_imports_no_heavy_library(path):
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pixart", *path, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: pixart"), done.stdout
+    modules = imported_modules(done.stderr)
+    assert "pixart" in modules and "argparse" in modules  # the log was parsed: an empty set proves nothing
+    assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_help_is_fast():
+    """Loosely timed (a loaded CI machine); importing torch alone takes several times this budget here."""
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        done = run_cli("--help")
+        seconds.append(time.perf_counter() - start)
+        assert done.returncode == 0 and "generate" in done.stdout
+    assert min(seconds) < 1.5, seconds
+
+
+def test_the_transformer_is_still_importable_from_the_package():
+    """`from pixart import PixArtTransformer` (README) works though the package loads it only on first use."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, pixart; assert 'torch' not in sys.modules; "
+         "from pixart import PixArtTransformer; print(PixArtTransformer.__module__, 'torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["pixart.model.transformer", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import pixart
+
+        pixart.nope  # noqa: B018

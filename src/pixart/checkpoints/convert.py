@@ -25,6 +25,7 @@ from pixart.checkpoints.diffusers import (
     read_diffusers,
     save_diffusers,
 )
+from pixart.checkpoints.formats import FORMATS
 from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
 from pixart.checkpoints.official import read_official, save_official
 from pixart.checkpoints.ours import read_pixart, save_pixart
@@ -33,8 +34,6 @@ from pixart.model.config import FAMILIES, PixArtConfig
 from pixart.model.transformer import PixArtTransformer
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("diffusers", "official", "pixart")
 
 
 def _from_hub(source: str) -> Path:
@@ -188,4 +187,7 @@ def convert_checkpoint(
     model = load_transformer(source, **load_kwargs)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: PixArt-%s, %.1f M parameters, %s", model.config.family, n_params / 1e6, model.config)
-    return savers[to](model, dest)
+    saved = savers[to](model, dest)
+    if to == "diffusers":  # save_diffusers says it at debug only, as export's folder is a temporary one
+        log.info("wrote diffusers transformer folder %s", saved)
+    return saved

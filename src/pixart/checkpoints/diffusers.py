@@ -373,5 +373,5 @@ def save_diffusers(model: PixArtTransformer, folder: str | os.PathLike) -> Path:
     atomic_write(folder / Y_EMBEDDING_FILE, lambda tmp: save_file(y_embedding, str(tmp), metadata=sidecar_metadata))
     _remove_stale_shards(folder)
     atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    log.info("wrote diffusers transformer folder %s", folder)
+    log.debug("wrote diffusers transformer folder %s", folder)  # debug: export writes into a temporary folder
     return folder

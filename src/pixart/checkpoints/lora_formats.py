@@ -39,12 +39,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pixart.checkpoints.diffusers import diffusers_key_map
+from pixart.checkpoints.formats import LORA_FORMATS as FORMATS
 from pixart.errors import PixArtError
 from pixart.files import atomic_write, plain_modes
 from pixart.model.config import PixArtConfig
-
-FORMATS = ("peft", "kohya", "comfyui")
-"""Formats :func:`convert_lora` and :func:`merge_loras` write; :func:`read_lora` also detects them."""
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -26,8 +26,6 @@ from pixart.model.transformer import PixArtTransformer, pos_embed_2d
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZES = tuple(sorted({side for family in FAMILY.values() for side in family.pe_scales}))
-"""Image sides (px) some release was trained at: 256, 512, 1024, 2048."""
 RELEASED_HEADS = {1152: 16}
 """Attention heads by width of every released model; official weights do not record the head count."""
 SAVED_CONFIG = "pixart_config"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -59,19 +61,55 @@ def build_parser() -> OneLineErrorParser:
         description="PixArt-α / PixArt-Σ text-to-image: generate, convert, train and serve.",
     )
     parser.add_argument("--version", action="version", version=f"pixart {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show debug logs and libraries' logs, warnings and progress bars",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         importlib.import_module(f"pixart.cli.{name}").register(subparsers)
     return parser
 
 
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "TORCH_LOGS": "-all"}
+"""The libraries' own logging switches as environment variables, which each reads when imported: errors only
+(TORCH_LOGS "-all" covers dynamo's graph-break warnings under --compile)."""
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Show pixart's own log lines and progress bars, and the libraries' chatter only with ``-v``.
+
+    Called once the command line is parsed, before the command imports any library: every switch here is
+    one the library reads later (environment variables, huggingface_hub's progress-bar state, which
+    transformers copies when imported), so ``--help`` stays fast. Libraries that log through the root logger
+    (accelerate, huggingface_hub, ...) show only errors. NNCF has no such switch: pixart.inference.openvino
+    quietens it where it imports it. Without ``-v`` Python warnings are ignored: pixart reports through
+    logging, so every warning (TracerWarning, FutureWarning, ...) comes from a library.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not verbose:
+        handler.addFilter(lambda record: record.name.split(".")[0] == "pixart" or record.levelno >= logging.ERROR)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    for noisy in ("httpx", "httpcore", "urllib3", "PIL", "matplotlib"):  # their debug lines would bury ours
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose:
+        return
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)  # a value the user set wins
+    warnings.simplefilter("ignore")
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    disable_progress_bars()  # transformers' bars ("Loading weights", "Writing model shards") follow this one
+    enable_progress_bars("huggingface_hub")  # but downloads keep theirs: a 20 GB fetch needs one
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT
 from pixart.model.resolution import BUCKET_RESOLUTIONS
-from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
 
 
 def register(subparsers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pixart.checkpoints.convert import FORMATS, convert_checkpoint
+from pixart.checkpoints.formats import FORMATS
 from pixart.model.config import FAMILIES
 
 EXAMPLES = """\
@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pixart.checkpoints.convert import convert_checkpoint
+
     convert_checkpoint(
         args.source,
         args.dest,

@@ -54,12 +54,20 @@ def run(args: argparse.Namespace) -> int:
     from pixart.demo.shapes import held_out_prompts
 
     held_out_prompts(args.prompts, seed=args.seed)  # refuse a bad count or seed before importing torch
+    from tqdm.auto import tqdm
+
     from pixart.demo.eval import evaluate, format_table
     from pixart.inference.pipeline import PixArtPipeline
 
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
+    options = {k: v for k, v in options.items() if v is not None}
     pipe = PixArtPipeline.from_pretrained(args.model, device=args.device, cache_steps=args.cache_steps)
-    result = evaluate(pipe, args.prompts, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
+    with tqdm(total=args.prompts, desc="generating", unit="prompt") as bar:
+
+        def progress(done: int, total: int) -> None:  # denoising steps of the whole run, as prompts
+            bar.update(done * args.prompts // total - bar.n)
+
+        result = evaluate(pipe, args.prompts, seed=args.seed, progress=progress, **options)
     if args.save is not None:
         _save(args.save, result)
     print(json.dumps(result.scores, indent=2) if args.json else format_table(result.scores))

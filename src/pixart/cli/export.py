@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.checkpoints.official import IMAGE_SIZES
-from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
+from pixart.checkpoints.formats import IMAGE_SIZES
+from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT
 
 DIFFUSERS_EXAMPLES = """\
 examples:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pixart.cli.convert import add_official_flags, official_flags
 from pixart.errors import PixArtError
-from pixart.model.text import DEFAULT_MAX_TOKENS_TEXT
+from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT
 
 log = logging.getLogger(__name__)
 

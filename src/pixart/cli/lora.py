@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pixart.checkpoints.lora import parse_lora_spec
-from pixart.checkpoints.lora_formats import FORMATS, convert_lora, merge_loras
+from pixart.checkpoints.formats import LORA_FORMATS as FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +57,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from pixart.checkpoints.lora_formats import convert_lora
+
     out = convert_lora(args.source, args.dest, args.to)
     logger.info("wrote %s (%s)", out, args.to)
     return 0
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from pixart.checkpoints.lora import parse_lora_spec
+    from pixart.checkpoints.lora_formats import merge_loras
+
     out = merge_loras([parse_lora_spec(spec) for spec in args.loras], args.dest, args.to)
     logger.info("wrote %s (%s)", out, args.to)
     return 0

@@ -15,6 +15,8 @@ transformer to INT8 with NNCF (``nncf.compress_weights``); activations stay fp32
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -137,9 +139,14 @@ def export_openvino(
         if int8:
             import nncf
 
-            # Weights only: activations stay fp32, so accuracy drops little and no calibration data is needed.
-            t5_ir = nncf.compress_weights(t5_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
-            denoiser_ir = nncf.compress_weights(denoiser_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            # NNCF reports each model on stdout (a statistics table through its logger, a rich progress bar)
+            # and has no switch to set before importing it: show that only when pixart logs debug (pixart -v).
+            chatty = log.isEnabledFor(logging.DEBUG)
+            nncf.set_log_level(logging.INFO if chatty else logging.ERROR)
+            with contextlib.nullcontext() if chatty else contextlib.redirect_stdout(io.StringIO()):
+                # Weights only: activations stay fp32, so accuracy drops little and no calibration data is needed.
+                t5_ir = nncf.compress_weights(t5_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                denoiser_ir = nncf.compress_weights(denoiser_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
         # compress_to_fp16 would halve the files but round every weight: keep fp32 for parity with PyTorch.
         ov.save_model(t5_ir, tmp / "text_encoder.xml", compress_to_fp16=False)
         ov.save_model(denoiser_ir, tmp / "transformer.xml", compress_to_fp16=False)

@@ -57,6 +57,8 @@ FAMILY: dict[str, Family] = {
 """The facts of each family, by name; every module that needs one reads it here."""
 
 FAMILIES = tuple(FAMILY)
+DEFAULT_MAX_TOKENS_TEXT = f"α {FAMILY['alpha'].max_tokens}, Σ {FAMILY['sigma'].max_tokens}"
+"""The default T5 tokens per caption as command-line help states them."""
 
 
 def family_of_pipeline(class_name: str) -> str | None:

@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = {name: family.max_tokens for name, family in FAMILY.items()}
 """T5 tokens per caption each family was trained with, by family name (see ``Family.max_tokens``)."""
-DEFAULT_MAX_TOKENS_TEXT = f"α {FAMILY['alpha'].max_tokens}, Σ {FAMILY['sigma'].max_tokens}"
-"""The defaults as command-line help states them."""
 
 QUANTIZATIONS = ("int8-dynamic", "8bit", "4bit")
 """Ways to shrink T5: dynamic int8 linears on CPU (torch), or bitsandbytes 8/4-bit (CUDA only)."""

@@ -12,11 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from pixart.errors import PixArtError
 
-if TYPE_CHECKING:  # diffusers pulls in torch._dynamo (seconds); import it only when a run starts
+if TYPE_CHECKING:  # torch and diffusers take seconds to import: only a run pays, not `pixart generate --help`
+    import torch
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
@@ -117,7 +116,6 @@ class Conditioning:
     aspect_ratio: torch.Tensor | None = None  # (1,) height / width
 
 
-@torch.no_grad()
 def denoise(
     model: Callable[..., torch.Tensor],
     scheduler: SchedulerMixin,
@@ -143,18 +141,21 @@ def denoise(
     latents = noise * scheduler.init_noise_sigma  # Euler-type solvers start at sigma_max, not 1
     step_kwargs = _step_kwargs(scheduler, generator)
     channels = noise.shape[1]
-    for t in scheduler.timesteps:
-        x = torch.cat([latents, latents]) if guided else latents
-        x = scheduler.scale_model_input(x, t)
-        timestep = t.reshape(1).to(x.device).expand(x.shape[0])
-        out = model(x, timestep, cond.text, cond.mask, resolution=cond.resolution, aspect_ratio=cond.aspect_ratio)
-        if guided:
-            uncond, positive = out.chunk(2)
-            out = uncond + guidance * (positive - uncond)
-        eps = out[:, :channels]  # drop the learned variance channels
-        latents = scheduler.step(eps.to(latents.dtype), t, latents, **step_kwargs, return_dict=False)[0]
-        if on_step is not None:
-            on_step()
+    import torch  # here: the sampler table above serves `pixart generate --help`, which must not load torch
+
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = torch.cat([latents, latents]) if guided else latents
+            x = scheduler.scale_model_input(x, t)
+            timestep = t.reshape(1).to(x.device).expand(x.shape[0])
+            out = model(x, timestep, cond.text, cond.mask, resolution=cond.resolution, aspect_ratio=cond.aspect_ratio)
+            if guided:
+                uncond, positive = out.chunk(2)
+                out = uncond + guidance * (positive - uncond)
+            eps = out[:, :channels]  # drop the learned variance channels
+            latents = scheduler.step(eps.to(latents.dtype), t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step()
     return latents
 
 

@@ -164,7 +164,8 @@ class LoggingConfig:
     """Log loss, learning rate and samples/s every this many steps."""
 
     tensorboard: bool = True
-    """Write TensorBoard event files to RUN/logs."""
+    """Write TensorBoard event files to RUN/logs/pixart; without tensorboard installed, the metrics go to
+    RUN/logs/metrics.jsonl instead (one JSON object per logged step) and one line says so."""
 
     wandb: bool = False
     """Also log to Weights & Biases (pip install wandb)."""

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from pixart.errors import PixArtError
 from pixart.files import require_writable_folder
 from pixart.train.config import TrainConfig
+from pixart.train.metrics import METRICS_FILE, JsonLinesTracker, tensorboard_installed
 from pixart.train.objective import DiffusionObjective, Objective, load_frozen_encoders
 from pixart.train.state import TrainState, batch_stream, find_checkpoint
 
@@ -52,9 +53,10 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
             f"optim.mixed_precision={precision!r} needs a GPU and this run is on the CPU; "
             "pass --optim.mixed_precision=no"
         )
-    if config.logging.tensorboard:
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise PixArtError("logging.tensorboard=true needs tensorboard: pip install tensorboard, or set it false")
+    fallback = config.logging.tensorboard and not tensorboard_installed()
+    if fallback:  # the base install lacks tensorboard: a first run still records its metrics
+        trackers.append(JsonLinesTracker(run_dir / "logs" / METRICS_FILE))
+    elif config.logging.tensorboard:
         trackers.append("tensorboard")
     if config.logging.wandb:
         if importlib.util.find_spec("wandb") is None:
@@ -66,6 +68,9 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         cpu=cpu_only, mixed_precision=precision, log_with=trackers or None, project_dir=str(run_dir / "logs")
     )
+    if fallback and accelerator.is_main_process:
+        log.info("tensorboard is not installed: metrics go to %s (pip install tensorboard for TensorBoard logs)",
+                 run_dir / "logs" / METRICS_FILE)  # fmt: skip
     # accelerate ignores an FSDP config on CPUs and runs the processes as DDP; say so instead of doing that.
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
     if fsdp_asked and cpu_only and accelerator.distributed_type != DistributedType.FSDP:
