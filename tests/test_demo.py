@@ -249,3 +249,27 @@ def test_bundled_demo_generates_without_a_model_argument(tmp_path):
     done = run("-m", "pixart", "generate", "a red circle above a blue square", "--seed", "0", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="the bundled demo model is not installed")
+def test_eval_scores_a_lora_or_another_transformer(tmp_path):
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.checkpoints.lora import load_lora
+    from pixart.checkpoints.ours import save_pixart
+    from pixart.cli import main
+    from tiny import random_lora
+
+    lora = random_lora(DEMO_MODEL / "transformer", tmp_path / "lora")
+
+    def images(name: str, *flags: str) -> list[bytes]:
+        argv = ["eval", "--prompts", "2", "--steps", "2", "--batch-size", "2", "--json", "--save", str(tmp_path / name)]
+        assert main(argv + list(flags)) == 0
+        return [Image.open(tmp_path / name / f"{i:04d}.png").tobytes() for i in range(2)]
+
+    base = images("base")
+    assert images("scale0", "--lora", f"{lora}:0") == base  # a LoRA at scale 0 adds exactly nothing
+    with_lora = images("lora", "--lora", str(lora))
+    assert with_lora != base
+    # A transformer file with that LoRA merged in (as a fine-tune would be saved) scores exactly like the LoRA.
+    merged = save_pixart(load_lora(load_transformer(DEMO_MODEL), lora, merge=True), tmp_path / "merged.safetensors")
+    assert images("merged", "--transformer", str(merged)) == with_lora

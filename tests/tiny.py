@@ -141,3 +141,19 @@ def training_setup(root: Path) -> tuple[Path, Path, Path]:
     cache = root / "cache"
     build_cache(pipe, open_dataset(images), cache, resolution=256, max_tokens=16, batch_size=8)
     return pipe, images, cache
+
+
+def random_lora(transformer: str | Path, out: str | Path, seed: int = 1, std: float = 0.2) -> Path:
+    """A peft LoRA folder (rank 4, attention and MLP) for the transformer at ``transformer``, with every A and B
+    random, so it changes the images the transformer makes."""
+    from pixart.checkpoints.convert import load_transformer
+    from pixart.checkpoints.lora import add_lora, save_lora
+
+    model = load_transformer(transformer)
+    add_lora(model, 4, targets=("attn", "cross_attn", "mlp"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return save_lora(model, out)

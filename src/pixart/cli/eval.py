@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   pixart eval --model runs/demo/pipeline-stage2 --prompts 100 --steps 14 --json
   pixart eval --sampler sa-solver --steps 25 --guidance 3 --save eval-images/
   pixart eval --cache-steps 3                       # the accuracy cost of step caching
+  pixart eval --transformer runs/demo/final.safetensors --lora runs/lora:0.8
 """
 
 
@@ -31,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", metavar="FOLDER", help="diffusers pipeline folder (default: the bundled demo model)")
+    p.add_argument("--transformer", metavar="PATH", help="other transformer weights (any form convert reads)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
     p.add_argument("--prompts", type=int, default=200, metavar="N", help="held-out prompts to score (default 200)")
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the sampler's, dpm++ 20)")
     p.add_argument("--sampler", metavar="NAME", help="sampler name (default: dpm++)")
@@ -56,12 +59,16 @@ def run(args: argparse.Namespace) -> int:
     held_out_prompts(args.prompts, seed=args.seed)  # refuse a bad count or seed before importing torch
     from tqdm.auto import tqdm
 
+    from pixart.checkpoints.lora import parse_lora_spec
     from pixart.demo.eval import evaluate, format_table
     from pixart.inference.pipeline import PixArtPipeline
 
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
     options = {k: v for k, v in options.items() if v is not None}
-    pipe = PixArtPipeline.from_pretrained(args.model, device=args.device, cache_steps=args.cache_steps)
+    loras = [parse_lora_spec(spec) for spec in args.lora]
+    pipe = PixArtPipeline.from_pretrained(
+        args.model, args.transformer, loras=loras, device=args.device, cache_steps=args.cache_steps
+    )
     with tqdm(total=args.prompts, desc="generating", unit="prompt") as bar:
 
         def progress(done: int, total: int) -> None:  # denoising steps of the whole run, as prompts
