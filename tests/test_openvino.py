@@ -11,16 +11,19 @@ import sys
 
 import numpy as np
 import pytest
-from tests.tiny import save_pipeline
+from tests.tiny import random_lora, save_pipeline
 
 from test_files import assert_plain_modes
 
 ov = pytest.importorskip("openvino")
 
+from pixart.checkpoints.convert import load_transformer  # noqa: E402
+from pixart.checkpoints.lora import load_lora  # noqa: E402
+from pixart.checkpoints.ours import save_pixart  # noqa: E402
 from pixart.cli import main  # noqa: E402
-from pixart.inference.openvino import export_openvino, load_openvino_pipeline  # noqa: E402
+from pixart.inference.openvino import export_openvino, load_openvino_pipeline, read_manifest  # noqa: E402
 from pixart.inference.options import GenerationOptions  # noqa: E402
-from pixart.inference.pipeline import PixArtPipeline  # noqa: E402
+from pixart.inference.pipeline import DEMO_MODEL, PixArtPipeline  # noqa: E402
 
 PROMPTS = ["a red fox in the snow", "a castle"]
 GUIDED = GenerationOptions(seed=2, steps=4, width=64, height=64, binning=False)
@@ -133,3 +136,36 @@ def test_cli_export_bad_model(tmp_path, capsys):
         .startswith(f"error: model {str(tmp_path / 'absent')!r} is neither an existing folder")
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_export_merges_loras_and_finds_the_transformers_pipeline(sigma, tmp_path):
+    """--transformer of a pipeline's transformer/ folder needs no --model; LoRAs are merged before the trace."""
+    folder, _ = sigma
+    lora = random_lora(folder / "transformer", tmp_path / "lora")
+    out = tmp_path / "lora-ov"
+    argv = ["export", "openvino", str(out), "--transformer", str(folder / "transformer"), "--lora", f"{lora}:0.7"]
+    assert main(argv + ["--width", "64", "--height", "64"]) == 0
+    assert read_manifest(out)["source"]["loras"] == [[str(lora), 0.7]]
+    loaded = PixArtPipeline.from_pretrained(folder, device="cpu", loras=[(lora, 0.7)])
+    reference = pixels(loaded(PROMPTS, GUIDED, show_progress=False))
+    got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, GUIDED, show_progress=False))
+    base = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, GUIDED, show_progress=False))
+    # The LoRA moves the images by 10x the tolerance, so matching them means it was merged.
+    assert np.abs(base - reference).mean() > 0.5
+    # The tolerance of test_openvino_images_match_pytorch.
+    assert np.abs(got - reference).mean() <= 0.05
+    assert np.abs(got - reference).max() <= 2
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="the bundled demo model is not installed")
+def test_export_of_a_demo_transformer_file_needs_no_model(tmp_path):
+    lora = random_lora(DEMO_MODEL / "transformer", tmp_path / "lora")
+    tuned = save_pixart(load_lora(load_transformer(DEMO_MODEL), lora, merge=True), tmp_path / "tuned.safetensors")
+    out = tmp_path / "demo-ov"
+    assert main(["export", "openvino", str(out), "--transformer", str(tuned), "--lora", f"{lora}:-0.5"]) == 0
+    options = GenerationOptions(seed=1, steps=3)
+    reference = PixArtPipeline.from_pretrained(None, tuned, device="cpu", loras=[(lora, -0.5)])
+    expected = pixels(reference(PROMPTS, options, show_progress=False))
+    got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, options, show_progress=False))
+    assert np.abs(got - expected).mean() <= 0.05
+    assert np.abs(got - expected).max() <= 2

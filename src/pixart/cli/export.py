@@ -83,12 +83,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(with tokenizer and scheduler). One export serves every image size and aspect ratio; "
             "`pixart generate --runtime openvino --model OUT` runs it. Needs pip install -e '.[openvino]'."
         ),
-        epilog="example:\n  pixart export openvino pixart-ov --model ./my-pipeline --width 512 --height 512 --int8\n",
+        epilog="examples:\n  pixart export openvino pixart-ov --model ./my-pipeline --width 512 --height 512 --int8\n"
+        "  pixart export openvino demo-ov --transformer runs/demo/final.safetensors --lora runs/lora:0.8\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     openvino.add_argument("out", metavar="OUT", help="output folder (must be absent or empty unless --force)")
-    openvino.add_argument("--model", required=True, metavar="MODEL", help="diffusers PixArt pipeline folder or hub id")
+    openvino.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="diffusers PixArt pipeline folder or hub id (default: --transformer's own pipeline folder if it is "
+        "one, else the bundled demo model)",
+    )
     openvino.add_argument("--transformer", metavar="CKPT", help="other transformer weights (any form convert reads)")
+    openvino.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA merged into the transformer before the export, scaled by SCALE (default 1); repeatable",
+    )
     for side in ("width", "height"):  # the IR runs at every size; tracing needs one
         openvino.add_argument(f"--{side}", type=int, metavar="PX", help=f"{side} to trace at (default: the model's)")
     openvino.add_argument(
@@ -117,12 +130,14 @@ def run_diffusers(args: argparse.Namespace) -> int:
 
 
 def run_openvino(args: argparse.Namespace) -> int:
+    from pixart.checkpoints.lora import parse_lora_spec
     from pixart.inference.openvino import export_openvino
 
     export_openvino(
         args.model,
         args.out,
         transformer=args.transformer,
+        loras=[parse_lora_spec(spec) for spec in args.lora],
         width=args.width,
         height=args.height,
         max_tokens=args.max_tokens,

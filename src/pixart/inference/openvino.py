@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,17 +68,22 @@ class _VaeDecoder(nn.Module):
 
 
 def export_openvino(
-    model: str | os.PathLike,
+    model: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
     transformer: str | os.PathLike | None = None,
+    loras: Sequence[tuple[str | os.PathLike, float]] = (),
     width: int | None = None,
     height: int | None = None,
     int8: bool = False,
     max_tokens: int | None = None,
     force: bool = False,
 ) -> Path:
-    """Convert a pipeline (folder or hub id; ``transformer`` swaps in other weights) to an OpenVINO folder.
+    """Convert a pipeline (folder or hub id) to an OpenVINO folder.
+
+    ``model`` None: the pipeline folder ``transformer`` is (or is the ``transformer/`` subfolder of), else
+    the bundled demo. ``transformer`` swaps in other weights; ``loras`` ((path, scale) pairs) are merged into
+    it before the trace, as :meth:`pixart.inference.pipeline.PixArtPipeline.from_pretrained` merges them.
 
     width/height: the image size the networks are traced at (default: the model's training size); the
     exported transformer and VAE decoder take any size (multiples of 8 × patch size pixels).
@@ -87,13 +93,18 @@ def export_openvino(
 
     from pixart.checkpoints.convert import load_transformer
     from pixart.checkpoints.export import _check_out
+    from pixart.checkpoints.lora import load_lora
     from pixart.inference.pipeline import learned_null_caption, resolve_model
     from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder
 
     out = Path(out)
     _check_out(out, force)
+    if model is None and transformer is not None:
+        model = _own_pipeline(Path(transformer))
     root = resolve_model(model, need_transformer=transformer is None)
     net = load_transformer(transformer if transformer is not None else root, device="cpu", dtype=torch.float32)
+    for path, scale in loras:
+        net = load_lora(net, path, scale, merge=True)
     config = net.config
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32).eval()
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -164,7 +175,11 @@ def export_openvino(
             "vae_block_out_channels": list(vae.config.block_out_channels),
             "vae_scaling_factor": float(vae.config.scaling_factor),
             "int8": int8,
-            "source": {"model": str(model), "transformer": str(transformer or "")},
+            "source": {
+                "model": str(model or ""),
+                "transformer": str(transformer or ""),
+                "loras": [[str(path), float(scale)] for path, scale in loras],
+            },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if null is not None:
@@ -173,6 +188,14 @@ def export_openvino(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _own_pipeline(transformer: Path) -> Path | None:
+    """The diffusers pipeline folder a transformer path is, or is the transformer/ subfolder of; else None."""
+    for folder in (transformer, transformer.parent):
+        if transformer.is_dir() and (folder / "model_index.json").is_file() and (folder / "vae").is_dir():
+            return folder
+    return None
 
 
 def read_manifest(folder: Path) -> dict:
