@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pixart.checkpoints.convert import load_transformer
 from pixart.checkpoints.lora import (
+    LoraSwitch,
     add_lora,
     load_lora,
     load_lora_state_dict,
@@ -277,3 +278,23 @@ def test_parse_lora_spec(tmp_path):
     assert parse_lora_spec("C:/loras/x") == ("C:/loras/x", 1.0)
     assert parse_lora_spec("a:b:-1.5") == ("a:b", -1.5)
     one_line_error(lambda: parse_lora_spec(""), "--lora")
+
+
+def test_lora_switch_merges_exactly_like_loading_and_restores_the_base(base_folder, family, tmp_path):
+    paths = {}
+    for seed, name in enumerate(("one", "two"), start=1):
+        model = ours(base_folder, family)
+        add_lora(model, 4, targets=("attn", "mlp") if name == "one" else ("cross_attn",))
+        perturb(model, seed)
+        paths[name] = save_lora(model, tmp_path / name)
+    model = ours(base_folder, family)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    switch = LoraSwitch(model, paths)
+    for chosen in [(("one", 0.7),), (("two", 1.0), ("one", -0.3)), (), (("one", 0.7),)]:
+        switch.use(chosen)
+        loaded = ours(base_folder, family)
+        for name, scale in chosen:
+            load_lora(loaded, paths[name], scale, merge=True)
+        expected = loaded.state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items()), chosen  # bit for bit
+        assert any(not torch.equal(v, base[k]) for k, v in model.state_dict().items()) == bool(chosen)

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 from PIL import Image
-from tests.tiny import save_pipeline
+from tests.tiny import random_lora, save_pipeline
 
 from pixart.cli import main
 from pixart.inference.pipeline import PixArtPipeline
@@ -60,8 +60,18 @@ def model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def loras(model, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRAs the server loads: one named on the command line, one named by its folder."""
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "style": random_lora(model / "transformer", root / "style-lora", seed=1),
+        "detail": random_lora(model / "transformer", root / "detail", seed=2),
+    }
+
+
 @pytest.fixture(scope="module", autouse=True)
-def launched(model, tmp_path_factory):
+def launched(model, loras, tmp_path_factory):
     """The server process, started when the module begins so it loads while the in-process tests run."""
     port, out = free_port(), tmp_path_factory.mktemp("out")
     log_file = tmp_path_factory.mktemp("log") / "server.log"
@@ -70,6 +80,7 @@ def launched(model, tmp_path_factory):
     # 2 running + 8 waiting: the ten concurrent requests below all fit, the hundred of the load test do not.
     cmd += ["--max-queue", str(MAX_QUEUE), "--rate-limit", "2000/min", "--max-body", str(MAX_BODY)]
     cmd += ["--body-timeout", str(BODY_TIMEOUT)]
+    cmd += ["--lora", f"style={loras['style']}:0.8", "--lora", str(loras["detail"])]
     # One thread per generation: tiny models gain nothing from more, and a busy CPU makes OpenMP spin.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_file, "wb") as log:
@@ -157,6 +168,9 @@ def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model, m
             (["--model", str(model), "--auth-token", "short-secret"], "at least 16 characters"),
             (["--model", str(model), "--auth-token", TOKEN, "--no-auth"], "--no-auth contradicts"),
             (["--model", str(model), "--auth-token", TOKEN, "--auth-token-file", "t"], "give the token once"),
+            (["--model", str(model), "--lora", str(tmp_path / "none")], f"{tmp_path / 'none'} does not exist"),
+            (["--model", str(model), "--lora", f"a={model}", "--lora", f"a={model}:2"], "the name 'a' is taken"),
+            (["--model", str(model), "--lora", str(model), "--low-memory"], "drop --low-memory"),
         ]
         for flags, message in cases:
             assert main(["serve", *flags]) == 2
@@ -447,3 +461,36 @@ def test_a_hundred_concurrent_clients_all_get_an_answer_and_memory_stays_flat(se
     assert after - before < 50_000, (before, after)  # kB
     assert post(f"{server.url}/api/generate", GENERATE)[0] == 200
     assert json.loads(urllib.request.urlopen(f"{server.url}/api/info", timeout=30).read())["waiting"] == 0
+
+
+def test_each_request_chooses_among_the_loaded_loras(server, model, loras, tmp_path):
+    info = json.loads(urllib.request.urlopen(f"{server.url}/api/info", timeout=30).read())
+    assert info["loras"] == [{"name": "style", "scale": 0.8}, {"name": "detail", "scale": 1.0}]
+    request = {"prompt": "a red fox", "seed": 3, "steps": 2, "width": 64, "height": 64, "binning": False}
+    flags = ["a red fox", "--model", str(model), "--seed", "3", "--steps", "2", "--width", "64", "--height", "64"]
+    flags += ["--no-binning", "--device", "cpu"]
+    choices = [  # (request's loras, the same as `pixart generate` flags); the base again after LoRAs: restored
+        ([], []),
+        (["style"], ["--lora", f"{loras['style']}:0.8"]),
+        ([["detail", 0.5], "style"], ["--lora", f"{loras['detail']}:0.5", "--lora", f"{loras['style']}:0.8"]),
+        ([], []),
+    ]
+    served = []
+    for i, (chosen, lora_flags) in enumerate(choices):
+        status, body = post(f"{server.url}/api/generate", request | {"loras": chosen})
+        assert status == 200, body
+        image = png(body["images"][0]["png_base64"])
+        assert main(["generate", *flags, *lora_flags, "--out", str(tmp_path / str(i))]) == 0
+        expected = Image.open(next((tmp_path / str(i)).glob("*.png")))
+        assert image.tobytes() == expected.tobytes(), chosen
+        assert image.info.get("loras") == expected.info.get("loras"), chosen
+        served.append(image.tobytes())
+    assert len(set(served[:3])) == 3 and served[3] == served[0]
+
+    for bad, message in [
+        (["sketch"], "unknown LoRA 'sketch'; this server has: style, detail"),
+        ("style", "loras must be a list of LoRA names or [name, scale] pairs, got 'style'"),
+        ([["style", "strong"]], "the scale of LoRA 'style' must be a finite number, got 'strong'"),
+    ]:
+        status, body = post(f"{server.url}/api/generate", request | {"loras": bad})
+        assert (status, body) == (400, {"error": message})

@@ -282,11 +282,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, mer
     where = f"LoRA {str(path)!r}"
     fused = _fuse(model, _adapter_parts(tensors, config, where), where)
     if merge:
-        with torch.no_grad():
-            for name, (a, b, rank, alpha) in fused.items():
-                linear = _base_linear(model, name)
-                delta = (b @ a) * (scale * alpha / rank)
-                linear.weight.add_(delta.to(linear.weight.device, linear.weight.dtype))
+        _merge(model, fused, scale)
         logger.info("merged LoRA %s (scale %g) into %d linears", path, scale, len(fused))
         return model
     if lora_layers(model):
@@ -310,6 +306,49 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, mer
         layer.set_scale(ADAPTER, scale)
     logger.info("loaded LoRA %s (scale %g) on %d linears", path, scale, len(fused))
     return model
+
+
+@torch.no_grad()
+def _merge(model: nn.Module, fused: dict[str, tuple], scale: float) -> None:
+    """Add ``scale · B·A`` (with each layer's alpha / rank) into the base weights."""
+    for name, (a, b, rank, alpha) in fused.items():
+        linear = _base_linear(model, name)
+        delta = (b @ a) * (scale * alpha / rank)
+        linear.weight.add_(delta.to(linear.weight.device, linear.weight.dtype))
+
+
+class LoraSwitch:
+    """Several LoRAs read once for one model, any of them merged on demand: a server's per-request choice.
+
+    :meth:`use` puts back the base weights of every layer the LoRAs touch, then merges the chosen ones in order
+    exactly as ``load_lora(merge=True)`` does, so the weights (and images) are bit-identical to loading the
+    model with those LoRAs. Restoring, not subtracting, keeps rounding from piling up over many switches. The
+    base copies live on the CPU so an accelerator holds only the model.
+    """
+
+    def __init__(self, model: nn.Module, loras: dict[str, str | os.PathLike]):
+        self.model = model
+        self.fused = {}
+        for name, path in loras.items():
+            where = f"LoRA {str(path)!r}"
+            tensors, config = read_lora(Path(path))
+            self.fused[name] = _fuse(model, _adapter_parts(tensors, config, where), where)
+        touched = {layer for fused in self.fused.values() for layer in fused}
+        self.base = {n: _base_linear(model, n).weight.detach().to("cpu", copy=True) for n in sorted(touched)}
+        self.current: tuple[tuple[str, float], ...] = ()
+
+    @torch.no_grad()
+    def use(self, chosen: Sequence[tuple[str, float]]) -> None:
+        """Make the model the base with these (name, scale) LoRAs merged in this order; () is the base."""
+        chosen = tuple((name, float(scale)) for name, scale in chosen)
+        if chosen == self.current:
+            return
+        for name, weight in self.base.items():
+            _base_linear(self.model, name).weight.copy_(weight)
+        self.current = ()  # the base now, should a merge below fail
+        for name, scale in chosen:
+            _merge(self.model, self.fused[name], scale)
+        self.current = chosen
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 EXAMPLES = """examples:
   pixart serve --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS          # then open http://127.0.0.1:7860
   pixart serve --model ./my-pipeline --transformer finetuned.pth --port 8000 --out renders/
+  pixart serve --lora style=runs/style-lora:0.8 --lora runs/detail.safetensors   # requests choose among them
   curl -s http://127.0.0.1:7860/api/generate -H 'content-type: application/json' \\
        -d '{"prompt": "a red fox in the snow", "seed": 1}'
   python -c 'import secrets; print(secrets.token_urlsafe())' > token.txt   # sharing on the network:
@@ -47,6 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     m.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16")
     m.add_argument("--low-memory", action="store_true", help="load T5, transformer and VAE one at a time")
+    m.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH[:SCALE]",
+        help="a LoRA requests may choose by NAME (default: the file or folder name), merged at SCALE unless the "
+        "request gives one (default 1); repeatable",
+    )
 
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -114,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     hosts = tuple(host_name(h) for h in args.allowed_host)
     if "" in hosts:
         raise PixArtError("--allowed-host needs a name, e.g. --allowed-host studio.lan")
+    loras = served_loras(args.lora)
+    if loras and args.low_memory:
+        raise PixArtError("--lora needs the transformer kept loaded; drop --low-memory")
     token = auth_token(args)
     access = Access(
         bind_host=args.host,
@@ -143,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         )
         with tempfile.TemporaryDirectory(prefix="pixart-serve-") as tmp:
             out = args.out or Path(tmp)
-            app = build_app(ImageService(pipe, limits, out, log_prompts=args.log_prompts), access)
+            service = ImageService(pipe, limits, out, log_prompts=args.log_prompts, loras=loras)
+            app = build_app(service, access)
             url_host = f"[{args.host}]" if ":" in args.host else args.host
             log.info("serving on http://%s:%d (API: POST /api/generate); images in %s", url_host, args.port, out)
             if token is not None:
@@ -163,6 +176,26 @@ def _leave(signum: int, frame) -> None:
     default handler would kill the process before the folder is removed.
     """
     raise SystemExit(0)
+
+
+def served_loras(specs: list[str]):
+    """The ``--lora [NAME=]PATH[:SCALE]`` flags as ServedLora, each named once and found on disk."""
+    import re
+
+    from pixart.checkpoints.lora import parse_lora_spec
+    from pixart.serve.app import ServedLora
+
+    loras = {}
+    for spec in specs:
+        named = re.fullmatch(r"([\w.-]+)=(.+)", spec)
+        path, scale = parse_lora_spec(named[2] if named else spec)
+        name = named[1] if named else Path(path).name.removesuffix(".safetensors")
+        if not Path(path).exists():
+            raise PixArtError(f"--lora {spec}: {path} does not exist; give a LoRA folder or .safetensors file")
+        if name in loras:
+            raise PixArtError(f"--lora {spec}: the name {name!r} is taken; name it with --lora NAME=PATH")
+        loras[name] = ServedLora(name, path, scale)
+    return tuple(loras.values())
 
 
 def auth_token(args: argparse.Namespace) -> str | None:

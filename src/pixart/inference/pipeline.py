@@ -237,6 +237,16 @@ class PixArtPipeline:
             transformer_options=tuple(sorted((transformer_options or {}).items())),
         )
 
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The loaded transformer, to change its weights in place (a server switching LoRAs per request).
+
+        A low-memory pipeline on the CPU loads it afresh for each call, so it has none to hand out.
+        """
+        if self.low_memory and not self._offload:
+            raise PixArtError("a low-memory pipeline reloads its transformer for every call; load it without")
+        return self._loaded["transformer"]
+
     # ------------------------------------------------------------------ loading stages
 
     @contextlib.contextmanager

@@ -19,8 +19,10 @@ missing tokens and oversized or slow bodies.
 # time, and Request is imported inside build_app (gradio and fastapi are an optional extra).
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import math
 import reprlib
 import threading
 import time
@@ -34,6 +36,7 @@ from pixart.sampling.samplers import SAMPLERS, default_sampler
 from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
+    from pixart.checkpoints.lora import LoraSwitch
     from pixart.inference.options import GenerationOptions
     from pixart.inference.pipeline import PixArtPipeline
 
@@ -102,11 +105,42 @@ FIELD_KINDS = {
 """Fields whose wrong type GenerationOptions would not name (a list as sampler cannot even be looked up)."""
 
 
-class ImageService:
-    """The model behind the UI and the API: checks requests, generates under the concurrency limit, saves PNGs."""
+@dataclass(frozen=True)
+class ServedLora:
+    """A LoRA the server loaded, which requests may choose by name."""
 
-    def __init__(self, pipe: "PixArtPipeline", limits: ServeLimits, out_dir: str | Path, log_prompts: bool = False):
+    name: str
+    path: str
+    """As given on the command line: what the PNG metadata records, as ``pixart generate --lora`` does."""
+    scale: float
+    """Its scale when a request names it without one."""
+
+
+class ImageService:
+    """The model behind the UI and the API: checks requests, generates under the concurrency limit, saves PNGs.
+
+    ``loras``, if any, are read once and merged into the transformer per request as the request chooses
+    (:class:`pixart.checkpoints.lora.LoraSwitch`); requests with another choice wait until the running ones end.
+    """
+
+    def __init__(
+        self,
+        pipe: "PixArtPipeline",
+        limits: ServeLimits,
+        out_dir: str | Path,
+        log_prompts: bool = False,
+        loras: tuple[ServedLora, ...] = (),
+    ):
         self.pipe, self.limits, self.out_dir, self.log_prompts = pipe, limits, Path(out_dir), log_prompts
+        self.loras = {lora.name: lora for lora in loras}
+        self._switch: LoraSwitch | None = None
+        if loras:
+            from pixart.checkpoints import lora
+
+            self._switch = lora.LoraSwitch(pipe.transformer, {served.name: served.path for served in loras})
+        self._choice: tuple[tuple[str, float], ...] = ()
+        self._choice_users = 0
+        self._choice_changed = threading.Condition()
         side = pipe.model_config.sample_size * pipe.vae_factor
         # The most steps any sampler's defaults ask (ddpm's 100), so every default request fits.
         steps = max(sampler.steps for sampler in SAMPLERS.values())
@@ -135,7 +169,8 @@ class ImageService:
         limits = self.limits
         unknown = sorted(set(given) - set(API_FIELDS))
         if unknown:
-            raise PixArtError(f"unknown field(s) {', '.join(unknown)}; accepted: prompt, {', '.join(API_FIELDS)}")
+            accepted = ", ".join(("prompt", *API_FIELDS, "loras"))
+            raise PixArtError(f"unknown field(s) {', '.join(unknown)}; accepted: {accepted}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise PixArtError("enter a prompt: a non-empty text describing the image")
         for name, text in (("prompt", prompt), ("negative prompt", given.get("negative_prompt"))):
@@ -174,16 +209,61 @@ class ImageService:
             )
         return options
 
+    def lora_choice(self, value: object) -> tuple[tuple[str, float], ...]:
+        """A request's ``loras`` (names, or [name, scale] pairs, among the loaded ones) as (name, scale) pairs."""
+        if value is None:
+            return ()
+        loaded = ", ".join(self.loras) or "none: start the server with --lora"
+        if not isinstance(value, list):
+            raise PixArtError(f"loras must be a list of LoRA names or [name, scale] pairs, got {reprlib.repr(value)}")
+        chosen = []
+        for entry in value:
+            name, scale = entry, None
+            if isinstance(entry, list) and len(entry) == 2:
+                name, scale = entry
+            if not isinstance(name, str) or name not in self.loras:
+                raise PixArtError(f"unknown LoRA {reprlib.repr(name)}; this server has: {loaded}")
+            if scale is None:
+                scale = self.loras[name].scale
+            number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+            if not number or not math.isfinite(scale):
+                raise PixArtError(f"the scale of LoRA {name!r} must be a finite number, got {reprlib.repr(scale)}")
+            chosen.append((name, float(scale)))
+        return tuple(chosen)
+
+    @contextlib.contextmanager
+    def _using(self, choice: tuple[tuple[str, float], ...], cancel: threading.Event | None):
+        """Hold the transformer with these LoRAs merged; a different choice waits until no generation runs."""
+        with self._choice_changed:
+            while self._choice_users and self._choice != choice:
+                if cancel is not None and cancel.is_set():
+                    raise _Cancelled("stopped while waiting for its LoRAs")
+                self._choice_changed.wait(0.1)
+            if self._choice != choice:
+                self._choice = ()  # until the switch is done, should it fail
+                self._switch.use(choice)
+                self.pipe.loras = tuple((self.loras[name].path, scale) for name, scale in choice)
+                self._choice = choice
+            self._choice_users += 1
+        try:
+            yield
+        finally:
+            with self._choice_changed:
+                self._choice_users -= 1
+                self._choice_changed.notify_all()
+
     def generate(
         self,
         prompt: str,
         options: "GenerationOptions",
         progress: Callable[[int, int], None] | None = None,
         cancel: threading.Event | None = None,
+        loras: tuple[tuple[str, float], ...] = (),
     ) -> list[tuple[Path, dict[str, str]]]:
         """Generate and save; returns each PNG's path and metadata. Waits for a slot, or raises ServerBusy.
 
-        Once ``cancel`` is set, waiting or denoising stops within a step with :class:`_Cancelled`.
+        ``loras`` are (name, scale) pairs from :meth:`lora_choice`. Once ``cancel`` is set, waiting or
+        denoising stops within a step with :class:`_Cancelled`.
         """
         from pixart.inference.options import save_image
 
@@ -207,7 +287,8 @@ class ImageService:
         try:
             with self._count_lock:
                 self._running += 1
-            images = self.pipe(prompt, options, progress=step, show_progress=False)
+            with self._using(loras, cancel) if self._switch is not None else contextlib.nullcontext():
+                images = self.pipe(prompt, options, progress=step, show_progress=False)
         finally:
             with self._count_lock:
                 self._running -= 1
@@ -227,9 +308,10 @@ class ImageService:
         try:
             self.rate.admit(client)
             prompt, given = read()
+            loras = self.lora_choice(given.pop("loras", None))
             options = self.options(prompt, **given)
             resolved = self.pipe.resolve(options)
-            results = self.generate(prompt, options, progress, cancel)
+            results = self.generate(prompt, options, progress, cancel, loras)
             outcome = "200 ok"
             return results
         except RateLimited:
@@ -330,6 +412,7 @@ def build_ui(service: ImageService):
         seed,
         randomize,
         binning,
+        loras,
         request: gr.Request,
         progress=gr.Progress(),  # noqa: B008 - Gradio finds its progress tracker by this default
     ):
@@ -344,6 +427,7 @@ def build_ui(service: ImageService):
             height=_whole(h),
             num_images=_whole(num_images),
             binning=binning,
+            loras=list(loras or []),
         )
         try:
             progress(0, desc="waiting for a free slot")
@@ -398,6 +482,13 @@ def build_ui(service: ImageService):
                         seed = gr.Number(0, precision=0, label="Seed (image k uses seed + k)")
                         randomize = gr.Checkbox(True, label="Randomize seed")
                     binning = gr.Checkbox(True, label="Sample at the nearest trained aspect ratio, then resize")
+                loras = gr.Dropdown(
+                    list(service.loras),
+                    value=[],
+                    multiselect=True,
+                    visible=bool(service.loras),
+                    label="LoRAs (merged in the order chosen, each at its server scale)",
+                )
             with gr.Column(scale=2):
                 gallery = gr.Gallery(
                     label="Images", columns=2, format="png", elem_id="gallery", buttons=["download", "fullscreen"]
@@ -416,6 +507,7 @@ def build_ui(service: ImageService):
             seed,
             randomize,
             binning,
+            loras,
         ]
         run.click(generate, inputs, [gallery, seed], api_name="generate")
         prompt.submit(generate, inputs, [gallery, seed], api_visibility="private")
@@ -480,6 +572,7 @@ def build_app(service: ImageService, access: Access | None = None):
             "samplers": list(SAMPLERS),
             "default_sampler": default_sampler(pipe.scheduler_config).name,
             "sizes": [list(s) for s in service.size_presets().values()],
+            "loras": [{"name": lora.name, "scale": lora.scale} for lora in service.loras.values()],
             "limits": {f.name: getattr(limits, f.name) for f in fields(limits)} | {"max_work": service.max_work},
             "waiting": service.waiting,
             "running": service.running,
