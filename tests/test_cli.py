@@ -49,7 +49,7 @@ def see(prog: str, message: str) -> str:
             ["export", "openvino", "OUT", "--model", "m", "--width", "wide"],
             see("pixart export openvino", "argument --width: invalid int value: 'wide'"),
         ),
-        (["export", "openvino", "OUT"], see("pixart export openvino", "the following arguments are required: --model")),
+        (["export", "openvino"], see("pixart export openvino", "the following arguments are required: OUT")),
         (
             ["export", "openvino", "OUT", "--model", "m", "--bogus"],
             see("pixart export openvino", "unrecognized arguments: --bogus"),
