@@ -335,7 +335,8 @@ class LoraSwitch:
             self.fused[name] = _fuse(model, _adapter_parts(tensors, config, where), where)
         touched = {layer for fused in self.fused.values() for layer in fused}
         self.base = {n: _base_linear(model, n).weight.detach().to("cpu", copy=True) for n in sorted(touched)}
-        self.current: tuple[tuple[str, float], ...] = ()
+        self.current: tuple[tuple[str, float], ...] | None = ()
+        """The (name, scale) LoRAs merged now; None while a switch is under way (or failed half-way)."""
 
     @torch.no_grad()
     def use(self, chosen: Sequence[tuple[str, float]]) -> None:
@@ -343,9 +344,9 @@ class LoraSwitch:
         chosen = tuple((name, float(scale)) for name, scale in chosen)
         if chosen == self.current:
             return
+        self.current = None  # a switch that fails half-way leaves no claim on what the weights hold
         for name, weight in self.base.items():
             _base_linear(self.model, name).weight.copy_(weight)
-        self.current = ()  # the base now, should a merge below fail
         for name, scale in chosen:
             _merge(self.model, self.fused[name], scale)
         self.current = chosen

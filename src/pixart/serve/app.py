@@ -138,7 +138,7 @@ class ImageService:
             from pixart.checkpoints import lora
 
             self._switch = lora.LoraSwitch(pipe.transformer, {served.name: served.path for served in loras})
-        self._choice: tuple[tuple[str, float], ...] = ()
+        self._choice: tuple[tuple[str, float], ...] | None = ()
         self._choice_users = 0
         self._choice_changed = threading.Condition()
         side = pipe.model_config.sample_size * pipe.vae_factor
@@ -240,7 +240,7 @@ class ImageService:
                     raise _Cancelled("stopped while waiting for its LoRAs")
                 self._choice_changed.wait(0.1)
             if self._choice != choice:
-                self._choice = ()  # until the switch is done, should it fail
+                self._choice = None  # unknown until the switch is done, should it fail
                 self._switch.use(choice)
                 self.pipe.loras = tuple((self.loras[name].path, scale) for name, scale in choice)
                 self._choice = choice
