@@ -231,6 +231,7 @@ BAD_REQUESTS = [
     ({"prompt": "a cat", "steps": "20"}, "steps must be a positive integer, got '20'"),
     ({"prompt": "a cat", "width": "64", "height": 64}, "width must be an integer, got '64'"),
     ({"prompt": "a cat", "guidance": "4.5"}, "guidance must be a finite number"),
+    ({"prompt": "a cat", "guidance": 1e30}, "guidance must be a finite number from 0 to 50"),  # a black image
     ({"prompt": "a cat", "num_images": 1.5}, "num images must be a positive integer"),
     ({"prompt": "a cat", "seed": [1]}, "seed must be an integer"),
     ({"prompt": ["a cat"]}, "enter a prompt"),

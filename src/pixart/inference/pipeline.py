@@ -37,7 +37,7 @@ from pixart.inference.devices import (
     release_memory,
     resolve_dtype,
 )
-from pixart.inference.options import GenerationOptions, LoadSettings
+from pixart.inference.options import MAX_SEED, GenerationOptions, LoadSettings, check_text
 from pixart.inference.options import read_png_metadata as read_png_metadata  # re-exported: the README imports it here
 from pixart.inference.options import save_image as save_image  # re-exported: the README imports it here
 from pixart.model.config import FAMILY
@@ -305,12 +305,19 @@ class PixArtPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise PixArtError("give at least one prompt (text); an empty string asks for an unconditional image")
+        for p in prompts:
+            check_text("prompt", p)
         opts = self.resolve(options, **overrides)
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         height, width = self.sample_size_for(opts)
         jobs = [(p, opts.seed + k) for k, p in enumerate(p for p in prompts for _ in range(opts.num_images))]
+        if jobs[-1][1] > MAX_SEED:  # the last image's seed would not fit a generator, or its PNG's metadata
+            raise PixArtError(
+                f"seed {opts.seed} is too large for {len(jobs)} images (image k uses seed + k); "
+                f"use a seed from 0 to {MAX_SEED - len(jobs) + 1}"
+            )
         batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
         guided = opts.guidance > 1.0
 

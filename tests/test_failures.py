@@ -1,0 +1,98 @@
+"""Issue #22 item 7: each bad input ends as one line naming the value and what is accepted, before any denoising.
+
+The CLI cases run real ``python -m pixart`` processes on the bundled demo model; the library cases call the
+function where the input enters (GenerationOptions, parse_lora_spec, the pipeline).
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from pixart.checkpoints.lora import parse_lora_spec
+from pixart.errors import PixArtError
+from pixart.inference.options import MAX_SEED, GenerationOptions
+
+
+def generate(prompt: str | bytes, *args: str, out) -> subprocess.CompletedProcess:
+    """`pixart generate` of one prompt on the demo model in 2 steps; later flags win over those defaults."""
+    command = [sys.executable, "-m", "pixart", "generate", prompt, "--steps", "2", "--out", str(out), *args]
+    return subprocess.run(command, capture_output=True, timeout=300)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The single `error: …` line a refused command prints, after checking it exited 2 without denoising."""
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2, stderr
+    assert "Traceback" not in stderr and "denoising" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("width", 0, "width 0 is not allowed: use a multiple of 8 from 8 to 8192"),
+        ("height", 0, "height 0 is not allowed: use a multiple of 8 from 8 to 8192"),
+        ("guidance", 1e30, "guidance must be a finite number from 0 to 50 (≤ 1 turns it off), got 1e+30"),
+        ("guidance", 50.5, "guidance must be a finite number from 0 to 50 (≤ 1 turns it off), got 50.5"),
+        ("max_tokens", 1_000_000, "max tokens must be from 1 to 1024, got 1000000"),
+        ("steps", 1_000_000_000, "steps must be from 1 to 1000, got 1000000000"),
+        ("negative_prompt", "\udcff", "negative prompt '\\udcff' is not valid UTF-8"),
+    ],
+)
+def test_options_refuse_out_of_range_values(field, value, message):
+    with pytest.raises(PixArtError) as err:
+        GenerationOptions(**{field: value})
+    assert str(err.value).startswith(message)
+
+
+def test_options_keep_the_edges_of_their_ranges():
+    options = GenerationOptions(width=8, height=8192, guidance=50, max_tokens=1024, steps=1000, seed=MAX_SEED)
+    assert (options.width, options.guidance, options.max_tokens, options.steps) == (8, 50, 1024, 1000)
+
+
+@pytest.mark.parametrize("scale", ["1e30", "-11", "inf", "nan"])
+def test_lora_scale_out_of_bounds_is_refused_when_parsed(scale):
+    with pytest.raises(PixArtError, match=r"LoRA scale .* is invalid; expected a number from -10 to 10"):
+        parse_lora_spec(f"style.safetensors:{scale}")
+
+
+def test_lora_scale_within_bounds_parses():
+    assert parse_lora_spec("style.safetensors:-10") == ("style.safetensors", -10.0)
+    assert parse_lora_spec("c:/loras/style.safetensors") == ("c:/loras/style.safetensors", 1.0)
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--width", "0"], "error: width 0 is not allowed: use a multiple of 8 from 8 to 8192"),
+        (["--guidance", "1e30"], "error: guidance must be a finite number from 0 to 50 (≤ 1 turns it off), got 1e+30"),
+        (["--lora", "x.safetensors:1e30"], "error: LoRA scale 1e+30 is invalid; expected a number from -10 to 10"),
+        (["--max-tokens", "1000000"], "error: max tokens must be from 1 to 1024, got 1000000"),
+        (["--steps", "1000000000"], "error: steps must be from 1 to 1000, got 1000000000"),
+        (
+            ["--seed", str(MAX_SEED), "--num-images", "2"],
+            f"error: seed {MAX_SEED} is too large for 2 images (image k uses seed + k); "
+            f"use a seed from 0 to {MAX_SEED - 1}",
+        ),
+    ],
+)
+def test_generate_refuses_bad_values_in_one_line(tmp_path, args, line):
+    result = generate("a red circle", *args, out=tmp_path / "out")
+    assert one_error_line(result).startswith(line)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generate_refuses_a_prompt_that_is_not_utf8(tmp_path):
+    result = generate(b"\xff\xfe a circle", out=tmp_path / "out")
+    assert one_error_line(result).startswith("error: prompt '\\udcff\\udcfe a circle' is not valid UTF-8")
+
+
+def test_generate_refuses_an_out_folder_under_a_file_before_loading(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    result = generate("a red circle", out=tmp_path / "afile" / "out")
+    line = one_error_line(result)
+    assert line.startswith(f"error: --out={str(tmp_path / 'afile' / 'out')!r} is not a folder this process can write")
+    assert "loading" not in result.stderr.decode()
