@@ -6,9 +6,11 @@ function where the input enters (GenerationOptions, parse_lora_spec, the pipelin
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import pixart as pixart_package
 from pixart.checkpoints.lora import parse_lora_spec
 from pixart.errors import PixArtError
 from pixart.inference.options import MAX_SEED, GenerationOptions
@@ -96,3 +98,27 @@ def test_generate_refuses_an_out_folder_under_a_file_before_loading(tmp_path):
     line = one_error_line(result)
     assert line.startswith(f"error: --out={str(tmp_path / 'afile' / 'out')!r} is not a folder this process can write")
     assert "loading" not in result.stderr.decode()
+
+
+def pixart(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pixart", *args], capture_output=True, timeout=300)
+
+
+def test_eval_save_onto_an_existing_file_is_refused_before_generating(tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    result = pixart("eval", "--prompts", "1", "--steps", "2", "--save", str(tmp_path / "taken"))
+    line = one_error_line(result)
+    assert line.startswith(f"error: --save={str(tmp_path / 'taken')!r} is not a folder this process can write")
+    assert "generating" not in result.stderr.decode()
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("to, name", [("official", "taken.pth"), ("pixart", "taken.safetensors")])
+def test_convert_overwrite_onto_a_folder_is_refused_and_keeps_it(tmp_path, to, name):
+    demo = Path(pixart_package.__file__).parent / "assets" / "demo" / "transformer"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "kept.txt").write_text("mine")
+    result = pixart("convert", str(demo), str(tmp_path / name), "--to", to, "--overwrite")
+    line = one_error_line(result)
+    assert line == f"error: output {tmp_path / name} is a folder; --to {to} writes one file, so give a new file name"
+    assert (tmp_path / name / "kept.txt").read_text() == "mine"

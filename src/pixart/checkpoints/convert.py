@@ -181,6 +181,8 @@ def convert_checkpoint(
         raise PixArtError(f"output {dest} does not fit --to {to}: expected {wanted}")
     if to == "diffusers" and dest.is_file():
         raise PixArtError(f"output {dest} is a file; --to diffusers writes a folder")
+    if to != "diffusers" and dest.is_dir():  # not even with overwrite: replacing a folder by a file loses its files
+        raise PixArtError(f"output {dest} is a folder; --to {to} writes one file, so give a new file name")
     exists = dest.is_dir() and any(dest.iterdir()) if to == "diffusers" else dest.exists()
     if exists and not overwrite:
         raise PixArtError(f"output {dest} already exists and is not empty; pass overwrite (--overwrite) to write there")
