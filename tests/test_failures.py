@@ -4,13 +4,17 @@ The CLI cases run real ``python -m pixart`` processes on the bundled demo model;
 function where the input enters (GenerationOptions, parse_lora_spec, the pipeline).
 """
 
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pixart as pixart_package
+from pixart.checkpoints.convert import load_transformer
 from pixart.checkpoints.lora import parse_lora_spec
 from pixart.errors import PixArtError
 from pixart.inference.options import MAX_SEED, GenerationOptions
@@ -122,3 +126,36 @@ def test_convert_overwrite_onto_a_folder_is_refused_and_keeps_it(tmp_path, to, n
     line = one_error_line(result)
     assert line == f"error: output {tmp_path / name} is a folder; --to {to} writes one file, so give a new file name"
     assert (tmp_path / name / "kept.txt").read_text() == "mine"
+
+
+def test_random_bytes_pth_is_called_unreadable_not_code(tmp_path):
+    (tmp_path / "noise.pth").write_bytes(random.Random(0).randbytes(5000))
+    with pytest.raises(PixArtError) as err:
+        load_transformer(tmp_path / "noise.pth")
+    assert str(err.value) == f"cannot read {tmp_path / 'noise.pth'}: not a PyTorch checkpoint, or truncated/corrupt"
+
+
+class OpensAFile:
+    """Unpickling this calls open(marker, 'w'): the file appears if the pickle's code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("part, weights", [("vae", "diffusion_pytorch_model"), ("text_encoder", "model")])
+def test_a_pickled_bin_in_a_model_folder_is_refused_in_one_line(tmp_path, part, weights):
+    model = tmp_path / "model"
+    shutil.copytree(Path(pixart_package.__file__).parent / "assets" / "demo", model)
+    (model / part / f"{weights}.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save(
+        {"weight": OpensAFile(marker)},
+        model / part / ("pytorch_model.bin" if part == "text_encoder" else f"{weights}.bin"),
+    )
+    result = generate("a red circle", "--model", str(model), out=tmp_path / "out")
+    line = one_error_line(result)
+    assert f"no file named {weights}.safetensors" in line
+    assert not marker.exists()

@@ -209,7 +209,14 @@ class PixArtPipeline:
             vae_config = json.loads((root / "vae" / "config.json").read_text())
             # SD/SDXL VAEs overflow in fp16; those marked force_upcast (as diffusers does) stay in fp32.
             vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else dtype
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype)
+            try:
+                # safetensors only, as for the transformer and T5: a pickled .bin could run code when loaded
+                vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True)
+            except OSError as err:
+                first = str(err).strip().splitlines()[0]
+                raise PixArtError(
+                    f"cannot load the VAE from {root / 'vae'} (only safetensors are supported): {first}"
+                ) from None
             vae = vae.to(stage_device).eval().requires_grad_(False)
             if vae_tiling:
                 vae.enable_tiling()

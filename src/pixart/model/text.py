@@ -178,7 +178,8 @@ class TextEncoder:
         source = str(path_or_hub_id)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **_sub(tokenizer_subfolder))
-            model = T5EncoderModel.from_pretrained(source, **_sub(subfolder), **model_kwargs)
+            # safetensors only: a pickled .bin could run code when loaded (the hub fetch skips them too)
+            model = T5EncoderModel.from_pretrained(source, **_sub(subfolder), use_safetensors=True, **model_kwargs)
         except OSError as err:
             raise PixArtError(f"cannot load the T5 text encoder from {source!r}: {_first_line(err)}") from None
         if quantization not in ("8bit", "4bit") and not stream:
