@@ -159,3 +159,22 @@ def test_a_pickled_bin_in_a_model_folder_is_refused_in_one_line(tmp_path, part, 
     line = one_error_line(result)
     assert f"no file named {weights}.safetensors" in line
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("chunk", ["zTXt", "iTXt"])
+def test_from_png_with_a_text_bomb_is_refused_in_one_line(tmp_path, chunk):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    text = "a red circle " * 1_600_000  # 20 MB, compressed to ~20 kB
+    if chunk == "zTXt":
+        info.add_text("prompt", text, zip=True)
+    else:
+        info.add_itxt("prompt", text, zip=True)
+    info.add_text("seed", "1")
+    Image.new("RGB", (8, 8)).save(tmp_path / "bomb.png", pnginfo=info)
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    result = pixart("generate", "--from-png", str(tmp_path / "bomb.png"), "--out", str(tmp_path / "out"))
+    line = one_error_line(result)
+    assert line.startswith(f"error: cannot read {tmp_path / 'bomb.png'} as an image: Decompressed data too large")
