@@ -5,7 +5,9 @@ function where the input enters (GenerationOptions, parse_lora_spec, the pipelin
 """
 
 import random
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +180,84 @@ def test_from_png_with_a_text_bomb_is_refused_in_one_line(tmp_path, chunk):
     result = pixart("generate", "--from-png", str(tmp_path / "bomb.png"), "--out", str(tmp_path / "out"))
     line = one_error_line(result)
     assert line.startswith(f"error: cannot read {tmp_path / 'bomb.png'} as an image: Decompressed data too large")
+
+
+def pixart_with_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """`pixart …` in a process that may not write a file beyond ``limit`` bytes: a full disk without root."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so a write past the limit fails with EFBIG, not kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "-m", "pixart", *args]
+    return subprocess.run(command, capture_output=True, timeout=300, preexec_fn=limit_file_size)
+
+
+DEMO = Path(pixart_package.__file__).parent / "assets" / "demo"
+
+
+@pytest.mark.parametrize(
+    "limit, args, written",
+    [
+        (1000, ["generate", "a red circle", "--steps", "2", "--out", "OUT"], "an image in OUT"),
+        (100_000, ["convert", str(DEMO / "transformer"), "OUT/t.pth", "--to", "official"], "the official checkpoint"),
+        (100_000, ["convert", str(DEMO / "transformer"), "OUT/t.safetensors", "--to", "pixart"], "the pixart"),
+        (100_000, ["convert", str(DEMO / "transformer"), "OUT/t", "--to", "diffusers"], "the diffusers checkpoint t"),
+        (1000, ["shapes", "OUT/shapes", "--count", "3"], "the shapes data set shapes"),
+        (
+            100_000,
+            ["export", "diffusers", "OUT/pipe", "--transformer", str(DEMO / "transformer"), "--base", str(DEMO)],
+            "the pipeline pipe",
+        ),
+    ],
+)
+def test_a_full_disk_while_writing_is_one_line(tmp_path, limit, args, written):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [a.replace("OUT", str(out)) for a in args]
+    result = pixart_with_file_size_limit(limit, *args)
+    line = one_error_line_after_work(result)
+    assert line.startswith(f"error: file size limit hit while writing {written.replace('OUT', str(out))}")
+    assert line.endswith("free); free some space and run again")
+    assert not [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]  # no temporary file left
+
+
+def one_error_line_after_work(result: subprocess.CompletedProcess) -> str:
+    """The one `error: …` line of a command that failed while writing (so its progress bars ran)."""
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2 and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs, really full when written past; skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_while_saving_images_is_one_line(tiny_disk):
+    (tiny_disk / "ballast").write_bytes(b"\0" * 1_040_000)  # leave a few kB: less than one PNG
+    result = pixart(
+        "generate", "a red circle", "--steps", "2", "--width", "256", "--height", "256", "--out", str(tiny_disk)
+    )
+    line = one_error_line_after_work(result)
+    assert line.startswith(f"error: disk full while writing an image in {tiny_disk} (")
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["ballast"]  # no half-written PNG or temporary file
+
+
+def test_a_full_disk_while_caching_features_is_one_line(setup, tmp_path):
+    _, pipe, images, _ = setup
+    result = pixart_with_file_size_limit(
+        1000, "cache", "--data", str(images), "--model", str(pipe), "--out", str(tmp_path / "cache")
+    )
+    line = one_error_line_after_work(result)
+    assert line.startswith("error: file size limit hit while writing feature cache shard bucket-")
+    assert f"in {tmp_path / 'cache'} (" in line

@@ -30,6 +30,7 @@ from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
 from pixart.checkpoints.official import read_official, save_official
 from pixart.checkpoints.ours import read_pixart, save_pixart
 from pixart.errors import PixArtError
+from pixart.files import disk_full_is_one_line
 from pixart.model.config import FAMILIES, PixArtConfig
 from pixart.model.transformer import PixArtTransformer
 
@@ -189,7 +190,8 @@ def convert_checkpoint(
     model = load_transformer(source, **load_kwargs)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: PixArt-%s, %.1f M parameters, %s", model.config.family, n_params / 1e6, model.config)
-    saved = savers[to](model, dest)
+    with disk_full_is_one_line(f"the {to} checkpoint {dest.name}", dest.parent):
+        saved = savers[to](model, dest)
     if to == "diffusers":  # save_diffusers says it at debug only, as export's folder is a temporary one
         log.info("wrote diffusers transformer folder %s", saved)
     return saved

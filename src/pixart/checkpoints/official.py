@@ -311,6 +311,12 @@ def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     state_dict = {k: v.detach().cpu().contiguous() for k, v in to_official_state_dict(model).items()}
     # Our config beside the weights keeps what they cannot tell (heads, weightless KV compression).
     saved = json.dumps(model.config.to_dict())
-    atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict, SAVED_CONFIG: saved}, tmp))
+
+    def write(tmp: Path) -> None:
+        # Through a Python file, so that a full disk surfaces as its OSError (torch's own writer hides the errno).
+        with open(tmp, "wb") as file:
+            torch.save({"state_dict": state_dict, SAVED_CONFIG: saved}, file)
+
+    atomic_write(path, write)
     log.info("wrote %s (%s)", path, file_size(path))
     return path

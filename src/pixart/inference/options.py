@@ -21,7 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pixart.errors import PixArtError
-from pixart.files import file_mode
+from pixart.files import disk_full_is_one_line, file_mode
 from pixart.model.resolution import check_size
 from pixart.sampling.samplers import get_sampler
 
@@ -274,7 +274,7 @@ def save_image(image: Image.Image, out_dir: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".pixart-", suffix=".png", dir=out)
     os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the image from other users whatever the umask
     try:
-        with os.fdopen(fd, "wb") as f:
+        with disk_full_is_one_line("an image", out), os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"(\d+)-", f.name))]
         index = max(taken, default=-1) + 1
