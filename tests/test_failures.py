@@ -261,3 +261,12 @@ def test_a_full_disk_while_caching_features_is_one_line(setup, tmp_path):
     line = one_error_line_after_work(result)
     assert line.startswith("error: file size limit hit while writing feature cache shard bucket-")
     assert f"in {tmp_path / 'cache'} (" in line
+
+
+def test_a_transformer_for_another_text_width_is_refused_before_denoising(setup, tmp_path):
+    _, pipe, _, _ = setup  # a tiny α pipeline with 32-wide T5 features; the demo transformer takes 128
+    result = generate("a red circle", "--model", str(pipe), "--transformer", str(DEMO / "transformer"), out=tmp_path)
+    assert one_error_line(result) == (
+        f"error: the transformer {DEMO / 'transformer'} expects 128-wide text features but {str(pipe)!r} has a "
+        "32-wide text encoder; use a transformer and a model of the same release"
+    )

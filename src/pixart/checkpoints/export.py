@@ -25,6 +25,7 @@ from pixart.checkpoints.lora import load_lora, lora_layers, merge_lora
 from pixart.errors import PixArtError
 from pixart.files import disk_full_is_one_line, swap_into_place, temporary_folder
 from pixart.model.config import FAMILY
+from pixart.model.text import saved_text_width
 from pixart.model.transformer import PixArtTransformer
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,6 @@ def base_family(base_dir: Path, name: str) -> str:
             "(e.g. PixArt-alpha/PixArt-XL-2-1024-MS or PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers)"
         )
     return families[index["_class_name"]]
-
-
-def _text_width(base_dir: Path) -> int | None:
-    try:
-        return json.loads((base_dir / "text_encoder" / "config.json").read_text()).get("d_model")
-    except (OSError, ValueError):
-        return None
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -113,7 +107,7 @@ def export_pipeline(
     else:
         model = load_transformer(transformer, family=family, image_size=image_size)
     check_diffusers_compatible(model.config)  # before copying gigabytes
-    width = _text_width(base_dir)
+    width = saved_text_width(base_dir)
     if width is not None and width != model.config.caption_channels:
         raise PixArtError(
             f"the transformer expects {model.config.caption_channels}-wide text features but base "

@@ -42,7 +42,7 @@ from pixart.inference.options import read_png_metadata as read_png_metadata  # r
 from pixart.inference.options import save_image as save_image  # re-exported: the README imports it here
 from pixart.model.config import FAMILY
 from pixart.model.resolution import generation_size, resize_and_crop
-from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
+from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization, check_text_width
 from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
 from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, runs_every_block
 
@@ -199,6 +199,7 @@ class PixArtPipeline:
             source = transformer if transformer is not None else root
             log.info("loading the transformer from %s", source)
             net = load_transformer(source, device=stage_device, dtype=dtype, **(transformer_options or {}))
+            check_text_width(net.config.caption_channels, root, f"the transformer {source}")  # before it runs
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
             if compile:
