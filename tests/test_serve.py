@@ -245,6 +245,7 @@ BAD_REQUESTS = [
     ({"prompt": "a cat", "steps": "20"}, "steps must be a positive integer, got '20'"),
     ({"prompt": "a cat", "width": "64", "height": 64}, "width must be an integer, got '64'"),
     ({"prompt": "a cat", "guidance": "4.5"}, "guidance must be a finite number"),
+    ({"prompt": "a cat", "guidance": 1e30}, "guidance must be a finite number from 0 to 50"),  # a black image
     ({"prompt": "a cat", "num_images": 1.5}, "num images must be a positive integer"),
     ({"prompt": "a cat", "seed": [1]}, "seed must be an integer"),
     ({"prompt": ["a cat"]}, "enter a prompt"),
@@ -490,7 +491,7 @@ def test_each_request_chooses_among_the_loaded_loras(server, model, loras, tmp_p
     for bad, message in [
         (["sketch"], "unknown LoRA 'sketch'; this server has: style, detail"),
         ("style", "loras must be a list of LoRA names or [name, scale] pairs, got 'style'"),
-        ([["style", "strong"]], "the scale of LoRA 'style' must be a finite number, got 'strong'"),
+        ([["style", "strong"]], "the scale of LoRA 'style' must be a number from -10 to 10, got 'strong'"),
     ]:
         status, body = post(f"{server.url}/api/generate", request | {"loras": bad})
         assert (status, body) == (400, {"error": message})

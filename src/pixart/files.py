@@ -13,13 +13,18 @@ publishes them (and the parent folder after it, so the rename itself is kept).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pixart.errors import PixArtError
+
+OUT_OF_SPACE = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit hit"}
 
 
 def umask() -> int:
@@ -141,3 +146,41 @@ def require_writable_folder(path: Path, option: str) -> None:
             f"{option}={str(path)!r} is not a folder this process can write to ({err.strerror or err}); "
             "pass a writable folder"
         ) from None
+
+
+def out_of_space(err: BaseException) -> str | None:
+    """Why a write failed for lack of space ("disk full", "disk quota exceeded", "file size limit hit"), or None.
+
+    The OS error may sit anywhere behind ``err``: torch.save raises a RuntimeError whose context is the OSError of
+    the file it wrote to; safetensors keeps only Rust's text "(os error N)"."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno is not None:
+            return OUT_OF_SPACE.get(err.errno)
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found:
+            return OUT_OF_SPACE.get(int(found.group(1)))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(what: str, folder: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk (or quota, or file size limit) while writing ``what`` into ``folder`` into one PixArtError
+    line with the space left; other failures keep their traceback."""
+    try:
+        yield
+    except Exception as err:
+        reason = out_of_space(err)
+        if reason is None:
+            raise
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
+        left = f" ({size_text(free)} free)" if free is not None else ""
+        raise PixArtError(f"{reason} while writing {what} in {folder}{left}; free some space and run again") from None
+
+
+def size_text(n: int) -> str:
+    """A byte count for people: 1.2 GB, 340.0 kB, 12 bytes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

@@ -30,6 +30,7 @@ from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
 from pixart.checkpoints.official import read_official, save_official
 from pixart.checkpoints.ours import read_pixart, save_pixart
 from pixart.errors import PixArtError
+from pixart.files import disk_full_is_one_line
 from pixart.model.config import FAMILIES, PixArtConfig
 from pixart.model.transformer import PixArtTransformer
 
@@ -181,13 +182,16 @@ def convert_checkpoint(
         raise PixArtError(f"output {dest} does not fit --to {to}: expected {wanted}")
     if to == "diffusers" and dest.is_file():
         raise PixArtError(f"output {dest} is a file; --to diffusers writes a folder")
+    if to != "diffusers" and dest.is_dir():  # not even with overwrite: replacing a folder by a file loses its files
+        raise PixArtError(f"output {dest} is a folder; --to {to} writes one file, so give a new file name")
     exists = dest.is_dir() and any(dest.iterdir()) if to == "diffusers" else dest.exists()
     if exists and not overwrite:
         raise PixArtError(f"output {dest} already exists and is not empty; pass overwrite (--overwrite) to write there")
     model = load_transformer(source, **load_kwargs)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: PixArt-%s, %.1f M parameters, %s", model.config.family, n_params / 1e6, model.config)
-    saved = savers[to](model, dest)
+    with disk_full_is_one_line(f"the {to} checkpoint {dest.name}", dest.parent):
+        saved = savers[to](model, dest)
     if to == "diffusers":  # save_diffusers says it at debug only, as export's folder is a temporary one
         log.info("wrote diffusers transformer folder %s", saved)
     return saved

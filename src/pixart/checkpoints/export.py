@@ -23,8 +23,9 @@ from pixart.checkpoints.diffusers import check_diffusers_compatible, save_diffus
 from pixart.checkpoints.hub import resolve_pipeline
 from pixart.checkpoints.lora import load_lora, lora_layers, merge_lora
 from pixart.errors import PixArtError
-from pixart.files import swap_into_place, temporary_folder
+from pixart.files import disk_full_is_one_line, swap_into_place, temporary_folder
 from pixart.model.config import FAMILY
+from pixart.model.text import saved_text_width
 from pixart.model.transformer import PixArtTransformer
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,6 @@ def base_family(base_dir: Path, name: str) -> str:
             "(e.g. PixArt-alpha/PixArt-XL-2-1024-MS or PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers)"
         )
     return families[index["_class_name"]]
-
-
-def _text_width(base_dir: Path) -> int | None:
-    try:
-        return json.loads((base_dir / "text_encoder" / "config.json").read_text()).get("d_model")
-    except (OSError, ValueError):
-        return None
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -113,7 +107,7 @@ def export_pipeline(
     else:
         model = load_transformer(transformer, family=family, image_size=image_size)
     check_diffusers_compatible(model.config)  # before copying gigabytes
-    width = _text_width(base_dir)
+    width = saved_text_width(base_dir)
     if width is not None and width != model.config.caption_channels:
         raise PixArtError(
             f"the transformer expects {model.config.caption_channels}-wide text features but base "
@@ -125,18 +119,20 @@ def export_pipeline(
         load_lora(model, path, scale=scale, merge=True)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_folder(out.parent, f".{out.name}.", ".tmp")
-    try:
-        total = sum(p.stat().st_size for c in BASE_COMPONENTS for p in (base_dir / c).rglob("*") if p.is_file())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="copying base components") as progress:
-            for component in BASE_COMPONENTS:
-                _copy_tree(base_dir / component, tmp / component, progress)
-        save_diffusers(model, tmp / "transformer")
-        (tmp / "model_index.json").write_text(json.dumps(_model_index(base_dir, family), indent=2) + "\n")
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # A full disk leaves no half-written folder (removed below) and ends as one line.
+    with disk_full_is_one_line(f"the pipeline {out.name}", out.parent):
+        tmp = temporary_folder(out.parent, f".{out.name}.", ".tmp")
+        try:
+            total = sum(p.stat().st_size for c in BASE_COMPONENTS for p in (base_dir / c).rglob("*") if p.is_file())
+            with tqdm(total=total, unit="B", unit_scale=True, desc="copying base components") as progress:
+                for component in BASE_COMPONENTS:
+                    _copy_tree(base_dir / component, tmp / component, progress)
+            save_diffusers(model, tmp / "transformer")
+            (tmp / "model_index.json").write_text(json.dumps(_model_index(base_dir, family), indent=2) + "\n")
+            swap_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     logger.info("wrote %s pipeline %s", PIPELINE_CLASSES[family], out)
     return out
 

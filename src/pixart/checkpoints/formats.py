@@ -11,3 +11,7 @@ IMAGE_SIZES = tuple(sorted({side for family in FAMILY.values() for side in famil
 
 LORA_FORMATS = ("peft", "kohya", "comfyui")
 """What ``pixart lora convert|merge --to`` writes (:mod:`pixart.checkpoints.lora_formats` also detects them)."""
+
+MAX_LORA_SCALE = 10.0
+"""LoRAs are trained at scale 1 and used from about -2 to 2; far beyond 10 the merged weights swamp the model's own
+and every image comes out black."""

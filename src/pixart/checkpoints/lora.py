@@ -29,6 +29,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pixart.checkpoints.diffusers import diffusers_key_map
+from pixart.checkpoints.formats import MAX_LORA_SCALE
 from pixart.checkpoints.lora_formats import PEFT_PREFIX, pattern_value, peft_config, read_lora, write_peft_folder
 from pixart.errors import PixArtError
 from pixart.model.config import PixArtConfig
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 """peft adapter name we use; a model carries at most one live pixart LoRA."""
-
 TARGET_GROUPS = {
     "attn": ("attn.qkv", "attn.proj"),
     "cross_attn": ("cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj"),
@@ -275,8 +275,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, mer
     LoRAs can be merged one after another). Otherwise the adapter is injected as live peft layers that can
     be trained further, rescaled or saved. Accepts a peft adapter folder or a ``.safetensors`` file.
     """
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise PixArtError(f"LoRA scale {scale!r} is invalid; expected a finite number such as 1.0 or 0.7")
+    check_lora_scale(scale)
     path = Path(path)
     tensors, config = read_lora(path)  # any known format, as peft tensors and config
     where = f"LoRA {str(path)!r}"
@@ -352,14 +351,27 @@ class LoraSwitch:
         self.current = chosen
 
 
+def check_lora_scale(scale: object) -> None:
+    """Refuse a LoRA scale that is not a finite number within ±:data:`MAX_LORA_SCALE`."""
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+    if not ok or abs(scale) > MAX_LORA_SCALE:
+        raise PixArtError(
+            f"LoRA scale {scale!r} is invalid; expected a number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} "
+            "such as 1.0 or 0.7"
+        )
+
+
 def parse_lora_spec(spec: str) -> tuple[str, float]:
     """Split a command-line ``PATH[:SCALE]`` into (path, scale); without a numeric suffix the scale is 1."""
     path, sep, tail = spec.rpartition(":")
     if sep and path:
         try:
-            return path, float(tail)
+            scale = float(tail)
         except ValueError:
             pass  # a ':' that belongs to the path
+        else:
+            check_lora_scale(scale)
+            return path, scale
     if not spec:
         raise PixArtError("--lora is empty; expected PATH or PATH:SCALE with SCALE a number like 0.8")
     return spec, 1.0

@@ -251,9 +251,11 @@ def _read_pth(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str,
         # weights_only refuses any pickle that would construct arbitrary objects (run code) on load.
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises pickle, zip and key errors alike for bad files
+        # Only a pickle that names a global (a class or function to call) could run code; random bytes also fail
+        # the weights-only unpickler, on an unknown opcode, and are simply not a checkpoint.
         text = str(err)
-        if "Weights only load failed" in text:
-            culprit = re.search(r"Unsupported global: (?:GLOBAL )?(\S+)", text)
+        if "Weights only load failed" in text and "global" in text.lower():
+            culprit = re.search(r"unsupported (?:global: (?:GLOBAL )?|GLOBAL )(\S+)", text, re.IGNORECASE)
             detail = f" ({culprit.group(1)})" if culprit else ""
             raise PixArtError(
                 f"refusing to load {path}: it holds pickled objects other than tensors{detail}, which could run code"
@@ -309,6 +311,12 @@ def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     state_dict = {k: v.detach().cpu().contiguous() for k, v in to_official_state_dict(model).items()}
     # Our config beside the weights keeps what they cannot tell (heads, weightless KV compression).
     saved = json.dumps(model.config.to_dict())
-    atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict, SAVED_CONFIG: saved}, tmp))
+
+    def write(tmp: Path) -> None:
+        # Through a Python file, so that a full disk surfaces as its OSError (torch's own writer hides the errno).
+        with open(tmp, "wb") as file:
+            torch.save({"state_dict": state_dict, SAVED_CONFIG: saved}, file)
+
+    atomic_write(path, write)
     log.info("wrote %s (%s)", path, file_size(path))
     return path

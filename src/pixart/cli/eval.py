@@ -8,7 +8,7 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from pixart.files import atomic_write
+from pixart.files import atomic_write, require_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from pixart.demo.shapes import held_out_prompts
 
     held_out_prompts(args.prompts, seed=args.seed)  # refuse a bad count or seed before importing torch
+    if args.save is not None:
+        require_writable_folder(args.save, "--save")  # a file there would otherwise fail after the whole run
     from tqdm.auto import tqdm
 
     from pixart.checkpoints.lora import parse_lora_spec

@@ -125,10 +125,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pixart.files import require_writable_folder
     from pixart.inference.options import save_image
     from pixart.inference.pipeline import PixArtPipeline
 
     prompts, options, load = _inputs(args)
+    require_writable_folder(args.out, "--out")  # before loading, not after the denoising
     if args.t5_int8 and args.t5_bits:
         raise PixArtError("choose one of --t5-int8 and --t5-bits")
     if args.t5_bits not in (None, 8, 4):
@@ -190,7 +192,13 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
 def _inputs(args: argparse.Namespace):
     """Prompts, options and load settings from the command line, over an image's own with --from-png."""
     from pixart.checkpoints.lora import parse_lora_spec
-    from pixart.inference.options import GenerationOptions, LoadSettings, check_recorded_weights, read_png_metadata
+    from pixart.inference.options import (
+        GenerationOptions,
+        LoadSettings,
+        check_recorded_weights,
+        check_text,
+        read_png_metadata,
+    )
 
     given = {
         "negative_prompt": args.negative_prompt,
@@ -221,6 +229,8 @@ def _inputs(args: argparse.Namespace):
             prompts += _read_prompts_file(args.prompts_file)
         if not prompts:
             raise PixArtError("no prompt given: pass prompts as arguments, --prompts-file or --from-png")
+        for prompt in prompts:
+            check_text("prompt", prompt)  # before the model loads, which the pipeline's own check would follow
         return prompts, GenerationOptions(**given), LoadSettings(**weights)
     if args.prompts or args.prompts_file:
         raise PixArtError("--from-png takes the prompt from the image; do not also give prompts")

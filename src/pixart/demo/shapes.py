@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pixart.errors import PixArtError
-from pixart.files import swap_into_place, temporary_folder
+from pixart.files import disk_full_is_one_line, swap_into_place, temporary_folder
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": 0.0, "orange": 26.0, "yellow": 54.0, "green": 125.0, "blue": 220.0, "purple": 280.0}
@@ -429,14 +429,15 @@ def write_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_folder(out.parent, f".{out.name}.")
     try:
-        digits = max(6, len(str(count - 1)))
-        with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
-            for i in tqdm(range(count), desc="shapes", unit="img", disable=not progress):
-                sample = make_sample(seed, i, tuple(sizes), split, pairs)
-                name = f"{i:0{digits}d}.png"
-                sample.image.save(tmp / name, compress_level=1)  # noisy backgrounds barely compress: save time
-                meta.write(json.dumps(metadata_row(sample, name, split)) + "\n")
-        swap_into_place(tmp, out)
+        with disk_full_is_one_line(f"the shapes data set {out.name}", out.parent):
+            digits = max(6, len(str(count - 1)))
+            with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
+                for i in tqdm(range(count), desc="shapes", unit="img", disable=not progress):
+                    sample = make_sample(seed, i, tuple(sizes), split, pairs)
+                    name = f"{i:0{digits}d}.png"
+                    sample.image.save(tmp / name, compress_level=1)  # noisy backgrounds barely compress: save time
+                    meta.write(json.dumps(metadata_row(sample, name, split)) + "\n")
+            swap_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

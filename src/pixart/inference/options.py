@@ -21,11 +21,18 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pixart.errors import PixArtError
-from pixart.files import file_mode
+from pixart.files import disk_full_is_one_line, file_mode
 from pixart.model.resolution import check_size
 from pixart.sampling.samplers import get_sampler
 
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000
+"""The released schedules have 1000 training timesteps; more steps than that would revisit the same ones."""
+MAX_GUIDANCE = 50.0
+"""Released models use 4.5 (α, Σ) or 1 (LCM); far above 50 the guided prediction saturates to a black image."""
+MAX_TOKENS = 1024
+"""T5's relative attention has no hard length limit, but its attention bias grows with tokens² (T5-XXL at 1024
+tokens: 256 MB per layer) and the released models were trained on 120 (α) or 300 (Σ) tokens."""
 
 
 @dataclass
@@ -44,6 +51,7 @@ class GenerationOptions:
     sampler: str | None = None
     """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: the model's default (dpm++, lcm for LCM models)."""
     steps: int | None = None
+    """Denoising steps, up to :data:`MAX_STEPS`; None: the sampler's."""
     guidance: float | None = None
     """Classifier-free guidance scale; ≤ 1 turns guidance off (one model pass per step)."""
     width: int | None = None
@@ -64,29 +72,37 @@ class GenerationOptions:
     def validate(self) -> None:
         """Refuse values no model could use, naming the value and what is accepted."""
 
-        def positive_int(name: str, value, optional: bool = True) -> None:
+        def positive_int(name: str, value, optional: bool = True, most: int | None = None) -> None:
             if value is None and optional:
                 return
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PixArtError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+            if most is not None and value > most:
+                raise PixArtError(f"{name.replace('_', ' ')} must be from 1 to {most}, got {value!r}")
 
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise PixArtError(f"negative prompt must be text, got {self.negative_prompt!r}")
+        if self.negative_prompt is not None:
+            check_text("negative prompt", self.negative_prompt)
         positive_int("num_images", self.num_images, optional=False)
         positive_int("batch_size", self.batch_size, optional=False)
-        positive_int("steps", self.steps)
-        positive_int("max_tokens", self.max_tokens)
+        positive_int("steps", self.steps, most=MAX_STEPS)
+        positive_int("max_tokens", self.max_tokens, most=MAX_TOKENS)
         if self.width is not None or self.height is not None:
             # The model-independent part of the size rule; the pipeline checks the rest (patch grid, bins).
-            check_size(self.width or 8, self.height or 8, multiple=8, binned=True)
+            # A given 0 is checked as 0, not taken for "unset".
+            check_size(
+                8 if self.width is None else self.width, 8 if self.height is None else self.height, 8, binned=True
+            )
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
             raise PixArtError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.sampler is not None:
             get_sampler(self.sampler)
         if self.guidance is not None:
             ok = isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
-            if not ok or not math.isfinite(self.guidance) or self.guidance < 0:
-                raise PixArtError(f"guidance must be a finite number ≥ 0 (≤ 1 turns it off), got {self.guidance!r}")
+            if not ok or not math.isfinite(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
+                raise PixArtError(
+                    f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g} (≤ 1 turns it off), "
+                    f"got {self.guidance!r}"
+                )
 
     def replace(self, **changes) -> GenerationOptions:
         return dataclasses.replace(self, **changes)
@@ -207,6 +223,19 @@ def check_recorded_weights(recorded: LoadSettings, given: set[str], *, trust: bo
         )
 
 
+def check_text(what: str, text: object) -> None:
+    """Refuse a prompt that is not text, or holds bytes that were not UTF-8 (Python keeps those of a command
+    line as lone surrogates, which the tokenizer cannot encode)."""
+    if not isinstance(text, str):
+        raise PixArtError(f"{what} must be text, got {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PixArtError(
+            f"{what} {text!r} is not valid UTF-8 (bad byte at character {err.start}); give the prompt as UTF-8 text"
+        ) from None
+
+
 def _is_lora_entry(entry: object) -> bool:
     """Whether a parsed ``loras`` entry is [path, scale]."""
     if not isinstance(entry, list) or len(entry) != 2:
@@ -245,7 +274,7 @@ def save_image(image: Image.Image, out_dir: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".pixart-", suffix=".png", dir=out)
     os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the image from other users whatever the umask
     try:
-        with os.fdopen(fd, "wb") as f:
+        with disk_full_is_one_line("an image", out), os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"(\d+)-", f.name))]
         index = max(taken, default=-1) + 1

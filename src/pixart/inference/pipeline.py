@@ -37,12 +37,12 @@ from pixart.inference.devices import (
     release_memory,
     resolve_dtype,
 )
-from pixart.inference.options import GenerationOptions, LoadSettings
+from pixart.inference.options import MAX_SEED, GenerationOptions, LoadSettings, check_text
 from pixart.inference.options import read_png_metadata as read_png_metadata  # re-exported: the README imports it here
 from pixart.inference.options import save_image as save_image  # re-exported: the README imports it here
 from pixart.model.config import FAMILY
 from pixart.model.resolution import generation_size, resize_and_crop
-from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization
+from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization, check_text_width
 from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
 from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, runs_every_block
 
@@ -199,6 +199,7 @@ class PixArtPipeline:
             source = transformer if transformer is not None else root
             log.info("loading the transformer from %s", source)
             net = load_transformer(source, device=stage_device, dtype=dtype, **(transformer_options or {}))
+            check_text_width(net.config.caption_channels, root, f"the transformer {source}")  # before it runs
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
             if compile:
@@ -209,7 +210,14 @@ class PixArtPipeline:
             vae_config = json.loads((root / "vae" / "config.json").read_text())
             # SD/SDXL VAEs overflow in fp16; those marked force_upcast (as diffusers does) stay in fp32.
             vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else dtype
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype)
+            try:
+                # safetensors only, as for the transformer and T5: a pickled .bin could run code when loaded
+                vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True)
+            except OSError as err:
+                first = str(err).strip().splitlines()[0]
+                raise PixArtError(
+                    f"cannot load the VAE from {root / 'vae'} (only safetensors are supported): {first}"
+                ) from None
             vae = vae.to(stage_device).eval().requires_grad_(False)
             if vae_tiling:
                 vae.enable_tiling()
@@ -315,12 +323,19 @@ class PixArtPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise PixArtError("give at least one prompt (text); an empty string asks for an unconditional image")
+        for p in prompts:
+            check_text("prompt", p)
         opts = self.resolve(options, **overrides)
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         height, width = self.sample_size_for(opts)
         jobs = [(p, opts.seed + k) for k, p in enumerate(p for p in prompts for _ in range(opts.num_images))]
+        if jobs[-1][1] > MAX_SEED:  # the last image's seed would not fit a generator, or its PNG's metadata
+            raise PixArtError(
+                f"seed {opts.seed} is too large for {len(jobs)} images (image k uses seed + k); "
+                f"use a seed from 0 to {MAX_SEED - len(jobs) + 1}"
+            )
         batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
         guided = opts.guidance > 1.0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import importlib.util
+import json
 import logging
 import re
 import tempfile
@@ -25,6 +26,26 @@ from pixart.model.config import FAMILY
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = {name: family.max_tokens for name, family in FAMILY.items()}
+
+
+def saved_text_width(root: Path) -> int | None:
+    """The feature width (d_model) of the T5 in a pipeline folder's text_encoder/, read without loading it."""
+    try:
+        return json.loads((root / "text_encoder" / "config.json").read_text()).get("d_model")
+    except (OSError, ValueError):
+        return None
+
+
+def check_text_width(caption_channels: int, root: Path, what: str) -> None:
+    """Refuse a transformer whose caption projection does not take the width of the pipeline's T5 features."""
+    width = saved_text_width(root)
+    if width is not None and width != caption_channels:
+        raise PixArtError(
+            f"{what} expects {caption_channels}-wide text features but {str(root)!r} has a {width}-wide text "
+            "encoder; use a transformer and a model of the same release"
+        )
+
+
 """T5 tokens per caption each family was trained with, by family name (see ``Family.max_tokens``)."""
 
 QUANTIZATIONS = ("int8-dynamic", "8bit", "4bit")
@@ -178,7 +199,8 @@ class TextEncoder:
         source = str(path_or_hub_id)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **_sub(tokenizer_subfolder))
-            model = T5EncoderModel.from_pretrained(source, **_sub(subfolder), **model_kwargs)
+            # safetensors only: a pickled .bin could run code when loaded (the hub fetch skips them too)
+            model = T5EncoderModel.from_pretrained(source, **_sub(subfolder), use_safetensors=True, **model_kwargs)
         except OSError as err:
             raise PixArtError(f"cannot load the T5 text encoder from {source!r}: {_first_line(err)}") from None
         if quantization not in ("8bit", "4bit") and not stream:

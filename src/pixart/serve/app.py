@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pixart.checkpoints.formats import MAX_LORA_SCALE
 from pixart.errors import PixArtError
 from pixart.sampling.samplers import SAMPLERS, default_sampler
 from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
@@ -226,8 +227,11 @@ class ImageService:
             if scale is None:
                 scale = self.loras[name].scale
             number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-            if not number or not math.isfinite(scale):
-                raise PixArtError(f"the scale of LoRA {name!r} must be a finite number, got {reprlib.repr(scale)}")
+            if not number or not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+                raise PixArtError(
+                    f"the scale of LoRA {name!r} must be a number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, "
+                    f"got {reprlib.repr(scale)}"
+                )
             chosen.append((name, float(scale)))
         return tuple(chosen)
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pixart.checkpoints.hub import resolve_pipeline
 from pixart.errors import PixArtError
-from pixart.files import atomic_write
+from pixart.files import atomic_write, disk_full_is_one_line
 from pixart.model.config import FAMILY, family_of_pipeline
 from pixart.model.resolution import BUCKET_RESOLUTIONS, bucket_table
 from pixart.train.data import ImageBuckets, ImageDataset, UnreadableImage, resize_cover_crop, to_tensor
@@ -112,7 +112,8 @@ def _hash(value: Any) -> str:
 
 def _atomic_json(path: Path, value: Any) -> None:
     text = json.dumps(value, indent=1, sort_keys=True)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    with disk_full_is_one_line(f"feature cache {path.name}", path.parent):
+        atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _shard_meta(path: Path) -> dict[str, str] | None:
@@ -174,34 +175,34 @@ def build_cache(
         for n, start in enumerate(range(0, len(group), shard_size))
     ]
     shards, skipped = [], list(dataset.skipped)
-    progress = tqdm(total=len(dataset), desc="caching features", unit="img")
-    for ratio, n, indices in work:
-        name = f"bucket-{ratio:.2f}-{n:05d}.safetensors"
-        plan = _hash([fingerprint, [dataset.records[i].key for i in indices]])
-        meta = _shard_meta(out / name) if (out / name).is_file() else None
-        if meta is None or meta.get("plan") != plan:
-            meta = _write_shard(
-                out / name,
-                plan,
-                buckets,
-                ratio,
-                indices,
-                text_encoder,
-                vae,
-                max_tokens=max_tokens,
-                clean=clean,
-                batch_size=batch_size,
-                flip=flip,
-                device=device,
-            )
-        else:
-            log.info("reusing %s", name)
-        skipped += json.loads(meta["skipped"])
-        count = len(json.loads(meta["keys"]))
-        if count:
-            shards.append({"file": name, "bucket": ratio, "size": list(buckets.table[ratio]), "count": count})
-        progress.update(len(indices))
-    progress.close()
+    # A with block closes the bar on a failure too, so an error line starts on a line of its own.
+    with tqdm(total=len(dataset), desc="caching features", unit="img") as progress:
+        for ratio, n, indices in work:
+            name = f"bucket-{ratio:.2f}-{n:05d}.safetensors"
+            plan = _hash([fingerprint, [dataset.records[i].key for i in indices]])
+            meta = _shard_meta(out / name) if (out / name).is_file() else None
+            if meta is None or meta.get("plan") != plan:
+                meta = _write_shard(
+                    out / name,
+                    plan,
+                    buckets,
+                    ratio,
+                    indices,
+                    text_encoder,
+                    vae,
+                    max_tokens=max_tokens,
+                    clean=clean,
+                    batch_size=batch_size,
+                    flip=flip,
+                    device=device,
+                )
+            else:
+                log.info("reusing %s", name)
+            skipped += json.loads(meta["skipped"])
+            count = len(json.loads(meta["keys"]))
+            if count:
+                shards.append({"file": name, "bucket": ratio, "size": list(buckets.table[ratio]), "count": count})
+            progress.update(len(indices))
 
     manifest = {
         "format": FORMAT,
@@ -276,7 +277,8 @@ def _write_shard(
         "skipped": json.dumps(skipped),
     }
     if tensors:
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        with disk_full_is_one_line(f"feature cache shard {path.name}", path.parent):
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return meta
 
 

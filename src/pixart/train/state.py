@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
@@ -37,14 +36,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.errors import PixArtError
-from pixart.files import atomic_write, fsync_path, fsync_tree, plain_modes
+from pixart.files import atomic_write, fsync_path, fsync_tree, out_of_space, plain_modes, size_text
 from pixart.train.objective import Objective
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"step-(\d+)")
 MANIFEST = "manifest.json"
-OUT_OF_SPACE = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit hit"}
 
 
 @dataclass
@@ -292,34 +290,13 @@ def out_of_space_is_one_line(what: str, folder: Path, run_dir: Path, tmp: Path |
     except BaseException as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        code = _errno(err)
-        if code not in OUT_OF_SPACE:
+        reason = out_of_space(err)
+        if reason is None:
             raise
         free = shutil.disk_usage(folder).free
         kept = complete_checkpoints(run_dir)  # the one being written is not there yet (or still the old one)
         intact = f"the previous checkpoint {kept[-1].name} is intact" if kept else "there is no earlier checkpoint"
-        reason = OUT_OF_SPACE[code]
-        raise PixArtError(f"{reason} while writing {what} in {folder} ({_size(free)} free); {intact}") from None
-
-
-def _errno(err: BaseException) -> int | None:
-    """The OS error number behind ``err``, wherever the writer put it: torch.save raises a RuntimeError whose
-    context is the OSError of the file it wrote to; safetensors keeps only Rust's text "(os error N)"."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno is not None:
-            return err.errno
-        found = re.search(r"\(os error (\d+)\)", str(err))
-        if found:
-            return int(found.group(1))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
+        raise PixArtError(f"{reason} while writing {what} in {folder} ({size_text(free)} free); {intact}") from None
 
 
 def _torch_save(obj, path: Path) -> None:
