@@ -192,8 +192,9 @@ def running(server) -> int:
 
 
 def test_a_client_that_hangs_up_stops_its_generation_and_frees_the_slot(server):
-    steps = DEFAULT_WORK // (32 * 32)  # the most this server allows: ~15 s of denoising or more
-    body = json.dumps({"prompt": "a long job", "steps": steps, "width": 32, "height": 32, "binning": False}).encode()
+    steps = 1000  # the most any request may ask (the schedule's length), at the largest size the work limit allows
+    assert 112 * 112 * steps <= DEFAULT_WORK
+    body = json.dumps({"prompt": "a long job", "steps": steps, "width": 112, "height": 112, "binning": False}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30, source_address=("127.0.0.6", 0)) as sock:
         sock.sendall(
             f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
