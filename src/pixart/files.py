@@ -164,9 +164,11 @@ def out_of_space(err: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def disk_full_is_one_line(what: str, folder: str | os.PathLike) -> Iterator[None]:
+def disk_full_is_one_line(
+    what: str, folder: str | os.PathLike, advice: Callable[[], str] = lambda: "free some space and run again"
+) -> Iterator[None]:
     """Turn a full disk (or quota, or file size limit) while writing ``what`` into ``folder`` into one PixArtError
-    line with the space left; other failures keep their traceback."""
+    line with the space left and ``advice()`` (called once the write failed); other failures keep their traceback."""
     try:
         yield
     except Exception as err:
@@ -175,7 +177,7 @@ def disk_full_is_one_line(what: str, folder: str | os.PathLike) -> Iterator[None
             raise
         free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
         left = f" ({size_text(free)} free)" if free is not None else ""
-        raise PixArtError(f"{reason} while writing {what} in {folder}{left}; free some space and run again") from None
+        raise PixArtError(f"{reason} while writing {what} in {folder}{left}; {advice()}") from None
 
 
 def size_text(n: int) -> str:

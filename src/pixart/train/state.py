@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.errors import PixArtError
-from pixart.files import atomic_write, fsync_path, fsync_tree, out_of_space, plain_modes, size_text
+from pixart.files import atomic_write, disk_full_is_one_line, fsync_path, fsync_tree, plain_modes
 from pixart.train.objective import Objective
 
 log = logging.getLogger(__name__)
@@ -285,18 +285,18 @@ def out_of_space_is_one_line(what: str, folder: Path, run_dir: Path, tmp: Path |
     """Turn a full disk (or quota, or file size limit) while writing ``what`` into ``folder`` into one PixArtError
     line naming the newest intact checkpoint of ``run_dir``, after removing the temporary folder ``tmp`` (other
     failures remove it too, and keep their traceback)."""
+
+    def intact() -> str:
+        kept = complete_checkpoints(run_dir)  # the one being written is not there yet (or still the old one)
+        return f"the previous checkpoint {kept[-1].name} is intact" if kept else "there is no earlier checkpoint"
+
     try:
-        yield
-    except BaseException as err:
+        with disk_full_is_one_line(what, folder, advice=intact):
+            yield
+    except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = out_of_space(err)
-        if reason is None:
-            raise
-        free = shutil.disk_usage(folder).free
-        kept = complete_checkpoints(run_dir)  # the one being written is not there yet (or still the old one)
-        intact = f"the previous checkpoint {kept[-1].name} is intact" if kept else "there is no earlier checkpoint"
-        raise PixArtError(f"{reason} while writing {what} in {folder} ({size_text(free)} free); {intact}") from None
+        raise
 
 
 def _torch_save(obj, path: Path) -> None:
