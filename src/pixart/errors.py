@@ -7,3 +7,9 @@ class PixArtError(Exception):
     The CLI prints it as ``error: <message>`` and exits non-zero, without a traceback. Anything
     else that escapes is a bug in pixart and keeps its traceback.
     """
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), to quote inside a PixArtError."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from pixart.errors import PixArtError
+from pixart.errors import PixArtError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -82,5 +82,5 @@ def _one_line_errors(source: str) -> Iterator[None]:
             "connect and retry, or pass a local path"
         ) from None
     except (HfHubHTTPError, ValueError, OSError) as err:  # unknown repository or file, malformed id, disk full…
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise PixArtError(f"cannot fetch {source!r} from the hub: {reason}; pass a local path") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pixart.errors import PixArtError
+from pixart.errors import PixArtError, first_line
 from pixart.model.config import FAMILY
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class TextEncoder:
             # safetensors only: a pickled .bin could run code when loaded (the hub fetch skips them too)
             model = T5EncoderModel.from_pretrained(source, **_sub(subfolder), use_safetensors=True, **model_kwargs)
         except OSError as err:
-            raise PixArtError(f"cannot load the T5 text encoder from {source!r}: {_first_line(err)}") from None
+            raise PixArtError(f"cannot load the T5 text encoder from {source!r}: {first_line(err)}") from None
         if quantization not in ("8bit", "4bit") and not stream:
             model = model.to(device)
         if quantization == "int8-dynamic":
@@ -286,11 +286,6 @@ def quantize_int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
 
 def _sub(subfolder: str | None) -> dict:
     return {"subfolder": subfolder} if subfolder else {}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _preview(text: str, limit: int = 60) -> str:

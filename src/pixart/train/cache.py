@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pixart.checkpoints.hub import resolve_pipeline
-from pixart.errors import PixArtError
+from pixart.errors import PixArtError, first_line
 from pixart.files import atomic_write, disk_full_is_one_line
 from pixart.model.config import FAMILY, family_of_pipeline
 from pixart.model.resolution import BUCKET_RESOLUTIONS, bucket_table
@@ -167,7 +167,7 @@ def build_cache(
     try:
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae").to(device).eval()
     except OSError as err:
-        raise PixArtError(f"cannot load the VAE from {root}/vae: {_first_line(err)}") from None
+        raise PixArtError(f"cannot load the VAE from {root}/vae: {first_line(err)}") from None
     buckets = ImageBuckets(dataset, resolution)
     work = [
         (ratio, n, group[start : start + shard_size])
@@ -382,8 +382,3 @@ class FeatureCache:
             "key": [s["key"] for s in rows],
         }
         return batch, []
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

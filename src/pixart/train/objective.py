@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pixart.errors import PixArtError
+from pixart.errors import PixArtError, first_line
 from pixart.model.config import FAMILY
 from pixart.train.config import TrainConfig
 from pixart.train.diffusion import GaussianDiffusion, drop_captions
@@ -63,7 +63,7 @@ def load_frozen_encoders(config: TrainConfig, model, device, need_text: bool, ne
         try:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device).eval().requires_grad_(False)
         except OSError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise PixArtError(f"cannot load the VAE from {source!r} (vae/ subfolder): {reason}") from None
     return text, vae
 
