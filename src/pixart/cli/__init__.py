@@ -73,9 +73,15 @@ def build_parser() -> OneLineErrorParser:
     return parser
 
 
-QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "TORCH_LOGS": "-all"}
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TORCH_LOGS": "-all",
+    "WANDB_SILENT": "true",
+}
 """The libraries' own logging switches as environment variables, which each reads when imported: errors only
-(TORCH_LOGS "-all" covers dynamo's graph-break warnings under --compile)."""
+(TORCH_LOGS "-all" covers dynamo's graph-break warnings under --compile; WANDB_SILENT hides W&B's banner and run
+summary under --log wandb)."""
 
 
 def quiet_libraries(verbose: bool) -> None:

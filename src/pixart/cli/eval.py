@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from functools import partial
 from pathlib import Path
 
+from pixart.cli.generate import add_log_flags
 from pixart.files import atomic_write, require_writable_folder
+from pixart.inference.generation_log import check_log_flags
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     p.add_argument("--save", type=Path, metavar="DIR", help="also write the images and their verdicts here")
+    add_log_flags(p, "SAVE/logs with --save, else ./runs")
     p.set_defaults(func=run)
 
 
@@ -57,20 +61,28 @@ def run(args: argparse.Namespace) -> int:
     from pixart.demo.shapes import held_out_prompts
 
     held_out_prompts(args.prompts, seed=args.seed)  # refuse a bad count or seed before importing torch
+    check_log_flags(args.log, args.log_dir, args.wandb_project)
     if args.save is not None:
         require_writable_folder(args.save, "--save")  # a file there would otherwise fail after the whole run
     from tqdm.auto import tqdm
 
     from pixart.checkpoints.lora import parse_lora_spec
     from pixart.demo.eval import evaluate, format_table
+    from pixart.inference.generation_log import open_generation_log
     from pixart.inference.pipeline import PixArtPipeline
 
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
     options = {k: v for k, v in options.items() if v is not None}
     loras = [parse_lora_spec(spec) for spec in args.lora]
+    if args.log:
+        default = args.save / "logs" if args.save is not None else Path("runs")
+        run_log = open_generation_log(args.log, args.log_dir, default_folder=default, command="eval",
+                                      project=args.wandb_project)  # fmt: skip
+    started = time.perf_counter()
     pipe = PixArtPipeline.from_pretrained(
         args.model, args.transformer, loras=loras, device=args.device, cache_steps=args.cache_steps
     )
+    load_seconds = time.perf_counter() - started
     with tqdm(total=args.prompts, desc="generating", unit="prompt") as bar:
 
         def progress(done: int, total: int) -> None:  # denoising steps of the whole run, as prompts
@@ -80,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.save is not None:
         _save(args.save, result)
     print(json.dumps(result.scores, indent=2) if args.json else format_table(result.scores))
+    if args.log:
+        run_log.finish(pipe, result.images, load_seconds=load_seconds, batch_size=args.batch_size, scores=result.scores)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 from pixart.cli.convert import add_official_flags, official_flags
@@ -121,11 +122,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--no-clean", action="store_true", help="skip caption cleaning (lower-casing still happens)")
     p.add_argument("--out", type=Path, metavar="DIR", default=Path("outputs"), help="output folder (default ./outputs)")
+    add_log_flags(p, "OUT/logs")
     p.set_defaults(func=run)
+
+
+def add_log_flags(parser: argparse.ArgumentParser, default_folder: str) -> None:
+    """--log, --log-dir and --wandb-project: the flags of :mod:`pixart.inference.generation_log`."""
+    from pixart.inference.generation_log import BACKENDS
+
+    g = parser.add_argument_group("logging")
+    g.add_argument(
+        "--log",
+        choices=list(BACKENDS),
+        help="log the images, their settings and the timings to Weights & Biases or TensorBoard "
+        "(W&B's own variables apply, e.g. WANDB_MODE=offline)",
+    )
+    g.add_argument("--log-dir", type=Path, metavar="DIR", help=f"where the log is written (default {default_folder})")
+    g.add_argument("--wandb-project", metavar="NAME", help="W&B project (default: WANDB_PROJECT, else pixart)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pixart.files import require_writable_folder
+    from pixart.inference.generation_log import check_log_flags, open_generation_log
     from pixart.inference.options import save_image
     from pixart.inference.pipeline import PixArtPipeline
 
@@ -136,9 +154,14 @@ def run(args: argparse.Namespace) -> int:
     if args.t5_bits not in (None, 8, 4):
         raise PixArtError(f"--t5-bits {args.t5_bits} is not supported; use 8 or 4")
     quantization = "int8-dynamic" if args.t5_int8 else (f"{args.t5_bits}bit" if args.t5_bits else None)
+    check_log_flags(args.log, args.log_dir, args.wandb_project)
 
     if args.runtime not in ("torch", "openvino"):
         raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
+    if args.log:  # before the model loads: a W&B login problem is refused before the work
+        run_log = open_generation_log(args.log, args.log_dir, default_folder=args.out / "logs", command="generate",
+                                      project=args.wandb_project)  # fmt: skip
+    started = time.perf_counter()
     if args.runtime == "openvino":
         pipe = _openvino_pipeline(args, load, quantization)
     else:
@@ -151,10 +174,13 @@ def run(args: argparse.Namespace) -> int:
             t5_quantization=quantization,
             compile=args.compile,
         )
+    load_seconds = time.perf_counter() - started
     images = pipe(prompts, options)
     for image in images:
         print(save_image(image, args.out))
     log.info("%s", pipe.last_run.summary())
+    if args.log:
+        run_log.finish(pipe, images, load_seconds=load_seconds, batch_size=options.batch_size)
     if load.model is None:  # the bundled demo answered: point at the real models
         from pixart.inference.pipeline import HUB_MODELS
 
