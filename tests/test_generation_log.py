@@ -197,9 +197,11 @@ def test_eval_logs_its_scores_to_wandb_under_log_dir(tmp_path):
     ],
 )
 @pytest.mark.parametrize("command", [["generate", "a circle"], ["eval", "--prompts", "2"]])
-def test_log_flags_are_refused_without_their_logger(command, args, message, tmp_path, capsys):
+def test_log_flags_are_refused_without_their_logger(command, args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main([*command, *args]) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert list(tmp_path.iterdir()) == []  # refused before any folder is made
 
 
 @pytest.mark.parametrize("backend, package", [("wandb", "wandb"), ("tensorboard", "tensorboard")])
@@ -209,4 +211,4 @@ def test_a_missing_logger_names_its_pip_install_before_any_work(backend, package
     assert main(["generate", "a circle", "--out", str(tmp_path / "out"), "--log", backend]) == 2
     assert capsys.readouterr().err == f"error: --log {backend} needs {package}, which is not installed: " \
                                       f"pip install {package}\n"  # fmt: skip
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made, let alone the model
