@@ -37,12 +37,12 @@ def offline_env(tmp: Path) -> dict[str, str]:
     }
 
 
-def pixart(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def pixart(*args: str, env: dict[str, str] | None = None, code: int = 0) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     environment = {k: v for k, v in environment.items() if not k.startswith("WANDB_") or k in (env or {})}
     done = subprocess.run([sys.executable, "-m", "pixart", *args], capture_output=True, text=True, env=environment,
                           cwd=ROOT, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == code, done.stderr[-3000:]
     return done
 
 
@@ -212,3 +212,13 @@ def test_a_missing_logger_names_its_pip_install_before_any_work(backend, package
     assert capsys.readouterr().err == f"error: --log {backend} needs {package}, which is not installed: " \
                                       f"pip install {package}\n"  # fmt: skip
     assert not (tmp_path / "out").exists()  # refused before the output folder is made, let alone the model
+
+
+def test_wandb_without_an_account_is_refused_before_the_model_loads(tmp_path):
+    """Online mode with no API key anywhere (no WANDB_API_KEY, an empty netrc): one line, and no image made."""
+    env = {**offline_env(tmp_path), "WANDB_MODE": "online", "NETRC": str(tmp_path / "netrc")}
+    (tmp_path / "netrc").write_text("")
+    done = pixart("generate", "a circle", "--out", str(tmp_path / "out"), "--log", "wandb", env=env, code=2)
+    assert done.stderr.startswith("error: --log wandb could not start a run: ")
+    assert done.stderr.endswith("; or set WANDB_MODE=offline to log to local files only\n")
+    assert "loading" not in done.stderr and not list((tmp_path / "out").glob("*.png"))

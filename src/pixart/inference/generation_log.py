@@ -96,8 +96,8 @@ class WandbLog(GenerationLog):
             self.run = wandb.init(project=project, dir=folder, job_type=command)
         except wandb.errors.Error as err:
             raise PixArtError(
-                f"cannot start a W&B run: {first_line(err)}; log in with `wandb login`, "
-                "or set WANDB_MODE=offline to log to files only"
+                f"--log wandb could not start a run: {first_line(err).rstrip('.')}; "
+                "or set WANDB_MODE=offline to log to local files only"
             ) from None
 
     def _write(self, config: dict, rows: list[dict], images: list, timings: dict, scores: dict) -> None:
