@@ -16,6 +16,7 @@ torch at import time: `pixart generate --help` stays fast.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import time
 from pathlib import Path
@@ -120,22 +121,22 @@ class TensorBoardLog(GenerationLog):
         super().__init__(command)
         from torch.utils.tensorboard import SummaryWriter
 
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for n in range(1000):  # runs started within the same second get their own folder too
-            path = folder / (f"{command}-{stamp}" + (f"-{n}" if n else ""))
+        stamp = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for path in (folder / (f"{stamp}-{n}" if n else stamp) for n in itertools.count()):
             try:
                 path.mkdir()
                 break
-            except FileExistsError:
-                continue
+            except FileExistsError:  # another run started within the same second
+                pass
         self.writer = SummaryWriter(log_dir=str(path))
 
     def _write(self, config: dict, rows: list[dict], images: list, timings: dict, scores: dict) -> None:
         import numpy as np
 
         [call] = config["workflow"]
-        settings = {"command": config["command"], **{f"{part}.{k}": v for part in ("pipeline", "params")
-                                                     for k, v in call[part].items()}}  # fmt: skip
+        settings = {"command": config["command"]}
+        for part in ("pipeline", "params"):
+            settings |= {f"{part}.{k}": v for k, v in call[part].items()}
         self.writer.add_text("Run-Config", markdown_table(["setting", "value"], settings.items()))
         for i, image in enumerate(images):
             self.writer.add_image(f"Generated-Image/{i:04d}", np.asarray(image.convert("RGB")), 0, dataformats="HWC")
