@@ -318,7 +318,7 @@ def read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> t
 
         weights = read_pickled_state_dict(folder / DIFFUSERS_PICKLE)
     else:
-        raise PixArtError(f"{folder} has no {DIFFUSERS_WEIGHTS}, {DIFFUSERS_INDEX} or {DIFFUSERS_PICKLE}")
+        raise PixArtError(f"{folder} has no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} (nor {DIFFUSERS_PICKLE})")
 
     y_embedding, sidecar_family = None, None
     if (folder / Y_EMBEDDING_FILE).is_file():
