@@ -182,3 +182,14 @@ def test_cli_runs_the_dmd_release_from_the_hub_cache_offline(folder, tmp_path):
     )  # fmt: skip
     assert refused.returncode != 0 and refused.stdout == ""
     assert refused.stderr.strip().splitlines()[-1].startswith("error: the dmd sampler runs the 1 step(s)")
+
+
+def test_the_server_runs_dmd_for_the_dmd_model_and_refuses_guidance_for_it(folder, tmp_path):
+    from pixart.serve.app import ImageService, ServeLimits
+
+    pipe = PixArtPipeline.from_pretrained(folder, transformer=dmd_release(tmp_path) / "transformer", device="cpu")
+    service = ImageService(pipe, ServeLimits(), tmp_path / "served")
+    (path, info), *rest = service.generate(PROMPT, service.options(PROMPT, width=64, height=64, binning=False))
+    assert rest == [] and path.is_file() and (info["sampler"], info["steps"]) == ("dmd", "1")
+    with pytest.raises(PixArtError, match=r"^the dmd sampler runs without guidance.*got guidance 3.0"):
+        service.options(PROMPT, sampler="dmd", guidance=3.0)
