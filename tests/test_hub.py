@@ -6,6 +6,7 @@ of our own, where huggingface_hub's real snapshot_download either finds our cach
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pixart.inference.pipeline import resolve_model
 from pixart.train import cache
 
 HUB_ID = "PixArt-alpha/PixArt-XL-2-1024-MS"
+HUB_ID_RE = re.compile(r"PixArt-alpha/[\w.-]+")  # the releases' owner: other words of a command are no hub ids
 
 # Each caller's hub path, printing the error (or the folder) it ends with.
 CALLERS = """
@@ -110,3 +112,17 @@ def test_a_local_path_that_is_no_pipeline_folder_is_refused(tmp_path, name):
 def test_neither_a_folder_nor_a_hub_id(source):
     with pytest.raises(PixArtError, match=rf"^model '{source}' is neither an existing folder nor a hub id such as"):
         cache.resolve_model(source)
+
+
+def test_readme_lists_every_release_with_a_command_that_names_it():
+    from pixart.checkpoints.hub import HUB_FILE, RELEASES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Every released checkpoint", 1)[1].split("\n\n- ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`pixart generate" in line]
+    commands = [row.split("`")[1] for row in rows]
+    words = [word for command in commands for word in command.split()]
+    named = {word for word in words if HUB_ID_RE.fullmatch(word) or HUB_FILE.fullmatch(word)}
+    assert named == set(RELEASES)  # every release has a row, and every row names only releases
+    assert all(command.startswith('pixart generate "') for command in commands)
+    assert sum("--model" not in command for command in commands) == 1  # only the bundled demo needs no model

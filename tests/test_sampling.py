@@ -88,4 +88,6 @@ def test_unknown_sampler_is_one_line_naming_the_choices():
 def test_default_sampler_follows_the_scheduler_config():
     assert default_sampler(released_scheduler().config).name == DEFAULT_SAMPLER == "dpm++"
     assert default_sampler({"_class_name": "LCMScheduler"}) is SAMPLERS["lcm"]  # as PixArt-LCM-XL-2-1024-MS ships
-    assert [s.name for s in SAMPLERS.values() if s.distilled] == ["lcm"]
+    assert [s.name for s in SAMPLERS.values() if s.distilled] == ["lcm", "dmd"]
+    # dmd is picked by its checkpoint's name (tests/test_dmd.py), never by the DDPMScheduler class it shares with ddpm.
+    assert default_sampler({"_class_name": "DDPMScheduler"}).name == DEFAULT_SAMPLER

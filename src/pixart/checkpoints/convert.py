@@ -20,6 +20,7 @@ import torch
 from pixart.checkpoints.common import Y_EMBEDDING
 from pixart.checkpoints.diffusers import (
     DIFFUSERS_INDEX,
+    DIFFUSERS_PICKLE,
     DIFFUSERS_WEIGHTS,
     Y_EMBEDDING_FILE,
     read_diffusers,
@@ -46,6 +47,10 @@ def _from_hub(source: str) -> Path:
     root = fetch(source, patterns)
     for folder in (root / "transformer", root):
         if (folder / "config.json").is_file():
+            if not (folder / DIFFUSERS_WEIGHTS).is_file() and not (folder / DIFFUSERS_INDEX).is_file():
+                # A release with pickled weights only (PixArt-Alpha-DMD-XL-2-512x512): fetch those, read weights-only.
+                pickle = f"{folder.relative_to(root)}/{DIFFUSERS_PICKLE}".removeprefix("./")
+                fetch(source, [pickle])
             return folder
     raise PixArtError(f"hub model {source!r} has no diffusers transformer; name a checkpoint file in it instead")
 

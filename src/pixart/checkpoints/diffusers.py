@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_PICKLE = "diffusion_pytorch_model.bin"
+"""The pickled weights some releases ship alone (PixArt-Alpha-DMD-XL-2-512x512); read only without safetensors."""
 Y_EMBEDDING_FILE = "y_embedding.safetensors"
 """Sidecar in a diffusers folder holding the null caption buffer, which diffusers has no slot for."""
 
@@ -311,8 +313,12 @@ def read_diffusers(folder: Path, config: PixArtConfig | None, **hints: Any) -> t
             raise PixArtError(f"{folder / DIFFUSERS_INDEX} lists tensors its shards lack, e.g. {absent[0]}")
     elif (folder / DIFFUSERS_WEIGHTS).is_file():
         weights = load_safetensors(folder / DIFFUSERS_WEIGHTS)
+    elif (folder / DIFFUSERS_PICKLE).is_file():
+        from pixart.checkpoints.official import read_pickled_state_dict
+
+        weights = read_pickled_state_dict(folder / DIFFUSERS_PICKLE)
     else:
-        raise PixArtError(f"{folder} has no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} (only safetensors are supported)")
+        raise PixArtError(f"{folder} has no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} (nor {DIFFUSERS_PICKLE})")
 
     y_embedding, sidecar_family = None, None
     if (folder / Y_EMBEDDING_FILE).is_file():

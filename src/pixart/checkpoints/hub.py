@@ -26,6 +26,27 @@ HUB_FILE = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.(?:pth|pt|safete
 
 EXAMPLE_ID = "PixArt-alpha/PixArt-XL-2-1024-MS"
 
+# fmt: off
+RELEASES: dict[str, str] = {
+    "PixArt-alpha/PixArt-XL-2-256x256": "α 256 px",
+    "PixArt-alpha/PixArt-XL-2-SAM-256x256": "α 256 px trained on SAM only",
+    "PixArt-alpha/PixArt-alpha/PixArt-XL-2-256x256-MSCOCO-FID732.pth": "α 256 px, the MSCOCO FID 7.32 weights",
+    "PixArt-alpha/PixArt-XL-2-512x512": "α 512 px",
+    "PixArt-alpha/PixArt-XL-2-1024-MS": "α 1024 px, multi-scale",
+    "PixArt-alpha/PixArt-LCM-XL-2-1024-MS": "α 1024 px distilled for 4-step LCM sampling",
+    "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512": "α 512 px distilled for one-step DMD sampling; transformer only",
+    "PixArt-alpha/PixArt-ControlNet/PixArt-XL-2-512-ControlNet.pth": "α 512 px with an HED-edge ControlNet",
+    "PixArt-alpha/PixArt-ControlNet/PixArt-XL-2-1024-ControlNet.pth": "α 1024 px with an HED-edge ControlNet",
+    "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers": "Σ's T5 and SDXL VAE, the base for Σ transformers",
+    "PixArt-alpha/PixArt-Sigma-XL-2-256x256": "Σ 256 px",
+    "PixArt-alpha/PixArt-Sigma-XL-2-512-MS": "Σ 512 px, multi-scale",
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "Σ 1024 px, multi-scale",
+    "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS": "Σ 2048 px, multi-scale",
+}
+"""Every released PixArt checkpoint by hub id (a repository, or a file in one) and what it is; README's table of
+checkpoints gives the command that runs each (the official .pth twins of the diffusers releases load alike)."""
+# fmt: on
+
 
 def fetch(repo_id: str, allow_patterns: list[str] | None = None, ignore_patterns: list[str] | None = None) -> Path:
     """The local snapshot of a hub repository's files matching ``allow_patterns``: downloaded, or from the cache."""

@@ -280,6 +280,11 @@ def _read_pth(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str,
     return data, saved
 
 
+def read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict that ``torch.save`` wrote (diffusers' ``.bin``), read weights-only so it cannot run code."""
+    return _read_pth(path, ema=False)[0]
+
+
 def read_official(
     path: Path, config: PixArtConfig | None, *, ema: bool = False, **hints: Any
 ) -> tuple[dict, PixArtConfig]:

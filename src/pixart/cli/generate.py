@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate images from text prompts",
         description="Generate images from text prompts with a PixArt-α or PixArt-Σ model. "
         "Each PNG carries its prompt, seed and settings as text metadata.",
-        epilog=f"{EXAMPLES}\nsamplers (--sampler; default {DEFAULT_SAMPLER}, lcm for LCM models):\n{samplers}\n",
+        epilog=f"{EXAMPLES}\nsamplers (--sampler; default {DEFAULT_SAMPLER}; lcm, dmd for LCM, DMD models):\n"
+        f"{samplers}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts")
@@ -96,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--sampler",
         metavar="NAME",
-        help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER}, lcm for LCM models)",
+        help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER}, lcm, dmd for LCM, DMD models)",
     )
     s.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the sampler's, listed below)")
     s.add_argument(

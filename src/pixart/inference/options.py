@@ -49,7 +49,8 @@ class GenerationOptions:
     seed: int | None = None
     """Seed of the first image; None picks one at random (it is recorded in the metadata)."""
     sampler: str | None = None
-    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: the model's default (dpm++, lcm for LCM models)."""
+    """A name from :data:`pixart.sampling.samplers.SAMPLERS`; None: the model's default (dpm++; lcm, dmd for LCM, DMD
+    models)."""
     steps: int | None = None
     """Denoising steps, up to :data:`MAX_STEPS`; None: the sampler's."""
     guidance: float | None = None
@@ -95,7 +96,7 @@ class GenerationOptions:
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
             raise PixArtError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.sampler is not None:
-            get_sampler(self.sampler)
+            get_sampler(self.sampler).check(self.steps, self.guidance)
         if self.guidance is not None:
             ok = isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
             if not ok or not math.isfinite(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:

@@ -283,7 +283,8 @@ class PixArtPipeline:
     def resolve(self, options: GenerationOptions | None = None, **overrides) -> GenerationOptions:
         """Options with every default filled in from the sampler and the model, checked against the model."""
         options = (options or GenerationOptions()).replace(**overrides)
-        sampler = get_sampler(options.sampler) if options.sampler else default_sampler(self.scheduler_config)
+        names = self.names.values()  # a model or transformer naming a released checkpoint picks its sampler (DMD)
+        sampler = get_sampler(options.sampler) if options.sampler else default_sampler(self.scheduler_config, names)
         side = self.model_config.sample_size * self.vae_factor
         resolved = options.replace(
             sampler=sampler.name,
@@ -375,6 +376,7 @@ class PixArtPipeline:
                         guidance=opts.guidance,
                         generator=generators,
                         on_step=on_step,
+                        timesteps=get_sampler(opts.sampler).timesteps,
                     )
                 )
             del model

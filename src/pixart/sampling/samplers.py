@@ -8,7 +8,7 @@ follows diffusers' PixArt pipelines step for step, so the same seed gives the sa
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,27 @@ class Sampler:
     """Classifier-free guidance it is usually run with; 1 is off."""
     distilled: bool = False
     """Only for weights distilled for it; a model whose scheduler config names its scheduler defaults to it."""
+    timesteps: tuple[int, ...] = ()
+    """The timesteps its weights were distilled at, run instead of ``steps`` spaced ones; the run's image is the
+    last step's x̂0 (DMD: one step at 400). Such a sampler takes no other steps and no guidance."""
+    checkpoints: tuple[str, ...] = ()
+    """Released weights distilled for it, by hub name; a model or transformer whose path names one defaults to it."""
+
+    def check(self, steps: int | None, guidance: float | None) -> None:
+        """Refuse steps or guidance a sampler with fixed timesteps cannot run, naming what it runs."""
+        if not self.timesteps:
+            return
+        if steps is not None and steps != len(self.timesteps):
+            raise PixArtError(
+                f"the {self.name} sampler runs the {len(self.timesteps)} step(s) its weights were distilled at "
+                f"(timesteps {', '.join(map(str, self.timesteps))}), not {steps!r}; leave steps unset or give "
+                f"{len(self.timesteps)}"
+            )
+        if guidance is not None and guidance > 1.0:
+            raise PixArtError(
+                f"the {self.name} sampler runs without guidance (distillation baked it into the weights), got "
+                f"guidance {guidance!r}; leave guidance unset or give 1"
+            )
 
     def build(self, scheduler_config: dict) -> SchedulerMixin:
         """A fresh scheduler for one sampling run (schedulers keep per-run state, so never share one)."""
@@ -74,6 +95,11 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     # Guidance 1 = off: LCM distillation baked guidance into the weights.
     Sampler("lcm", "latent consistency: only for LCM-distilled weights", "Luo et al. 2023, arXiv 2310.04378",
             "LCMScheduler", steps=4, guidance=1.0, distilled=True),
+    # The official DMD app's recipe: DDPMScheduler from the model's config as it stands (so x̂0 is clipped to
+    # [-1, 1] unless the config says otherwise, unlike ddpm above), one step at 400 from pure noise, its x̂0 kept.
+    Sampler("dmd", "one step at timestep 400: only for DMD-distilled weights", "Yin et al. 2023, arXiv 2311.18828",
+            "DDPMScheduler", steps=1, guidance=1.0, distilled=True, timesteps=(400,),
+            checkpoints=("PixArt-Alpha-DMD-XL-2-512x512",)),
 )}
 """Every sampler by the name users type; the one table the pipeline, the CLI and the web UI read."""
 # fmt: on
@@ -95,11 +121,17 @@ def make_scheduler(name: str, scheduler_config: dict) -> SchedulerMixin:
     return get_sampler(name).build(scheduler_config)
 
 
-def default_sampler(scheduler_config: dict) -> Sampler:
-    """The sampler a model runs with unless told: the distilled one its scheduler config names (LCM releases
-    ship an LCMScheduler config), else :data:`DEFAULT_SAMPLER`."""
+def default_sampler(scheduler_config: dict, names: Iterable[str] = ()) -> Sampler:
+    """The sampler a model runs with unless told: the one whose released checkpoint ``names`` (the model and
+    transformer paths or hub ids) name, else the distilled one its scheduler config names (LCM releases ship an
+    LCMScheduler config), else :data:`DEFAULT_SAMPLER`."""
+    paths = [str(name).lower() for name in names if name]
+    for sampler in SAMPLERS.values():
+        if any(checkpoint.lower() in path for checkpoint in sampler.checkpoints for path in paths):
+            return sampler
+    # Only by checkpoint for fixed-timestep samplers: DMD ships a plain DDPMScheduler config, as others may.
     named = scheduler_config.get("_class_name")
-    distilled = (s for s in SAMPLERS.values() if s.distilled and s.scheduler == named)
+    distilled = (s for s in SAMPLERS.values() if s.distilled and not s.timesteps and s.scheduler == named)
     return next(distilled, SAMPLERS[DEFAULT_SAMPLER])
 
 
@@ -126,16 +158,21 @@ def denoise(
     guidance: float,
     generator: list[torch.Generator] | None = None,
     on_step: Callable[[], None] | None = None,
+    timesteps: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Turn unit Gaussian noise (B, 4, h, w) into clean latents with the scheduler's solver.
 
     Guidance > 1 runs negative and positive in one batched pass and mixes ``uncond + g·(cond − uncond)``;
     otherwise only the positive rows run. Only the ε half of a learned-sigma output reaches the solver.
     ``model(x, timestep, text, mask, resolution=, aspect_ratio=) -> (B, C, h, w)`` is the transformer or any
-    callable like it (a step-cached ``functools.partial`` of it, the OpenVINO runtime).
+    callable like it (a step-cached ``functools.partial`` of it, the OpenVINO runtime). ``timesteps`` (a
+    sampler's fixed ones, DMD's 400) replace the ``steps`` spaced ones, and the last step's x̂0 is returned.
     """
     guided = guidance > 1.0
-    scheduler.set_timesteps(steps, device=noise.device)
+    if timesteps:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=noise.device)
+    else:
+        scheduler.set_timesteps(steps, device=noise.device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     latents = noise * scheduler.init_noise_sigma  # Euler-type solvers start at sigma_max, not 1
@@ -153,7 +190,9 @@ def denoise(
                 uncond, positive = out.chunk(2)
                 out = uncond + guidance * (positive - uncond)
             eps = out[:, :channels]  # drop the learned variance channels
-            latents = scheduler.step(eps.to(latents.dtype), t, latents, **step_kwargs, return_dict=False)[0]
+            step = scheduler.step(eps.to(latents.dtype), t, latents, **step_kwargs, return_dict=False)
+            # DDPM's last step to t = -1 would add noise of std 1e-10 to x̂0; the official DMD app keeps x̂0 itself.
+            latents = step[1] if timesteps and t == scheduler.timesteps[-1] else step[0]
             if on_step is not None:
                 on_step()
     return latents

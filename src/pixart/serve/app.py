@@ -401,7 +401,7 @@ def build_ui(service: ImageService):
     presets = service.size_presets()
     side = pipe.model_config.sample_size * pipe.vae_factor
     square = f"{side} × {side}"
-    default = default_sampler(pipe.scheduler_config)
+    default = default_sampler(pipe.scheduler_config, pipe.names.values())
 
     def generate(
         prompt,
@@ -574,7 +574,7 @@ def build_app(service: ImageService, access: Access | None = None):
             "model": service.model_name(),
             "family": pipe.model_config.family,
             "samplers": list(SAMPLERS),
-            "default_sampler": default_sampler(pipe.scheduler_config).name,
+            "default_sampler": default_sampler(pipe.scheduler_config, pipe.names.values()).name,
             "sizes": [list(s) for s in service.size_presets().values()],
             "loras": [{"name": lora.name, "scale": lora.scale} for lora in service.loras.values()],
             "limits": {f.name: getattr(limits, f.name) for f in fields(limits)} | {"max_work": service.max_work},
