@@ -3,7 +3,7 @@
 The reference is the official app's recipe (PixArt-sigma ``app/app_pixart_dmd.py`` with its patched
 PixArtAlphaPipeline call) written out with diffusers' own classes: the model's scheduler config as a
 DDPMScheduler, the single timestep 400 from pure noise, guidance 1, and the step's ``pred_original_sample``
-decoded by the VAE.
+decoded by the VAE, x̂0 unclipped as the official DMD training computes it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def official_dmd_image(folder: Path, prompt: str, seed: int, width: int, height:
         return_dict=False,
     )[0]
     eps = out.chunk(2, dim=1)[0]  # learned sigma: the ε half
-    x0 = ddpm.step(eps, t, latents, generator=generator).pred_original_sample  # the app's one-step branch
+    # The official DMD training's x̂0 (scripts/DMD/transformer_train/generate.py eps_to_mu): unclipped.
+    alpha = ddpm.alphas_cumprod[t]
+    x0 = (latents - (1 - alpha) ** 0.5 * eps) / alpha**0.5
     pixels = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor, return_dict=False)[0]
     return pipe.image_processor.postprocess(pixels, output_type="np")[0].__mul__(255).round().astype(np.uint8)
 

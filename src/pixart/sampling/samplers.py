@@ -95,10 +95,11 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     # Guidance 1 = off: LCM distillation baked guidance into the weights.
     Sampler("lcm", "latent consistency: only for LCM-distilled weights", "Luo et al. 2023, arXiv 2310.04378",
             "LCMScheduler", steps=4, guidance=1.0, distilled=True),
-    # The official DMD app's recipe: DDPMScheduler from the model's config as it stands (so x̂0 is clipped to
-    # [-1, 1] unless the config says otherwise, unlike ddpm above), one step at 400 from pure noise, its x̂0 kept.
+    # The official DMD app's recipe: DDPMScheduler, one step at 400 from pure noise, its x̂0 kept. Unclipped: the
+    # official DMD training turns the student's eps into x̂0 with no clipping (scripts/DMD eps_to_mu), and latents
+    # often leave [-1, 1], which DDPMScheduler's default clip_sample would cut.
     Sampler("dmd", "one step at timestep 400: only for DMD-distilled weights", "Yin et al. 2023, arXiv 2311.18828",
-            "DDPMScheduler", steps=1, guidance=1.0, distilled=True, timesteps=(400,),
+            "DDPMScheduler", {"clip_sample": False}, steps=1, guidance=1.0, distilled=True, timesteps=(400,),
             checkpoints=("PixArt-Alpha-DMD-XL-2-512x512",)),
 )}
 """Every sampler by the name users type; the one table the pipeline, the CLI and the web UI read."""
