@@ -63,20 +63,28 @@ def run(args: argparse.Namespace) -> int:
 
     from pixart.checkpoints.lora import parse_lora_spec
     from pixart.demo.eval import evaluate, format_table
+    from pixart.inference.distributed import join, launched_processes
     from pixart.inference.pipeline import PixArtPipeline
 
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
     options = {k: v for k, v in options.items() if v is not None}
     loras = [parse_lora_spec(spec) for spec in args.lora]
+    processes = join() if launched_processes() > 1 else None  # torchrun, accelerate launch: a share each
+    device = args.device or (processes and processes.device)
     pipe = PixArtPipeline.from_pretrained(
-        args.model, args.transformer, loras=loras, device=args.device, cache_steps=args.cache_steps
+        args.model, args.transformer, loras=loras, device=device, cache_steps=args.cache_steps
     )
-    with tqdm(total=args.prompts, desc="generating", unit="prompt") as bar:
+    # With several processes the bar follows the main process's share.
+    with tqdm(
+        total=args.prompts, desc="generating", unit="prompt", disable=bool(processes and not processes.is_main)
+    ) as bar:
 
         def progress(done: int, total: int) -> None:  # denoising steps of the whole run, as prompts
             bar.update(done * args.prompts // total - bar.n)
 
-        result = evaluate(pipe, args.prompts, seed=args.seed, progress=progress, **options)
+        result = evaluate(pipe, args.prompts, seed=args.seed, progress=progress, processes=processes, **options)
+    if processes is not None and not processes.is_main:
+        return 0
     if args.save is not None:
         _save(args.save, result)
     print(json.dumps(result.scores, indent=2) if args.json else format_table(result.scores))

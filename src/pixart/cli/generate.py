@@ -126,6 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pixart.files import require_writable_folder
+    from pixart.inference.distributed import generate_and_save, join, launched_processes
     from pixart.inference.options import save_image
     from pixart.inference.pipeline import PixArtPipeline
 
@@ -139,22 +140,29 @@ def run(args: argparse.Namespace) -> int:
 
     if args.runtime not in ("torch", "openvino"):
         raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
+    processes = join() if launched_processes() > 1 else None  # accelerate launch, torchrun: a share each
     if args.runtime == "openvino":
         pipe = _openvino_pipeline(args, load, quantization)
     else:
         pipe = PixArtPipeline.from_pretrained(
             load,
-            device=args.device,
+            device=args.device or (processes and processes.device),
             dtype=args.dtype,
             low_memory=args.low_memory,
             vae_tiling=args.vae_tiling,
             t5_quantization=quantization,
             compile=args.compile,
         )
-    images = pipe(prompts, options)
-    for image in images:
-        print(save_image(image, args.out))
-    log.info("%s", pipe.last_run.summary())
+    if processes is None:
+        for image in pipe(prompts, options):
+            print(save_image(image, args.out))
+        stats = pipe.last_run
+    else:
+        paths, stats = generate_and_save(pipe, prompts, options, args.out, processes)
+        if not processes.is_main:
+            return 0
+        print("\n".join(paths))
+    log.info("%s%s", stats.summary(), f" ({processes.count} processes)" if processes else "")
     if load.model is None:  # the bundled demo answered: point at the real models
         from pixart.inference.pipeline import HUB_MODELS
 
