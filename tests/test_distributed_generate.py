@@ -1,9 +1,11 @@
-"""`pixart generate` and `pixart eval` over 2 real CPU processes (torchrun, accelerate launch; gloo) against 1.
+"""Many processes: `pixart generate` and `pixart eval` over 2 real CPU processes, and the folder xDiT would load.
 
-The bundled demo model on a few prompts: the processes share the images out, and the folder they fill holds the
-same file names and the same bytes (pixels and PNG metadata) as one process's; eval gives the same scores.
-Every process runs one intra-op thread (OMP_NUM_THREADS=1, as torchrun sets by default), and so does the
-one-process reference: float reductions split over 2 threads can round a pixel differently.
+The bundled demo model on a few prompts (torchrun, accelerate launch; gloo): the processes share the images out,
+and the folder they fill holds the same file names and the same bytes (pixels and PNG metadata) as one process's;
+eval gives the same scores. Every process runs one intra-op thread (OMP_NUM_THREADS=1, as torchrun sets by
+default), and so does the one-process reference: float reductions split over 2 threads can round a pixel
+differently. One huge image over several GPUs is xDiT's job (docs/distributed.md): its PixArt pipelines load a
+`pixart export diffusers` folder through diffusers, which the last test checks without xDiT (it needs GPUs).
 """
 
 from __future__ import annotations
@@ -16,10 +18,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from PIL import Image
+from transformers import T5EncoderModel
 
+from pixart.checkpoints.convert import load_transformer
+from pixart.checkpoints.diffusers import to_diffusers_state_dict
+from pixart.checkpoints.ours import save_pixart
 from pixart.cli import main
 from pixart.inference.options import next_free_index, read_png_metadata, save_image
+from tiny import save_pipeline
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,3 +146,38 @@ def test_save_image_takes_the_number_it_is_given_unless_taken(tmp_path):
     assert next_free_index(tmp_path) == 4
     assert save_image(image, tmp_path, index=3).name == "00004-4.png"  # never overwrites
     assert save_image(image, tmp_path).name == "00005-4.png"
+
+
+# What xDiT (xfuser) wraps: xFuserPixArtAlphaPipeline / xFuserPixArtSigmaPipeline.from_pretrained call diffusers'
+# PixArtAlphaPipeline / PixArtSigmaPipeline.from_pretrained on the folder, then wrap the PixArtTransformer2DModel and
+# the scheduler by their class; a scheduler class without an xDiT wrapper fails there. Its PixArt examples load
+# the T5 encoder on their own from text_encoder/.
+XDIT_SCHEDULERS = {"DPMSolverMultistepScheduler", "DDIMScheduler", "DDPMScheduler"}
+
+
+@pytest.mark.parametrize("family, pipeline", [("alpha", PixArtAlphaPipeline), ("sigma", PixArtSigmaPipeline)])
+def test_exported_folder_is_what_xdit_loads(tmp_path, family, pipeline):
+    """`pixart export diffusers` writes a folder that diffusers' pipeline class of the family loads, with the
+    component classes xDiT wraps and our weights in its transformer (tests/test_export.py runs it)."""
+    base = save_pipeline(tmp_path / "base", family)
+    model = load_transformer(base, family=family)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # weights of their own, not the base's
+    save_pixart(model, tmp_path / "ours.safetensors")
+    out = tmp_path / "exported"
+    assert (
+        main(
+            ["export", "diffusers", str(out), "--base", str(base), "--transformer", str(tmp_path / "ours.safetensors")]
+        )
+        == 0
+    )
+
+    pipe = pipeline.from_pretrained(out)
+    assert type(pipe.transformer) is PixArtTransformer2DModel
+    assert type(pipe.scheduler).__name__ in XDIT_SCHEDULERS
+    assert isinstance(T5EncoderModel.from_pretrained(out, subfolder="text_encoder"), T5EncoderModel)
+    theirs = pipe.transformer.state_dict()
+    ours = to_diffusers_state_dict(model.state_dict(), model.config)
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
