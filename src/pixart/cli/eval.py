@@ -68,31 +68,40 @@ def run(args: argparse.Namespace) -> int:
 
     from pixart.checkpoints.lora import parse_lora_spec
     from pixart.demo.eval import evaluate, format_table
+    from pixart.inference.distributed import join, launched_processes
     from pixart.inference.generation_log import open_generation_log
     from pixart.inference.pipeline import PixArtPipeline
 
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
     options = {k: v for k, v in options.items() if v is not None}
     loras = [parse_lora_spec(spec) for spec in args.lora]
-    if args.log:
+    processes = join() if launched_processes() > 1 else None  # torchrun, accelerate launch: a share each
+    device = args.device or (processes and processes.device)
+    log_here = args.log and (processes is None or processes.is_main)  # the main process logs the gathered run
+    if log_here:
         default = args.save / "logs" if args.save is not None else Path("runs")
         run_log = open_generation_log(args.log, args.log_dir, default_folder=default, command="eval",
                                       project=args.wandb_project)  # fmt: skip
     started = time.perf_counter()
     pipe = PixArtPipeline.from_pretrained(
-        args.model, args.transformer, loras=loras, device=args.device, cache_steps=args.cache_steps
+        args.model, args.transformer, loras=loras, device=device, cache_steps=args.cache_steps
     )
     load_seconds = time.perf_counter() - started
-    with tqdm(total=args.prompts, desc="generating", unit="prompt") as bar:
+    # With several processes the bar follows the main process's share.
+    with tqdm(
+        total=args.prompts, desc="generating", unit="prompt", disable=bool(processes and not processes.is_main)
+    ) as bar:
 
         def progress(done: int, total: int) -> None:  # denoising steps of the whole run, as prompts
             bar.update(done * args.prompts // total - bar.n)
 
-        result = evaluate(pipe, args.prompts, seed=args.seed, progress=progress, **options)
+        result = evaluate(pipe, args.prompts, seed=args.seed, progress=progress, processes=processes, **options)
+    if processes is not None and not processes.is_main:
+        return 0
     if args.save is not None:
         _save(args.save, result)
     print(json.dumps(result.scores, indent=2) if args.json else format_table(result.scores))
-    if args.log:
+    if log_here:
         run_log.finish(pipe, result.images, load_seconds=load_seconds, batch_size=args.batch_size, scores=result.scores)
     return 0
 

@@ -144,6 +144,7 @@ def add_log_flags(parser: argparse.ArgumentParser, default_folder: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pixart.files import require_writable_folder
+    from pixart.inference.distributed import generate_and_save, join, launched_processes
     from pixart.inference.generation_log import check_log_flags, open_generation_log
     from pixart.inference.options import save_image
     from pixart.inference.pipeline import PixArtPipeline
@@ -159,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.runtime not in ("torch", "openvino"):
         raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
+    processes = join() if launched_processes() > 1 else None  # accelerate launch, torchrun: a share each
+    if args.log and processes is not None:
+        raise PixArtError("--log logs a one-process run; with several processes, log each share in its own run")
     if args.log:  # before the model loads: a W&B login problem is refused before the work
         run_log = open_generation_log(args.log, args.log_dir, default_folder=args.out / "logs", command="generate",
                                       project=args.wandb_project)  # fmt: skip
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         pipe = PixArtPipeline.from_pretrained(
             load,
-            device=args.device,
+            device=args.device or (processes and processes.device),
             dtype=args.dtype,
             low_memory=args.low_memory,
             vae_tiling=args.vae_tiling,
@@ -176,12 +180,19 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile,
         )
     load_seconds = time.perf_counter() - started
-    images = pipe(prompts, options)
-    for image in images:
-        print(save_image(image, args.out))
-    log.info("%s", pipe.last_run.summary())
-    if args.log:
-        run_log.finish(pipe, images, load_seconds=load_seconds, batch_size=options.batch_size)
+    if processes is None:
+        images = pipe(prompts, options)
+        for image in images:
+            print(save_image(image, args.out))
+        stats = pipe.last_run
+        if args.log:
+            run_log.finish(pipe, images, load_seconds=load_seconds, batch_size=options.batch_size)
+    else:
+        paths, stats = generate_and_save(pipe, prompts, options, args.out, processes)
+        if not processes.is_main:
+            return 0
+        print("\n".join(paths))
+    log.info("%s%s", stats.summary(), f" ({processes.count} processes)" if processes else "")
     if load.model is None:  # the bundled demo answered: point at the real models
         from pixart.inference.pipeline import HUB_MODELS
 

@@ -46,17 +46,30 @@ class Evaluation:
 
 
 def evaluate(pipe, n_prompts: int = 200, *, seed: int = 0, progress: Callable[[int, int], None] | None = None,
-             **options) -> Evaluation:  # fmt: skip
+             processes=None, **options) -> Evaluation:  # fmt: skip
     """Generate one image per held-out prompt (image i with seed + i) and score them.
 
     ``options`` are :class:`pixart.inference.options.GenerationOptions` fields (steps, sampler, guidance,
     batch_size, …). The same (pipeline, n_prompts, seed, options) always give the same scores.
+    ``processes`` (:func:`pixart.inference.distributed.join`): each launched process makes and checks its share
+    of the images, and every process gets the whole evaluation, as one process makes it.
     """
     prompts = held_out_prompts(n_prompts, seed=seed)
     # The model's own text length: padding further changes nothing (padding is masked) but costs time.
     options.setdefault("max_tokens", pipe.model_config.model_max_length)
-    images = pipe([p.text for p in prompts], seed=seed, progress=progress, show_progress=False, **options)
-    checks = [check(image, p.scene) for image, p in zip(images, prompts, strict=True)]
+    texts = [p.text for p in prompts]
+    if processes is None:
+        images = pipe(texts, seed=seed, progress=progress, show_progress=False, **options)
+        checks = [check(image, p.scene) for image, p in zip(images, prompts, strict=True)]
+    else:
+        from pixart.inference.distributed import generate_share
+        from pixart.inference.options import GenerationOptions
+
+        run = GenerationOptions(seed=seed, **options)
+        share, images = generate_share(pipe, texts, run, processes, progress=progress, show_progress=False)
+        # Each process checks its own images (the checker is deterministic), then each has every verdict.
+        checks = [check(image, p.scene) for image, p in zip(images, prompts[share.start : share.stop], strict=True)]
+        images, checks = processes.gather(images), processes.gather(checks)
     return Evaluation(score(checks), prompts, images, checks)
 
 

@@ -260,11 +260,19 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise PixArtError(f"cannot read {path} as an image: {err}") from None
 
 
-def save_image(image: Image.Image, out_dir: str | os.PathLike) -> Path:
+def next_free_index(out_dir: str | os.PathLike) -> int:
+    """The number :func:`save_image` gives the next image in out_dir: one past the highest ``NNNNN-`` there."""
+    out = Path(out_dir)
+    taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"(\d+)-", f.name))] if out.is_dir() else []
+    return max(taken, default=-1) + 1
+
+
+def save_image(image: Image.Image, out_dir: str | os.PathLike, index: int | None = None) -> Path:
     """Write a PNG with its generation metadata into out_dir under a fresh name; never overwrites a file.
 
-    Names are ``NNNNN-SEED.png``. The file is written to a temporary name and hard-linked into
-    place, which fails rather than replaces if another process took the name first.
+    Names are ``NNNNN-SEED.png``, NNNNN from ``index`` (default :func:`next_free_index`) or the next number free.
+    The file is written to a temporary name and hard-linked into place, which fails rather than replaces if
+    another process took the name first.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,8 +285,7 @@ def save_image(image: Image.Image, out_dir: str | os.PathLike) -> Path:
     try:
         with disk_full_is_one_line("an image", out), os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
-        taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"(\d+)-", f.name))]
-        index = max(taken, default=-1) + 1
+        index = next_free_index(out) if index is None else index
         while True:
             target = out / f"{index:05d}-{image.info.get('seed', 'x')}.png"
             try:
