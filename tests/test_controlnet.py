@@ -150,6 +150,22 @@ def test_released_layout_and_our_format_load_the_same_branch(family, tmp_path):
     assert ours.num_blocks == 2 and ours.config == base.config
 
 
+def test_pixart_convert_writes_the_released_branch_in_our_format(tmp_path, capsys):
+    base = base_model("sigma")
+    net = randomise(PixArtControlNet.from_transformer(base, num_blocks=3), seed=7)
+    source = official_file(tmp_path / "cn.pth", base, net)
+    # A width no release has: the head count, which weights do not record, is given as for a base model.
+    args = ["convert", str(source), str(tmp_path / "cn.safetensors"), "--controlnet", "--num-heads", "2"]
+    assert main([*args, "--to", "pixart"]) == 0
+    converted = load_controlnet(tmp_path / "cn.safetensors", base.config)
+    assert converted.config == base.config and converted.num_blocks == 3
+    for key, value in net.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+    assert main([*args, "--to", "official"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("error: a ControlNet converts to --to pixart (the branch alone), not --to official"), err
+
+
 def one_line_error(call) -> str:
     with pytest.raises(PixArtError) as caught:
         call()

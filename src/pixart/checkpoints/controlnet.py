@@ -17,12 +17,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from pixart.checkpoints.common import cpu_state_dict, file_size, load_safetensors, safetensors_metadata
+from pixart.checkpoints.common import file_size, load_safetensors, safetensors_metadata, save_with_config
 from pixart.checkpoints.official import _read_pth, config_from_state_dict
 from pixart.errors import PixArtError
-from pixart.files import atomic_write
+from pixart.files import disk_full_is_one_line
 from pixart.model.config import PixArtConfig
 from pixart.model.controlnet import PixArtControlNet
 
@@ -48,19 +47,21 @@ def load_controlnet(
     path: str | os.PathLike,
     base: PixArtConfig | None = None,
     *,
+    num_heads: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> PixArtControlNet:
     """A ControlNet branch from a released-layout .pth or our .safetensors, checked against the base config.
 
     ``base`` is the config of the model it will steer; None takes the config the file states (ours) or
-    infers from its ``base_model.*`` weights (official), as conversion does. dtype defaults to float32.
+    infers from its ``base_model.*`` weights (official, with ``num_heads``, which weights do not record, for a width
+    no release has), as conversion does. dtype defaults to float32.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise PixArtError(f"ControlNet {path} does not exist (expected an official .pth or a pixart .safetensors)")
     if path.suffix in (".pth", ".pt"):
-        branch, stated = _read_official(path, base.num_heads if base is not None else None)
+        branch, stated = _read_official(path, base.num_heads if base is not None else num_heads)
     elif path.suffix == ".safetensors":
         branch, stated = _read_ours(path)
     else:
@@ -118,11 +119,21 @@ def _read_ours(path: Path) -> tuple[dict[str, torch.Tensor], PixArtConfig]:
 
 def save_controlnet(net: PixArtControlNet, path: str | os.PathLike) -> Path:
     """Save in our format: one .safetensors with the branch's tensors and its base config in the metadata."""
-    path = Path(path)
-    metadata = {"format": CONTROLNET_FORMAT, "config": json.dumps(net.config.to_dict())}
-    atomic_write(path, lambda tmp: save_file(cpu_state_dict(net), str(tmp), metadata=metadata))
-    log.info("wrote %s (%s)", path, file_size(path))
-    return path
+    return save_with_config(net, path, CONTROLNET_FORMAT)
+
+
+def convert_controlnet(
+    source: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = False, num_heads: int | None = None
+) -> Path:
+    """Our .safetensors (the branch alone, its base config inside) of a released-layout ControlNet .pth."""
+    dest = Path(dest)
+    if dest.suffix != ".safetensors":
+        raise PixArtError(f"output {dest} does not fit a pixart ControlNet: expected a .safetensors file")
+    if dest.exists() and not overwrite:
+        raise PixArtError(f"output {dest} already exists; pass overwrite (--overwrite) to replace it")
+    net = load_controlnet(source, num_heads=num_heads)
+    with disk_full_is_one_line(f"the ControlNet {dest.name}", dest.parent):
+        return save_controlnet(net, dest)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
