@@ -20,6 +20,7 @@ from pixart.checkpoints.official import to_official_state_dict
 from pixart.cli import main
 from pixart.errors import PixArtError
 from pixart.inference.control import control_map
+from pixart.inference.options import GenerationOptions
 from pixart.inference.pipeline import PixArtPipeline
 from pixart.model.config import PRESETS
 from pixart.model.controlnet import PixArtControlNet, controlled
@@ -233,6 +234,12 @@ def test_generation_with_a_control_scale_of_zero_is_text_to_image(setup):
     assert np.array_equal(np.asarray(off), plain)
     assert not np.array_equal(np.asarray(steered), plain)
     assert steered.info["controlnet"] == str(setup["controlnet"]) and len(steered.info["control_sha256"]) == 64
+    # The metadata names the ControlNet, which the pipeline then steers by when given the control image again.
+    prompt, again_options, load = GenerationOptions.from_metadata(steered.info)
+    again = PixArtPipeline.from_pretrained(load, device="cpu")(prompt, again_options, control=control)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(steered))
+    with pytest.raises(PixArtError, match="a control image needs a ControlNet to steer the model"):
+        pipe("a box", control=control, **options)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pixart.checkpoints.common import file_size, load_safetensors, safetensors_metadata, save_with_config
-from pixart.checkpoints.official import _read_pth, config_from_state_dict
+from pixart.checkpoints.official import config_from_state_dict, read_pth
 from pixart.errors import PixArtError
 from pixart.files import disk_full_is_one_line
 from pixart.model.config import PixArtConfig
@@ -92,7 +92,7 @@ def load_controlnet(
 def _read_official(path: Path, num_heads: int | None) -> tuple[dict[str, torch.Tensor], PixArtConfig | None]:
     """The branch tensors of a released-layout .pth and the base config its ``base_model.*`` weights show
     (with num_heads, which weights do not record, from the base it will steer)."""
-    state_dict, _ = _read_pth(path, ema=False)
+    state_dict, _ = read_pth(path, ema=False)
     branch = {key: value for key, value in state_dict.items() if key.startswith(BRANCH_PREFIX)}
     if not branch:
         raise PixArtError(f"{path} holds no ControlNet branch (controlnet.N.* keys); is it a base model checkpoint?")

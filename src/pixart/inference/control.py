@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from PIL import Image
@@ -104,14 +105,16 @@ class Control:
     """SHA-256 of the ControlNet file ("" for a module passed in)."""
     latents: torch.Tensor | None = None
 
-    @property
+    @cached_property
     def image_digest(self) -> str:
         return image_sha256(self.image)
 
     def encode(self, vae: torch.nn.Module, height: int, width: int, scaling: float) -> None:
         """The control map's VAE latents at the sampling size (height × width px), scaled as image latents.
 
-        The encoder's mean, not a sample: the control then depends on the image alone, not on a seed.
+        The encoder's mean, not a sample: the control then depends on the image alone, not on a seed. Scaled as
+        the official ControlNet training scales its condition latents (``condition * scale_factor``; the
+        official HED demo script leaves them unscaled, unlike the training the released weights came from).
         """
         import torch
         from diffusers.image_processor import VaeImageProcessor
@@ -155,9 +158,9 @@ def prepare_control(
     if control is None and controlnet is None:
         return None
     if controlnet is None:
-        raise PixArtError("a control image needs a ControlNet to steer the model: pass --controlnet PATH")
+        raise PixArtError("a control image needs a ControlNet to steer the model: pass controlnet (--controlnet PATH)")
     if control is None:
-        raise PixArtError("a ControlNet needs a control image to steer by: pass --control IMAGE")
+        raise PixArtError("a ControlNet needs a control image to steer by: pass control (--control IMAGE)")
     check_no_step_cache(cache_steps)
     check_control_scale(scale)
     check_control_type(control_type)
