@@ -133,13 +133,13 @@ def run(args: argparse.Namespace) -> int:
     from pixart.inference.pipeline import PixArtPipeline
 
     prompts, options, load = _inputs(args)
-    control = control_image(args, load)
     require_writable_folder(args.out, "--out")  # before loading, not after the denoising
     if args.t5_int8 and args.t5_bits:
         raise PixArtError("choose one of --t5-int8 and --t5-bits")
     if args.t5_bits not in (None, 8, 4):
         raise PixArtError(f"--t5-bits {args.t5_bits} is not supported; use 8 or 4")
     quantization = "int8-dynamic" if args.t5_int8 else (f"{args.t5_bits}bit" if args.t5_bits else None)
+    control = control_image(args, load)  # before the model loads, as the other input checks
 
     if args.runtime not in ("torch", "openvino"):
         raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
