@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             t5_quantization=quantization,
             compile=args.compile,
         )
-    images = pipe(prompts, options, control=control, controlnet=load.controlnet)
+    images = pipe(prompts, options, control=control)  # the ControlNet comes with the load settings
     for image in images:
         print(save_image(image, args.out))
     log.info("%s", pipe.last_run.summary())
