@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pixart.errors import PixArtError
+from pixart.files import atomic_write
 from pixart.model.config import PixArtConfig
 from pixart.model.transformer import PixArtTransformer
+
+log = logging.getLogger(__name__)
 
 Y_EMBEDDING = "y_embedder.y_embedding"
 # Recomputed for every latent size, so dropped when they appear (older diffusers saved theirs).
@@ -70,3 +76,13 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def cpu_state_dict(model: PixArtTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_with_config(model: torch.nn.Module, path: str | os.PathLike, fmt: str) -> Path:
+    """Our formats: one .safetensors with every tensor of ``model`` and, in its metadata, the format name and
+    ``model.config`` as JSON."""
+    path = Path(path)
+    metadata = {"format": fmt, "config": json.dumps(model.config.to_dict())}
+    atomic_write(path, lambda tmp: save_file(cpu_state_dict(model), str(tmp), metadata=metadata))
+    log.info("wrote %s (%s)", path, file_size(path))
+    return path

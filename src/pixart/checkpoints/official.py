@@ -245,7 +245,7 @@ def config_from_state_dict(
     )
 
 
-def _read_pth(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_pth(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, the config save_official stored beside it or {}) of a .pth; ema picks ``state_dict_ema``."""
     try:
         # weights_only refuses any pickle that would construct arbitrary objects (run code) on load.
@@ -289,7 +289,7 @@ def read_official(
     path: Path, config: PixArtConfig | None, *, ema: bool = False, **hints: Any
 ) -> tuple[dict, PixArtConfig]:
     log.info("loading official checkpoint %s (%s)", path, file_size(path))
-    state_dict, saved = _read_pth(path, ema)
+    state_dict, saved = read_pth(path, ema)
     if config is None:
         config = config_from_state_dict(state_dict, name=path.name, saved=saved, **hints)
     return without_pos_embed(state_dict), config

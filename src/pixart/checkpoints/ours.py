@@ -8,20 +8,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from pixart.checkpoints.common import (
     check_hints,
-    cpu_state_dict,
     file_size,
     load_safetensors,
     reconcile,
     safetensors_metadata,
+    save_with_config,
     without_pos_embed,
 )
 from pixart.checkpoints.official import config_from_state_dict
 from pixart.errors import PixArtError
-from pixart.files import atomic_write
 from pixart.model.config import PixArtConfig
 from pixart.model.transformer import PixArtTransformer
 
@@ -49,8 +46,4 @@ def read_pixart(path: Path, config: PixArtConfig | None, **hints: Any) -> tuple[
 
 def save_pixart(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     """Save in our format: one .safetensors with every tensor and the config JSON in its metadata."""
-    path = Path(path)
-    metadata = {"format": PIXART_FORMAT, "config": json.dumps(model.config.to_dict())}
-    atomic_write(path, lambda tmp: save_file(cpu_state_dict(model), str(tmp), metadata=metadata))
-    log.info("wrote %s (%s)", path, file_size(path))
-    return path
+    return save_with_config(model, path, PIXART_FORMAT)

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from pixart.checkpoints.formats import FORMATS
+from pixart.errors import PixArtError
 from pixart.model.config import FAMILIES
 
 EXAMPLES = """\
@@ -14,6 +15,7 @@ examples:
   pixart convert PixArt-alpha/PixArt-Sigma-XL-2-1024-MS sigma-1024.safetensors --to pixart
   pixart convert my-pipeline/ finetuned.pth --to official
   pixart convert PixArt-Sigma-XL-2-512-MS.pth sigma-512 --to diffusers --image-size 512 --family sigma
+  pixart convert PixArt-XL-2-512-ControlNet.pth controlnet-512.safetensors --to pixart --controlnet
 """
 
 
@@ -56,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--family", choices=FAMILIES, help="alpha or sigma, for a .pth; default: from its null-caption length"
     )
     add_official_flags(parser)
+    parser.add_argument(
+        "--controlnet",
+        action="store_true",
+        help="SRC is a ControlNet .pth in the released layout: write its branch alone as a pixart .safetensors "
+        "(with --to pixart), which `pixart generate --controlnet` loads without the base weights",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it already exists")
     parser.set_defaults(func=run)
 
@@ -63,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pixart.checkpoints.convert import convert_checkpoint
 
+    if args.controlnet:
+        from pixart.checkpoints.controlnet import convert_controlnet
+
+        if args.to != "pixart":
+            raise PixArtError(f"a ControlNet converts to --to pixart (the branch alone), not --to {args.to}")
+        convert_controlnet(args.source, args.dest, overwrite=args.overwrite, num_heads=args.num_heads)
+        return 0
     convert_checkpoint(
         args.source,
         args.dest,

@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   pixart generate "a castle" --model PixArt-alpha/PixArt-LCM-XL-2-1024-MS --sampler lcm
   pixart generate "a castle" --model ./my-pipeline --transformer ./finetuned.pth --low-memory
   pixart generate --from-png outputs/00003-42.png      # reproduce an image from its metadata
+  pixart generate "a house by a lake" --model PixArt-alpha/PixArt-XL-2-512x512 \
+      --controlnet PixArt-XL-2-512-ControlNet.pth --control photo.jpg --control-type canny
 """
 
 
@@ -122,6 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-tokens", type=int, metavar="N", help=f"T5 tokens per prompt (default: {DEFAULT_MAX_TOKENS_TEXT})"
     )
     s.add_argument("--no-clean", action="store_true", help="skip caption cleaning (lower-casing still happens)")
+    add_control_flags(p)
     p.add_argument("--out", type=Path, metavar="DIR", default=Path("outputs"), help="output folder (default ./outputs)")
     add_log_flags(p, "OUT/logs")
     p.set_defaults(func=run)
@@ -157,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if args.t5_bits not in (None, 8, 4):
         raise PixArtError(f"--t5-bits {args.t5_bits} is not supported; use 8 or 4")
     quantization = "int8-dynamic" if args.t5_int8 else (f"{args.t5_bits}bit" if args.t5_bits else None)
+    control = control_image(args, load)  # before the model loads, as the other input checks
 
     if args.runtime not in ("torch", "openvino"):
         raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
@@ -181,14 +185,14 @@ def run(args: argparse.Namespace) -> int:
         )
     load_seconds = time.perf_counter() - started
     if processes is None:
-        images = pipe(prompts, options)
+        images = pipe(prompts, options, control=control)  # the ControlNet comes with the load settings
         for image in images:
             print(save_image(image, args.out))
         stats = pipe.last_run
         if args.log:
             run_log.finish(pipe, images, load_seconds=load_seconds, batch_size=options.batch_size)
     else:
-        paths, stats = generate_and_save(pipe, prompts, options, args.out, processes)
+        paths, stats = generate_and_save(pipe, prompts, options, args.out, processes, control=control)
         if not processes.is_main:
             return 0
         print("\n".join(paths))
@@ -211,6 +215,7 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
         "--num-heads/--pe-scale/--kv-compress/--ema": load.transformer_options,
         "--compile": args.compile,
         "--cache-steps": load.cache_steps > 1,
+        "--control/--controlnet": args.control or load.controlnet,
         "--low-memory": args.low_memory,
         "--vae-tiling": args.vae_tiling,
         "--t5-int8/--t5-bits": quantization,
@@ -251,6 +256,8 @@ def _inputs(args: argparse.Namespace):
         "max_tokens": args.max_tokens,
         "clean": False if args.no_clean else None,
         "batch_size": args.batch_size,
+        "control_scale": args.control_scale,
+        "control_type": args.control_type,
     }
     given = {k: v for k, v in given.items() if v is not None}
     weights = {
@@ -259,6 +266,7 @@ def _inputs(args: argparse.Namespace):
         "loras": tuple(parse_lora_spec(spec) for spec in args.lora),
         "cache_steps": args.cache_steps,
         "transformer_options": tuple(sorted(official_flags(args).items())),
+        "controlnet": args.controlnet,
     }
     weights = {k: v for k, v in weights.items() if v}  # None, no --lora, --cache-steps 0: not given
     if args.from_png is None:
@@ -276,6 +284,50 @@ def _inputs(args: argparse.Namespace):
     check_recorded_weights(load, set(weights), trust=args.trust_metadata, source=str(args.from_png))
     # Flags given on the command line win over the image's settings.
     return [prompt], options.replace(**given), load.replace(**weights)
+
+
+def add_control_flags(parser: argparse.ArgumentParser) -> None:
+    from pixart.inference.control import CONTROL_TYPES
+
+    c = parser.add_argument_group("ControlNet (PixArt-δ: a copy of the first blocks steered by a control image)")
+    c.add_argument("--control", type=Path, metavar="IMAGE", help="the control image, resized to the generation size")
+    c.add_argument(
+        "--controlnet", metavar="PATH", help="the ControlNet: an official …-ControlNet.pth or a pixart .safetensors"
+    )
+    c.add_argument("--control-scale", type=float, metavar="X", help="factor on the ControlNet's residuals (default 1)")
+    c.add_argument(
+        "--control-type",
+        choices=tuple(CONTROL_TYPES),
+        help="; ".join(f"{name}: {doc}" for name, doc in CONTROL_TYPES.items()) + " (default none)",
+    )
+
+
+def control_image(args: argparse.Namespace, load):
+    """The control image of --control, read before any model loads; checked against what --from-png recorded."""
+    from pixart.inference.control import check_no_step_cache, image_sha256, open_control_image
+
+    recorded = read_png_metadata_if(args.from_png).get("control_sha256")
+    if args.control is None:
+        if recorded:
+            raise PixArtError(
+                f"{args.from_png} was made with a control image (sha256 {recorded[:12]}…); pass it again with --control"
+            )
+        if load.controlnet:
+            raise PixArtError("--controlnet needs a control image to steer by: pass --control IMAGE")
+        return None
+    if not load.controlnet:
+        raise PixArtError("--control needs a ControlNet to steer the model: pass --controlnet PATH")
+    check_no_step_cache(load.cache_steps)
+    image = open_control_image(args.control)
+    if recorded and image_sha256(image) != recorded:
+        log.warning("%s is not the control image %s was made with: the image will differ", args.control, args.from_png)
+    return image
+
+
+def read_png_metadata_if(path: Path | None) -> dict[str, str]:
+    from pixart.inference.options import read_png_metadata
+
+    return {} if path is None else read_png_metadata(path)
 
 
 def _read_prompts_file(path: Path) -> list[str]:

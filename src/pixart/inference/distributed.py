@@ -80,9 +80,16 @@ def join() -> Processes:
 
 
 def generate_share(
-    pipe, prompts: list[str], options: GenerationOptions, processes: Processes, progress=None, show_progress=True
+    pipe,
+    prompts: list[str],
+    options: GenerationOptions,
+    processes: Processes,
+    progress=None,
+    show_progress=True,
+    **inputs,
 ):
-    """This process's part of ``pipe(prompts, options)``: (the indices of its images in the whole run, the images).
+    """This process's part of ``pipe(prompts, options, **inputs)``: (the indices of its images in the whole run, the
+    images). ``inputs`` are the pipeline's image inputs (a control image, ...), the same for every image.
 
     Every process must call it with the same arguments. A seed left to chance is drawn by the main process;
     ``progress`` and the progress bar (main process only) follow this process's share.
@@ -100,18 +107,24 @@ def generate_share(
     # Image k of the run is image k - share.start of this call: the same prompt, seed and batch companions.
     mine = options.replace(seed=options.seed + share.start, num_images=1)
     return share, pipe(
-        jobs[share.start : share.stop], mine, progress=progress, show_progress=show_progress and processes.is_main
+        jobs[share.start : share.stop],
+        mine,
+        progress=progress,
+        show_progress=show_progress and processes.is_main,
+        **inputs,
     )
 
 
-def generate_and_save(pipe, prompts: list[str], options: GenerationOptions, out: Path, processes: Processes):
+def generate_and_save(
+    pipe, prompts: list[str], options: GenerationOptions, out: Path, processes: Processes, **inputs
+):
     """Generate a run across the processes, each writing its images to ``out``; the main process gets every path.
 
     Returns the paths of the whole run in order and the combined :class:`RunStats` on the main process, and
     ``([], None)`` on the others.
     """
     first = processes.broadcast(next_free_index(out) if processes.is_main else None)  # before anyone writes
-    share, images = generate_share(pipe, prompts, options, processes)
+    share, images = generate_share(pipe, prompts, options, processes, **inputs)
     paths = [str(save_image(image, out, index=first + k)) for k, image in zip(share, images, strict=True)]
     paths = processes.gather(paths)
     stats = processes.gather([pipe.last_run] if images else [])

@@ -22,6 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pixart.errors import PixArtError
 from pixart.files import disk_full_is_one_line, file_mode
+from pixart.inference.control import check_control_scale, check_control_type
 from pixart.model.resolution import check_size
 from pixart.sampling.samplers import get_sampler
 
@@ -66,6 +67,10 @@ class GenerationOptions:
     """DeepFloyd-IF caption cleaning (needs the ``clean`` extra); lower-casing happens regardless."""
     batch_size: int = 1
     """Images denoised together; larger is faster on a GPU and needs more memory."""
+    control_scale: float = 1.0
+    """With a ControlNet: the factor on its residuals (0: none, 1: as trained); see :mod:`pixart.inference.control`."""
+    control_type: str = "none"
+    """With a ControlNet: how the control image becomes its map ('none': as it is, 'canny': its edges)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,6 +109,8 @@ class GenerationOptions:
                     f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g} (≤ 1 turns it off), "
                     f"got {self.guidance!r}"
                 )
+        check_control_scale(self.control_scale)
+        check_control_type(self.control_type)
 
     def replace(self, **changes) -> GenerationOptions:
         return dataclasses.replace(self, **changes)
@@ -125,6 +132,8 @@ class GenerationOptions:
                 binning=info.get("binning", "true") == "true",
                 max_tokens=int(info["max_tokens"]),
                 clean=info.get("clean", "true") == "true",
+                control_scale=float(info.get("control_scale", 1.0)),
+                control_type=info.get("control_type", "none"),
             )
         except (KeyError, ValueError) as err:
             raise PixArtError(f"the image's generation metadata is incomplete or malformed: {err}") from None
@@ -153,6 +162,9 @@ class LoadSettings:
     transformer_options: tuple[tuple[str, Any], ...] = ()
     """load_transformer keywords for what an official checkpoint cannot tell (num_heads, pe_scale, kv_compress,
     ema), as sorted (name, value) pairs."""
+    controlnet: str | None = None
+    """A ControlNet (:func:`pixart.checkpoints.controlnet.load_controlnet`) the pipeline steers by when given a
+    control image."""
 
     def replace(self, **changes) -> LoadSettings:
         return dataclasses.replace(self, **changes)
@@ -166,6 +178,8 @@ class LoadSettings:
             fields["cache_steps"] = str(self.cache_steps)
         if self.transformer_options:
             fields["transformer_options"] = json.dumps(dict(self.transformer_options))
+        if self.controlnet:
+            fields["controlnet"] = self.controlnet
         return fields
 
     @staticmethod
@@ -199,6 +213,7 @@ class LoadSettings:
             loras=tuple((path, float(scale)) for path, scale in loras),
             cache_steps=cache_steps,
             transformer_options=tuple(sorted(options.items())),
+            controlnet=info.get("controlnet") or None,
         )
 
 
@@ -213,6 +228,7 @@ def check_recorded_weights(recorded: LoadSettings, given: set[str], *, trust: bo
         "model": recorded.model,
         "transformer": recorded.transformer,
         "loras": ", ".join(f"{path}:{scale:g}" for path, scale in recorded.loras),
+        "controlnet": recorded.controlnet,
     }
     named = {field: value for field, value in wanted.items() if value and field not in given}
     if named and not trust:

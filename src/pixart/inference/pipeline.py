@@ -28,6 +28,7 @@ from PIL import Image
 
 from pixart import __version__
 from pixart.errors import PixArtError
+from pixart.inference.control import prepare_control
 from pixart.inference.devices import (
     RunStats,
     check_compiler,
@@ -137,6 +138,8 @@ class PixArtPipeline:
             self.vae_scaling = float(vae_model.config.scaling_factor)
             del vae_model
         self.last_run: RunStats | None = None
+        self.controlnet = None
+        """The ControlNet (path or module) a call with a control image steers by unless it names another."""
 
     @classmethod
     def from_pretrained(
@@ -169,10 +172,11 @@ class PixArtPipeline:
         from pixart.checkpoints.convert import load_transformer
         from pixart.checkpoints.lora import load_lora
 
+        controlnet = None
         if isinstance(model, LoadSettings):
             if transformer is not None or loras or cache_steps or transformer_options:
                 raise TypeError("give the transformer, LoRAs and cache steps in the LoadSettings, not beside it")
-            transformer_options = dict(model.transformer_options)
+            transformer_options, controlnet = dict(model.transformer_options), model.controlnet
             model, transformer, loras, cache_steps = model.model, model.transformer, model.loras, model.cache_steps
         device = parse_device(device)
         check_cache_steps(cache_steps)
@@ -231,7 +235,7 @@ class PixArtPipeline:
         loaders = (load_text_encoder, load_model, load_vae)
         if not low_memory:
             loaders = tuple(load() for load in loaders)
-        return cls(
+        pipe = cls(
             *loaders,
             scheduler_config,
             device=device,
@@ -244,6 +248,8 @@ class PixArtPipeline:
             loras=tuple((str(path), float(scale)) for path, scale in loras or ()),
             transformer_options=tuple(sorted((transformer_options or {}).items())),
         )
+        pipe.controlnet = controlnet
+        return pipe
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -312,12 +318,17 @@ class PixArtPipeline:
         *,
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
+        control: Image.Image | str | os.PathLike | None = None,
+        controlnet: torch.nn.Module | str | os.PathLike | None = None,
         **overrides,
     ) -> list[Image.Image]:
         """Generate ``num_images`` images for each prompt; returns PIL images with metadata in ``.info``.
 
         ``overrides`` are GenerationOptions fields (``seed=3, steps=10``). ``progress(done, total)`` is
         called after every denoising step of the whole call, e.g. for a UI's progress bar.
+        ``control`` (an image or its path) steers the model through ``controlnet`` (a
+        :class:`pixart.model.controlnet.PixArtControlNet` or its file; default :attr:`controlnet`), with the
+        options' control_scale and control_type (:mod:`pixart.inference.control`).
         """
         from tqdm.auto import tqdm
 
@@ -327,6 +338,16 @@ class PixArtPipeline:
         for p in prompts:
             check_text("prompt", p)
         opts = self.resolve(options, **overrides)
+        steer = prepare_control(
+            control,
+            self.controlnet if controlnet is None and control is not None else controlnet,
+            scale=opts.control_scale,
+            control_type=opts.control_type,
+            base=self.model_config,
+            cache_steps=self.cache_steps,
+            device=self.device,
+            dtype=self.dtype,
+        )
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -341,6 +362,10 @@ class PixArtPipeline:
         guided = opts.guidance > 1.0
 
         text = self._encode(prompts, opts, guided)  # before the transformer loads: low-memory keeps one part at a time
+        if steer is not None:
+            with self._stage("vae") as vae:
+                steer.encode(vae, height, width, self.vae_scaling)
+                del vae
         latents, done = [], 0
         schedulers = [make_scheduler(opts.sampler, self.scheduler_config) for _ in batches]
         for scheduler in schedulers:
@@ -368,7 +393,7 @@ class PixArtPipeline:
                 cond = self._conditioning([p for p, _ in batch], text, height, width)
                 latents.append(
                     denoise(
-                        cached_denoiser(model, self.cache_steps),
+                        cached_denoiser(model, self.cache_steps) if steer is None else steer.denoiser(model),
                         scheduler,
                         noise,
                         cond,
@@ -383,6 +408,7 @@ class PixArtPipeline:
         images = self._decode(torch.cat(latents), opts, opts.batch_size)
         for image, (p, seed) in zip(images, jobs, strict=True):
             image.info.update(self.metadata(p, opts.replace(seed=seed, num_images=1)))
+            image.info.update(steer.metadata() if steer is not None else {})
         self.last_run = RunStats(
             time.perf_counter() - started,
             len(images),
