@@ -282,7 +282,7 @@ def read_pth(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A plain state dict that ``torch.save`` wrote (diffusers' ``.bin``), read weights-only so it cannot run code."""
-    return _read_pth(path, ema=False)[0]
+    return read_pth(path, ema=False)[0]
 
 
 def read_official(

@@ -115,9 +115,7 @@ def generate_share(
     )
 
 
-def generate_and_save(
-    pipe, prompts: list[str], options: GenerationOptions, out: Path, processes: Processes, **inputs
-):
+def generate_and_save(pipe, prompts: list[str], options: GenerationOptions, out: Path, processes: Processes, **inputs):
     """Generate a run across the processes, each writing its images to ``out``; the main process gets every path.
 
     Returns the paths of the whole run in order and the combined :class:`RunStats` on the main process, and
