@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ RATE = 3  # requests per minute per client
 SIDE = 256  # the model's default size: sample_size 32 × VAE factor 8
 MAX_IMAGES = 2
 DEFAULT_WORK = SIDE * SIDE * 100 * MAX_IMAGES  # ddpm: 100 steps, the most any sampler defaults to
+HEADER_TIMEOUT = 3  # seconds
 
 
 def free_port() -> int:
@@ -52,7 +54,7 @@ def server(tmp_path_factory):
     port, log_file = free_port(), root / "server.log"
     cmd = [sys.executable, "-m", "pixart", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--auth-token-file", str(token_file), "--allowed-host", "pixart.test", "--rate-limit", f"{RATE}/min"]
-    cmd += ["--max-images", str(MAX_IMAGES), "--max-steps", "100000"]
+    cmd += ["--max-images", str(MAX_IMAGES), "--max-steps", "100000", "--header-timeout", str(HEADER_TIMEOUT)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("PIXART_AUTH_TOKEN", None)
     with open(log_file, "wb") as log:
@@ -225,6 +227,35 @@ def test_each_request_is_one_log_line_without_the_prompt(server):
     (line,) = [line for line in log.splitlines() if "127.0.0.8" in line]
     # time, client, size, steps × images, seconds, outcome
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.8 32x32 1 steps x1 \d+\.\d\d s 200 ok", line), line
+
+
+def test_clients_sending_their_headers_slowly_are_cut_off_and_others_are_served(server):
+    opened = time.monotonic()
+    slow = [socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.9", 0)) for _ in range(100)]
+    for sock in slow:
+        sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    silent = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.9", 0))
+    pending, answers = set(slow), {}
+    while pending and time.monotonic() - opened < HEADER_TIMEOUT + 10:
+        readable, _, _ = select.select(list(pending), [], [], 1.0)
+        for sock in readable:
+            answers[sock] = (sock.recv(4096), time.monotonic() - opened)
+            pending.remove(sock)
+        for sock in pending:
+            sock.sendall(b"x")  # one more byte of a header line that never ends, about one a second
+        started = time.monotonic()  # meanwhile, a client that sends its request at once is served at once
+        assert get(server, "/api/info", source="127.0.0.10")[0] == 200 and time.monotonic() - started < 5
+    assert not pending, f"{len(pending)} slow clients still hold their connections"
+    for sock, (answer, after) in answers.items():
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 3 s" in answer, answer
+        assert HEADER_TIMEOUT - 0.5 < after < HEADER_TIMEOUT + 3, after
+        assert sock.recv(4096) == b""  # then closed
+        sock.close()
+    silent.settimeout(5)
+    assert silent.recv(4096) == b""  # a connection that never spoke is closed without an answer
+    silent.close()
+    log = server.log_file.read_text()
+    assert log.count("127.0.0.9 - - 408 request headers not complete within 3 s") == 100, log[-2000:]
 
 
 def test_sigterm_exits_cleanly_and_removes_the_temporary_image_folder(server):

@@ -12,7 +12,8 @@ Both go through :class:`ImageService`, which rate-limits each client, checks a r
 hung up), logs one line per request and saves every image with :func:`pixart.inference.options.save_image`,
 so what users download is the PNG with its generation metadata, exactly as ``pixart generate`` writes it.
 Before either door, :class:`pixart.serve.guard.Guard` turns away other sites, strangers' host names,
-missing tokens and oversized or slow bodies.
+missing tokens and oversized or slow bodies; slow request headers are cut off below it
+(:mod:`pixart.serve.slow_clients`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's `request: Request` annotation at run
@@ -78,6 +79,8 @@ class ServeLimits:
     """Largest request body in bytes (also the page's upload limit); enough for base64 image inputs."""
     body_timeout: int = 30
     """Seconds a client has to send a request body."""
+    header_timeout: int = 10
+    """Seconds a client has to send its request headers, from connecting or from its previous answer."""
     rate_limit: int = 60
     """Generation requests per minute per client address."""
 
