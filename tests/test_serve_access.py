@@ -33,6 +33,7 @@ SIDE = 256  # the model's default size: sample_size 32 × VAE factor 8
 MAX_IMAGES = 2
 DEFAULT_WORK = SIDE * SIDE * 100 * MAX_IMAGES  # ddpm: 100 steps, the most any sampler defaults to
 HEADER_TIMEOUT = 3  # seconds
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 def free_port() -> int:
@@ -217,6 +218,58 @@ def test_a_client_that_hangs_up_stops_its_generation_and_frees_the_slot(server):
     assert 0 < done < steps // 2, line
     started = time.monotonic()  # the slot is free: the next request is served at once
     assert generate(server, SMALL, "127.0.0.7")[0] == 200 and time.monotonic() - started < 10
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
+def test_closing_the_page_stops_its_generation_and_frees_the_slot(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url = f"http://127.0.0.1:{server.port}"
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"],
+        )
+        try:
+            # The browser context shares its cookies with its request client: this is the page's login.
+            assert context.request.post(f"{url}/login", form={"username": "me", "password": TOKEN}).status == 200
+            page = context.new_page()
+            page.goto(url, timeout=60_000)
+            # Opened first: the sampler's defaults fill the steps when the accordion first shows.
+            page.get_by_text("Advanced options").click()
+            page.locator("#prompt textarea").fill("a long job in a tab about to close")
+            size = page.get_by_label("Size (width")
+            size.click()
+            size.fill("custom")
+            size.press("Enter")
+            page.get_by_label("Sample at the nearest trained aspect ratio").uncheck()
+            # As the API hang-up test: the most steps, at the largest size the work limit then allows.
+            for label, value in (("Width", "112"), ("Height", "112"), ("number input for Steps", "1000")):
+                field = page.get_by_role("spinbutton", name=label)
+                field.fill(value)
+                field.press("Tab")
+                expect(field).to_have_value(value)
+            page.locator("#generate").click()
+            deadline = time.monotonic() + 30
+            while running(server) == 0:
+                assert time.monotonic() < deadline, "the generation did not start"
+                time.sleep(0.05)
+            time.sleep(0.5)  # some steps in
+            page.close()
+        finally:
+            context.close()
+    closed = time.monotonic()
+    while running(server) != 0:
+        assert time.monotonic() - closed < 5, "denoising went on after the page closed"
+        time.sleep(0.05)
+    lines = server.log_file.read_text().splitlines()
+    (line,) = [line for line in lines if " 127.0.0.1 112x112 1000 steps" in line]  # the browser's address
+    done = int(re.search(r"499 client gone, stopped after (\d+) of 1000 steps", line).group(1))
+    assert 0 < done < 500, line
+    started = time.monotonic()  # the slot is free: the next request is served at once
+    assert generate(server, SMALL, "127.0.0.11")[0] == 200 and time.monotonic() - started < 10
 
 
 def test_each_request_is_one_log_line_without_the_prompt(server):
