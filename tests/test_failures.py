@@ -4,6 +4,7 @@ The CLI cases run real ``python -m pixart`` processes on the bundled demo model;
 function where the input enters (GenerationOptions, parse_lora_spec, the pipeline).
 """
 
+import importlib.util
 import random
 import resource
 import shutil
@@ -18,8 +19,11 @@ import torch
 import pixart as pixart_package
 from pixart.checkpoints.convert import load_transformer
 from pixart.checkpoints.lora import parse_lora_spec
+from pixart.checkpoints.ours import save_pixart
 from pixart.errors import PixArtError
 from pixart.inference.options import MAX_SEED, GenerationOptions
+from pixart.model.config import preset
+from pixart.model.transformer import PixArtTransformer
 
 
 def generate(prompt: str | bytes, *args: str, out) -> subprocess.CompletedProcess:
@@ -209,6 +213,12 @@ DEMO = Path(pixart_package.__file__).parent / "assets" / "demo"
             ["export", "diffusers", "OUT/pipe", "--transformer", str(DEMO / "transformer"), "--base", str(DEMO)],
             "the pipeline pipe",
         ),
+        pytest.param(
+            100_000,
+            ["export", "openvino", "OUT/ov"],
+            "the OpenVINO export ov",
+            marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino"),
+        ),
     ],
 )
 def test_a_full_disk_while_writing_is_one_line(tmp_path, limit, args, written):
@@ -219,7 +229,23 @@ def test_a_full_disk_while_writing_is_one_line(tmp_path, limit, args, written):
     line = one_error_line_after_work(result)
     assert line.startswith(f"error: file size limit hit while writing {written.replace('OUT', str(out))}")
     assert line.endswith("free); free some space and run again")
-    assert not [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]  # no temporary file left
+    assert list(out.iterdir()) == []  # no half-written output, no temporary file or folder
+
+
+def test_a_failed_diffusers_convert_leaves_no_half_written_folder(tmp_path):
+    # The null-caption sidecar (4096 × 32 floats, 524 kB) is written after the weights (332 kB): a 400 kB file
+    # size limit lets the weights through and stops the sidecar, so writing file by file would leave a folder
+    # of weights without their config.
+    source = tmp_path / "long-captions.safetensors"
+    save_pixart(PixArtTransformer(preset("debug-alpha").replace(depth=1, model_max_length=4096)), source)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "kept.txt").write_text("the folder --overwrite would replace")
+    for dest in (tmp_path / "new", tmp_path / "t"):
+        args = ["convert", str(source), str(dest), "--to", "diffusers", "--overwrite"]
+        result = pixart_with_file_size_limit(400_000, *args)
+        assert one_error_line_after_work(result).startswith("error: file size limit hit while writing the diffusers")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long-captions.safetensors", "t"]
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["kept.txt"]
 
 
 def one_error_line_after_work(result: subprocess.CompletedProcess) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from pixart.files import atomic_write, plain_modes, swap_into_place, temporary_folder
+from pixart.errors import PixArtError
+from pixart.files import atomic_write, new_folder, plain_modes, swap_into_place, temporary_folder
 
 
 def umask() -> int:
@@ -93,6 +95,27 @@ def test_swap_into_place_replaces_a_folder_whole_with_plain_modes(tmp_path):
         assert_plain_modes(out)
         assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]  # nothing moved aside is left behind
     assert not (out / "only-in-old.txt").exists()  # replaced whole, not merged
+
+
+@pytest.mark.parametrize("error", [OSError("mid-write"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_new_folder_publishes_a_whole_folder_or_nothing(tmp_path, error):
+    out = tmp_path / "pipeline"
+    with new_folder(out, "the pipeline") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".pipeline.")
+        (tmp / "weights.bin").write_text("old")
+    assert [p.name for p in out.iterdir()] == ["weights.bin"]
+    with pytest.raises(type(error)), new_folder(out, "the pipeline") as tmp:
+        (tmp / "weights.bin").write_text("new")
+        raise error
+    assert (out / "weights.bin").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+
+
+def test_new_folder_says_a_full_disk_in_one_line(tmp_path):
+    with pytest.raises(PixArtError, match=r"^disk full while writing the pipeline in .* free\); free some space"):
+        with new_folder(tmp_path / "pipeline", "the pipeline"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_modes_follow_the_umask_in_force_when_writing_not_at_import(tmp_path):

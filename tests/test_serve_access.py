@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -31,6 +32,8 @@ RATE = 3  # requests per minute per client
 SIDE = 256  # the model's default size: sample_size 32 × VAE factor 8
 MAX_IMAGES = 2
 DEFAULT_WORK = SIDE * SIDE * 100 * MAX_IMAGES  # ddpm: 100 steps, the most any sampler defaults to
+HEADER_TIMEOUT = 3  # seconds
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 def free_port() -> int:
@@ -52,7 +55,7 @@ def server(tmp_path_factory):
     port, log_file = free_port(), root / "server.log"
     cmd = [sys.executable, "-m", "pixart", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--auth-token-file", str(token_file), "--allowed-host", "pixart.test", "--rate-limit", f"{RATE}/min"]
-    cmd += ["--max-images", str(MAX_IMAGES), "--max-steps", "100000"]
+    cmd += ["--max-images", str(MAX_IMAGES), "--max-steps", "100000", "--header-timeout", str(HEADER_TIMEOUT)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("PIXART_AUTH_TOKEN", None)
     with open(log_file, "wb") as log:
@@ -217,6 +220,58 @@ def test_a_client_that_hangs_up_stops_its_generation_and_frees_the_slot(server):
     assert generate(server, SMALL, "127.0.0.7")[0] == 200 and time.monotonic() - started < 10
 
 
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
+def test_closing_the_page_stops_its_generation_and_frees_the_slot(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url = f"http://127.0.0.1:{server.port}"
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"],
+        )
+        try:
+            # The browser context shares its cookies with its request client: this is the page's login.
+            assert context.request.post(f"{url}/login", form={"username": "me", "password": TOKEN}).status == 200
+            page = context.new_page()
+            page.goto(url, timeout=60_000)
+            # Opened first: the sampler's defaults fill the steps when the accordion first shows.
+            page.get_by_text("Advanced options").click()
+            page.locator("#prompt textarea").fill("a long job in a tab about to close")
+            size = page.get_by_label("Size (width")
+            size.click()
+            size.fill("custom")
+            size.press("Enter")
+            page.get_by_label("Sample at the nearest trained aspect ratio").uncheck()
+            # As the API hang-up test: the most steps, at the largest size the work limit then allows.
+            for label, value in (("Width", "112"), ("Height", "112"), ("number input for Steps", "1000")):
+                field = page.get_by_role("spinbutton", name=label)
+                field.fill(value)
+                field.press("Tab")
+                expect(field).to_have_value(value)
+            page.locator("#generate").click()
+            deadline = time.monotonic() + 30
+            while running(server) == 0:
+                assert time.monotonic() < deadline, "the generation did not start"
+                time.sleep(0.05)
+            time.sleep(0.5)  # some steps in
+            page.close()
+        finally:
+            context.close()
+    closed = time.monotonic()
+    while running(server) != 0:
+        assert time.monotonic() - closed < 5, "denoising went on after the page closed"
+        time.sleep(0.05)
+    lines = server.log_file.read_text().splitlines()
+    (line,) = [line for line in lines if " 127.0.0.1 112x112 1000 steps" in line]  # the browser's address
+    done = int(re.search(r"499 client gone, stopped after (\d+) of 1000 steps", line).group(1))
+    assert 0 < done < 500, line
+    started = time.monotonic()  # the slot is free: the next request is served at once
+    assert generate(server, SMALL, "127.0.0.11")[0] == 200 and time.monotonic() - started < 10
+
+
 def test_each_request_is_one_log_line_without_the_prompt(server):
     status, _, _ = generate(server, SMALL | {"prompt": "a walrus in a top hat", "seed": 3}, "127.0.0.8")
     assert status == 200
@@ -225,6 +280,35 @@ def test_each_request_is_one_log_line_without_the_prompt(server):
     (line,) = [line for line in log.splitlines() if "127.0.0.8" in line]
     # time, client, size, steps × images, seconds, outcome
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.8 32x32 1 steps x1 \d+\.\d\d s 200 ok", line), line
+
+
+def test_clients_sending_their_headers_slowly_are_cut_off_and_others_are_served(server):
+    opened = time.monotonic()
+    slow = [socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.9", 0)) for _ in range(100)]
+    for sock in slow:
+        sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    silent = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.9", 0))
+    pending, answers = set(slow), {}
+    while pending and time.monotonic() - opened < HEADER_TIMEOUT + 10:
+        readable, _, _ = select.select(list(pending), [], [], 1.0)
+        for sock in readable:
+            answers[sock] = (sock.recv(4096), time.monotonic() - opened)
+            pending.remove(sock)
+        for sock in pending:
+            sock.sendall(b"x")  # one more byte of a header line that never ends, about one a second
+        started = time.monotonic()  # meanwhile, a client that sends its request at once is served at once
+        assert get(server, "/api/info", source="127.0.0.10")[0] == 200 and time.monotonic() - started < 5
+    assert not pending, f"{len(pending)} slow clients still hold their connections"
+    for sock, (answer, after) in answers.items():
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 3 s" in answer, answer
+        assert HEADER_TIMEOUT - 0.5 < after < HEADER_TIMEOUT + 3, after
+        assert sock.recv(4096) == b""  # then closed
+        sock.close()
+    silent.settimeout(5)
+    assert silent.recv(4096) == b""  # a connection that never spoke is closed without an answer
+    silent.close()
+    log = server.log_file.read_text()
+    assert log.count("127.0.0.9 - - 408 request headers not complete within 3 s") == 100, log[-2000:]
 
 
 def test_sigterm_exits_cleanly_and_removes_the_temporary_image_folder(server):

@@ -3,8 +3,8 @@
 Atomic writes go through ``tempfile.mkstemp``, ``tempfile.mkdtemp`` or ``safetensors.torch.save_file``,
 which create files with mode 0600 and folders with 0700, so without a fix every exported model,
 dataset and generated image would be private to its owner whatever the user's umask. ``file_mode``,
-``atomic_write``, ``temporary_folder``, ``plain_modes`` and ``swap_into_place`` give what a plain ``open()``
-or ``mkdir()`` would instead.
+``atomic_write``, ``temporary_folder``, ``plain_modes``, ``swap_into_place`` and ``new_folder`` give what a plain
+``open()`` or ``mkdir()`` would instead.
 
 A rename is atomic but not durable by itself: after a power cut the new name can point at blocks that were
 never written. ``fsync_path`` and ``fsync_tree`` flush files and folders to the disk before the rename that
@@ -132,6 +132,28 @@ def swap_into_place(tmp: Path, out: Path) -> None:
     os.replace(out, old / out.name)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_folder(out: Path, what: str) -> Iterator[Path]:
+    """Write the folder ``out`` as a whole: the block fills the temporary sibling it is given, which then replaces
+    ``out`` (plain modes, flushed to the disk before the rename).
+
+    Any failure, or an interrupt, removes the temporary folder and leaves ``out`` as it was, so no reader ever
+    finds a half-written folder; a full disk is one PixArtError line naming ``what``. A kill leaves the
+    temporary folder, hidden, as ``.NAME.XXXXXXXX.tmp``.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with disk_full_is_one_line(what, out.parent):
+        tmp = temporary_folder(out.parent, f".{out.name}.", ".tmp")
+        try:
+            yield tmp
+            plain_modes(tmp)
+            fsync_tree(tmp)
+            swap_into_place(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_path(out.parent)  # keeps the rename itself across a power cut
 
 
 def require_writable_folder(path: Path, option: str) -> None:

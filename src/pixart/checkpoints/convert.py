@@ -31,7 +31,7 @@ from pixart.checkpoints.hub import HUB_FILE, HUB_ID, fetch, fetch_file
 from pixart.checkpoints.official import read_official, save_official
 from pixart.checkpoints.ours import read_pixart, save_pixart
 from pixart.errors import PixArtError
-from pixart.files import disk_full_is_one_line
+from pixart.files import disk_full_is_one_line, new_folder
 from pixart.model.config import FAMILIES, PixArtConfig
 from pixart.model.transformer import PixArtTransformer
 
@@ -195,8 +195,12 @@ def convert_checkpoint(
     model = load_transformer(source, **load_kwargs)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: PixArt-%s, %.1f M parameters, %s", model.config.family, n_params / 1e6, model.config)
-    with disk_full_is_one_line(f"the {to} checkpoint {dest.name}", dest.parent):
-        saved = savers[to](model, dest)
-    if to == "diffusers":  # save_diffusers says it at debug only, as export's folder is a temporary one
-        log.info("wrote diffusers transformer folder %s", saved)
-    return saved
+    what = f"the {to} checkpoint {dest.name}"
+    if to != "diffusers":
+        with disk_full_is_one_line(what, dest.parent):
+            return savers[to](model, dest)  # one file, written atomically
+    # The folder as a whole, so that a failure between its files leaves no weights without their config.
+    with new_folder(dest, what) as tmp:
+        save_diffusers(model, tmp)
+    log.info("wrote diffusers transformer folder %s", dest)  # save_diffusers said it at debug only
+    return dest

@@ -2,8 +2,8 @@
 
 The folder takes the tokenizer, text encoder, VAE and scheduler of a base pipeline (a local folder or
 a hub id) and our transformer, written by :func:`pixart.checkpoints.diffusers.save_diffusers`. It is built in a
-temporary folder next to the output and renamed into place, so an interrupted export leaves nothing
-half-written and an existing folder is only replaced when asked to.
+temporary folder next to the output, flushed to the disk and renamed into place (:func:`pixart.files.new_folder`),
+so an interrupted export leaves nothing half-written and an existing folder is only replaced when asked to.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pixart.checkpoints.diffusers import check_diffusers_compatible, save_diffus
 from pixart.checkpoints.hub import resolve_pipeline
 from pixart.checkpoints.lora import load_lora, lora_layers, merge_lora
 from pixart.errors import PixArtError
-from pixart.files import disk_full_is_one_line, swap_into_place, temporary_folder
+from pixart.files import new_folder
 from pixart.model.config import FAMILY
 from pixart.model.text import saved_text_width
 from pixart.model.transformer import PixArtTransformer
@@ -118,21 +118,13 @@ def export_pipeline(
     for path, scale in loras:
         load_lora(model, path, scale=scale, merge=True)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A full disk leaves no half-written folder (removed below) and ends as one line.
-    with disk_full_is_one_line(f"the pipeline {out.name}", out.parent):
-        tmp = temporary_folder(out.parent, f".{out.name}.", ".tmp")
-        try:
-            total = sum(p.stat().st_size for c in BASE_COMPONENTS for p in (base_dir / c).rglob("*") if p.is_file())
-            with tqdm(total=total, unit="B", unit_scale=True, desc="copying base components") as progress:
-                for component in BASE_COMPONENTS:
-                    _copy_tree(base_dir / component, tmp / component, progress)
-            save_diffusers(model, tmp / "transformer")
-            (tmp / "model_index.json").write_text(json.dumps(_model_index(base_dir, family), indent=2) + "\n")
-            swap_into_place(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with new_folder(out, f"the pipeline {out.name}") as tmp:
+        total = sum(p.stat().st_size for c in BASE_COMPONENTS for p in (base_dir / c).rglob("*") if p.is_file())
+        with tqdm(total=total, unit="B", unit_scale=True, desc="copying base components") as progress:
+            for component in BASE_COMPONENTS:
+                _copy_tree(base_dir / component, tmp / component, progress)
+        save_diffusers(model, tmp / "transformer")
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(base_dir, family), indent=2) + "\n")
     logger.info("wrote %s pipeline %s", PIPELINE_CLASSES[family], out)
     return out
 

@@ -99,6 +99,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     lim.add_argument("--max-body", type=int, default=defaults.max_body, help="bytes per request body (default 8 MiB)")
     lim.add_argument("--body-timeout", type=int, default=defaults.body_timeout, help="seconds to send a body (30)")
+    lim.add_argument(
+        "--header-timeout",
+        type=int,
+        default=defaults.header_timeout,
+        help="seconds to send the request headers, so slow clients cannot hold connections (10)",
+    )
     lim.add_argument("--rate-limit", default=f"{defaults.rate_limit}/min", help="per client address (%(default)s)")
     p.set_defaults(func=run)
 
@@ -116,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         max_work=args.max_work,
         max_body=args.max_body,
         body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout,
         rate_limit=parse_rate(args.rate_limit),
     )
     if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -147,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pixart.inference.pipeline import PixArtPipeline
     from pixart.serve.app import ImageService, build_app
+    from pixart.serve.slow_clients import header_deadline_protocol
 
     previous = signal.signal(signal.SIGTERM, _leave)
     try:
@@ -162,7 +170,13 @@ def run(args: argparse.Namespace) -> int:
             if token is not None:
                 log.info("the API and the page require the token (user name: any, password: the token)")
             # timeout_keep_alive: a kept-alive connection idle for 5 s is closed (uvicorn's default, said here).
-            config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5)
+            config = uvicorn.Config(
+                app,
+                http=header_deadline_protocol(limits.header_timeout),
+                log_level="warning",
+                timeout_graceful_shutdown=5,
+                timeout_keep_alive=5,
+            )
             uvicorn.Server(config).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)

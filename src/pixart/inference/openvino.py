@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pixart.errors import PixArtError
-from pixart.files import swap_into_place, temporary_folder
+from pixart.files import new_folder
 from pixart.model.config import PixArtConfig
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,7 @@ def export_openvino(
         )
     null = learned_null_caption(net)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_folder(out.parent, f".{out.name}.", ".tmp")
-    try:
+    with new_folder(out, f"the OpenVINO export {out.name}") as tmp:
         lat = (1, config.in_channels, height // vae_factor, width // vae_factor)
         ids = torch.ones(2, tokens, dtype=torch.long)
         text_mask = torch.ones(2, tokens, dtype=torch.long)
@@ -158,10 +156,9 @@ def export_openvino(
                 # Weights only: activations stay fp32, so accuracy drops little and no calibration data is needed.
                 t5_ir = nncf.compress_weights(t5_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
                 denoiser_ir = nncf.compress_weights(denoiser_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
-        # compress_to_fp16 would halve the files but round every weight: keep fp32 for parity with PyTorch.
-        ov.save_model(t5_ir, tmp / "text_encoder.xml", compress_to_fp16=False)
-        ov.save_model(denoiser_ir, tmp / "transformer.xml", compress_to_fp16=False)
-        ov.save_model(vae_ir, tmp / "vae_decoder.xml", compress_to_fp16=False)
+        _save_ir(ov, t5_ir, tmp / "text_encoder.xml")
+        _save_ir(ov, denoiser_ir, tmp / "transformer.xml")
+        _save_ir(ov, vae_ir, tmp / "vae_decoder.xml")
         shutil.copytree(root / "tokenizer", tmp / "tokenizer")
         if (root / "scheduler").is_dir():
             shutil.copytree(root / "scheduler", tmp / "scheduler")
@@ -184,10 +181,29 @@ def export_openvino(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if null is not None:
             np.save(tmp / "null_caption.npy", null.float().cpu().numpy())
-        swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _save_ir(ov, ir, path: Path) -> None:
+    """``ov.save_model`` keeping the weights fp32, with the OS error behind a failed write attached as its cause.
+
+    OpenVINO's C++ streams report a failed write only as "iostream error", so a full disk would not be told
+    from a bug. The write is retried from Python at the end of the files it made: out of space (disk, quota
+    or file size limit), that fails again at once with the reason; otherwise the original error stands.
+    """
+    # compress_to_fp16 would halve the files but round every weight: keep fp32 for parity with PyTorch.
+    try:
+        ov.save_model(ir, path, compress_to_fp16=False)
+    except RuntimeError as err:
+        for part in (path.with_suffix(".bin"), path):
+            try:
+                with open(part, "ab") as file:
+                    file.write(bytes(2**20))  # past a partly filled last block
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as reason:
+                raise err from reason
+        raise
 
 
 def _own_pipeline(transformer: Path) -> Path | None:

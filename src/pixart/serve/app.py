@@ -9,10 +9,12 @@ Two doors to the same generation:
 
 Both go through :class:`ImageService`, which rate-limits each client, checks a request against
 :class:`ServeLimits`, runs at most ``concurrency`` generations at once (stopping one whose API client
-hung up), logs one line per request and saves every image with :func:`pixart.inference.options.save_image`,
-so what users download is the PNG with its generation metadata, exactly as ``pixart generate`` writes it.
+hung up or whose page closed), logs one line per request and saves every image with
+:func:`pixart.inference.options.save_image`, so what users download is the PNG with its generation metadata,
+exactly as ``pixart generate`` writes it.
 Before either door, :class:`pixart.serve.guard.Guard` turns away other sites, strangers' host names,
-missing tokens and oversized or slow bodies.
+missing tokens and oversized or slow bodies; slow request headers are cut off below it
+(:mod:`pixart.serve.slow_clients`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's `request: Request` annotation at run
@@ -23,6 +25,7 @@ import contextlib
 import json
 import logging
 import math
+import queue
 import reprlib
 import threading
 import time
@@ -78,6 +81,8 @@ class ServeLimits:
     """Largest request body in bytes (also the page's upload limit); enough for base64 image inputs."""
     body_timeout: int = 30
     """Seconds a client has to send a request body."""
+    header_timeout: int = 10
+    """Seconds a client has to send its request headers, from connecting or from its previous answer."""
     rate_limit: int = 60
     """Generation requests per minute per client address."""
 
@@ -433,18 +438,17 @@ def build_ui(service: ImageService):
             binning=binning,
             loras=list(loras or []),
         )
+        client = request.client.host if request.client else "?"
+        progress(0, desc="waiting for a free slot")
         try:
-            progress(0, desc="waiting for a free slot")
-            results = service.handle(
-                request.client.host if request.client else "?",
-                lambda: (prompt, fields),
-                lambda done, total: progress((done, total), desc="denoising"),
+            results = yield from _until_done(
+                lambda step, cancel: service.handle(client, lambda: (prompt, fields), step, cancel), progress
             )
         except PixArtError as err:
             raise gr.Error(str(err), print_exception=False) from None
         # File paths, not PIL images: Gradio then serves the saved PNGs, metadata included, instead of re-encoding.
         gallery = [(str(path), f"seed {info['seed']}") for path, info in results]
-        return gallery, int(results[0][1]["seed"])
+        yield gallery, int(results[0][1]["seed"])
 
     def sampler_defaults(name):
         chosen = SAMPLERS.get(name, default)
@@ -518,6 +522,48 @@ def build_ui(service: ImageService):
         samplers.change(sampler_defaults, samplers, [steps, guidance], api_visibility="private")
         size.change(lambda s: gr.Row(visible=s == CUSTOM_SIZE), size, custom, api_visibility="private")
     return ui.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
+
+
+def _until_done(work: Callable, progress):
+    """Run ``work(step, cancel)`` in a thread for the page, yielding "no change" at each step and twice a second.
+
+    Gradio stops a page's event when its tab closes only by closing the generator at a ``yield`` (a plain
+    function would run to its end), so the page's generate is a generator: closed, it sets ``cancel``
+    and the generation stops within a step, as the API's does when its client hangs up. Returns what
+    ``work`` returned, or raises what it raised.
+    """
+    import gradio as gr
+
+    steps: queue.SimpleQueue = queue.SimpleQueue()
+    cancel = threading.Event()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work(lambda done, total: steps.put((done, total)), cancel)
+        except BaseException as err:  # handed to the generator, which raises it in Gradio's thread
+            outcome["error"] = err
+        finally:
+            steps.put(None)
+
+    # A daemon: a server told to stop does not wait for a generation nobody will see.
+    threading.Thread(target=run, name="pixart-page-generation", daemon=True).start()
+    try:
+        while True:
+            try:
+                step = steps.get(timeout=0.5)
+            except queue.Empty:  # waiting for a slot: still give Gradio its chance to stop
+                yield gr.skip(), gr.skip()
+                continue
+            if step is None:
+                break
+            progress(step, desc="denoising")  # from Gradio's thread: its progress tracker is found there
+            yield gr.skip(), gr.skip()
+    finally:
+        cancel.set()  # the tab closed (GeneratorExit here); after the end it changes nothing
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def build_app(service: ImageService, access: Access | None = None):
