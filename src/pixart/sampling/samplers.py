@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pixart.errors import PixArtError
 
@@ -116,6 +116,18 @@ class Conditioning:
     aspect_ratio: torch.Tensor | None = None  # (1,) height / width
 
 
+class Start(Protocol):
+    """Where a run that does not begin at pure noise begins (:mod:`pixart.inference.image_inputs`)."""
+
+    def begin(self, scheduler: SchedulerMixin, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set the scheduler's timesteps for ``steps``; return the timesteps to run and the first latents."""
+
+    def after_step(
+        self, scheduler: SchedulerMixin, timesteps: torch.Tensor, i: int, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """The latents to go on with after step ``i`` of ``timesteps``."""
+
+
 def denoise(
     model: Callable[..., torch.Tensor],
     scheduler: SchedulerMixin,
@@ -126,25 +138,31 @@ def denoise(
     guidance: float,
     generator: list[torch.Generator] | None = None,
     on_step: Callable[[], None] | None = None,
+    start: Start | None = None,
 ) -> torch.Tensor:
     """Turn unit Gaussian noise (B, 4, h, w) into clean latents with the scheduler's solver.
 
     Guidance > 1 runs negative and positive in one batched pass and mixes ``uncond + g·(cond − uncond)``;
     otherwise only the positive rows run. Only the ε half of a learned-sigma output reaches the solver.
     ``model(x, timestep, text, mask, resolution=, aspect_ratio=) -> (B, C, h, w)`` is the transformer or any
-    callable like it (a step-cached ``functools.partial`` of it, the OpenVINO runtime).
+    callable like it (a step-cached ``functools.partial`` of it, the OpenVINO runtime). ``start`` replaces the
+    pure-noise start and may change the latents after each step (image-to-image, inpainting).
     """
     guided = guidance > 1.0
-    scheduler.set_timesteps(steps, device=noise.device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    latents = noise * scheduler.init_noise_sigma  # Euler-type solvers start at sigma_max, not 1
+    if start is None:
+        scheduler.set_timesteps(steps, device=noise.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        latents = noise * scheduler.init_noise_sigma  # Euler-type solvers start at sigma_max, not 1
+    else:
+        timesteps, latents = start.begin(scheduler, steps)
     step_kwargs = _step_kwargs(scheduler, generator)
     channels = noise.shape[1]
     import torch  # here: the sampler table above serves `pixart generate --help`, which must not load torch
 
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for i, t in enumerate(timesteps):
             x = torch.cat([latents, latents]) if guided else latents
             x = scheduler.scale_model_input(x, t)
             timestep = t.reshape(1).to(x.device).expand(x.shape[0])
@@ -154,6 +172,8 @@ def denoise(
                 out = uncond + guidance * (positive - uncond)
             eps = out[:, :channels]  # drop the learned variance channels
             latents = scheduler.step(eps.to(latents.dtype), t, latents, **step_kwargs, return_dict=False)[0]
+            if start is not None:
+                latents = start.after_step(scheduler, timesteps, i, latents)
             if on_step is not None:
                 on_step()
     return latents
