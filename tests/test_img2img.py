@@ -300,3 +300,19 @@ def test_cli_bad_image_input_is_one_line(tmp_path, args, message):
     result = run_cli("a cat", "--steps", "2", "--out", tmp_path / "out", *(a.format(**files) for a in args))
     assert one_error_line(result).startswith(message.format(**files))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_readme_example_runs_on_the_demo_model(tmp_path):
+    """The README's image-to-image and inpainting commands, as a user pastes them, in a fresh folder."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Image-to-image and inpainting", 1)[1]
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # this venv's pixart
+    result = subprocess.run(["bash", "-e", "-c", commands], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    start, inpainted, again = (np.asarray(Image.open(tmp_path / "demo" / name)) for name in
+                               ("00000-1.png", "00002-3.png", "00003-3.png"))  # fmt: skip
+    assert np.array_equal(inpainted[:32], start[:32]) and not np.array_equal(inpainted[32:], start[32:])
+    assert np.array_equal(again, inpainted)
