@@ -289,6 +289,10 @@ def test_cli_inpaints_records_its_inputs_and_reproduces_from_the_png(tmp_path):
         (["--image", "{image}", "--strength", "1.5"], "error: strength must be a number above 0 and at most 1, got"),
         (["--image", "{image}", "--mask", "{black}"], "error: mask {black} has no white pixel"),
         (["--image", "{image}", "--mask-blur", "-1"], "error: mask blur must be a whole number of pixels from 0"),
+        (
+            ["--image", "{image}", "--runtime", "openvino"],
+            "error: not with --runtime openvino (it runs the exported folder as is, on CPU): --image/--mask",
+        ),  # its export has no VAE encoder
     ],
 )
 def test_cli_bad_image_input_is_one_line(tmp_path, args, message):
