@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   pixart generate --from-png outputs/00003-42.png      # reproduce an image from its metadata
   pixart generate "a house by a lake" --model PixArt-alpha/PixArt-XL-2-512x512 \
       --controlnet PixArt-XL-2-512-ControlNet.pth --control photo.jpg --control-type canny
+  pixart generate "a blue square" --image in.png --strength 0.6          # image-to-image
+  pixart generate "a blue square" --image in.png --mask mask.png         # inpaint the mask's white part
 """
 
 
@@ -125,6 +127,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--no-clean", action="store_true", help="skip caption cleaning (lower-casing still happens)")
     add_control_flags(p)
+    i = p.add_argument_group("image input (image-to-image, inpainting)")
+    i.add_argument("--image", type=Path, metavar="PNG", help="start from this image; the size defaults to its own")
+    i.add_argument("--mask", type=Path, metavar="PNG", help="with --image: repaint only the mask's white part")
+    strength = "the part of the schedule run from the image, 0 < S ≤ 1 (default 0.6; 1 with --mask)"
+    i.add_argument("--strength", type=float, metavar="S", help=strength)
+    blur = "feather of the kept pixels pasted back (default 4; 0: a hard edge, kept pixels exactly the input's)"
+    i.add_argument("--mask-blur", type=int, metavar="PX", help=blur)
     p.add_argument("--out", type=Path, metavar="DIR", default=Path("outputs"), help="output folder (default ./outputs)")
     add_log_flags(p, "OUT/logs")
     p.set_defaults(func=run)
@@ -149,11 +158,13 @@ def run(args: argparse.Namespace) -> int:
     from pixart.files import require_writable_folder
     from pixart.inference.distributed import generate_and_save, join, launched_processes
     from pixart.inference.generation_log import check_log_flags, open_generation_log
+    from pixart.inference.image_inputs import ImageInputs
     from pixart.inference.options import save_image
     from pixart.inference.pipeline import PixArtPipeline
 
     prompts, options, load = _inputs(args)
     check_log_flags(args.log, args.log_dir, args.wandb_project)
+    inputs = ImageInputs.load(args.image, args.mask, options)  # a bad image or mask is refused before loading
     require_writable_folder(args.out, "--out")  # before loading, not after the denoising
     if args.t5_int8 and args.t5_bits:
         raise PixArtError("choose one of --t5-int8 and --t5-bits")
@@ -184,15 +195,17 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile,
         )
     load_seconds = time.perf_counter() - started
+    # The ControlNet comes with the load settings; the control and input images are the same for every image.
+    given = {"control": control, "image": inputs and inputs.image, "mask": inputs and inputs.mask}
     if processes is None:
-        images = pipe(prompts, options, control=control)  # the ControlNet comes with the load settings
+        images = pipe(prompts, options, **given)
         for image in images:
             print(save_image(image, args.out))
         stats = pipe.last_run
         if args.log:
             run_log.finish(pipe, images, load_seconds=load_seconds, batch_size=options.batch_size)
     else:
-        paths, stats = generate_and_save(pipe, prompts, options, args.out, processes, control=control)
+        paths, stats = generate_and_save(pipe, prompts, options, args.out, processes, **given)
         if not processes.is_main:
             return 0
         print("\n".join(paths))
@@ -221,6 +234,7 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
         "--t5-int8/--t5-bits": quantization,
         "--device": args.device not in (None, "cpu"),
         "--dtype": args.dtype not in ("auto", "fp32"),
+        "--image/--mask": args.image or args.mask,
     }
     given = [flag for flag, value in torch_only.items() if value]
     if given:
@@ -235,6 +249,7 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
 def _inputs(args: argparse.Namespace):
     """Prompts, options and load settings from the command line, over an image's own with --from-png."""
     from pixart.checkpoints.lora import parse_lora_spec
+    from pixart.inference.image_inputs import check_recorded_inputs
     from pixart.inference.options import (
         GenerationOptions,
         LoadSettings,
@@ -258,6 +273,8 @@ def _inputs(args: argparse.Namespace):
         "batch_size": args.batch_size,
         "control_scale": args.control_scale,
         "control_type": args.control_type,
+        "strength": args.strength,
+        "mask_blur": args.mask_blur,
     }
     given = {k: v for k, v in given.items() if v is not None}
     weights = {
@@ -280,7 +297,9 @@ def _inputs(args: argparse.Namespace):
         return prompts, GenerationOptions(**given), LoadSettings(**weights)
     if args.prompts or args.prompts_file:
         raise PixArtError("--from-png takes the prompt from the image; do not also give prompts")
-    prompt, options, load = GenerationOptions.from_metadata(read_png_metadata(args.from_png))
+    info = read_png_metadata(args.from_png)
+    prompt, options, load = GenerationOptions.from_metadata(info)
+    check_recorded_inputs(info, args.image, args.mask, str(args.from_png))
     check_recorded_weights(load, set(weights), trust=args.trust_metadata, source=str(args.from_png))
     # Flags given on the command line win over the image's settings.
     return [prompt], options.replace(**given), load.replace(**weights)

@@ -34,6 +34,8 @@ MAX_GUIDANCE = 50.0
 MAX_TOKENS = 1024
 """T5's relative attention has no hard length limit, but its attention bias grows with tokens² (T5-XXL at 1024
 tokens: 256 MB per layer) and the released models were trained on 120 (α) or 300 (Σ) tokens."""
+MAX_MASK_BLUR = 256
+"""A feather wider than this blurs the whole kept region of any image a model makes."""
 
 
 @dataclass
@@ -71,6 +73,10 @@ class GenerationOptions:
     """With a ControlNet: the factor on its residuals (0: none, 1: as trained); see :mod:`pixart.inference.control`."""
     control_type: str = "none"
     """With a ControlNet: how the control image becomes its map ('none': as it is, 'canny': its edges)."""
+    strength: float | None = None
+    """With an input image: how much of its schedule is run, in (0, 1]; None: 0.6, or 1 for inpainting."""
+    mask_blur: int | None = None
+    """With a mask: the feather in pixels of the kept pixels pasted back; 0 is a hard edge; None: 4."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +118,17 @@ class GenerationOptions:
         check_control_scale(self.control_scale)
         check_control_type(self.control_type)
 
+        if self.strength is not None:
+            ok = isinstance(self.strength, (int, float)) and not isinstance(self.strength, bool)
+            if not ok or not 0 < self.strength <= 1:  # NaN fails the comparison too
+                raise PixArtError(f"strength must be a number above 0 and at most 1, got {self.strength!r}")
+        if self.mask_blur is not None:
+            ok = isinstance(self.mask_blur, int) and not isinstance(self.mask_blur, bool)
+            if not ok or not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+                raise PixArtError(
+                    f"mask blur must be a whole number of pixels from 0 to {MAX_MASK_BLUR}, got {self.mask_blur!r}"
+                )
+
     def replace(self, **changes) -> GenerationOptions:
         return dataclasses.replace(self, **changes)
 
@@ -134,6 +151,8 @@ class GenerationOptions:
                 clean=info.get("clean", "true") == "true",
                 control_scale=float(info.get("control_scale", 1.0)),
                 control_type=info.get("control_type", "none"),
+                strength=float(info["strength"]) if "strength" in info else None,
+                mask_blur=int(info["mask_blur"]) if "mask_blur" in info else None,
             )
         except (KeyError, ValueError) as err:
             raise PixArtError(f"the image's generation metadata is incomplete or malformed: {err}") from None

@@ -38,6 +38,7 @@ from pixart.inference.devices import (
     release_memory,
     resolve_dtype,
 )
+from pixart.inference.image_inputs import ImageInputs, ImageSource, trimmed_timesteps
 from pixart.inference.options import MAX_SEED, GenerationOptions, LoadSettings, check_text
 from pixart.inference.options import read_png_metadata as read_png_metadata  # re-exported: the README imports it here
 from pixart.inference.options import save_image as save_image  # re-exported: the README imports it here
@@ -316,6 +317,8 @@ class PixArtPipeline:
         prompt: str | list[str],
         options: GenerationOptions | None = None,
         *,
+        image: ImageSource | None = None,
+        mask: ImageSource | None = None,
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
         control: Image.Image | str | os.PathLike | None = None,
@@ -329,6 +332,10 @@ class PixArtPipeline:
         ``control`` (an image or its path) steers the model through ``controlnet`` (a
         :class:`pixart.model.controlnet.PixArtControlNet` or its file; default :attr:`controlnet`), with the
         options' control_scale and control_type (:mod:`pixart.inference.control`).
+
+        ``image`` (a PIL image or a file) starts from that image instead of noise (``strength``, default 0.6) and
+        ``mask`` (white = repaint) repaints only part of it (``strength`` 1 and ``mask_blur`` 4 px by default);
+        the size defaults to the image's. See :mod:`pixart.inference.image_inputs`.
         """
         from tqdm.auto import tqdm
 
@@ -337,7 +344,14 @@ class PixArtPipeline:
             raise PixArtError("give at least one prompt (text); an empty string asks for an unconditional image")
         for p in prompts:
             check_text("prompt", p)
-        opts = self.resolve(options, **overrides)
+        options = (options or GenerationOptions()).replace(**overrides)
+        inputs = ImageInputs.load(image, mask, options)  # None: text-to-image
+        opts = self.resolve(options if inputs is None else inputs.with_defaults(options, self))
+        if inputs is not None and get_sampler(opts.sampler).timesteps:
+            raise PixArtError(
+                f"the {opts.sampler} sampler runs only its distilled timesteps from pure noise; it cannot start "
+                "from an image (--image/--mask): choose another sampler"
+            )
         steer = prepare_control(
             control,
             self.controlnet if controlnet is None and control is not None else controlnet,
@@ -362,16 +376,19 @@ class PixArtPipeline:
         guided = opts.guidance > 1.0
 
         text = self._encode(prompts, opts, guided)  # before the transformer loads: low-memory keeps one part at a time
-        if steer is not None:
+        source = None
+        if steer is not None or inputs is not None:
             with self._stage("vae") as vae:
-                steer.encode(vae, height, width, self.vae_scaling)
+                if steer is not None:
+                    steer.encode(vae, height, width, self.vae_scaling)
+                if inputs is not None:
+                    source = inputs.encode(vae, height, width, self.vae_scaling, self.device)
                 del vae
         latents, done = [], 0
         schedulers = [make_scheduler(opts.sampler, self.scheduler_config) for _ in batches]
-        for scheduler in schedulers:
-            scheduler.set_timesteps(opts.steps)
-        total = sum(len(s.timesteps) for s in schedulers)
-        full = [runs_every_block(k, self.cache_steps) for s in schedulers for k in range(len(s.timesteps))]
+        runs = [len(trimmed_timesteps(s, opts.steps, opts.strength or 1.0)) for s in schedulers]
+        total = sum(runs)
+        full = [runs_every_block(k, self.cache_steps) for run in runs for k in range(run)]
         step_ends = [time.perf_counter()]  # step durations: the first one of a compiled model includes compiling
 
         def on_step() -> None:
@@ -387,9 +404,14 @@ class PixArtPipeline:
                 # A generator per image: image k is what diffusers makes alone with seed + k.
                 generators = [torch.Generator(self.device).manual_seed(seed) for _, seed in batch]
                 shape = (1, self.model_config.in_channels, height // self.vae_factor, width // self.vae_factor)
-                noise = torch.cat(
-                    [torch.randn(shape, generator=g, device=self.device, dtype=self.dtype) for g in generators]
-                )
+                if source is None:
+                    start = None
+                    noise = torch.cat(
+                        [torch.randn(shape, generator=g, device=self.device, dtype=self.dtype) for g in generators]
+                    )
+                else:  # the input's posterior sample is drawn first, then the noise, as diffusers draws them
+                    start = source.start(generators, self.dtype, opts.strength)
+                    noise = start.noise
                 cond = self._conditioning([p for p, _ in batch], text, height, width)
                 latents.append(
                     denoise(
@@ -402,13 +424,18 @@ class PixArtPipeline:
                         generator=generators,
                         on_step=on_step,
                         timesteps=get_sampler(opts.sampler).timesteps,
+                        start=start,
                     )
                 )
             del model
         images = self._decode(torch.cat(latents), opts, opts.batch_size)
+        if inputs is not None:
+            images = inputs.paste_back(images, opts.mask_blur)
+        input_hashes = inputs.metadata() if inputs else {}
         for image, (p, seed) in zip(images, jobs, strict=True):
             image.info.update(self.metadata(p, opts.replace(seed=seed, num_images=1)))
             image.info.update(steer.metadata() if steer is not None else {})
+            image.info.update(input_hashes)
         self.last_run = RunStats(
             time.perf_counter() - started,
             len(images),
@@ -497,6 +524,7 @@ class PixArtPipeline:
         }
         if opts.negative_prompt is not None:
             fields["negative_prompt"] = opts.negative_prompt
+        fields.update({k: v for k, v in (("strength", opts.strength), ("mask_blur", opts.mask_blur)) if v is not None})
         return {k: str(v) for k, v in fields.items()}
 
 

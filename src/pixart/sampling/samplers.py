@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pixart.errors import PixArtError
 
@@ -149,6 +149,18 @@ class Conditioning:
     aspect_ratio: torch.Tensor | None = None  # (1,) height / width
 
 
+class Start(Protocol):
+    """Where a run that does not begin at pure noise begins (:mod:`pixart.inference.image_inputs`)."""
+
+    def begin(self, scheduler: SchedulerMixin, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set the scheduler's timesteps for ``steps``; return the timesteps to run and the first latents."""
+
+    def after_step(
+        self, scheduler: SchedulerMixin, timesteps: torch.Tensor, i: int, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """The latents to go on with after step ``i`` of ``timesteps``."""
+
+
 def denoise(
     model: Callable[..., torch.Tensor],
     scheduler: SchedulerMixin,
@@ -160,6 +172,7 @@ def denoise(
     generator: list[torch.Generator] | None = None,
     on_step: Callable[[], None] | None = None,
     timesteps: tuple[int, ...] = (),
+    start: Start | None = None,
 ) -> torch.Tensor:
     """Turn unit Gaussian noise (B, 4, h, w) into clean latents with the scheduler's solver.
 
@@ -168,21 +181,27 @@ def denoise(
     ``model(x, timestep, text, mask, resolution=, aspect_ratio=) -> (B, C, h, w)`` is the transformer or any
     callable like it (a step-cached ``functools.partial`` of it, the OpenVINO runtime). ``timesteps`` (a
     sampler's fixed ones, DMD's 400) replace the ``steps`` spaced ones, and the last step's x̂0 is returned.
+    ``start`` replaces the pure-noise start and may change the latents after each step (image-to-image,
+    inpainting).
     """
     guided = guidance > 1.0
-    if timesteps:
-        scheduler.set_timesteps(timesteps=list(timesteps), device=noise.device)
+    if start is not None:
+        run, latents = start.begin(scheduler, steps)
     else:
-        scheduler.set_timesteps(steps, device=noise.device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    latents = noise * scheduler.init_noise_sigma  # Euler-type solvers start at sigma_max, not 1
+        if timesteps:
+            scheduler.set_timesteps(timesteps=list(timesteps), device=noise.device)
+        else:
+            scheduler.set_timesteps(steps, device=noise.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        run = scheduler.timesteps
+        latents = noise * scheduler.init_noise_sigma  # Euler-type solvers start at sigma_max, not 1
     step_kwargs = _step_kwargs(scheduler, generator)
     channels = noise.shape[1]
     import torch  # here: the sampler table above serves `pixart generate --help`, which must not load torch
 
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for i, t in enumerate(run):
             x = torch.cat([latents, latents]) if guided else latents
             x = scheduler.scale_model_input(x, t)
             timestep = t.reshape(1).to(x.device).expand(x.shape[0])
@@ -194,6 +213,8 @@ def denoise(
             step = scheduler.step(eps.to(latents.dtype), t, latents, **step_kwargs, return_dict=False)
             # DDPM's last step to t = -1 would add noise of std 1e-10 to x̂0; the official DMD app keeps x̂0 itself.
             latents = step[1] if timesteps and t == scheduler.timesteps[-1] else step[0]
+            if start is not None:
+                latents = start.after_step(scheduler, run, i, latents)
             if on_step is not None:
                 on_step()
     return latents

@@ -248,9 +248,9 @@ def _write_shard(
         if not images:
             continue
         pixels = torch.stack(images).to(device, vae.dtype)
-        part = dict(zip(("latent_mean", "latent_std"), _moments(vae, pixels), strict=True))
+        part = dict(zip(("latent_mean", "latent_std"), vae_moments(vae, pixels), strict=True))
         if flip:
-            part.update(zip(("latent_mean_flip", "latent_std_flip"), _moments(vae, pixels.flip(-1)), strict=True))
+            part.update(zip(("latent_mean_flip", "latent_std_flip"), vae_moments(vae, pixels.flip(-1)), strict=True))
         captions = [r.caption for r in batch_records]
         features, mask = text_encoder.encode(captions, max_tokens, clean=clean, batch_size=batch_size)
         # Keep tokens up to the longest caption and zero the padding: padding is masked out of
@@ -282,8 +282,12 @@ def _write_shard(
     return meta
 
 
-def _moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE posterior (unscaled latents) of a batch of images in [-1, 1]."""
+def vae_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior (unscaled latents) of a batch of images in [-1, 1].
+
+    Training and image-to-image both draw a latent from them as (mean + std · ε) × scaling_factor, diffusers'
+    ``latent_dist.sample(generator)`` scaled, so an image is encoded one way everywhere.
+    """
     posterior = vae.encode(pixels).latent_dist
     return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
