@@ -162,7 +162,7 @@ def test_inpainting_matches_the_diffusers_steps_and_keeps_the_unmasked_pixels(al
     assert ours.info["mask_blur"] == "0" and ours.info["strength"] == str(strength)
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("sampler", [name for name, s in SAMPLERS.items() if not s.timesteps])
 def test_every_sampler_inpaints_from_a_trimmed_schedule(pipe, sampler):
     image = photo()
     settings = {"sampler": sampler, "seed": 2, "steps": 4, "strength": 0.5, "mask_blur": 0, "binning": False}
@@ -170,6 +170,11 @@ def test_every_sampler_inpaints_from_a_trimmed_schedule(pipe, sampler):
     src = np.asarray(image)
     assert np.array_equal(out[:, :32], src[:, :32])
     assert np.abs(out[:, 32:].astype(int) - src[:, 32:]).mean() > 5  # repainted, not the input again
+
+
+def test_a_fixed_timestep_sampler_cannot_start_from_an_image(pipe):
+    with pytest.raises(PixArtError, match=r"^the dmd sampler runs only its distilled timesteps from pure noise"):
+        pipe(PROMPT, image=photo(), sampler="dmd", show_progress=False)
 
 
 def test_inpainting_feathers_the_paste_by_default(pipe):
