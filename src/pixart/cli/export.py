@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import textwrap
 
 from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT
+
+log = logging.getLogger(__name__)
 
 DIFFUSERS_EXAMPLES = """\
 examples:
@@ -129,7 +132,8 @@ def run_diffusers(args: argparse.Namespace) -> int:
         force=args.force,
     )
     print(args.out)
-    print(f"in diffusers:\n{textwrap.indent(diffusers_usage(out), '  ')}", end="")
+    # On stderr with the other messages: stdout stays the folder alone, for scripts.
+    log.info("in diffusers:\n%s", textwrap.indent(diffusers_usage(out), "  ").rstrip("\n"))
     return 0
 
 
