@@ -44,6 +44,10 @@ SMOKE = {"images": 16, "images_pairs": 16, "images_128": 8, "vae_steps": 2, "t5_
          "stage2b": 2, "stage2c": 2, "layout_steps": 2, "stage2d": 2, "stage3": 2, "scratch": 4}  # fmt: skip
 PAIRS = 0.75
 """`write_dataset(pairs=...)` of the pair-heavy set stage 2c trains on: 65% of its images show two objects."""
+SIZES_64 = ((64, 64),)
+"""(width, height) the 64-px stages train at, recorded in their pipelines so the CLI and server refuse other sizes."""
+SIZES_128 = ((128, 128), (160, 96), (96, 160))
+"""Stage 3's buckets of the 128-px table."""
 
 
 def vae_report(vae, folder: Path, limit: int) -> dict:
@@ -210,19 +214,35 @@ def main(argv: list[str] | None = None) -> int:
         timed("stage2b", lambda: stage("demo-stage2b", work, n["stage2b"], quiet, work / "cache-64-text"))
     if "stage2c" in parts:  # its third phase, on the pair-heavy set
         run = timed("stage2c", lambda: stage("demo-stage2c", work, n["stage2c"], quiet, work / "cache-pairs"))
-        export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-stage2c", force=True)
+        export_pipeline(
+            work / "base", run / "final-ema.safetensors", work / "pipeline-stage2c", force=True, trained_sizes=SIZES_64
+        )
     if "layout" in parts:  # the text encoder learns to say where each object is: base-layout and its caches
         timed("layout", lambda: layout(work, n["layout_steps"], args.seed))
     if "stage2d" in parts:  # stage 2's fourth phase, through that encoder: its EMA weights are the bundle
         run = timed("stage2d", lambda: stage("demo-stage2d", work, n["stage2d"], quiet, work / "cache-pairs-layout"))
-        export_pipeline(work / "base-layout", run / "final-ema.safetensors", work / "pipeline-stage2", force=True)
+        export_pipeline(
+            work / "base-layout",
+            run / "final-ema.safetensors",
+            work / "pipeline-stage2",
+            force=True,
+            trained_sizes=SIZES_64,
+        )
     if "stage3" in parts:
         as_128px(work / "stage2d" / "final.safetensors", work / "stage2-as-128px.safetensors")
         run = timed("stage3", lambda: stage("demo-stage3", work, n["stage3"], quiet, work / "cache-128-layout"))
-        export_pipeline(work / "base-layout", run / "final-ema.safetensors", work / "pipeline-stage3", force=True)
+        export_pipeline(
+            work / "base-layout",
+            run / "final-ema.safetensors",
+            work / "pipeline-stage3",
+            force=True,
+            trained_sizes=SIZES_128,
+        )
     if "scratch" in parts:
         run = timed("scratch", lambda: stage("demo-scratch", work, n["scratch"], quiet, work / "cache-64-text"))
-        export_pipeline(work / "base", run / "final-ema.safetensors", work / "pipeline-scratch", force=True)
+        export_pipeline(
+            work / "base", run / "final-ema.safetensors", work / "pipeline-scratch", force=True, trained_sizes=SIZES_64
+        )
     for phase, previous, cache in (("2b", "scratch", "cache-64-text"), ("2c", "scratch2b", "cache-pairs"),
                                    ("2d", "scratch2c", "cache-pairs-layout")):  # fmt: skip
         if (name := f"scratch{phase}") in parts:  # the control's later phases: the staged run's recipes, its weights

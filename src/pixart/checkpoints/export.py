@@ -74,7 +74,20 @@ def _copy_tree(src: Path, dst: Path, progress: tqdm) -> None:
         target = dst / file.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, target)  # follows the hub cache's symlinks to the real blobs
+        if target.suffix == ".json":
+            _drop_source_path(target)
         progress.update(target.stat().st_size)
+
+
+def _drop_source_path(config_file: Path) -> None:
+    """Remove ``_name_or_path`` from a copied config: diffusers and transformers record the folder a part was loaded
+    from there, a path of the machine that built the base, which a shipped folder must not carry (nothing reads it)."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, ValueError):
+        return  # not a config: copied as it is
+    if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def export_pipeline(
@@ -84,6 +97,7 @@ def export_pipeline(
     *,
     loras: Iterable[tuple[str | os.PathLike, float]] = (),
     image_size: int | None = None,
+    trained_sizes: Iterable[tuple[int, int]] = (),
     force: bool = False,
 ) -> Path:
     """Write a diffusers pipeline folder: the base pipeline's components around our transformer.
@@ -91,8 +105,9 @@ def export_pipeline(
     base: a local diffusers PixArt pipeline folder or a hub id; it decides the family (α or Σ).
     transformer: a model, or any checkpoint :func:`pixart.checkpoints.convert.load_transformer` reads (``image_size``
     is its hint for an official .pth). loras: (path, scale) adapters merged into the weights in order; a
-    model's live LoRA is merged too (the caller's model is left untouched). Refuses a non-empty ``out``
-    unless ``force``.
+    model's live LoRA is merged too (the caller's model is left untouched). trained_sizes: the (width, height)
+    sizes the transformer was trained at, recorded for :mod:`pixart.inference.sizes` (the demo's; releases have
+    bins instead). Refuses a non-empty ``out`` unless ``force``.
     """
     out = Path(out)
     _check_out(out, force)
@@ -124,6 +139,8 @@ def export_pipeline(
             for component in BASE_COMPONENTS:
                 _copy_tree(base_dir / component, tmp / component, progress)
         save_diffusers(model, tmp / "transformer")
+        if trained_sizes:
+            _record_trained_sizes(tmp / "transformer" / "config.json", trained_sizes)
         (tmp / "model_index.json").write_text(json.dumps(_model_index(base_dir, family), indent=2) + "\n")
     logger.info("wrote %s pipeline %s", PIPELINE_CLASSES[family], out)
     return out
@@ -137,3 +154,38 @@ def _model_index(base_dir: Path, family: str) -> dict:
     index.update({c: base[c] for c in BASE_COMPONENTS})
     index["transformer"] = ["diffusers", "PixArtTransformer2DModel"]
     return index
+
+
+def _record_trained_sizes(config_file: Path, trained_sizes: Iterable[tuple[int, int]]) -> None:
+    from pixart.inference.sizes import TRAINED_SIZES_KEY
+
+    config = json.loads(config_file.read_text())
+    config[TRAINED_SIZES_KEY] = [[int(w), int(h)] for w, h in trained_sizes]
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def diffusers_usage(folder: str | os.PathLike) -> str:
+    """The Python lines that generate with an exported folder in plain diffusers, for the export to print.
+
+    diffusers' PixArt pipelines sample at the nearest of their resolution bins by default and know bins only for
+    the released sizes (a transformer sample_size of 32, 64, 128 or 256); any other model, such as the 64-px
+    demo (sample_size 16), raises "Invalid sample size" there unless called with ``use_resolution_binning=False``
+    and a size it was trained at.
+    """
+    from pixart.inference.sizes import trained_sizes, vae_factor
+    from pixart.model.resolution import bins_for
+
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    sample_size = json.loads((folder / "transformer" / "config.json").read_text())["sample_size"]
+    side = sample_size * vae_factor(folder)
+    width, height = (trained_sizes(folder) or ((side, side),))[0]
+    if bins_for(sample_size) is not None:
+        prompt, extra = "a red fox in the snow", ""
+    else:
+        prompt, extra = "a red circle on the left", ", use_resolution_binning=False"
+    return (
+        f"from diffusers import {index['_class_name']}\n"
+        f"pipe = {index['_class_name']}.from_pretrained({str(folder)!r})\n"
+        f"image = pipe({prompt!r}, height={height}, width={width}{extra}).images[0]\n"
+    )

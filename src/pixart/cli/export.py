@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import textwrap
 
-from pixart.checkpoints.formats import IMAGE_SIZES
 from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT
+
+log = logging.getLogger(__name__)
 
 DIFFUSERS_EXAMPLES = """\
 examples:
@@ -69,8 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     diffusers.add_argument(
         "--image-size",
         type=int,
-        choices=IMAGE_SIZES,
-        help="training resolution of an official .pth transformer (other formats know theirs)",
+        metavar="PX",
+        help="training resolution of an official .pth transformer without a pos_embed, in pixels of the base's VAE "
+        "(e.g. 1024, or 64 for the demo); other formats know theirs",
     )
     diffusers.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     diffusers.set_defaults(func=run_diffusers)
@@ -114,18 +118,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_diffusers(args: argparse.Namespace) -> int:
     # peft and diffusers take seconds to import: only pay for them when exporting, not on `pixart --help`.
-    from pixart.checkpoints.export import export_pipeline
+    from pixart.checkpoints.export import diffusers_usage, export_pipeline
     from pixart.checkpoints.lora import parse_lora_spec
+    from pixart.inference.sizes import local_pipeline, official_image_size, trained_sizes
 
-    export_pipeline(
+    out = export_pipeline(
         args.base,
         args.transformer,
         args.out,
         loras=[parse_lora_spec(spec) for spec in args.lora],
-        image_size=args.image_size,
+        image_size=official_image_size(args.image_size, args.base, "--image-size"),
+        trained_sizes=trained_sizes(local_pipeline(args.transformer)),  # a pipeline folder's record carries over
         force=args.force,
     )
     print(args.out)
+    # On stderr with the other messages: stdout stays the folder alone, for scripts.
+    log.info("in diffusers:\n%s", textwrap.indent(diffusers_usage(out), "  ").rstrip("\n"))
     return 0
 
 

@@ -9,13 +9,16 @@ from pathlib import Path
 
 from pixart.cli.convert import add_official_flags, official_flags
 from pixart.errors import PixArtError
-from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT
+from pixart.model.config import DEFAULT_MAX_TOKENS_TEXT, FAMILIES
 
 log = logging.getLogger(__name__)
 
 EXAMPLES = """examples:
   pixart generate "a red fox in the snow" --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS
-  pixart generate --prompts-file prompts.txt --num-images 4 --seed 7 --width 1024 --height 768
+  pixart generate "a small red circle above a blue square" --seed 7     # the bundled demo, at its 64 × 64
+  pixart generate --prompts-file prompts.txt --num-images 4 --width 1024 --height 768 \
+      --model PixArt-alpha/PixArt-XL-2-1024-MS
+  pixart generate "a red circle on the left" --transformer demo.pth --family sigma   # an official .pth read back
   pixart generate "a castle" --model PixArt-alpha/PixArt-LCM-XL-2-1024-MS --sampler lcm
   pixart generate "a castle" --model ./my-pipeline --transformer ./finetuned.pth --low-memory
   pixart generate --from-png outputs/00003-42.png      # reproduce an image from its metadata
@@ -73,6 +76,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="other transformer weights: official .pth, pixart .safetensors or a folder",
     )
     add_official_flags(m)
+    m.add_argument("--family", choices=FAMILIES, help="alpha or sigma, for a .pth that cannot tell (pixart convert's)")
+    m.add_argument(
+        "--image-size",
+        type=int,
+        metavar="PX",
+        help="training resolution of a .pth without a pos_embed, in pixels of the pipeline's VAE (64 for the demo)",
+    )
     m.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
     m.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the best available)")
     m.add_argument(
@@ -118,6 +128,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--width", type=int, metavar="PX", help="image width in pixels (default: the model's, e.g. 1024)")
     s.add_argument("--height", type=int, metavar="PX", help="image height in pixels (default: the model's)")
     s.add_argument(
+        "--allow-any-size",
+        action="store_true",
+        help="generate at a size the model records it was never trained at (the demo knows 64 × 64 only)",
+    )
+    s.add_argument(
         "--no-binning",
         action="store_true",
         help="sample at exactly width × height (multiples of 16) instead of the nearest trained aspect-ratio bin",
@@ -155,14 +170,18 @@ def add_log_flags(parser: argparse.ArgumentParser, default_folder: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pixart.inference.options import LoadSettings
+
+    if args.from_png is None:  # at once, before the imports of torch and peft take seconds
+        _check_trained_size(args, args.width, args.height, LoadSettings(args.model, args.transformer))
     from pixart.files import require_writable_folder
     from pixart.inference.distributed import generate_and_save, join, launched_processes
     from pixart.inference.generation_log import check_log_flags, open_generation_log
     from pixart.inference.image_inputs import ImageInputs
     from pixart.inference.options import save_image
-    from pixart.inference.pipeline import PixArtPipeline
 
     prompts, options, load = _inputs(args)
+    _check_trained_size(args, options.width, options.height, load)
     check_log_flags(args.log, args.log_dir, args.wandb_project)
     inputs = ImageInputs.load(args.image, args.mask, options)  # a bad image or mask is refused before loading
     require_writable_folder(args.out, "--out")  # before loading, not after the denoising
@@ -185,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
     if args.runtime == "openvino":
         pipe = _openvino_pipeline(args, load, quantization)
     else:
+        from pixart.inference.pipeline import PixArtPipeline
+
         pipe = PixArtPipeline.from_pretrained(
             load,
             device=args.device or (processes and processes.device),
@@ -216,6 +237,14 @@ def run(args: argparse.Namespace) -> int:
         log.info("this was the small bundled demo model (coloured shapes only, docs/demo.md); for real images "
                  "pass --model with a released model, e.g. %s", ", ".join(HUB_MODELS))  # fmt: skip
     return 0
+
+
+def _check_trained_size(args: argparse.Namespace, width: int | None, height: int | None, load) -> None:
+    """Refuse a size the model's folder records it was never trained at (the demo knows 64 × 64 only)."""
+    from pixart.inference.sizes import check_trained_size, local_pipeline, trained_sizes
+
+    if not args.allow_any_size and load.transformer is None and args.runtime == "torch":
+        check_trained_size(width, height, trained_sizes(local_pipeline(load.model)), "--allow-any-size")
 
 
 def _openvino_pipeline(args: argparse.Namespace, load, quantization):
@@ -282,7 +311,7 @@ def _inputs(args: argparse.Namespace):
         "transformer": args.transformer,
         "loras": tuple(parse_lora_spec(spec) for spec in args.lora),
         "cache_steps": args.cache_steps,
-        "transformer_options": tuple(sorted(official_flags(args).items())),
+        "transformer_options": tuple(sorted(_transformer_options(args).items())),
         "controlnet": args.controlnet,
     }
     weights = {k: v for k, v in weights.items() if v}  # None, no --lora, --cache-steps 0: not given
@@ -347,6 +376,18 @@ def read_png_metadata_if(path: Path | None) -> dict[str, str]:
     from pixart.inference.options import read_png_metadata
 
     return {} if path is None else read_png_metadata(path)
+
+
+def _transformer_options(args: argparse.Namespace) -> dict:
+    """load_transformer keywords from the flags: the official ones, the family and the image size (in its units)."""
+    from pixart.inference.sizes import official_image_size
+
+    options = official_flags(args)
+    if args.family is not None:
+        options["family"] = args.family
+    if args.image_size is not None:
+        options["image_size"] = official_image_size(args.image_size, args.model, "--image-size")
+    return options
 
 
 def _read_prompts_file(path: Path) -> list[str]:

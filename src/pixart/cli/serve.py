@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   pixart serve --model ./my-pipeline --transformer finetuned.pth --port 8000 --out renders/
   pixart serve --lora style=runs/style-lora:0.8 --lora runs/detail.safetensors   # requests choose among them
   curl -s http://127.0.0.1:7860/api/generate -H 'content-type: application/json' \\
-       -d '{"prompt": "a red fox in the snow", "seed": 1}'
+       -d '{"prompt": "a small red circle above a blue square", "seed": 1}'    # the bundled demo, 64 × 64
   python -c 'import secrets; print(secrets.token_urlsafe())' > token.txt   # sharing on the network:
   pixart serve --host 0.0.0.0 --auth-token-file token.txt --allowed-host studio.lan
 """
@@ -66,6 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-queue", type=int, default=defaults.max_queue, help=f"requests waiting (default {defaults.max_queue})"
     )
     s.add_argument("--log-prompts", action="store_true", help="write each request's prompt in the request log")
+    s.add_argument(
+        "--allow-any-size",
+        action="store_true",
+        help="accept sizes the model records it was never trained at (refused by default; the demo knows 64 × 64)",
+    )
 
     a = p.add_argument_group(
         "access (requests must name this server in Host, come from its own page if from a page at all, "
@@ -163,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
         )
         with tempfile.TemporaryDirectory(prefix="pixart-serve-") as tmp:
             out = args.out or Path(tmp)
-            service = ImageService(pipe, limits, out, log_prompts=args.log_prompts, loras=loras)
+            service = ImageService(
+                pipe, limits, out, log_prompts=args.log_prompts, loras=loras, allow_any_size=args.allow_any_size
+            )
             app = build_app(service, access)
             url_host = f"[{args.host}]" if ":" in args.host else args.host
             log.info("serving on http://%s:%d (API: POST /api/generate); images in %s", url_host, args.port, out)

@@ -362,6 +362,12 @@ def held_out_prompts(n: int, seed: int = 0) -> list[Prompt]:
     return prompts
 
 
+def example_prompts(n: int = 4, seed: int = 0) -> list[str]:
+    """Prompts the demo learned to draw (captions of training-split scenes): the web page's examples."""
+    rng = np.random.default_rng(seed)
+    return [caption(sample_scene(rng, "train"), rng, size_in_text=True) for _ in range(n)]
+
+
 def check_size(width: int, height: int) -> None:
     for side in (width, height):
         if not (MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0):

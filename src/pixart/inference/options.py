@@ -159,7 +159,7 @@ class GenerationOptions:
         return info["prompt"], options, LoadSettings.from_metadata(info)
 
 
-TRANSFORMER_OPTIONS = ("num_heads", "pe_scale", "kv_compress", "ema")
+TRANSFORMER_OPTIONS = ("num_heads", "pe_scale", "kv_compress", "ema", "family", "image_size")
 """The load_transformer keywords a LoadSettings may carry."""
 
 
@@ -180,7 +180,7 @@ class LoadSettings:
     """Step caching (:mod:`pixart.sampling.step_cache`): it approximates the deep blocks, so it changes the image."""
     transformer_options: tuple[tuple[str, Any], ...] = ()
     """load_transformer keywords for what an official checkpoint cannot tell (num_heads, pe_scale, kv_compress,
-    ema), as sorted (name, value) pairs."""
+    ema, family, image_size), as sorted (name, value) pairs."""
     controlnet: str | None = None
     """A ControlNet (:func:`pixart.checkpoints.controlnet.load_controlnet`) the pipeline steers by when given a
     control image."""

@@ -27,7 +27,9 @@ import torch
 from PIL import Image
 
 from pixart import __version__
+from pixart.demo import BUNDLE
 from pixart.errors import PixArtError
+from pixart.inference import sizes
 from pixart.inference.control import prepare_control
 from pixart.inference.devices import (
     RunStats,
@@ -51,7 +53,7 @@ from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, runs_
 log = logging.getLogger(__name__)
 
 
-DEMO_MODEL = Path(__file__).parent.parent / "assets" / "demo"
+DEMO_MODEL = BUNDLE
 """The small bundled model used when no model is named (a diffusers pipeline folder)."""
 
 HUB_MODELS = (
@@ -113,19 +115,22 @@ class PixArtPipeline:
         cache_steps: int = 0,
         loras: tuple[tuple[str, float], ...] = (),
         transformer_options: tuple[tuple[str, Any], ...] = (),
+        trained_sizes: tuple[tuple[int, int], ...] = (),
     ):
         """Components are either loaded objects or zero-argument loaders. low_memory: load each part
         when its stage starts and release it when the stage ends; offload: keep parts on the CPU and
         move each to the device only for its stage. compiled: the transformer went through
         torch.compile (its first step is timed as compile time); cache_steps: see :mod:`pixart.sampling.step_cache`;
         loras: the (path, scale) merged into the transformer, and transformer_options: the load_transformer
-        keywords it was loaded with, both for the metadata."""
+        keywords it was loaded with, both for the metadata. trained_sizes: the (width, height) sizes the
+        transformer's folder records it was trained at (:mod:`pixart.inference.sizes`), () if none."""
         self.device, self.dtype, self.low_memory, self._offload = device, dtype, low_memory, offload
         self.compiled, self.cache_steps = compiled, cache_steps
         self.scheduler_config = dict(scheduler_config)
         self.names = dict(names or {})
         self.loras = tuple(loras)
         self.transformer_options = tuple(transformer_options)
+        self.trained_sizes = tuple(trained_sizes)
         self._loaders = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
         self._loaded: dict[str, object] = {k: v for k, v in self._loaders.items() if not callable(v) or _is_module(v)}
         # Each stage frees its part on exit in low-memory mode, so no reference may outlive the block.
@@ -248,9 +253,15 @@ class PixArtPipeline:
             cache_steps=cache_steps,
             loras=tuple((str(path), float(scale)) for path, scale in loras or ()),
             transformer_options=tuple(sorted((transformer_options or {}).items())),
+            trained_sizes=sizes.trained_sizes(root) if transformer is None else (),
         )
         pipe.controlnet = controlnet
         return pipe
+
+    @property
+    def known_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) sizes the model does well: those it records it was trained at, else its aspect-ratio bins."""
+        return sizes.known_sizes(self.trained_sizes, self.model_config.sample_size, self.vae_factor)
 
     @property
     def transformer(self) -> torch.nn.Module:

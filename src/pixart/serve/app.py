@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from pixart.checkpoints.formats import MAX_LORA_SCALE
 from pixart.errors import PixArtError
+from pixart.inference.sizes import check_trained_size
 from pixart.sampling.samplers import SAMPLERS, default_sampler
 from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
 
@@ -49,13 +50,15 @@ log = logging.getLogger(__name__)
 API_FIELDS = ("negative_prompt", "seed", "steps", "guidance", "width", "height", "sampler", "num_images", "binning")
 """GenerationOptions fields a request may set besides the prompt; the rest (batch size, …) are the server's."""
 
-EXAMPLE_PROMPTS = (
+EXAMPLE_PROMPTS = (  # for the released models (T5-XXL): the bundled demo takes its own, from its vocabulary
     "a small cactus with a happy face in the Sahara desert",
     "an astronaut riding a horse on the moon, oil painting",
     "a red fox in the snow, watercolor",
     "a cozy wooden cabin by a lake at dusk, warm light in the windows",
 )
 CUSTOM_SIZE = "custom"
+RELEASED_TEXT_WIDTH = 4096
+"""Feature width of T5-XXL, the text encoder of every released PixArt model."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,10 @@ class ImageService:
         out_dir: str | Path,
         log_prompts: bool = False,
         loras: tuple[ServedLora, ...] = (),
+        allow_any_size: bool = False,
     ):
         self.pipe, self.limits, self.out_dir, self.log_prompts = pipe, limits, Path(out_dir), log_prompts
+        self.allow_any_size = allow_any_size
         self.loras = {lora.name: lora for lora in loras}
         self._switch: LoraSwitch | None = None
         if loras:
@@ -200,6 +205,9 @@ class ImageService:
         if options.steps is not None and options.steps > limits.max_steps:
             raise PixArtError(f"{options.steps} steps asked; this server runs at most {limits.max_steps}")
         resolved = self.pipe.resolve(options)  # the model's size rules, with its default size filled in
+        if not self.allow_any_size:  # a size the demo never saw: refused now, not answered with a blur minutes later
+            trained = self.pipe.trained_sizes
+            check_trained_size(resolved.width, resolved.height, trained, "--allow-any-size to pixart serve")
         height, width = self.pipe.sample_size_for(resolved)
         pixels = max(resolved.width * resolved.height, width * height)
         if pixels > limits.max_pixels:
@@ -343,15 +351,21 @@ class ImageService:
             log.info("%s %s %s %.2f s %s%s", utc_stamp(), client, size, time.monotonic() - started, outcome, said)
 
     def size_presets(self) -> dict[str, tuple[int, int]]:
-        """Labels like "1024 × 768" → (width, height): the model's trained aspect-ratio bins within the pixel limit."""
-        from pixart.model.resolution import bins_for
-
-        config = self.pipe.model_config
-        bins = bins_for(config.sample_size, self.pipe.vae_factor) or {}
-        sizes = sorted(
-            {(int(w), int(h)) for h, w in bins.values() if w * h <= self.limits.max_pixels}, key=lambda s: s[0] / s[1]
-        )
+        """Labels like "1024 × 768" → (width, height): the model's known sizes (:attr:`PixArtPipeline.known_sizes`:
+        the demo's trained sizes, a release's aspect-ratio bins) within the pixel limit."""
+        sizes = [(w, h) for w, h in self.pipe.known_sizes if w * h <= self.limits.max_pixels]
         return {f"{w} × {h}": (w, h) for w, h in sizes}
+
+    def examples(self) -> tuple[str, tuple[str, ...]]:
+        """Example prompts that fit the loaded model and what they are for: the demo's from its vocabulary, the
+        released models' for a model reading T5-XXL features (a release or a fine-tune of one), else none."""
+        if not self.pipe.names.get("model"):  # the bundled demo, or weights trained on it
+            from pixart.demo.shapes import example_prompts
+
+            return "the bundled demo (shapes, colours, places)", tuple(example_prompts())
+        if self.pipe.model_config.caption_channels == RELEASED_TEXT_WIDTH:
+            return "the released PixArt models", EXAMPLE_PROMPTS
+        return "", ()
 
     def model_name(self) -> str:
         """The model as clients may see it: a hub id, or a local folder's own name, never a path of this machine."""
@@ -406,6 +420,8 @@ def build_ui(service: ImageService):
     presets = service.size_presets()
     side = pipe.model_config.sample_size * pipe.vae_factor
     square = f"{side} × {side}"
+    default_size = square if square in presets else next(iter(presets), CUSTOM_SIZE)
+    examples_for, examples = service.examples()
     default = default_sampler(pipe.scheduler_config, pipe.names.values())
 
     def generate(
@@ -470,8 +486,8 @@ def build_ui(service: ImageService):
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 size = gr.Dropdown(
                     list(presets) + [CUSTOM_SIZE],
-                    value=square if square in presets else CUSTOM_SIZE,
-                    label="Size (width × height; the model's trained aspect ratios)",
+                    value=default_size,
+                    label="Size (width × height; the sizes the model was trained at)",
                 )
                 with gr.Row(visible=size.value == CUSTOM_SIZE) as custom:
                     width = gr.Number(side, precision=0, label="Width")
@@ -501,7 +517,8 @@ def build_ui(service: ImageService):
                 gallery = gr.Gallery(
                     label="Images", columns=2, format="png", elem_id="gallery", buttons=["download", "fullscreen"]
                 )
-        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt])
+        if examples:
+            gr.Examples([[p] for p in examples], inputs=[prompt], label=f"Examples for {examples_for}")
         inputs = [
             prompt,
             negative,
@@ -622,6 +639,8 @@ def build_app(service: ImageService, access: Access | None = None):
             "samplers": list(SAMPLERS),
             "default_sampler": default_sampler(pipe.scheduler_config, pipe.names.values()).name,
             "sizes": [list(s) for s in service.size_presets().values()],
+            "any_size": service.allow_any_size or not pipe.trained_sizes,
+            "examples": list(service.examples()[1]),
             "loras": [{"name": lora.name, "scale": lora.scale} for lora in service.loras.values()],
             "limits": {f.name: getattr(limits, f.name) for f in fields(limits)} | {"max_work": service.max_work},
             "waiting": service.waiting,
