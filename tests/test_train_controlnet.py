@@ -10,10 +10,11 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from pixart.checkpoints.controlnet import load_controlnet
+from pixart.checkpoints.controlnet import load_controlnet, save_official_controlnet
 from pixart.checkpoints.convert import load_transformer
 from pixart.checkpoints.official import read_pth, to_official_state_dict
 from pixart.cli import main as cli_main
+from pixart.demo import BUNDLE
 from pixart.inference.pipeline import PixArtPipeline
 from pixart.model.controlnet import PixArtControlNet
 from pixart.train.cache import build_cache, open_cache
@@ -84,6 +85,13 @@ def test_final_files_hold_the_branch_and_generate(setup, control_cache, tmp_path
     assert {k for k in state_dict if k.startswith("base_model.")} == expected.keys()
     assert all(torch.equal(state_dict[k], v) for k, v in expected.items())
 
+    # controlnet.init continues from a saved branch, either file; a branch of another block count is refused.
+    for name in ("final.safetensors", "final.pth"):
+        init = control_args(setup, control_cache, f"--controlnet.init={out / name}")
+        r = setup_run(load_config("debug", overrides(setup, tmp_path / f"init-{name}", *init)))
+        branch = r.accelerator.unwrap_model(r.state.model).branch.state_dict()
+        assert all(torch.equal(v, branch[k]) for k, v in ours.state_dict().items())
+
     pipe = PixArtPipeline.from_pretrained(setup[1], device="cpu")
     control = Image.open(setup[2] / "3.png").convert("RGB")
     options = {"seed": 1, "steps": 2, "width": 256, "height": 256}
@@ -118,6 +126,31 @@ def test_cache_holds_control_latents_and_trains_as_the_images_do(setup, control_
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
     assert any(not torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)  # the comparison can fail
+
+
+def test_the_released_layout_of_a_demo_branch_loads_without_a_base_config(tmp_path):
+    """The bundled demo model shows its family in no weight (no micro-conditions, no released caption length): the
+    file states it, so the branch loads on its own, as `pixart generate --controlnet final.pth` needs."""
+    base = load_transformer(BUNDLE)
+    net = PixArtControlNet.from_transformer(base, 2)
+    loaded = load_controlnet(save_official_controlnet(net, base, tmp_path / "demo.pth"))
+    assert loaded.config == base.config and loaded.num_blocks == 2
+
+
+def test_cache_command_caches_control_latents(setup, tmp_path, capsys):
+    _, pipe, images, _ = setup
+    out = tmp_path / "cache"
+    args = ["cache", "--model", str(pipe), "--data", str(images), "--out", str(out), "--resolution", "256"]
+    assert cli_main([*args, "--control", "none", "--flip"]) == 0
+    cache = open_cache(out, expect={"control": "none", "flip": True})
+    batch, _ = cache.load_batch(1.0, cache.groups[1.0][:2], [False, True])
+    assert batch["control_mean"].shape == batch["latent_mean"].shape
+    # 'none' takes the image as its own control map: its latents are the image's, mirrored ones included.
+    torch.testing.assert_close(batch["control_mean"], batch["latent_mean"], rtol=0, atol=0)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, "--control", "hed"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'hed'" in capsys.readouterr().err
 
 
 def test_a_cache_without_control_latents_is_refused_in_one_line(setup, tmp_path, capsys):

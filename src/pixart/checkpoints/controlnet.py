@@ -108,7 +108,10 @@ def _read_official(path: Path, num_heads: int | None) -> tuple[dict[str, torch.T
     if not base:
         log.info("%s holds the branch alone: its family and size cannot be checked, only its width", path.name)
         return branch, None
-    return branch, config_from_state_dict(base, name=path.name, num_heads=num_heads, saved=saved)
+    # Files save_official_controlnet wrote state their family, which a model without micro-conditions, KV
+    # compression or a released caption length does not show; the released files need none of this.
+    family = saved.get("family")
+    return branch, config_from_state_dict(base, name=path.name, num_heads=num_heads, saved=saved, family=family)
 
 
 def _read_ours(path: Path) -> tuple[dict[str, torch.Tensor], PixArtConfig]:
