@@ -25,6 +25,7 @@ from pixart.train.loop import setup as setup_run
 from pixart.train.loop import train, train_step
 from pixart.train.state import batch_stream, complete_checkpoints
 from test_train import assert_same_finals, kill_after_first_checkpoint, overrides, torchrun, weights
+from tiny import save_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,6 +103,20 @@ def test_final_files_hold_the_branch_and_generate(setup, control_cache, tmp_path
     ]
     assert np.array_equal(images[0], images[1])
     assert not np.array_equal(images[0], plain)  # the trained branch steers
+
+
+def test_a_sigma_branch_trains_from_images_and_loads(setup, tmp_path):
+    """Σ the same way (its T5 null caption, no micro-conditions), the control maps computed during training."""
+    pipe = save_pipeline(tmp_path / "sigma", "sigma")
+    args = [f"--model.source={pipe}", f"--model.pipeline={pipe}", "--data.cache=", f"--data.dataset={setup[2]}"]
+    args += [*CONTROL, "--controlnet.preprocessor=none", "--schedule.max_steps=2", "--checkpoint.every=0"]
+    out = train(load_config("debug", overrides(setup, tmp_path / "run", *args)))
+    base = load_transformer(pipe)
+    assert base.config.family == "sigma"
+    key = "controlnet.0.after_proj.weight"
+    new = PixArtControlNet.from_transformer(base, 1).state_dict()[key]
+    for name in ("final.safetensors", "final.pth"):
+        assert not torch.equal(load_controlnet(out / name, base.config).state_dict()[key], new)
 
 
 def test_cache_holds_control_latents_and_trains_as_the_images_do(setup, control_cache, tmp_path):
