@@ -5,7 +5,8 @@ The released ``PixArt-XL-2-{512,1024}-ControlNet.pth`` hold ``{"state_dict": …
 ``controlnet.i.after_proj.*``: the names :class:`pixart.model.controlnet.PixArtControlNet` uses, so the branch loads
 as it stands. The base weights are not used (the base is loaded on its own), only read to check that the branch was
 made for this base. Ours is one .safetensors with the branch's tensors and the base config and block count in its
-metadata, which :func:`save_controlnet` writes.
+metadata, which :func:`save_controlnet` writes. :func:`save_official_controlnet` writes the released layout, base
+included: the official demo and inference scripts build the whole model from that one file.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch
 
 from pixart.checkpoints.common import file_size, load_safetensors, safetensors_metadata, save_with_config
 from pixart.checkpoints.hub import HUB_FILE, fetch_file
-from pixart.checkpoints.official import config_from_state_dict, read_pth
+from pixart.checkpoints.official import config_from_state_dict, read_pth, to_official_state_dict, write_pth
 from pixart.errors import PixArtError
 from pixart.files import disk_full_is_one_line
 from pixart.model.config import PixArtConfig
 from pixart.model.controlnet import PixArtControlNet
+from pixart.model.transformer import PixArtTransformer
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def load_controlnet(
 def _read_official(path: Path, num_heads: int | None) -> tuple[dict[str, torch.Tensor], PixArtConfig | None]:
     """The branch tensors of a released-layout .pth and the base config its ``base_model.*`` weights show
     (with num_heads, which weights do not record, from the base it will steer)."""
-    state_dict, _ = read_pth(path, ema=False)
+    state_dict, saved = read_pth(path, ema=False)
     branch = {key: value for key, value in state_dict.items() if key.startswith(BRANCH_PREFIX)}
     if not branch:
         raise PixArtError(f"{path} holds no ControlNet branch (controlnet.N.* keys); is it a base model checkpoint?")
@@ -106,7 +108,10 @@ def _read_official(path: Path, num_heads: int | None) -> tuple[dict[str, torch.T
     if not base:
         log.info("%s holds the branch alone: its family and size cannot be checked, only its width", path.name)
         return branch, None
-    return branch, config_from_state_dict(base, name=path.name, num_heads=num_heads)
+    # Files save_official_controlnet wrote state their family, which a model without micro-conditions, KV
+    # compression or a released caption length does not show; the released files need none of this.
+    family = saved.get("family")
+    return branch, config_from_state_dict(base, name=path.name, num_heads=num_heads, saved=saved, family=family)
 
 
 def _read_ours(path: Path) -> tuple[dict[str, torch.Tensor], PixArtConfig]:
@@ -123,6 +128,15 @@ def _read_ours(path: Path) -> tuple[dict[str, torch.Tensor], PixArtConfig]:
 def save_controlnet(net: PixArtControlNet, path: str | os.PathLike) -> Path:
     """Save in our format: one .safetensors with the branch's tensors and its base config in the metadata."""
     return save_with_config(net, path, CONTROLNET_FORMAT)
+
+
+def save_official_controlnet(net: PixArtControlNet, base: PixArtTransformer, path: str | os.PathLike) -> Path:
+    """Save in the released ``PixArt-XL-2-*-ControlNet.pth`` layout: ``base_model.*`` (the base as the official code
+    names it, ``pos_embed`` included) beside ``controlnet.*``, since the official scripts load both from this file."""
+    check_base(net.config, base.config, "the branch")
+    state_dict = {BASE_PREFIX + key: value for key, value in to_official_state_dict(base).items()}
+    state_dict.update(net.state_dict())  # its keys are already the released controlnet.N.* names
+    return write_pth(state_dict, base.config, path)
 
 
 def convert_controlnet(

@@ -312,10 +312,15 @@ def to_official_state_dict(model: PixArtTransformer) -> dict[str, torch.Tensor]:
 
 def save_official(model: PixArtTransformer, path: str | os.PathLike) -> Path:
     """Save in the official ``{"state_dict": …}`` .pth layout, which the official code loads strictly."""
+    return write_pth(to_official_state_dict(model), model.config, path)
+
+
+def write_pth(state_dict: dict[str, torch.Tensor], config: PixArtConfig, path: str | os.PathLike) -> Path:
+    """Write ``{"state_dict": …, "pixart_config": …}`` atomically: the official layout plus our config, which keeps
+    what the weights cannot tell (heads, weightless KV compression) and which the official code ignores."""
     path = Path(path)
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in to_official_state_dict(model).items()}
-    # Our config beside the weights keeps what they cannot tell (heads, weightless KV compression).
-    saved = json.dumps(model.config.to_dict())
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    saved = json.dumps(config.to_dict())
 
     def write(tmp: Path) -> None:
         # Through a Python file, so that a full disk surfaces as its OSError (torch's own writer hides the errno).

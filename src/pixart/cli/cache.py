@@ -9,6 +9,8 @@ from pixart.model.resolution import BUCKET_RESOLUTIONS
 
 
 def register(subparsers) -> None:
+    from pixart.inference.control import CONTROL_TYPES  # PIL only: `pixart --help` stays fast
+
     parser = subparsers.add_parser(
         "cache",
         help="precompute T5 features and VAE latents of a dataset for training",
@@ -39,6 +41,12 @@ def register(subparsers) -> None:
     parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default: %(default)s)")
     parser.add_argument("--flip", action="store_true", help="also cache latents of the mirrored images")
     parser.add_argument("--no-clean", action="store_true", help="only lower-case and strip captions")
+    parser.add_argument(
+        "--control",
+        choices=tuple(CONTROL_TYPES),
+        help="also cache the latents of each image's control map made by this preprocessor, for ControlNet "
+        "training (controlnet.preprocessor)",
+    )
     parser.add_argument("--image-column", default="image", help="image column of a datasets dataset (default: image)")
     parser.add_argument("--caption-column", help="caption column (default: the first of text, caption, prompt)")
     parser.add_argument("--split", default="train", help="split of a datasets dataset (default: %(default)s)")
@@ -64,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         flip=args.flip,
         clean=not args.no_clean,
+        control=args.control,
         device=args.device,
     )
     print(

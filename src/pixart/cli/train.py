@@ -12,6 +12,8 @@ examples:
   pixart train debug --model.pipeline=tiny-pipeline --data.dataset=images/    # shipped recipe by name
   pixart train my-run.toml --optim.lr=1e-5 --data.batch_size=8 --schedule.max_steps=2000
   pixart train pokemon-lora --resume latest                                    # continue where it stopped
+  pixart train demo-controlnet                                                 # a ControlNet for the demo model
+  pixart train controlnet --model.source=PixArt-alpha/PixArt-XL-2-512x512 --data.dataset=photos/
   accelerate launch --num_processes 4 -m pixart train pokemon                   # multi-GPU DDP
   accelerate launch --config_file fsdp.yaml -m pixart train scratch             # FSDP, from your accelerate config
 
@@ -30,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Train a PixArt-α/Σ transformer on accelerate: one CPU, one GPU, or many GPUs when started by "
             "`accelerate launch`. The run folder (run.output_dir) receives resumable checkpoints, TensorBoard "
             "logs, validation images and final.safetensors for `pixart generate --transformer`. "
+            "With [controlnet] enabled (the controlnet recipes) the model stays frozen and a ControlNet branch "
+            "trains on control maps of the images: final.safetensors and final.pth are the branch, for "
+            "`pixart generate --controlnet`. "
             f"Config sections: {sections}. Shipped recipes: {', '.join(recipe_names())}."
         ),
         epilog=EXAMPLES,

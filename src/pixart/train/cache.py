@@ -7,6 +7,8 @@ for a given image and caption; caching them makes an epoch cost only the transfo
   posterior ``latent_mean`` / ``latent_std`` (unscaled: the trainer samples and multiplies by the VAE
   scaling factor), ``text_features`` (zero at padding) / ``text_mask`` trimmed to the longest caption of
   the shard, and the original ``resolution``; with ``flip`` also the moments of the mirrored image (``*_flip``);
+  with ``control`` (a ControlNet preprocessor) also ``control_mean``, the VAE posterior mean of each image's
+  control map (and ``control_mean_flip``, of the mirrored image's map);
 - ``manifest.json``, written last: everything the cache depends on (text encoder and VAE identity, max
   tokens, base resolution and bucket table, dataset fingerprint, flip, caption cleaning) and the shard list.
 
@@ -85,6 +87,7 @@ def cache_expectations(
     dataset: ImageDataset | None = None,
     flip: bool = False,
     clean: bool = True,
+    control: str | None = None,
 ) -> dict[str, Any]:
     """What a cache built from these inputs depends on: the ``expect`` argument of :func:`open_cache`.
 
@@ -103,6 +106,8 @@ def cache_expectations(
     }
     if dataset is not None:
         expect["dataset"] = dataset.fingerprint
+    if control is not None:  # only then: caches without control maps keep their fingerprint
+        expect["control"] = control
     return expect
 
 
@@ -136,13 +141,21 @@ def build_cache(
     shard_size: int = 64,
     flip: bool = False,
     clean: bool = True,
+    control: str | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Encode every image and caption of a dataset once and write the cache to ``out``; returns the manifest."""
+    """Encode every image and caption of a dataset once and write the cache to ``out``; returns the manifest.
+
+    ``control``: also the latents of each image's control map by this preprocessor ('canny' or 'none'), for
+    ControlNet training."""
     from diffusers import AutoencoderKL
 
     from pixart.model.text import TextEncoder
 
+    if control is not None:
+        from pixart.inference.control import check_control_type
+
+        check_control_type(control)
     for name, value in (("batch size", batch_size), ("shard size", shard_size), ("max tokens", max_tokens)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise PixArtError(f"{name} must be a positive integer, got {value!r}")
@@ -153,7 +166,7 @@ def build_cache(
         raise PixArtError(f"cannot tell the training resolution of {root}; pass --resolution (256, 512, 1024, 2048)")
     max_tokens = max_tokens or defaults["max_tokens"]
     depends = cache_expectations(
-        root, resolution=resolution, max_tokens=max_tokens, dataset=dataset, flip=flip, clean=clean
+        root, resolution=resolution, max_tokens=max_tokens, dataset=dataset, flip=flip, clean=clean, control=control
     )
     fingerprint = _hash(depends)
     out = Path(out)
@@ -194,6 +207,7 @@ def build_cache(
                     clean=clean,
                     batch_size=batch_size,
                     flip=flip,
+                    control=control,
                     device=device,
                 )
             else:
@@ -230,7 +244,7 @@ def build_cache(
 
 
 def _write_shard(
-    path, plan, buckets, ratio, indices, text_encoder, vae, *, max_tokens, clean, batch_size, flip, device
+    path, plan, buckets, ratio, indices, text_encoder, vae, *, max_tokens, clean, batch_size, flip, control, device
 ) -> dict[str, str]:
     """Encode one shard's images and captions and write it atomically; returns its metadata."""
     dataset = buckets.dataset
@@ -251,6 +265,8 @@ def _write_shard(
         part = dict(zip(("latent_mean", "latent_std"), vae_moments(vae, pixels), strict=True))
         if flip:
             part.update(zip(("latent_mean_flip", "latent_std_flip"), vae_moments(vae, pixels.flip(-1)), strict=True))
+        if control is not None:
+            part.update(control_moments(vae, pixels, control, flip))
         captions = [r.caption for r in batch_records]
         features, mask = text_encoder.encode(captions, max_tokens, clean=clean, batch_size=batch_size)
         # Keep tokens up to the longest caption and zero the padding: padding is masked out of
@@ -290,6 +306,14 @@ def vae_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     posterior = vae.encode(pixels).latent_dist
     return posterior.mean.float().cpu(), posterior.std.float().cpu()
+
+
+def control_moments(vae, pixels: torch.Tensor, control: str, flip: bool) -> dict[str, torch.Tensor]:
+    """The VAE posterior mean of the control maps of a batch of images in [-1, 1] (and of the mirrored images')."""
+    from pixart.train.controlnet import control_maps
+
+    variants = {"control_mean": pixels} | ({"control_mean_flip": pixels.flip(-1)} if flip else {})
+    return {name: vae_moments(vae, control_maps(x, control).to(x))[0] for name, x in variants.items()}
 
 
 def _describe(value: Any) -> str:
@@ -336,6 +360,7 @@ class FeatureCache:
         self.max_tokens: int = manifest["depends"]["max_tokens"]
         self.resolution: int = manifest["depends"]["resolution"]
         self.supports_flip: bool = manifest["depends"]["flip"]
+        self.control: str | None = manifest["depends"].get("control")
         self.scaling_factor: float = manifest["vae_scaling_factor"]
         self.shift_factor: float | None = manifest["vae_shift_factor"]
         self.items: list[tuple[int, int]] = []
@@ -368,6 +393,8 @@ class FeatureCache:
                 sample = {name: f.get_slice(name)[row] for name in ("text_features", "text_mask", "resolution")}
                 sample["latent_mean"] = f.get_slice(f"latent_mean{suffix}")[row]
                 sample["latent_std"] = f.get_slice(f"latent_std{suffix}")[row]
+                if self.control is not None:
+                    sample["control_mean"] = f.get_slice(f"control_mean{suffix}")[row]
             sample["key"] = json.loads(meta["keys"])[row]
             rows.append(sample)
         length, width = self.max_tokens, rows[0]["text_features"].shape[-1]
@@ -385,4 +412,6 @@ class FeatureCache:
             "aspect_ratio": torch.full((len(rows),), ratio, dtype=torch.float32),
             "key": [s["key"] for s in rows],
         }
+        if self.control is not None:
+            batch["control_mean"] = torch.stack([s["control_mean"] for s in rows])
         return batch, []

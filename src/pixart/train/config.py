@@ -46,7 +46,7 @@ class ModelConfig:
 
     source: str = ""
     """Checkpoint to fine-tune: a hub id, a diffusers pipeline or transformer folder, an official .pth or
-    our .safetensors. Leave empty to train from scratch from `preset`."""
+    our .safetensors ('demo': the bundled demo pipeline). Leave empty to train from scratch from `preset`."""
 
     preset: str = ""
     """Preset name (see `pixart.model.config.PRESETS`) for training from scratch; empty when fine-tuning."""
@@ -274,6 +274,32 @@ class DreamBoothConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    """ControlNet training (pixart.train.controlnet): model.source stays frozen and a PixArt-δ branch of its first
+    blocks learns to steer it by control maps that a preprocessor makes from the training images."""
+
+    enabled: bool = False
+    """Train a ControlNet branch instead of the model; the run saves the branch alone (final.safetensors in our
+    format, final.pth in the released layout)."""
+
+    preprocessor: str = "canny"
+    """How a training image becomes its control map: 'canny' (OpenCV edges, as ``--control-type canny``) or
+    'none' (the image itself). With data.cache, the cache must hold this preprocessor's maps
+    (``pixart cache --control``)."""
+
+    num_blocks: int = 13
+    """Base blocks the branch copies (the released α ControlNets: 13 of 28)."""
+
+    conditioning_dropout: float = 0.0
+    """Probability of training a sample on a zero control latent (no control), seeded per sample like caption
+    dropout. The official recipe uses none; some lets the branch learn to stay quiet without a map."""
+
+    init: str = ""
+    """An existing ControlNet (.safetensors or released .pth) to continue from; empty: a new branch (the base's
+    first blocks copied, the projections zero)."""
+
+
+@dataclass
 class TrainConfig:
     """A whole training run."""
 
@@ -289,6 +315,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     lcm: LCMConfig = field(default_factory=LCMConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,6 +377,8 @@ class TrainConfig:
         if self.lcm.enabled:
             self.validate_lcm()
         self.validate_dreambooth()
+        if self.controlnet.enabled:
+            self.validate_controlnet()
 
     def validate_lcm(self) -> None:
         c = self.lcm
@@ -389,6 +418,26 @@ class TrainConfig:
             )
         if b.prior and self.lcm.enabled:
             raise PixArtError("dreambooth.class_prompt (prior preservation) is not supported with lcm.enabled")
+
+    def validate_controlnet(self) -> None:
+        from pixart.inference.control import CONTROL_TYPES
+
+        c = self.controlnet
+        if not self.model.source:
+            raise PixArtError("controlnet.enabled needs model.source: the trained model the branch steers (frozen)")
+        _choice("controlnet.preprocessor", c.preprocessor, tuple(CONTROL_TYPES))
+        _in_range("controlnet.conditioning_dropout", c.conditioning_dropout, 0.0, 1.0)
+        if c.num_blocks < 1:
+            raise PixArtError(f"controlnet.num_blocks={c.num_blocks!r}: expected an integer >= 1")
+        for name, on in [("lora.rank", self.lora.rank), ("lcm.enabled", self.lcm.enabled),
+                         ("dreambooth.class_prompt", self.dreambooth.prior)]:  # fmt: skip
+            if on:
+                raise PixArtError(f"controlnet.enabled trains the branch alone; it does not combine with {name}")
+        if self.validation.prompts:
+            raise PixArtError(
+                "validation.prompts is not supported with controlnet.enabled (validation has no control image); "
+                "set --validation.prompts=[] and generate with the saved branch"
+            )
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -435,6 +484,10 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | t
     config = from_dict(data)
     for item in overrides:
         apply_override(config, item)
+    if config.model.source == "demo":  # the bundled pipeline lives inside the installed package
+        from pixart.demo import BUNDLE
+
+        config.model.source = str(BUNDLE)
     config.validate()
     return config
 

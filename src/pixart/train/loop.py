@@ -92,6 +92,8 @@ def open_batches(config: TrainConfig, accelerator: Accelerator):
         from pixart.train.cache import component_fingerprint, open_cache
 
         expect = {"resolution": config.data.image_size}
+        if config.controlnet.enabled:  # the cache must hold control latents of this preprocessor
+            expect["control"] = config.controlnet.preprocessor
         pipeline = Path(config.model.pipeline or config.model.source).expanduser().resolve()
         if pipeline.is_dir() and (pipeline / "text_encoder").is_dir():  # refuse features of another T5 / VAE
             expect.update(text_encoder=component_fingerprint(pipeline, "text_encoder"))
@@ -249,6 +251,10 @@ def setup(config: TrainConfig) -> Run:
         torch.manual_seed(config.run.seed)  # peft draws lora_A from the global generator: the same adapters every run
         add_lora(model, config.lora.rank, config.lora.alpha or None, config.lora.targets)
     model.gradient_checkpointing = config.model.gradient_checkpointing
+    if config.controlnet.enabled:  # the base freezes; a branch beside it trains
+        from pixart.train.controlnet import with_controlnet
+
+        model = with_controlnet(config, model)
     objective = make_objective(config, encoders, model, teacher, accelerator, loader.batch_size)
     steps_per_epoch = max(1, len(loader) // config.optim.grad_accum)
     total_steps = config.schedule.max_steps or config.schedule.epochs * steps_per_epoch
@@ -265,7 +271,12 @@ def setup(config: TrainConfig) -> Run:
 
 
 def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher, accelerator, batch_size) -> Objective:
-    """The objective the config asks for: LCM distillation, DreamBooth prior preservation or plain diffusion."""
+    """The objective the config asks for: LCM distillation, DreamBooth prior preservation, ControlNet or plain
+    diffusion."""
+    if config.controlnet.enabled:
+        from pixart.train.controlnet import ControlNetObjective
+
+        return ControlNetObjective(base, config.controlnet)
     if config.lcm.enabled:
         from pixart.train.lcm import LCMObjective
 

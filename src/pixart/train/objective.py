@@ -24,9 +24,10 @@ from pixart.train.config import TrainConfig
 from pixart.train.diffusion import GaussianDiffusion, drop_captions
 
 
-def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
-    """The generator of one sample of one step, the same whichever process draws it."""
-    state = np.random.SeedSequence([seed, step, index]).generate_state(2, np.uint32)
+def sample_generator(seed: int, step: int, index: int, stream: int = 0) -> torch.Generator:
+    """The generator of one sample of one step, the same whichever process draws it; another ``stream`` gives
+    independent draws for an objective's own randomness (ControlNet's conditioning dropout)."""
+    state = np.random.SeedSequence([seed, step, index, *([stream] if stream else [])]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
@@ -114,15 +115,17 @@ class DiffusionObjective(Objective):
         source = loader.data if cached else self.vae.config
         self.vae_shift, self.vae_scale = getattr(source, "shift_factor", None) or 0.0, source.scaling_factor
 
-    def loss(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
-        """Mean loss of a micro-batch whose first sample has index ``first`` in the global batch of ``step``."""
+    def loss(self, model, batch: dict, first: int, step: int, **model_kwargs) -> torch.Tensor:
+        """Mean loss of a micro-batch whose first sample has index ``first`` in the global batch of ``step``;
+        ``model_kwargs`` go to the model (a ControlNet's control latents)."""
         x0, noise, t, features, mask, drops = self.inputs(batch, first, step)
         with torch.no_grad():
             xt = self.diffusion.q_sample(x0, t, noise)
             features, mask = drop_captions(features, mask, drops, *self.null)
         output = model(
-            xt, t, features, mask, batch["resolution"].to(self.device), batch["aspect_ratio"].to(self.device)
-        )
+            xt, t, features, mask, batch["resolution"].to(self.device), batch["aspect_ratio"].to(self.device),
+            **model_kwargs,
+        )  # fmt: skip
         return self.diffusion.training_loss(output, x0, xt, t, noise, self.config.diffusion.snr_gamma)["loss"].mean()
 
     @torch.no_grad()

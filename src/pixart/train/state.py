@@ -168,7 +168,8 @@ class TrainState:
         self.step, self.epoch, self.batch = saved["step"], saved["epoch"], saved["batch"]
 
     def save_final(self, run_dir: Path, accelerator, config) -> None:
-        """RUN/final.safetensors in our format (LoRA merged in), RUN/final-ema.safetensors, RUN/final-lora/."""
+        """RUN/final.safetensors in our format (LoRA merged in; a ControlNet's branch alone, and final.pth),
+        RUN/final-ema.safetensors, RUN/final-lora/."""
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return
@@ -183,9 +184,15 @@ class TrainState:
 
 
 def save_final_weights(config, model, path: Path) -> None:
-    """The model in our format at ``path``; for LoRA runs merged, with the adapter alone in ``<stem>-lora/``."""
+    """The model in our format at ``path``; for LoRA runs merged, with the adapter alone in ``<stem>-lora/``; for
+    ControlNet runs the branch alone, also as ``<stem>.pth`` in the released layout."""
     from pixart.checkpoints.ours import save_pixart
 
+    if config.controlnet.enabled:
+        from pixart.train.controlnet import save_branch
+
+        save_branch(model, path)
+        return
     if not config.lora.rank:
         save_pixart(model, path)
         return
