@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from pixart.checkpoints.convert import load_transformer
@@ -183,6 +184,23 @@ def test_the_mode_is_recorded_and_reproduced_from_the_png(pipelines):
         LoadSettings.from_metadata({"dtype": "float8"})
     with pytest.raises(PixArtError, match="^the image's quantize metadata 'int4' is not one of int8$"):
         LoadSettings.from_metadata({"quantize": "int4"})
+
+
+@needs_int8
+def test_cli_int8_run_reproduces_from_its_png_and_v_names_the_cpu(tmp_path, capsys, caplog):
+    common = ["--seed", "1", "--steps", "2"]
+    with caplog.at_level("DEBUG", logger="pixart.cli.generate"):
+        assert cli_main(["generate", "a red circle", "--quantize", "int8", *common, "--out", str(tmp_path / "a")]) == 0
+    assert f"CPU: {describe_cpu()}" in caplog.messages
+    made = Path(capsys.readouterr().out.strip())
+    assert Image.open(made).info["quantize"] == "int8"
+    assert cli_main(["generate", "--from-png", str(made), "--out", str(tmp_path / "b")]) == 0
+    again = Path(capsys.readouterr().out.strip())
+    assert Image.open(again).info == Image.open(made).info
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
+    # The image's int8 beside a bf16 asked for on the command line: refused in one line, before loading.
+    assert cli_main(["generate", "--from-png", str(made), "--dtype", "bf16", "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err == "error: --quantize int8 keeps activations in fp32; drop --dtype bf16\n"
 
 
 @needs_bf16
