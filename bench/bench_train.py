@@ -9,9 +9,13 @@
    captions that go through the VAE and T5 first. CPU-sized stand-ins: an SD-VAE-shaped AutoencoderKL
    (random weights, 256-px images) and a T5-base-shaped encoder (768-d; T5-XXL is ~20× larger, so the
    real gap is wider).
+3. with --bf16: the trainer step in fp32 against the same step under bf16 autocast, as accelerate runs
+   ``optim.mixed_precision = "bf16"`` on a CPU (fp32 weights and optimizer, bf16 matmuls). Worth it only on a
+   CPU with bf16 units (avx512_bf16, AMX); the header names this CPU's.
 
     python bench/bench_train.py --steps 6  # ≈15 min on a busy 2-core CPU (the README table)
     python bench/bench_train.py --steps 3  # smoke run
+    python bench/bench_train.py --steps 6 --bf16  # also fp32 vs bf16 autocast
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from pixart.checkpoints.diffusers import diffusers_config, to_diffusers_state_dict
+from pixart.inference.cpu_units import describe_cpu
 from pixart.model.config import PixArtConfig
 from pixart.model.text import TextEncoder
 from pixart.model.transformer import PixArtTransformer
@@ -156,12 +161,33 @@ def cache_vs_no_cache(steps: int) -> dict[str, float]:
     )
 
 
+def fp32_vs_bf16(steps: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = PixArtTransformer(model_config(4096)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-10, weight_decay=0.03)
+    objective, batch = trainer_objective(model), cached_batch(4096)
+
+    def bf16_step(i: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate's mixed_precision="bf16" does on CPU
+            loss = objective.loss(model, batch, 0, i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return interleaved(
+        {"fp32": lambda i: ours_step(model, objective, optimizer, batch, i), "bf16 autocast": bf16_step}, steps
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
+    parser.add_argument("--bf16", action="store_true", help="also time the trainer step in fp32 vs bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"CPU: {describe_cpu()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {BATCH}, latents {SIDE}×{SIDE}")
     speed = ours_vs_diffusers(args.steps)
     mine, theirs = speed["pixart trainer step"], speed["diffusers plain loop"]
@@ -177,6 +203,13 @@ def main() -> None:
     for name, value in speed.items():
         print(f"| {name} | {value:.2f} |")
     print(f"| **speed-up from the cache** | **{cached / uncached:.1f}×** |")
+    if args.bf16:
+        speed = fp32_vs_bf16(args.steps)
+        print("\n| trainer step, width 384, depth 8, captions 4096-d | samples/s |")
+        print("|---|---|")
+        for name, value in speed.items():
+            print(f"| {name} | {value:.2f} |")
+        print(f"| **bf16 / fp32** | **{speed['bf16 autocast'] / speed['fp32']:.2f}×** |")
 
 
 if __name__ == "__main__":

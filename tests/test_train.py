@@ -349,7 +349,7 @@ def test_config_files_overrides_and_types(tmp_path):
         (["--optim.optimizer=sgd"], "optim.optimizer='sgd': expected one of adamw, came"),
         (["--colour.key=1"], "unknown section 'colour'"),
         (["--data.dataset=/no/such/folder"], "dataset '/no/such/folder' not found"),
-        (["--optim.mixed_precision=bf16"], "optim.mixed_precision='bf16' needs a GPU"),
+        (["--optim.mixed_precision=fp16"], "optim.mixed_precision='fp16' needs a GPU"),
         (["--resume", "/no/such/checkpoint"], "resume='/no/such/checkpoint': not a checkpoint folder"),
         (["--logging.wandb=true"], "logging.wandb=true needs wandb: pip install wandb"),
     ],

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import os
 import resource
 import shutil
 import statistics
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pixart.errors import PixArtError
+from pixart.inference.cpu_units import BF16_FLAGS, CPUINFO, INT8_FLAGS, cpu_units
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,15 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """fp32 on CPU, fp16 on accelerators unless asked otherwise; half precision on CPU is allowed but warned."""
+def resolve_dtype(
+    name: str | torch.dtype | None, device: torch.device, cpuinfo: str | os.PathLike = CPUINFO
+) -> torch.dtype:
+    """fp32 on CPU, fp16 on accelerators unless asked otherwise.
+
+    On CPU, bf16 runs where the CPU has bf16 units (``cpuinfo`` tells, see :mod:`pixart.inference.cpu_units`);
+    without them bf16 is emulated, far slower than fp32, so fp32 runs instead, with a warning. fp16 on CPU has no
+    fast kernels anywhere: allowed, warned.
+    """
     if isinstance(name, torch.dtype):
         dtype = name
     elif name is None or name == "auto":
@@ -55,9 +64,34 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
         dtype = DTYPES[name]
     else:
         raise PixArtError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-    if device.type == "cpu" and dtype != torch.float32:
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        units = cpu_units(cpuinfo)
+        if not units.has_bf16():
+            log.warning(
+                "bf16 asked for, but this CPU (%s) has no bf16 units (%s): running in fp32, which is faster here",
+                units.model,
+                "/".join(BF16_FLAGS),
+            )
+            return torch.float32
+    elif device.type == "cpu" and dtype != torch.float32:
         log.warning("%s on CPU is very slow (no fast half-precision kernels); fp32 is recommended", dtype)
     return dtype
+
+
+def resolve_quantize(mode: str | None, device: torch.device, cpuinfo: str | os.PathLike = CPUINFO) -> str | None:
+    """The quantization to run: ``mode``, or None with a warning where the CPU lacks int8 units (VNNI, AMX)."""
+    if mode is None or device.type != "cpu":
+        return mode
+    units = cpu_units(cpuinfo)
+    if not units.has_int8():
+        log.warning(
+            "--quantize %s asked for, but this CPU (%s) has no int8 units (%s): running in fp32, which is faster here",
+            mode,
+            units.model,
+            "/".join(INT8_FLAGS),
+        )
+        return None
+    return mode
 
 
 def check_compiler(device: torch.device) -> None:

@@ -23,9 +23,12 @@ from PIL.PngImagePlugin import PngInfo
 from pixart.errors import PixArtError
 from pixart.files import disk_full_is_one_line, file_mode
 from pixart.inference.control import check_control_scale, check_control_type
+from pixart.model.quantize import QUANTIZE_MODES
 from pixart.model.resolution import check_size
 from pixart.sampling.samplers import get_sampler
 
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+"""--dtype's names and torch's spelling of each, which images record (:data:`pixart.inference.devices.DTYPES`)."""
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000
 """The released schedules have 1000 training timesteps; more steps than that would revisit the same ones."""
@@ -167,7 +170,7 @@ TRANSFORMER_OPTIONS = ("num_heads", "pe_scale", "kv_compress", "ema", "family", 
 class LoadSettings:
     """Which weights make an image: what its PNG records and :meth:`PixArtPipeline.from_pretrained` loads.
 
-    The device and dtype are not among them: they follow the machine that reproduces the image.
+    The device is not among them: it follows the machine that reproduces the image.
     """
 
     model: str | None = None
@@ -184,6 +187,11 @@ class LoadSettings:
     controlnet: str | None = None
     """A ControlNet (:func:`pixart.checkpoints.controlnet.load_controlnet`) the pipeline steers by when given a
     control image."""
+    dtype: str | None = None
+    """The precision it ran in (fp32, bf16, fp16: :data:`DTYPE_NAMES`); None: the device's
+    default. bf16 changes the image a little (about 49 dB from fp32 on a mid-size model)."""
+    quantize: str | None = None
+    """"int8": the transformer's and T5's linears ran in int8 on the CPU (:mod:`pixart.model.quantize`)."""
 
     def replace(self, **changes) -> LoadSettings:
         return dataclasses.replace(self, **changes)
@@ -199,6 +207,10 @@ class LoadSettings:
             fields["transformer_options"] = json.dumps(dict(self.transformer_options))
         if self.controlnet:
             fields["controlnet"] = self.controlnet
+        if self.quantize:
+            fields["quantize"] = self.quantize
+        if self.dtype:  # torch's spelling, as images have always recorded it
+            fields["dtype"] = DTYPE_NAMES.get(self.dtype, self.dtype)
         return fields
 
     @staticmethod
@@ -233,7 +245,23 @@ class LoadSettings:
             cache_steps=cache_steps,
             transformer_options=tuple(sorted(options.items())),
             controlnet=info.get("controlnet") or None,
+            dtype=_recorded_dtype(info.get("dtype")),
+            quantize=_recorded_quantize(info.get("quantize")),
         )
+
+
+def _recorded_dtype(value: str | None) -> str | None:
+    """Our name of the dtype an image records (torch's spelling: float32, bfloat16, float16)."""
+    names = {spelling: name for name, spelling in DTYPE_NAMES.items()}
+    if value and value not in names:
+        raise PixArtError(f"the image's dtype metadata {value!r} is not one of {', '.join(names)}")
+    return names.get(value) if value else None
+
+
+def _recorded_quantize(value: str | None) -> str | None:
+    if value and value not in QUANTIZE_MODES:
+        raise PixArtError(f"the image's quantize metadata {value!r} is not one of {', '.join(QUANTIZE_MODES)}")
+    return value or None
 
 
 def check_recorded_weights(recorded: LoadSettings, given: set[str], *, trust: bool, source: str) -> None:

@@ -39,12 +39,14 @@ from pixart.inference.devices import (
     peak_memory_bytes,
     release_memory,
     resolve_dtype,
+    resolve_quantize,
 )
 from pixart.inference.image_inputs import ImageInputs, ImageSource, trimmed_timesteps
 from pixart.inference.options import MAX_SEED, GenerationOptions, LoadSettings, check_text
 from pixart.inference.options import read_png_metadata as read_png_metadata  # re-exported: the README imports it here
 from pixart.inference.options import save_image as save_image  # re-exported: the README imports it here
 from pixart.model.config import FAMILY
+from pixart.model.quantize import check_quantize, dtype_name, quantize_int8
 from pixart.model.resolution import generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization, check_text_width
 from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
@@ -91,7 +93,8 @@ def learned_null_caption(model: torch.nn.Module) -> torch.Tensor | None:
     from pixart.checkpoints.convert import placeholder_y_embedding
 
     y = model.y_embedder.y_embedding
-    if torch.equal(y.detach().float().cpu(), placeholder_y_embedding(model.config)):
+    # Compared in the model's dtype: a bf16 or fp16 model holds the placeholder rounded.
+    if torch.equal(y.detach().cpu(), placeholder_y_embedding(model.config).to(y.dtype)):
         return None
     return y.detach()
 
@@ -116,6 +119,7 @@ class PixArtPipeline:
         loras: tuple[tuple[str, float], ...] = (),
         transformer_options: tuple[tuple[str, Any], ...] = (),
         trained_sizes: tuple[tuple[int, int], ...] = (),
+        quantize: str | None = None,
     ):
         """Components are either loaded objects or zero-argument loaders. low_memory: load each part
         when its stage starts and release it when the stage ends; offload: keep parts on the CPU and
@@ -123,7 +127,8 @@ class PixArtPipeline:
         torch.compile (its first step is timed as compile time); cache_steps: see :mod:`pixart.sampling.step_cache`;
         loras: the (path, scale) merged into the transformer, and transformer_options: the load_transformer
         keywords it was loaded with, both for the metadata. trained_sizes: the (width, height) sizes the
-        transformer's folder records it was trained at (:mod:`pixart.inference.sizes`), () if none."""
+        transformer's folder records it was trained at (:mod:`pixart.inference.sizes`), () if none. quantize:
+        "int8" if the transformer's linears were quantised (:mod:`pixart.model.quantize`), for the metadata."""
         self.device, self.dtype, self.low_memory, self._offload = device, dtype, low_memory, offload
         self.compiled, self.cache_steps = compiled, cache_steps
         self.scheduler_config = dict(scheduler_config)
@@ -131,6 +136,7 @@ class PixArtPipeline:
         self.loras = tuple(loras)
         self.transformer_options = tuple(transformer_options)
         self.trained_sizes = tuple(trained_sizes)
+        self.quantize = quantize
         self._loaders = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
         self._loaded: dict[str, object] = {k: v for k, v in self._loaders.items() if not callable(v) or _is_module(v)}
         # Each stage frees its part on exit in low-memory mode, so no reference may outlive the block.
@@ -162,6 +168,7 @@ class PixArtPipeline:
         compile: bool = False,
         cache_steps: int = 0,
         transformer_options: dict[str, Any] | None = None,
+        quantize: str | None = None,
     ) -> PixArtPipeline:
         """Load a pipeline folder or hub id; ``transformer`` swaps in other weights (any form
         load_transformer reads) while T5, VAE and scheduler come from ``model``. ``model`` may also be
@@ -172,6 +179,8 @@ class PixArtPipeline:
         (on CUDA they wait on the CPU instead), so peak memory is the largest part, not the sum.
         compile: torch.compile the transformer; cache_steps: reuse deep blocks (:mod:`pixart.sampling.step_cache`).
         transformer_options: more load_transformer keywords (``TRANSFORMER_OPTIONS``), e.g. num_heads.
+        dtype: None or "auto" is fp32 on CPU, fp16 on GPUs; "bf16" on a CPU without bf16 units runs fp32 (warned).
+        quantize: "int8" runs the transformer's and T5's linears in int8 on the CPU (:mod:`pixart.model.quantize`).
         """
         from diffusers import AutoencoderKL
 
@@ -179,17 +188,25 @@ class PixArtPipeline:
         from pixart.checkpoints.lora import load_lora
 
         controlnet = None
+        recorded_dtype = None
         if isinstance(model, LoadSettings):
-            if transformer is not None or loras or cache_steps or transformer_options:
-                raise TypeError("give the transformer, LoRAs and cache steps in the LoadSettings, not beside it")
+            if transformer is not None or loras or cache_steps or transformer_options or quantize:
+                raise TypeError("give the transformer, LoRAs, cache steps, quantize in the LoadSettings, not beside it")
             transformer_options, controlnet = dict(model.transformer_options), model.controlnet
+            quantize, recorded_dtype = model.quantize, model.dtype
             model, transformer, loras, cache_steps = model.model, model.transformer, model.loras, model.cache_steps
         device = parse_device(device)
+        if dtype is None and not (recorded_dtype == "fp16" and device.type == "cpu"):
+            dtype = recorded_dtype  # a GPU's fp16 image remade on a CPU: the CPU's own default instead
         check_cache_steps(cache_steps)
         if compile:
             check_compiler(device)
         dtype = resolve_dtype(dtype, device)
         check_quantization(t5_quantization, device)
+        check_quantize(quantize, device, dtype)
+        quantize = resolve_quantize(quantize, device)
+        if quantize == "int8" and t5_quantization is None:
+            t5_quantization = "int8-dynamic"
         root = resolve_model(model, need_transformer=transformer is None)
         if not (root / "vae").is_dir():
             raise PixArtError(f"{root} has no vae/ folder; pass a diffusers PixArt pipeline folder or hub id")
@@ -212,6 +229,10 @@ class PixArtPipeline:
             check_text_width(net.config.caption_channels, root, f"the transformer {source}")  # before it runs
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
+            if quantize == "int8":
+                # After the merge, so the LoRA deltas are quantised with the weights. The blocks only: nearly all
+                # the time goes there, and the embedders read their weights' dtype, which int8 modules lack.
+                quantize_int8(net.blocks)
             if compile:
                 net.compile(regional=cache_steps > 1)  # the step cache's block hook would break a whole-forward graph
             return net
@@ -254,6 +275,7 @@ class PixArtPipeline:
             loras=tuple((str(path), float(scale)) for path, scale in loras or ()),
             transformer_options=tuple(sorted((transformer_options or {}).items())),
             trained_sizes=sizes.trained_sizes(root) if transformer is None else (),
+            quantize=quantize,
         )
         pipe.controlnet = controlnet
         return pipe
@@ -410,6 +432,9 @@ class PixArtPipeline:
             if progress is not None:
                 progress(done, total)
 
+        # On a CPU latents, noise and the scheduler's math stay fp32 whatever the model's dtype: a seed then draws
+        # the same noise in bf16 as in fp32, and bf16 rounding does not build up over the steps.
+        latent_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         with self._stage("transformer") as model, tqdm(total=total, desc="denoising", disable=not show_progress) as bar:
             for batch, scheduler in zip(batches, schedulers, strict=True):
                 # A generator per image: image k is what diffusers makes alone with seed + k.
@@ -418,15 +443,18 @@ class PixArtPipeline:
                 if source is None:
                     start = None
                     noise = torch.cat(
-                        [torch.randn(shape, generator=g, device=self.device, dtype=self.dtype) for g in generators]
+                        [torch.randn(shape, generator=g, device=self.device, dtype=latent_dtype) for g in generators]
                     )
                 else:  # the input's posterior sample is drawn first, then the noise, as diffusers draws them
-                    start = source.start(generators, self.dtype, opts.strength)
+                    start = source.start(generators, latent_dtype, opts.strength)
                     noise = start.noise
                 cond = self._conditioning([p for p, _ in batch], text, height, width)
                 latents.append(
                     denoise(
-                        cached_denoiser(model, self.cache_steps) if steer is None else steer.denoiser(model),
+                        in_dtype(
+                            cached_denoiser(model, self.cache_steps) if steer is None else steer.denoiser(model),
+                            self.dtype,
+                        ),
                         scheduler,
                         noise,
                         cond,
@@ -529,14 +557,27 @@ class PixArtPipeline:
                 self.loras,
                 self.cache_steps,
                 self.transformer_options,
+                dtype=dtype_name(self.dtype),
+                quantize=self.quantize,
             ).metadata(),
-            "dtype": str(self.dtype).removeprefix("torch."),
             "generator": f"pixart {__version__}",
         }
         if opts.negative_prompt is not None:
             fields["negative_prompt"] = opts.negative_prompt
         fields.update({k: v for k, v in (("strength", opts.strength), ("mask_blur", opts.mask_blur)) if v is not None})
         return {k: str(v) for k, v in fields.items()}
+
+
+def in_dtype(denoiser: Callable, dtype: torch.dtype) -> Callable:
+    """``denoiser`` fed latents cast to ``dtype`` and answering in the latents' own dtype (fp32 latents around a
+    bf16 model on CPU); itself when the dtypes already match."""
+
+    def run(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.dtype == dtype:
+            return denoiser(x, *args, **kwargs)
+        return denoiser(x.to(dtype), *args, **kwargs).to(x.dtype)
+
+    return run
 
 
 def _is_module(value: object) -> bool:

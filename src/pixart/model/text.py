@@ -15,7 +15,6 @@ import logging
 import re
 import tempfile
 import urllib.parse as ul
-import warnings
 from pathlib import Path
 
 import torch
@@ -274,14 +273,9 @@ class TextEncoder:
 
 def quantize_int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
     """Int8 weights for every nn.Linear, activations quantised on the fly: ~4× less T5 memory on CPU."""
-    from torch.ao.quantization import quantize_dynamic
+    from pixart.model.quantize import quantize_int8
 
-    with warnings.catch_warnings():
-        # torch marks eager quantization deprecated in favour of torchao; it still works and torchao is optional.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=UserWarning)
-        # In place: a quantised copy would hold both the fp32 and the int8 weights at once.
-        return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return quantize_int8(model)
 
 
 def _sub(subfolder: str | None) -> dict:

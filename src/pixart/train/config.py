@@ -122,7 +122,7 @@ class OptimConfig:
     """Micro-batches accumulated per optimizer step."""
 
     mixed_precision: str = "no"
-    """'no', 'fp16' or 'bf16'. Mixed precision needs a GPU: on a CPU it is refused."""
+    """'no', 'fp16' or 'bf16'. On a CPU only bf16, and only where the CPU has bf16 units (avx512_bf16, AMX)."""
 
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights with this decay (official α 0.9999); 0 disables."""

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
 from pixart.files import require_writable_folder
+from pixart.inference.cpu_units import BF16_FLAGS, CPUINFO, cpu_units
 from pixart.train.config import TrainConfig
 from pixart.train.metrics import METRICS_FILE, JsonLinesTracker, tensorboard_installed
 from pixart.train.objective import DiffusionObjective, Objective, load_frozen_encoders
@@ -43,16 +44,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def check_cpu_precision(precision: str, cpuinfo: str | os.PathLike = CPUINFO) -> None:
+    """Refuse mixed precision a CPU run cannot gain from: fp16 anywhere, bf16 without bf16 units.
+
+    With ``avx512_bf16`` or AMX, accelerate's bf16 autocasts the forward and backward to bf16 matmuls, about
+    twice fp32's speed; without them bf16 is emulated and far slower than fp32.
+    """
+    units = cpu_units(cpuinfo)
+    if precision == "fp16":
+        accepted = "bf16 (this CPU has bf16 units) or no" if units.has_bf16() else "no"
+        raise PixArtError(
+            f"optim.mixed_precision='fp16' needs a GPU; on this CPU pass --optim.mixed_precision={accepted}"
+        )
+    if precision == "bf16" and not units.has_bf16():
+        raise PixArtError(
+            f"optim.mixed_precision='bf16' needs a GPU or a CPU with bf16 units ({'/'.join(BF16_FLAGS)}), and this "
+            f"CPU ({units.model}) has none; pass --optim.mixed_precision=no"
+        )
+
+
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     """The Accelerator of this process, after refusing settings this machine or install cannot honour."""
     precision, trackers = config.optim.mixed_precision, []
     # Without a GPU, accelerate must be told it runs on CPUs to join several processes with gloo.
     cpu_only = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     if precision != "no" and cpu_only:
-        raise PixArtError(
-            f"optim.mixed_precision={precision!r} needs a GPU and this run is on the CPU; "
-            "pass --optim.mixed_precision=no"
-        )
+        check_cpu_precision(precision)
     fallback = config.logging.tensorboard and not tensorboard_installed()
     if fallback:  # the base install lacks tensorboard: a first run still records its metrics
         trackers.append(JsonLinesTracker(run_dir / "logs" / METRICS_FILE))
