@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from pixart.checkpoints.diffusers import diffusers_key_map
 from pixart.checkpoints.formats import LORA_FORMATS as FORMATS
+from pixart.demo import BUNDLED_LORAS
 from pixart.errors import PixArtError
 from pixart.files import atomic_write, plain_modes
 from pixart.model.config import PixArtConfig
@@ -154,7 +155,10 @@ def check_config(config: dict, where: str) -> None:
 
 
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A LoRA file's tensors with peft/diffusers prefixes removed, and its peft config (or {} when absent)."""
+    """A LoRA file's tensors with peft/diffusers prefixes removed, and its peft config (or {} when absent).
+    A bundled LoRA's name (``demo-lcm``) reads the shipped adapter."""
+    if not path.exists() and str(path) in BUNDLED_LORAS:
+        path = BUNDLED_LORAS[str(path)]
     if path.is_dir():
         candidates = (path / WEIGHTS_NAME, path / "pytorch_lora_weights.safetensors")  # peft's, diffusers' names
         weights = next((c for c in candidates if c.exists()), None)

@@ -5,3 +5,7 @@ from pathlib import Path
 BUNDLE = Path(__file__).parent.parent / "assets" / "demo"
 """The bundled demo pipeline folder (diffusers layout), used when no model is named. Defined here, away from
 the pipeline, so the CLI can check a request against it without importing torch."""
+
+BUNDLED_LORAS = {"demo-lcm": BUNDLE.parent / "demo-lcm-lora"}
+"""LoRAs shipped with the demo, by the name ``--lora`` takes: ``demo-lcm`` samples the demo in 4 steps with
+``--sampler lcm`` (recipe ``demo-lcm-lora``, ``scripts/train_demo_lcm.sh``)."""
