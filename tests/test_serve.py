@@ -171,6 +171,8 @@ def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model, m
             (["--model", str(model), "--lora", str(tmp_path / "none")], f"{tmp_path / 'none'} does not exist"),
             (["--model", str(model), "--lora", f"a={model}", "--lora", f"a={model}:2"], "the name 'a' is taken"),
             (["--model", str(model), "--lora", str(model), "--low-memory"], "drop --low-memory"),
+            (["--model", str(model), "--controlnet", str(tmp_path / "cn.pth")], f"{tmp_path / 'cn.pth'} does not"),
+            (["--model", str(model), "--controlnet", f"a={model}", "--controlnet", f"a={model}"], "'a' is taken"),
         ]
         for flags, message in cases:
             assert main(["serve", *flags]) == 2
@@ -229,6 +231,7 @@ BAD_REQUESTS = [
     ({"prompt": "a cat", "seed": "seven"}, "seed must be an integer"),
     ({"prompt": "a cat", "colour": "red"}, "unknown field(s) colour"),
     ({"prompt": "a cat", "binning": "yes"}, "binning must be true or false"),
+    ({"prompt": "a cat", "control": "iVBORw0KGgo="}, "this server has no ControlNet to steer by a control image"),
     ({"prompt": 3}, "enter a prompt"),
     (["a cat"], "JSON object"),
     (b"not json", "must be JSON"),

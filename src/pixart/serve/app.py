@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING
 
 from pixart.checkpoints.formats import MAX_LORA_SCALE
 from pixart.errors import PixArtError
+from pixart.inference.control import CONTROL_TYPES
 from pixart.inference.sizes import check_trained_size
 from pixart.sampling.samplers import SAMPLERS, default_sampler
 from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
+from pixart.serve.inputs import IMAGE_FIELDS, RequestImages, ServedControlNet, read_images
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
     from pixart.checkpoints.lora import LoraSwitch
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transf
 log = logging.getLogger(__name__)
 
 API_FIELDS = ("negative_prompt", "seed", "steps", "guidance", "width", "height", "sampler", "num_images", "binning")
+API_FIELDS += ("strength", "mask_blur", "control_scale", "control_type")  # with image inputs (serve/inputs.py)
 """GenerationOptions fields a request may set besides the prompt; the rest (batch size, …) are the server's."""
 
 EXAMPLE_PROMPTS = (  # for the released models (T5-XXL): the bundled demo takes its own, from its vocabulary
@@ -81,7 +84,8 @@ class ServeLimits:
     """Largest pixels × steps × images of one request; None: the model's default size × the most steps a
     sampler defaults to (ddpm's 100) × max_images."""
     max_body: int = 8 * 2**20
-    """Largest request body in bytes (also the page's upload limit); enough for base64 image inputs."""
+    """Largest request body in bytes (also the page's upload limit). Fits a 1024² image and mask even as
+    incompressible PNGs (3 MiB + 1 MiB, 5.4 MiB in base64), or an image and a control image of typical photos."""
     body_timeout: int = 30
     """Seconds a client has to send a request body."""
     header_timeout: int = 10
@@ -140,10 +144,12 @@ class ImageService:
         log_prompts: bool = False,
         loras: tuple[ServedLora, ...] = (),
         allow_any_size: bool = False,
+        controlnets: tuple[ServedControlNet, ...] = (),
     ):
         self.pipe, self.limits, self.out_dir, self.log_prompts = pipe, limits, Path(out_dir), log_prompts
         self.allow_any_size = allow_any_size
         self.loras = {lora.name: lora for lora in loras}
+        self.controlnets = {net.name: net for net in controlnets}
         self._switch: LoraSwitch | None = None
         if loras:
             from pixart.checkpoints import lora
@@ -173,14 +179,18 @@ class ImageService:
         with self._count_lock:
             return self._running
 
-    def options(self, prompt: object, **given) -> "GenerationOptions":
-        """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit."""
+    def options(self, prompt: object, images: RequestImages | None = None, **given) -> "GenerationOptions":
+        """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit.
+
+        With an input image, its defaults (size, strength, mask blur) are filled in, as the pipeline fills them.
+        """
+        from pixart.inference.image_inputs import ImageInputs
         from pixart.inference.options import GenerationOptions
 
-        limits = self.limits
+        limits, images = self.limits, images or RequestImages()
         unknown = sorted(set(given) - set(API_FIELDS))
         if unknown:
-            accepted = ", ".join(("prompt", *API_FIELDS, "loras"))
+            accepted = ", ".join(("prompt", *API_FIELDS, *IMAGE_FIELDS, "loras"))
             raise PixArtError(f"unknown field(s) {', '.join(unknown)}; accepted: {accepted}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise PixArtError("enter a prompt: a non-empty text describing the image")
@@ -198,6 +208,9 @@ class ImageService:
         if not isinstance(given.get("binning", True), bool):
             raise PixArtError(f"binning must be true or false, got {reprlib.repr(given['binning'])}")
         options = GenerationOptions(**{k: v for k, v in given.items() if v is not None})
+        inputs = ImageInputs.load(images.image, images.mask, options)  # a mask without white: refused here
+        if inputs is not None:
+            options = inputs.with_defaults(options, self.pipe)
         if options.num_images > limits.max_images:
             raise PixArtError(
                 f"{options.num_images} images asked; this server makes at most {limits.max_images} per request"
@@ -215,11 +228,17 @@ class ImageService:
                 f"{resolved.width} × {resolved.height} (sampled at {width} × {height}) is {pixels} pixels; "
                 f"this server makes at most {limits.max_pixels} per image"
             )
-        work = pixels * resolved.steps * resolved.num_images
+        # Image-to-image runs only the last int(steps × strength) steps; a ControlNet runs its copied blocks
+        # beside the model's, so a step costs (depth + copied) / depth of a plain one.
+        steps = resolved.steps if resolved.strength is None else int(resolved.steps * resolved.strength)
+        depth = self.pipe.model_config.depth
+        blocks = depth + (images.controlnet.net.num_blocks if images.controlnet is not None else 0)
+        work = math.ceil(pixels * steps * resolved.num_images * blocks / depth)
         if work > self.max_work:
+            counted = f"{pixels} pixels × {steps} steps × {resolved.num_images} images"
+            counted += f" × {blocks}/{depth} blocks (ControlNet)" if blocks > depth else ""
             raise PixArtError(
-                f"{pixels} pixels × {resolved.steps} steps × {resolved.num_images} images is {work} pixel-steps "
-                f"of work; this server does at most {self.max_work} per request"
+                f"{counted} is {work} pixel-steps of work; this server does at most {self.max_work} per request"
             )
         return options
 
@@ -276,13 +295,17 @@ class ImageService:
         progress: Callable[[int, int], None] | None = None,
         cancel: threading.Event | None = None,
         loras: tuple[tuple[str, float], ...] = (),
+        images: RequestImages | None = None,
     ) -> list[tuple[Path, dict[str, str]]]:
         """Generate and save; returns each PNG's path and metadata. Waits for a slot, or raises ServerBusy.
 
-        ``loras`` are (name, scale) pairs from :meth:`lora_choice`. Once ``cancel`` is set, waiting or
-        denoising stops within a step with :class:`_Cancelled`.
+        ``loras`` are (name, scale) pairs from :meth:`lora_choice`; ``images`` the request's image inputs
+        (:func:`pixart.serve.inputs.read_images`). Once ``cancel`` is set, waiting or denoising stops within
+        a step with :class:`_Cancelled`.
         """
         from pixart.inference.options import save_image
+
+        images = images or RequestImages()
 
         def step(done: int, total: int) -> None:
             if cancel is not None and cancel.is_set():
@@ -305,12 +328,23 @@ class ImageService:
             with self._count_lock:
                 self._running += 1
             with self._using(loras, cancel) if self._switch is not None else contextlib.nullcontext():
-                images = self.pipe(prompt, options, progress=step, show_progress=False)
+                made = self.pipe(
+                    prompt,
+                    options,
+                    progress=step,
+                    show_progress=False,
+                    image=images.image,
+                    mask=images.mask,
+                    control=images.control,
+                    controlnet=images.controlnet and images.controlnet.net,
+                )
         finally:
             with self._count_lock:
                 self._running -= 1
             self._slots.release()
-        return [(save_image(image, self.out_dir), dict(image.info)) for image in images]
+        for image in made:  # the ControlNet came in loaded: name its file as `pixart generate --controlnet` does
+            image.info.update(images.metadata())
+        return [(save_image(image, self.out_dir), dict(image.info)) for image in made]
 
     def handle(
         self,
@@ -326,9 +360,10 @@ class ImageService:
             self.rate.admit(client)
             prompt, given = read()
             loras = self.lora_choice(given.pop("loras", None))
-            options = self.options(prompt, **given)
+            images = read_images(given, self.limits.max_pixels, self.controlnets)
+            options = self.options(prompt, images, **given)
             resolved = self.pipe.resolve(options)
-            results = self.generate(prompt, options, progress, cancel, loras)
+            results = self.generate(prompt, options, progress, cancel, loras, images)
             outcome = "200 ok"
             return results
         except RateLimited:
@@ -642,6 +677,9 @@ def build_app(service: ImageService, access: Access | None = None):
             "any_size": service.allow_any_size or not pipe.trained_sizes,
             "examples": list(service.examples()[1]),
             "loras": [{"name": lora.name, "scale": lora.scale} for lora in service.loras.values()],
+            "image_inputs": ["image", "mask"] + (["control"] if service.controlnets else []),
+            "controlnets": list(service.controlnets),
+            "control_types": list(CONTROL_TYPES) if service.controlnets else [],
             "limits": {f.name: getattr(limits, f.name) for f in fields(limits)} | {"max_work": service.max_work},
             "waiting": service.waiting,
             "running": service.running,
