@@ -9,6 +9,7 @@ The model is the tiny pipeline of tests/tiny.py, given a 256-px bin table so the
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -284,11 +285,12 @@ def test_gradio_named_endpoint_serves_the_png_files(server, tmp_path):
         client.predict("", "", "custom", 64, 64, 1, "euler", 2, 4.5, 11, False, False, api_name="/generate")
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
-def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def browser_page(server, tmp_path):
+    """A headless Chromium page on the server; every request leaving 127.0.0.1 is refused (the page works offline)."""
+    from playwright.sync_api import sync_playwright
 
-    outside = []  # requests leaving 127.0.0.1: the page must work offline
+    outside = []
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             tempfile.mkdtemp(dir=tmp_path),
@@ -308,21 +310,56 @@ def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
                 ),
             )
             page.goto(server.url, timeout=60_000)
-            page.locator("#prompt textarea").fill("a lighthouse at night")
-            page.locator("#generate").click()
-            image = page.locator("#gallery img").first
-            expect(image).to_be_visible(timeout=90_000)
-            page.screenshot(path=tmp_path / "page.png", full_page=True)
-            downloaded = page.request.get(image.get_attribute("src")).body()
-            saved = Image.open(io.BytesIO(downloaded))
-            assert saved.info["prompt"] == "a lighthouse at night" and saved.size == (256, 256)
-
-            page.locator("#prompt textarea").fill("")
-            page.locator("#generate").click()
-            expect(page.get_by_text("enter a prompt")).to_be_visible(timeout=30_000)
+            yield page
         finally:
             context.close()
     assert outside == []
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
+def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
+    from playwright.sync_api import expect
+
+    with browser_page(server, tmp_path) as page:
+        page.locator("#prompt textarea").fill("a lighthouse at night")
+        page.locator("#generate").click()
+        image = page.locator("#gallery img").first
+        expect(image).to_be_visible(timeout=90_000)
+        page.screenshot(path=tmp_path / "page.png", full_page=True)
+        downloaded = page.request.get(image.get_attribute("src")).body()
+        saved = Image.open(io.BytesIO(downloaded))
+        assert saved.info["prompt"] == "a lighthouse at night" and saved.size == (256, 256)
+
+        page.locator("#prompt textarea").fill("")
+        page.locator("#generate").click()
+        expect(page.get_by_text("enter a prompt")).to_be_visible(timeout=30_000)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
+def test_browser_uploads_an_image_and_gets_image_to_image_back(server, tmp_path):
+    from playwright.sync_api import expect
+
+    from pixart.inference.image_inputs import pixel_sha256
+    from test_img2img import photo
+
+    source = photo(96, 64)
+    source.save(tmp_path / "in.png")
+    with browser_page(server, tmp_path) as page:
+        page.get_by_text("Start from an image").click()
+        with page.expect_file_chooser() as chooser:
+            page.locator("#input-image").get_by_text("Upload an image").click()
+        chooser.value.set_files(tmp_path / "in.png")
+        expect(page.locator("#input-image").get_by_text("Upload an image")).to_be_hidden(timeout=30_000)
+        page.locator("#prompt textarea").fill("a lighthouse at night")
+        page.locator("#generate").click()
+        image = page.locator("#gallery img").first
+        expect(image).to_be_visible(timeout=90_000)
+        page.screenshot(path=tmp_path / "page.png", full_page=True)
+        saved = Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
+    # The uploaded pixels reached the model unchanged, resized to the page's size; image-to-image's default strength.
+    assert saved.info["image_sha256"] == pixel_sha256(source.convert("RGB"))
+    assert (saved.size, saved.info["strength"], saved.info["prompt"]) == ((256, 256), "0.6", "a lighthouse at night")
+    assert "mask_sha256" not in saved.info
 
 
 def request(server, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:

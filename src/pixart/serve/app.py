@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING
 
 from pixart.checkpoints.formats import MAX_LORA_SCALE
 from pixart.errors import PixArtError
-from pixart.inference.control import CONTROL_TYPES
+from pixart.inference.control import CONTROL_TYPES, control_map
 from pixart.inference.sizes import check_trained_size
 from pixart.sampling.samplers import SAMPLERS, default_sampler
 from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
-from pixart.serve.inputs import IMAGE_FIELDS, RequestImages, ServedControlNet, read_images
+from pixart.serve.inputs import IMAGE_FIELDS, RequestImages, ServedControlNet, editor_images, read_images
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
     from pixart.checkpoints.lora import LoraSwitch
@@ -451,6 +451,8 @@ def build_ui(service: ImageService):
     """The Gradio page: the controls of the official PixArt demo, over :meth:`ImageService.generate`."""
     import gradio as gr
 
+    from pixart.inference.image_inputs import DEFAULT_MASK_BLUR
+
     pipe, limits = service.pipe, service.limits
     presets = service.size_presets()
     side = pipe.model_config.sample_size * pipe.vae_factor
@@ -473,7 +475,14 @@ def build_ui(service: ImageService):
         randomize,
         binning,
         loras,
-        request: gr.Request,
+        editor=None,
+        strength=0,
+        mask_blur=DEFAULT_MASK_BLUR,
+        control=None,
+        control_type="none",
+        control_scale=1.0,
+        controlnet=None,
+        request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 - Gradio finds its progress tracker by this default
     ):
         w, h = presets.get(size, (width, height))
@@ -489,6 +498,13 @@ def build_ui(service: ImageService):
             binning=binning,
             loras=list(loras or []),
         )
+        image, mask = editor_images(editor)
+        if image is not None:  # strength 0 on the slider: the default (0.6, or 1 when inpainting)
+            fields |= {"image": image, "mask": mask, "strength": strength or None}
+            fields |= {"mask_blur": _whole(mask_blur)} if mask is not None else {}
+        if control is not None:
+            fields |= {"control": control, "control_type": control_type, "control_scale": control_scale}
+            fields |= {"controlnet": controlnet or None}
         client = request.client.host if request.client else "?"
         progress(0, desc="waiting for a free slot")
         try:
@@ -548,6 +564,30 @@ def build_ui(service: ImageService):
                     visible=bool(service.loras),
                     label="LoRAs (merged in the order chosen, each at its server scale)",
                 )
+                with gr.Accordion("Start from an image (image-to-image, inpainting)", open=False):
+                    editor = gr.ImageEditor(
+                        type="pil",
+                        format="png",  # lossless: the image the model starts from is the one uploaded
+                        sources=["upload", "clipboard"],
+                        layers=False,
+                        transforms=(),
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                        label="Input image, resized to the size above; paint over what to repaint (no paint: all)",
+                        elem_id="input-image",
+                    )
+                    strength = gr.Slider(
+                        0, 1, value=0, step=0.01, label="Strength (0: the default, 0.6; 1 where painted)"
+                    )
+                    mask_blur = gr.Slider(0, 64, value=DEFAULT_MASK_BLUR, step=1, label="Feather of the paint (px)")
+                with gr.Accordion("Control image (ControlNet)", open=False, visible=bool(service.controlnets)):
+                    with gr.Row():
+                        control = gr.Image(type="pil", label="Control image", elem_id="control-image")
+                        control_preview = gr.Image(label="Control map", interactive=False, elem_id="control-map")
+                    controlnet = gr.Dropdown(list(service.controlnets), value=next(iter(service.controlnets), None),
+                                             label="ControlNet")  # fmt: skip
+                    with gr.Row():
+                        control_type = gr.Dropdown(list(CONTROL_TYPES), value="canny", label="Control map")
+                        control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Control scale")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(
                     label="Images", columns=2, format="png", elem_id="gallery", buttons=["download", "fullscreen"]
@@ -568,11 +608,20 @@ def build_ui(service: ImageService):
             randomize,
             binning,
             loras,
+            editor,
+            strength,
+            mask_blur,
+            control,
+            control_type,
+            control_scale,
+            controlnet,
         ]
         run.click(generate, inputs, [gallery, seed], api_name="generate")
         prompt.submit(generate, inputs, [gallery, seed], api_visibility="private")
         samplers.change(sampler_defaults, samplers, [steps, guidance], api_visibility="private")
         size.change(lambda s: gr.Row(visible=s == CUSTOM_SIZE), size, custom, api_visibility="private")
+        for changed in (control, control_type):
+            changed.change(control_preview_of, [control, control_type], control_preview, api_visibility="private")
     return ui.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
 
 
@@ -700,6 +749,18 @@ def build_app(service: ImageService, access: Access | None = None):
         auth_message="Sign in with any user name and the server's token as the password.",
     )
     return Guard(app, access)
+
+
+def control_preview_of(image, control_type: str):
+    """The page's preview of the map the ControlNet will see, at the control image's own size."""
+    if image is None:
+        return None
+    try:
+        return control_map(image, control_type, *image.size)
+    except PixArtError as err:
+        import gradio as gr
+
+        raise gr.Error(str(err), print_exception=False) from None
 
 
 def _whole(value):

@@ -16,7 +16,7 @@ import reprlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 from pixart.errors import PixArtError, first_line
 
@@ -132,3 +132,19 @@ def _open(text: str, what: str) -> Image.Image:
         raise PixArtError(f"{what} is too large: {first_line(err)}") from None
     except (OSError, ValueError, SyntaxError):  # PIL's UnidentifiedImageError is an OSError
         raise PixArtError(f"{what} is not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} image") from None
+
+
+def editor_images(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """The input image and mask of the page's ``gr.ImageEditor``: its background, and white wherever the brush
+    painted (any layer's alpha); no paint means no mask (image-to-image)."""
+    if not value or value.get("background") is None:
+        return None, None
+    image = value["background"].convert("RGB")
+    painted = [layer.getchannel("A") for layer in value.get("layers") or [] if layer.mode == "RGBA"]
+    if not painted:
+        return image, None
+    mask = painted[0]
+    for alpha in painted[1:]:
+        mask = ImageChops.lighter(mask, alpha)
+    mask = mask.point(lambda a: 255 if a else 0)
+    return image, mask if mask.getextrema()[1] else None
