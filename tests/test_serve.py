@@ -98,7 +98,12 @@ def launched(model, loras, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(launched):
     """The launched server once it answers HTTP."""
-    deadline = time.monotonic() + 120
+    return wait_for(launched)
+
+
+def wait_for(launched, seconds: float = 120):
+    """``launched`` (url, proc, log_file) once its server answers HTTP; the test fails with its log if it exits."""
+    deadline = time.monotonic() + seconds
     while True:
         if launched.proc.poll() is not None:
             pytest.fail(f"the server exited with {launched.proc.returncode}:\n{launched.log_file.read_text()}")
@@ -107,7 +112,7 @@ def server(launched):
             return launched
         except OSError:
             if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer within 120 s:\n{launched.log_file.read_text()}")
+                pytest.fail(f"the server did not answer within {seconds:g} s:\n{launched.log_file.read_text()}")
             time.sleep(0.5)
 
 

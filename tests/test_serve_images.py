@@ -29,13 +29,14 @@ from tests.tiny import save_pipeline
 from pixart.checkpoints.controlnet import save_controlnet
 from pixart.checkpoints.convert import load_transformer
 from pixart.errors import PixArtError
+from pixart.inference.control import control_map
 from pixart.inference.pipeline import PixArtPipeline
 from pixart.model.controlnet import PixArtControlNet
 from pixart.serve.app import ImageService, ServeLimits
 from pixart.serve.inputs import RequestImages, ServedControlNet
 from test_controlnet import randomise
 from test_img2img import half_mask, photo
-from test_serve import free_port, png, post
+from test_serve import CHROMIUM, browser_page, free_port, png, post, wait_for
 
 MAX_PIXELS = 256 * 256
 PIXART = [sys.executable, "-m", "pixart"]
@@ -70,19 +71,8 @@ def server(files, tmp_path_factory):
     cmd += ["--max-pixels", str(MAX_PIXELS), "--rate-limit", "2000/min"]
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log_file.read_text()}")
-        try:
-            urllib.request.urlopen(f"{url}/api/info", timeout=5).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer within 120 s:\n{log_file.read_text()}")
-            time.sleep(0.5)
-    yield SimpleNamespace(url=url, proc=proc, out=out)
+    launched = SimpleNamespace(url=f"http://127.0.0.1:{port}", proc=proc, out=out, log_file=log_file)
+    yield wait_for(launched)
     proc.terminate()
     proc.wait(timeout=15)
 
@@ -238,3 +228,50 @@ def test_the_work_estimate_counts_fewer_steps_from_an_image_and_a_controlnets_bl
     assert service.options("a fox", control, **(settings | {"steps": 6})).steps == 6
     with pytest.raises(PixArtError, match=r"^3072 pixels × 7 steps × 1 images × 3/2 blocks \(ControlNet\) is 32256"):
         service.options("a fox", control, **(settings | {"steps": 7}))
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
+def test_the_page_previews_the_control_map_and_inpaints_where_the_brush_painted(server, files, tmp_path):
+    from playwright.sync_api import expect
+
+    with browser_page(server, tmp_path) as page:
+        page.get_by_text("Control image (ControlNet)").click()
+        with page.expect_file_chooser() as chooser:
+            page.locator("#control-image").click()
+        chooser.value.set_files(files.root / "control.png")
+        preview = page.locator("#control-map img")
+        expect(preview).to_be_visible(timeout=30_000)
+        shown = np.asarray(Image.open(io.BytesIO(page.request.get(preview.get_attribute("src")).body())).convert("RGB"))
+        edges = np.asarray(control_map(Image.open(files.root / "control.png"), "canny", 64, 48))
+        assert np.array_equal(shown, edges)  # the page's default map is canny: what the ControlNet would see
+
+        page.get_by_text("Start from an image").click()
+        with page.expect_file_chooser() as chooser:
+            page.locator("#input-image").get_by_text("Upload an image").click()
+        chooser.value.set_files(files.root / "in.png")
+        expect(page.locator("#input-image").get_by_text("Upload an image")).to_be_hidden(timeout=30_000)
+        page.locator("#input-image").get_by_label("Brush", exact=True).click()
+        box = page.locator("#input-image canvas").first.bounding_box()
+        for row in np.linspace(0.05, 0.95, 12):  # strokes over the right third
+            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * row)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.98, box["y"] + box["height"] * row, steps=5)
+            page.mouse.up()
+        # This server's sizes (≤ 256² px) are custom ones: the input's own, sampled as it is.
+        page.get_by_role("spinbutton", name="Width").fill("64")
+        page.get_by_role("spinbutton", name="Height").fill("48")
+        page.get_by_text("Advanced options").click()
+        page.get_by_label("Sample at the nearest trained aspect ratio, then resize").uncheck()
+        page.locator("#prompt textarea").fill("a fox")
+        page.locator("#generate").click()
+        image = page.locator("#gallery img").first
+        expect(image).to_be_visible(timeout=90_000)
+        page.screenshot(path=tmp_path / "page.png", full_page=True)
+        saved = Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
+    assert saved.size == (64, 48) and "mask_sha256" in saved.info and saved.info["strength"] == "1.0"
+    assert saved.info["controlnet"] == str(files.nets[1]) and saved.info["control_type"] == "canny"  # steered too
+    out, source = np.asarray(saved), np.asarray(Image.open(files.root / "in.png"))
+    # The brush's default width (a share of the image) reaches about a third in from the strokes' start: the left
+    # eighth, far from the paint and its 4 px feather, is the input's pixel for pixel.
+    assert np.array_equal(out[:, :8], source[:, :8])
+    assert not np.array_equal(out[:, 48:], source[:, 48:])  # painted: repainted

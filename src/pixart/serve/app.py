@@ -582,7 +582,9 @@ def build_ui(service: ImageService):
                 with gr.Accordion("Control image (ControlNet)", open=False, visible=bool(service.controlnets)):
                     with gr.Row():
                         control = gr.Image(type="pil", label="Control image", elem_id="control-image")
-                        control_preview = gr.Image(label="Control map", interactive=False, elem_id="control-map")
+                        control_preview = gr.Image(
+                            label="Control map", interactive=False, format="png", elem_id="control-map"
+                        )
                     controlnet = gr.Dropdown(list(service.controlnets), value=next(iter(service.controlnets), None),
                                              label="ControlNet")  # fmt: skip
                     with gr.Row():
