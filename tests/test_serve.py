@@ -340,6 +340,18 @@ def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
         expect(page.get_by_text("enter a prompt")).to_be_visible(timeout=30_000)
 
 
+def generate_on_page(page, prompt: str, tmp_path) -> Image.Image:
+    """The first image the page's Generate gives for this prompt, as the PNG the gallery serves."""
+    from playwright.sync_api import expect
+
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#generate").click()
+    image = page.locator("#gallery img").first
+    expect(image).to_be_visible(timeout=90_000)
+    page.screenshot(path=tmp_path / "page.png", full_page=True)
+    return Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
 def test_browser_uploads_an_image_and_gets_image_to_image_back(server, tmp_path):
     from playwright.sync_api import expect
@@ -355,12 +367,7 @@ def test_browser_uploads_an_image_and_gets_image_to_image_back(server, tmp_path)
             page.locator("#input-image").get_by_text("Upload an image").click()
         chooser.value.set_files(tmp_path / "in.png")
         expect(page.locator("#input-image").get_by_text("Upload an image")).to_be_hidden(timeout=30_000)
-        page.locator("#prompt textarea").fill("a lighthouse at night")
-        page.locator("#generate").click()
-        image = page.locator("#gallery img").first
-        expect(image).to_be_visible(timeout=90_000)
-        page.screenshot(path=tmp_path / "page.png", full_page=True)
-        saved = Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
+        saved = generate_on_page(page, "a lighthouse at night", tmp_path)
     # The uploaded pixels reached the model unchanged, resized to the page's size; image-to-image's default strength.
     assert saved.info["image_sha256"] == pixel_sha256(source.convert("RGB"))
     assert (saved.size, saved.info["strength"], saved.info["prompt"]) == ((256, 256), "0.6", "a lighthouse at night")

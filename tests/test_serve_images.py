@@ -36,7 +36,7 @@ from pixart.serve.app import ImageService, ServeLimits
 from pixart.serve.inputs import RequestImages, ServedControlNet
 from test_controlnet import randomise
 from test_img2img import half_mask, photo
-from test_serve import CHROMIUM, browser_page, free_port, png, post, wait_for
+from test_serve import CHROMIUM, browser_page, free_port, generate_on_page, png, post, wait_for
 
 MAX_PIXELS = 256 * 256
 PIXART = [sys.executable, "-m", "pixart"]
@@ -262,12 +262,7 @@ def test_the_page_previews_the_control_map_and_inpaints_where_the_brush_painted(
         page.get_by_role("spinbutton", name="Height").fill("48")
         page.get_by_text("Advanced options").click()
         page.get_by_label("Sample at the nearest trained aspect ratio, then resize").uncheck()
-        page.locator("#prompt textarea").fill("a fox")
-        page.locator("#generate").click()
-        image = page.locator("#gallery img").first
-        expect(image).to_be_visible(timeout=90_000)
-        page.screenshot(path=tmp_path / "page.png", full_page=True)
-        saved = Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
+        saved = generate_on_page(page, "a fox", tmp_path)
     assert saved.size == (64, 48) and "mask_sha256" in saved.info and saved.info["strength"] == "1.0"
     assert saved.info["controlnet"] == str(files.nets[1]) and saved.info["control_type"] == "canny"  # steered too
     out, source = np.asarray(saved), np.asarray(Image.open(files.root / "in.png"))
