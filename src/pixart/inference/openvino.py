@@ -249,6 +249,7 @@ def read_manifest(folder: Path) -> dict:
 
 def check_vae_encoder(folder: str | os.PathLike) -> None:
     """Refuse image inputs for an export without the VAE encoder (written before image-to-image was supported)."""
+    read_manifest(Path(folder))  # not an export at all: say that instead
     if not (Path(folder) / "vae_encoder.xml").is_file():
         raise PixArtError(
             f"the OpenVINO export {folder} has no VAE encoder (it predates image inputs); "
