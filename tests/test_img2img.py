@@ -305,9 +305,9 @@ def test_cli_inpaints_records_its_inputs_and_reproduces_from_the_png(tmp_path):
         (["--image", "{image}", "--mask", "{black}"], "error: mask {black} has no white pixel"),
         (["--image", "{image}", "--mask-blur", "-1"], "error: mask blur must be a whole number of pixels from 0"),
         (
-            ["--image", "{image}", "--runtime", "openvino"],
-            "error: not with --runtime openvino (it runs the exported folder as is, on CPU): --image/--mask",
-        ),  # its export has no VAE encoder
+            ["--image", "{image}", "--runtime", "openvino", "--model", "{missing}"],
+            "error: {missing} is not an OpenVINO export (no pixart_openvino.json)",
+        ),  # an export without the VAE encoder: tests/test_openvino.py
     ],
 )
 def test_cli_bad_image_input_is_one_line(tmp_path, args, message):

@@ -6,14 +6,18 @@ pipeline on the same folder, seed and settings.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from tests.tiny import random_lora, save_pipeline
 
 from test_files import assert_plain_modes
+from test_img2img import half_mask, photo
 
 ov = pytest.importorskip("openvino")
 
@@ -21,6 +25,7 @@ from pixart.checkpoints.convert import load_transformer  # noqa: E402
 from pixart.checkpoints.lora import load_lora  # noqa: E402
 from pixart.checkpoints.ours import save_pixart  # noqa: E402
 from pixart.cli import main  # noqa: E402
+from pixart.errors import PixArtError  # noqa: E402
 from pixart.inference.openvino import export_openvino, load_openvino_pipeline, read_manifest  # noqa: E402
 from pixart.inference.options import GenerationOptions  # noqa: E402
 from pixart.inference.pipeline import DEMO_MODEL, PixArtPipeline  # noqa: E402
@@ -59,7 +64,7 @@ def sigma(tmp_path_factory):
 
 def test_export_is_self_contained(sigma):
     _, out = sigma
-    for name in ("text_encoder", "transformer", "vae_decoder"):
+    for name in ("text_encoder", "transformer", "vae_decoder", "vae_encoder"):
         assert (out / f"{name}.xml").is_file() and (out / f"{name}.bin").is_file()
     assert (out / "tokenizer").is_dir() and (out / "scheduler" / "scheduler_config.json").is_file()
     assert not list(out.parent.glob(".sigma-ov.*"))  # the temporary build folder is gone
@@ -118,6 +123,66 @@ def test_cli_generate_openvino(sigma, tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint"])
+def test_openvino_starts_from_an_image_as_pytorch_does(sigma, tmp_path, inpaint):
+    """The exported VAE encoder gives the posterior PyTorch's does: the same seeded start, the same image."""
+    folder, out = sigma
+    image, mask = photo(64, 48), half_mask(64, 48) if inpaint else None
+    settings = dict(image=image, mask=mask, seed=4, steps=4, binning=False, show_progress=False)
+    settings |= {"mask_blur": 0} if inpaint else {"strength": 0.5}
+    expected = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, **settings))
+    got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, **settings))
+    assert got.shape == expected.shape == (2, 48, 64, 3)
+    # The tolerance of test_openvino_images_match_pytorch.
+    assert np.abs(got - expected).mean() <= 0.05
+    assert np.abs(got - expected).max() <= 2
+    if inpaint:  # mask blur 0: the kept half is the input's, pixel for pixel
+        assert np.array_equal(got[:, :, :32], np.stack([np.asarray(image)[:, :32]] * 2))
+
+
+def test_the_exported_vae_encoder_gives_pytorchs_posterior(sigma):
+    """The tiny VAE barely shows its input through the tiny transformer, so its posterior is compared directly."""
+    from diffusers import AutoencoderKL
+
+    folder, out = sigma
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    exported = load_openvino_pipeline(out, threads=1)._loaded["vae"]
+    for size in ((48, 64), (64, 96)):  # traced at 64 × 64: other sizes too
+        pixels = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(size[1])) * 2 - 1
+        with torch.no_grad():
+            expected = vae.encode(pixels).latent_dist
+        got = exported.encode(pixels).latent_dist
+        assert got.mean.shape == expected.mean.shape == (2, 4, size[0] // 8, size[1] // 8)
+        torch.testing.assert_close(got.mean, expected.mean, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.std, expected.std, atol=1e-4, rtol=1e-4)
+        assert (expected.mean[0] - expected.mean[1]).abs().mean() > 1e-3  # the two inputs do differ
+
+
+def test_cli_generate_openvino_inpaints_and_an_old_export_says_to_re_export(sigma, tmp_path, capsys):
+    folder, out = sigma
+    photo(64, 48).save(tmp_path / "in.png")
+    half_mask(64, 48).save(tmp_path / "mask.png")
+    argv = ["generate", "a fox", "--runtime", "openvino", "--steps", "2", "--seed", "1", "--no-binning"]
+    argv += ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--mask-blur", "0"]
+    assert main(argv + ["--model", str(out), "--out", str(tmp_path / "new")]) == 0
+    made = Image.open(next((tmp_path / "new").glob("*.png")))
+    assert made.size == (64, 48) and made.info["image_sha256"] and made.info["mask_blur"] == "0"
+    assert np.array_equal(np.asarray(made)[:, :32], np.asarray(photo(64, 48))[:, :32])
+    capsys.readouterr()
+    old = tmp_path / "old-export"  # as exports were before the encoder: everything but vae_encoder.*
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("vae_encoder.*"))
+    assert main(argv + ["--model", str(old), "--out", str(tmp_path / "old")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: the OpenVINO export {old} has no VAE encoder") and "\n" not in err
+    assert "re-export it with `pixart export openvino`" in err
+    assert not (tmp_path / "old").exists() or not list((tmp_path / "old").glob("*.png"))
+    # Text-to-image still runs from the old export; image inputs through the library get the same line.
+    pipe = load_openvino_pipeline(old, threads=1)
+    assert len(pipe("a fox", seed=1, steps=1, width=64, height=64, binning=False, show_progress=False)) == 1
+    with pytest.raises(PixArtError, match="has no VAE encoder"):
+        pipe("a fox", image=photo(64, 48), steps=2, binning=False, show_progress=False)
 
 
 def test_cli_generate_openvino_refuses_torch_flags(sigma, tmp_path, capsys):

@@ -9,6 +9,7 @@ The model is the tiny pipeline of tests/tiny.py, given a 256-px bin table so the
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -97,7 +98,12 @@ def launched(model, loras, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(launched):
     """The launched server once it answers HTTP."""
-    deadline = time.monotonic() + 120
+    return wait_for(launched)
+
+
+def wait_for(launched, seconds: float = 120):
+    """``launched`` (url, proc, log_file) once its server answers HTTP; the test fails with its log if it exits."""
+    deadline = time.monotonic() + seconds
     while True:
         if launched.proc.poll() is not None:
             pytest.fail(f"the server exited with {launched.proc.returncode}:\n{launched.log_file.read_text()}")
@@ -106,7 +112,7 @@ def server(launched):
             return launched
         except OSError:
             if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer within 120 s:\n{launched.log_file.read_text()}")
+                pytest.fail(f"the server did not answer within {seconds:g} s:\n{launched.log_file.read_text()}")
             time.sleep(0.5)
 
 
@@ -171,6 +177,8 @@ def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model, m
             (["--model", str(model), "--lora", str(tmp_path / "none")], f"{tmp_path / 'none'} does not exist"),
             (["--model", str(model), "--lora", f"a={model}", "--lora", f"a={model}:2"], "the name 'a' is taken"),
             (["--model", str(model), "--lora", str(model), "--low-memory"], "drop --low-memory"),
+            (["--model", str(model), "--controlnet", str(tmp_path / "cn.pth")], f"{tmp_path / 'cn.pth'} does not"),
+            (["--model", str(model), "--controlnet", f"a={model}", "--controlnet", f"a={model}"], "'a' is taken"),
         ]
         for flags, message in cases:
             assert main(["serve", *flags]) == 2
@@ -229,6 +237,7 @@ BAD_REQUESTS = [
     ({"prompt": "a cat", "seed": "seven"}, "seed must be an integer"),
     ({"prompt": "a cat", "colour": "red"}, "unknown field(s) colour"),
     ({"prompt": "a cat", "binning": "yes"}, "binning must be true or false"),
+    ({"prompt": "a cat", "control": "iVBORw0KGgo="}, "this server has no ControlNet to steer by a control image"),
     ({"prompt": 3}, "enter a prompt"),
     (["a cat"], "JSON object"),
     (b"not json", "must be JSON"),
@@ -281,11 +290,12 @@ def test_gradio_named_endpoint_serves_the_png_files(server, tmp_path):
         client.predict("", "", "custom", 64, 64, 1, "euler", 2, 4.5, 11, False, False, api_name="/generate")
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
-def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def browser_page(server, tmp_path):
+    """A headless Chromium page on the server; every request leaving 127.0.0.1 is refused (the page works offline)."""
+    from playwright.sync_api import sync_playwright
 
-    outside = []  # requests leaving 127.0.0.1: the page must work offline
+    outside = []
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             tempfile.mkdtemp(dir=tmp_path),
@@ -305,21 +315,63 @@ def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
                 ),
             )
             page.goto(server.url, timeout=60_000)
-            page.locator("#prompt textarea").fill("a lighthouse at night")
-            page.locator("#generate").click()
-            image = page.locator("#gallery img").first
-            expect(image).to_be_visible(timeout=90_000)
-            page.screenshot(path=tmp_path / "page.png", full_page=True)
-            downloaded = page.request.get(image.get_attribute("src")).body()
-            saved = Image.open(io.BytesIO(downloaded))
-            assert saved.info["prompt"] == "a lighthouse at night" and saved.size == (256, 256)
-
-            page.locator("#prompt textarea").fill("")
-            page.locator("#generate").click()
-            expect(page.get_by_text("enter a prompt")).to_be_visible(timeout=30_000)
+            yield page
         finally:
             context.close()
     assert outside == []
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
+def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
+    from playwright.sync_api import expect
+
+    with browser_page(server, tmp_path) as page:
+        page.locator("#prompt textarea").fill("a lighthouse at night")
+        page.locator("#generate").click()
+        image = page.locator("#gallery img").first
+        expect(image).to_be_visible(timeout=90_000)
+        page.screenshot(path=tmp_path / "page.png", full_page=True)
+        downloaded = page.request.get(image.get_attribute("src")).body()
+        saved = Image.open(io.BytesIO(downloaded))
+        assert saved.info["prompt"] == "a lighthouse at night" and saved.size == (256, 256)
+
+        page.locator("#prompt textarea").fill("")
+        page.locator("#generate").click()
+        expect(page.get_by_text("enter a prompt")).to_be_visible(timeout=30_000)
+
+
+def generate_on_page(page, prompt: str, tmp_path) -> Image.Image:
+    """The first image the page's Generate gives for this prompt, as the PNG the gallery serves."""
+    from playwright.sync_api import expect
+
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#generate").click()
+    image = page.locator("#gallery img").first
+    expect(image).to_be_visible(timeout=90_000)
+    page.screenshot(path=tmp_path / "page.png", full_page=True)
+    return Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
+def test_browser_uploads_an_image_and_gets_image_to_image_back(server, tmp_path):
+    from playwright.sync_api import expect
+
+    from pixart.inference.image_inputs import pixel_sha256
+    from test_img2img import photo
+
+    source = photo(96, 64)
+    source.save(tmp_path / "in.png")
+    with browser_page(server, tmp_path) as page:
+        page.get_by_text("Start from an image").click()
+        with page.expect_file_chooser() as chooser:
+            page.locator("#input-image").get_by_text("Upload an image").click()
+        chooser.value.set_files(tmp_path / "in.png")
+        expect(page.locator("#input-image").get_by_text("Upload an image")).to_be_hidden(timeout=30_000)
+        saved = generate_on_page(page, "a lighthouse at night", tmp_path)
+    # The uploaded pixels reached the model unchanged, resized to the page's size; image-to-image's default strength.
+    assert saved.info["image_sha256"] == pixel_sha256(source.convert("RGB"))
+    assert (saved.size, saved.info["strength"], saved.info["prompt"]) == ((256, 256), "0.6", "a lighthouse at night")
+    assert "mask_sha256" not in saved.info
 
 
 def request(server, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:

@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "openvino",
         help="OpenVINO IR for CPU inference (pixart generate --runtime openvino)",
         description=(
-            "Convert T5, the transformer and the VAE decoder to OpenVINO IR in one self-contained folder "
+            "Convert T5, the transformer and the VAE (decoder, and encoder for --image/--mask) to OpenVINO IR in "
+            "one self-contained folder "
             "(with tokenizer and scheduler). One export serves every image size and aspect ratio; "
             "`pixart generate --runtime openvino --model OUT` runs it. Needs pip install -e '.[openvino]'."
         ),

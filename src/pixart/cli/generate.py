@@ -260,7 +260,7 @@ def _check_trained_size(args: argparse.Namespace, width: int | None, height: int
 
 def _openvino_pipeline(args: argparse.Namespace, load, quantization):
     """The pipeline of a `pixart export openvino` folder; refuses flags that only apply to PyTorch weights."""
-    from pixart.inference.openvino import load_openvino_pipeline
+    from pixart.inference.openvino import check_vae_encoder, load_openvino_pipeline
 
     torch_only = {
         "--transformer": load.transformer,
@@ -275,7 +275,6 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
         "--device": args.device not in (None, "cpu"),
         "--dtype": args.dtype not in (None, "auto", "fp32"),
         "--quantize": load.quantize,
-        "--image/--mask": args.image or args.mask,
     }
     given = [flag for flag, value in torch_only.items() if value]
     if given:
@@ -284,6 +283,8 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
         )
     if load.model is None:
         raise PixArtError("--runtime openvino needs --model FOLDER written by `pixart export openvino`")
+    if args.image is not None:
+        check_vae_encoder(load.model)
     return load_openvino_pipeline(load.model)
 
 

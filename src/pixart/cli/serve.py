@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   pixart serve --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS          # then open http://127.0.0.1:7860
   pixart serve --model ./my-pipeline --transformer finetuned.pth --port 8000 --out renders/
   pixart serve --lora style=runs/style-lora:0.8 --lora runs/detail.safetensors   # requests choose among them
+  pixart serve --model PixArt-alpha/PixArt-XL-2-512x512 --controlnet edges=PixArt-XL-2-512-ControlNet.pth
   curl -s http://127.0.0.1:7860/api/generate -H 'content-type: application/json' \\
        -d '{"prompt": "a small red circle above a blue square", "seed": 1}'    # the bundled demo, 64 × 64
   python -c 'import secrets; print(secrets.token_urlsafe())' > token.txt   # sharing on the network:
@@ -55,6 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="[NAME=]PATH[:SCALE]",
         help="a LoRA requests may choose by NAME (default: the file or folder name), merged at SCALE unless the "
         "request gives one (default 1); repeatable",
+    )
+    m.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="a ControlNet (official .pth or pixart .safetensors) that requests with a control image steer by, "
+        "chosen by NAME (default: the file name) when several are loaded; repeatable",
     )
 
     s = p.add_argument_group("server")
@@ -136,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if "" in hosts:
         raise PixArtError("--allowed-host needs a name, e.g. --allowed-host studio.lan")
     loras = served_loras(args.lora)
+    controlnets = served_controlnets(args.controlnet)
     if loras and args.low_memory:
         raise PixArtError("--lora needs the transformer kept loaded; drop --low-memory")
     token = auth_token(args)
@@ -159,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pixart.inference.pipeline import PixArtPipeline
     from pixart.serve.app import ImageService, build_app
+    from pixart.serve.inputs import ServedControlNet
     from pixart.serve.slow_clients import header_deadline_protocol
 
     previous = signal.signal(signal.SIGTERM, _leave)
@@ -166,10 +177,19 @@ def run(args: argparse.Namespace) -> int:
         pipe = PixArtPipeline.from_pretrained(
             args.model, args.transformer, device=args.device, dtype=args.dtype, low_memory=args.low_memory
         )
+        loaded = tuple(
+            ServedControlNet.load(name, path, pipe.model_config, pipe.device, pipe.dtype) for name, path in controlnets
+        )
         with tempfile.TemporaryDirectory(prefix="pixart-serve-") as tmp:
             out = args.out or Path(tmp)
             service = ImageService(
-                pipe, limits, out, log_prompts=args.log_prompts, loras=loras, allow_any_size=args.allow_any_size
+                pipe,
+                limits,
+                out,
+                log_prompts=args.log_prompts,
+                loras=loras,
+                allow_any_size=args.allow_any_size,
+                controlnets=loaded,
             )
             app = build_app(service, access)
             url_host = f"[{args.host}]" if ":" in args.host else args.host
@@ -201,22 +221,38 @@ def _leave(signum: int, frame) -> None:
 
 def served_loras(specs: list[str]):
     """The ``--lora [NAME=]PATH[:SCALE]`` flags as ServedLora, each named once and found on disk."""
-    import re
-
     from pixart.checkpoints.lora import parse_lora_spec
     from pixart.serve.app import ServedLora
 
-    loras = {}
+    what = "a LoRA folder or .safetensors file"
+    return tuple(ServedLora(name, *parsed) for name, parsed in _named(specs, "--lora", what, parse_lora_spec))
+
+
+def served_controlnets(specs: list[str]) -> list[tuple[str, str]]:
+    """The ``--controlnet [NAME=]PATH`` flags as (name, path), each named once and found on disk."""
+    what = "an official ControlNet .pth or a pixart .safetensors"
+    named = _named(specs, "--controlnet", what, lambda path: (path,), suffixes=(".safetensors", ".pth", ".pt"))
+    return [(name, path) for name, (path,) in named]
+
+
+def _named(specs: list[str], flag: str, what: str, parse, suffixes=(".safetensors",)) -> list[tuple[str, tuple]]:
+    """(name, parse(REST)) of each ``[NAME=]REST`` flag, whose path ``parse(REST)[0]`` must exist; the name
+    defaults to the file's without ``suffixes``, and no name may repeat."""
+    import re
+
+    named: dict[str, tuple] = {}
     for spec in specs:
-        named = re.fullmatch(r"([\w.-]+)=(.+)", spec)
-        path, scale = parse_lora_spec(named[2] if named else spec)
-        name = named[1] if named else Path(path).name.removesuffix(".safetensors")
-        if not Path(path).exists():
-            raise PixArtError(f"--lora {spec}: {path} does not exist; give a LoRA folder or .safetensors file")
-        if name in loras:
-            raise PixArtError(f"--lora {spec}: the name {name!r} is taken; name it with --lora NAME=PATH")
-        loras[name] = ServedLora(name, path, scale)
-    return tuple(loras.values())
+        given = re.fullmatch(r"([\w.-]+)=(.+)", spec)
+        parsed = parse(given[2] if given else spec)
+        name = given[1] if given else Path(parsed[0]).name
+        for suffix in suffixes if not given else ():
+            name = name.removesuffix(suffix)
+        if not Path(parsed[0]).exists():
+            raise PixArtError(f"{flag} {spec}: {parsed[0]} does not exist; give {what}")
+        if name in named:
+            raise PixArtError(f"{flag} {spec}: the name {name!r} is taken; name it with {flag} NAME=PATH")
+        named[name] = parsed
+    return list(named.items())
 
 
 def auth_token(args: argparse.Namespace) -> str | None:

@@ -1,9 +1,10 @@
-"""OpenVINO: export T5, the transformer and the VAE decoder to OpenVINO IR, and generate with them on CPU.
+"""OpenVINO: export T5, the transformer and the VAE to OpenVINO IR, and generate with them on CPU.
 
-``export_openvino(model, out)`` writes a self-contained folder: ``text_encoder.xml``, ``transformer.xml``
-and ``vae_decoder.xml`` (IR from ``openvino.convert_model`` on traced PyTorch modules), the tokenizer and
-scheduler folders, and ``pixart_openvino.json`` (model config, latent size, VAE scaling, α's learned null
-caption). ``load_openvino_pipeline(folder)`` returns a :class:`pixart.inference.pipeline.PixArtPipeline` whose
+``export_openvino(model, out)`` writes a self-contained folder: ``text_encoder.xml``, ``transformer.xml``,
+``vae_decoder.xml`` and ``vae_encoder.xml`` (image-to-image and inpainting start from its posterior) (IR from
+``openvino.convert_model`` on traced PyTorch modules), the tokenizer and scheduler folders, and
+``pixart_openvino.json`` (model config, latent size, VAE scaling, α's learned null caption).
+``load_openvino_pipeline(folder)`` returns a :class:`pixart.inference.pipeline.PixArtPipeline` whose
 components run through OpenVINO, so sampling, guidance, decoding and metadata are the PyTorch path's.
 
 One IR serves every image size: the transformer is traced at one latent size, but the trace records the
@@ -67,6 +68,17 @@ class _VaeDecoder(nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+class _VaeEncoder(nn.Module):
+    """VAE encoder → the posterior's parameters (mean and log-variance stacked on channels), as diffusers keeps them."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels).latent_dist.parameters
+
+
 def export_openvino(
     model: str | os.PathLike | None,
     out: str | os.PathLike,
@@ -86,7 +98,7 @@ def export_openvino(
     it before the trace, as :meth:`pixart.inference.pipeline.PixArtPipeline.from_pretrained` merges them.
 
     width/height: the image size the networks are traced at (default: the model's training size); the
-    exported transformer and VAE decoder take any size (multiples of 8 × patch size pixels).
+    exported transformer and VAE take any size (multiples of 8 × patch size pixels).
     """
     ov = _require_openvino()
     from diffusers import AutoencoderKL
@@ -145,6 +157,10 @@ def export_openvino(
             vae_ir = ov.convert_model(
                 _VaeDecoder(vae), example_input=(torch.randn(lat),), input=[[-1, config.in_channels, -1, -1]]
             )
+            # The encoder's input is pixels in [-1, 1]; fp32 like the decoder (image-to-image matches PyTorch).
+            encoder_ir = ov.convert_model(
+                _VaeEncoder(vae), example_input=(torch.rand(1, 3, height, width) * 2 - 1,), input=[[-1, 3, -1, -1]]
+            )
         if int8:
             import nncf
 
@@ -159,6 +175,7 @@ def export_openvino(
         _save_ir(ov, t5_ir, tmp / "text_encoder.xml")
         _save_ir(ov, denoiser_ir, tmp / "transformer.xml")
         _save_ir(ov, vae_ir, tmp / "vae_decoder.xml")
+        _save_ir(ov, encoder_ir, tmp / "vae_encoder.xml")
         shutil.copytree(root / "tokenizer", tmp / "tokenizer")
         if (root / "scheduler").is_dir():
             shutil.copytree(root / "scheduler", tmp / "scheduler")
@@ -230,6 +247,16 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def check_vae_encoder(folder: str | os.PathLike) -> None:
+    """Refuse image inputs for an export without the VAE encoder (written before image-to-image was supported)."""
+    read_manifest(Path(folder))  # not an export at all: say that instead
+    if not (Path(folder) / "vae_encoder.xml").is_file():
+        raise PixArtError(
+            f"the OpenVINO export {folder} has no VAE encoder (it predates image inputs); "
+            "re-export it with `pixart export openvino` to use --image/--mask"
+        )
+
+
 class _OVModule(nn.Module):
     """A compiled OpenVINO model called like a PyTorch module (torch tensors in, torch tensor out)."""
 
@@ -275,9 +302,14 @@ class OVTransformer(_OVModule):
         return self.run(*inputs)
 
 
-class OVVaeDecoder(_OVModule):
-    def __init__(self, core, path: Path, threads: int | None, manifest: dict):
-        super().__init__(core, path, threads)
+class OVVae(_OVModule):
+    """The exported VAE, called like diffusers' AutoencoderKL: ``decode``, and ``encode`` if the export has one."""
+
+    def __init__(self, core, folder: Path, threads: int | None, manifest: dict):
+        super().__init__(core, folder / "vae_decoder.xml", threads)
+        encoder = folder / "vae_encoder.xml"
+        self.encoder = _OVModule(core, encoder, threads) if encoder.is_file() else None
+        self.folder = folder
         self.config = SimpleNamespace(
             block_out_channels=manifest["vae_block_out_channels"],
             scaling_factor=manifest["vae_scaling_factor"],
@@ -286,6 +318,14 @@ class OVVaeDecoder(_OVModule):
 
     def decode(self, latents: torch.Tensor, return_dict: bool = False):
         return (self.run(latents.float()),)
+
+    def encode(self, pixels: torch.Tensor, return_dict: bool = True):
+        if self.encoder is None:
+            check_vae_encoder(self.folder)
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        # diffusers' own posterior over the exported parameters: mean, std and sampling exactly as PyTorch's.
+        return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(self.encoder.run(pixels.float())))
 
 
 def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = None):
@@ -305,7 +345,7 @@ def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = N
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     encoder = TextEncoder(tokenizer, OVTextEncoderModel(core, folder / "text_encoder.xml", threads), device="cpu")
     transformer = OVTransformer(core, folder / "transformer.xml", threads, config, null)
-    vae = OVVaeDecoder(core, folder / "vae_decoder.xml", threads, manifest)
+    vae = OVVae(core, folder, threads, manifest)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
     names = {"model": str(folder), "transformer": ""}

@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING
 
 from pixart.checkpoints.formats import MAX_LORA_SCALE
 from pixart.errors import PixArtError
+from pixart.inference.control import CONTROL_TYPES, control_map
 from pixart.inference.sizes import check_trained_size
 from pixart.sampling.samplers import SAMPLERS, default_sampler
 from pixart.serve.guard import Access, Guard, RateLimited, RateLimiter, utc_stamp
+from pixart.serve.inputs import IMAGE_FIELDS, RequestImages, ServedControlNet, editor_images, read_images
 
 if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transformers costs seconds
     from pixart.checkpoints.lora import LoraSwitch
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # `pixart --help` imports this module for ServeLimits; transf
 log = logging.getLogger(__name__)
 
 API_FIELDS = ("negative_prompt", "seed", "steps", "guidance", "width", "height", "sampler", "num_images", "binning")
+API_FIELDS += ("strength", "mask_blur", "control_scale", "control_type")  # with image inputs (serve/inputs.py)
 """GenerationOptions fields a request may set besides the prompt; the rest (batch size, …) are the server's."""
 
 EXAMPLE_PROMPTS = (  # for the released models (T5-XXL): the bundled demo takes its own, from its vocabulary
@@ -81,7 +84,8 @@ class ServeLimits:
     """Largest pixels × steps × images of one request; None: the model's default size × the most steps a
     sampler defaults to (ddpm's 100) × max_images."""
     max_body: int = 8 * 2**20
-    """Largest request body in bytes (also the page's upload limit); enough for base64 image inputs."""
+    """Largest request body in bytes (also the page's upload limit). Fits a 1024² image and mask even as
+    incompressible PNGs (3 MiB + 1 MiB, 5.4 MiB in base64), or an image and a control image of typical photos."""
     body_timeout: int = 30
     """Seconds a client has to send a request body."""
     header_timeout: int = 10
@@ -140,10 +144,12 @@ class ImageService:
         log_prompts: bool = False,
         loras: tuple[ServedLora, ...] = (),
         allow_any_size: bool = False,
+        controlnets: tuple[ServedControlNet, ...] = (),
     ):
         self.pipe, self.limits, self.out_dir, self.log_prompts = pipe, limits, Path(out_dir), log_prompts
         self.allow_any_size = allow_any_size
         self.loras = {lora.name: lora for lora in loras}
+        self.controlnets = {net.name: net for net in controlnets}
         self._switch: LoraSwitch | None = None
         if loras:
             from pixart.checkpoints import lora
@@ -173,14 +179,18 @@ class ImageService:
         with self._count_lock:
             return self._running
 
-    def options(self, prompt: object, **given) -> "GenerationOptions":
-        """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit."""
+    def options(self, prompt: object, images: RequestImages | None = None, **given) -> "GenerationOptions":
+        """Options for one request, refused with a one-line PixArtError if the request breaks a rule or limit.
+
+        With an input image, its defaults (size, strength, mask blur) are filled in, as the pipeline fills them.
+        """
+        from pixart.inference.image_inputs import ImageInputs
         from pixart.inference.options import GenerationOptions
 
-        limits = self.limits
+        limits, images = self.limits, images or RequestImages()
         unknown = sorted(set(given) - set(API_FIELDS))
         if unknown:
-            accepted = ", ".join(("prompt", *API_FIELDS, "loras"))
+            accepted = ", ".join(("prompt", *API_FIELDS, *IMAGE_FIELDS, "loras"))
             raise PixArtError(f"unknown field(s) {', '.join(unknown)}; accepted: {accepted}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise PixArtError("enter a prompt: a non-empty text describing the image")
@@ -198,6 +208,9 @@ class ImageService:
         if not isinstance(given.get("binning", True), bool):
             raise PixArtError(f"binning must be true or false, got {reprlib.repr(given['binning'])}")
         options = GenerationOptions(**{k: v for k, v in given.items() if v is not None})
+        inputs = ImageInputs.load(images.image, images.mask, options)  # a mask without white: refused here
+        if inputs is not None:
+            options = inputs.with_defaults(options, self.pipe)
         if options.num_images > limits.max_images:
             raise PixArtError(
                 f"{options.num_images} images asked; this server makes at most {limits.max_images} per request"
@@ -215,11 +228,17 @@ class ImageService:
                 f"{resolved.width} × {resolved.height} (sampled at {width} × {height}) is {pixels} pixels; "
                 f"this server makes at most {limits.max_pixels} per image"
             )
-        work = pixels * resolved.steps * resolved.num_images
+        # Image-to-image runs only the last int(steps × strength) steps; a ControlNet runs its copied blocks
+        # beside the model's, so a step costs (depth + copied) / depth of a plain one.
+        steps = resolved.steps if resolved.strength is None else int(resolved.steps * resolved.strength)
+        depth = self.pipe.model_config.depth
+        blocks = depth + (images.controlnet.net.num_blocks if images.controlnet is not None else 0)
+        work = math.ceil(pixels * steps * resolved.num_images * blocks / depth)
         if work > self.max_work:
+            counted = f"{pixels} pixels × {steps} steps × {resolved.num_images} images"
+            counted += f" × {blocks}/{depth} blocks (ControlNet)" if blocks > depth else ""
             raise PixArtError(
-                f"{pixels} pixels × {resolved.steps} steps × {resolved.num_images} images is {work} pixel-steps "
-                f"of work; this server does at most {self.max_work} per request"
+                f"{counted} is {work} pixel-steps of work; this server does at most {self.max_work} per request"
             )
         return options
 
@@ -276,13 +295,17 @@ class ImageService:
         progress: Callable[[int, int], None] | None = None,
         cancel: threading.Event | None = None,
         loras: tuple[tuple[str, float], ...] = (),
+        images: RequestImages | None = None,
     ) -> list[tuple[Path, dict[str, str]]]:
         """Generate and save; returns each PNG's path and metadata. Waits for a slot, or raises ServerBusy.
 
-        ``loras`` are (name, scale) pairs from :meth:`lora_choice`. Once ``cancel`` is set, waiting or
-        denoising stops within a step with :class:`_Cancelled`.
+        ``loras`` are (name, scale) pairs from :meth:`lora_choice`; ``images`` the request's image inputs
+        (:func:`pixart.serve.inputs.read_images`). Once ``cancel`` is set, waiting or denoising stops within
+        a step with :class:`_Cancelled`.
         """
         from pixart.inference.options import save_image
+
+        images = images or RequestImages()
 
         def step(done: int, total: int) -> None:
             if cancel is not None and cancel.is_set():
@@ -305,12 +328,23 @@ class ImageService:
             with self._count_lock:
                 self._running += 1
             with self._using(loras, cancel) if self._switch is not None else contextlib.nullcontext():
-                images = self.pipe(prompt, options, progress=step, show_progress=False)
+                made = self.pipe(
+                    prompt,
+                    options,
+                    progress=step,
+                    show_progress=False,
+                    image=images.image,
+                    mask=images.mask,
+                    control=images.control,
+                    controlnet=images.controlnet and images.controlnet.net,
+                )
         finally:
             with self._count_lock:
                 self._running -= 1
             self._slots.release()
-        return [(save_image(image, self.out_dir), dict(image.info)) for image in images]
+        for image in made:  # the ControlNet came in loaded: name its file as `pixart generate --controlnet` does
+            image.info.update(images.metadata())
+        return [(save_image(image, self.out_dir), dict(image.info)) for image in made]
 
     def handle(
         self,
@@ -326,9 +360,10 @@ class ImageService:
             self.rate.admit(client)
             prompt, given = read()
             loras = self.lora_choice(given.pop("loras", None))
-            options = self.options(prompt, **given)
+            images = read_images(given, self.limits.max_pixels, self.controlnets)
+            options = self.options(prompt, images, **given)
             resolved = self.pipe.resolve(options)
-            results = self.generate(prompt, options, progress, cancel, loras)
+            results = self.generate(prompt, options, progress, cancel, loras, images)
             outcome = "200 ok"
             return results
         except RateLimited:
@@ -416,6 +451,8 @@ def build_ui(service: ImageService):
     """The Gradio page: the controls of the official PixArt demo, over :meth:`ImageService.generate`."""
     import gradio as gr
 
+    from pixart.inference.image_inputs import DEFAULT_MASK_BLUR
+
     pipe, limits = service.pipe, service.limits
     presets = service.size_presets()
     side = pipe.model_config.sample_size * pipe.vae_factor
@@ -438,7 +475,14 @@ def build_ui(service: ImageService):
         randomize,
         binning,
         loras,
-        request: gr.Request,
+        editor=None,
+        strength=0,
+        mask_blur=DEFAULT_MASK_BLUR,
+        control=None,
+        control_type="none",
+        control_scale=1.0,
+        controlnet=None,
+        request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 - Gradio finds its progress tracker by this default
     ):
         w, h = presets.get(size, (width, height))
@@ -454,6 +498,13 @@ def build_ui(service: ImageService):
             binning=binning,
             loras=list(loras or []),
         )
+        image, mask = editor_images(editor)
+        if image is not None:  # strength 0 on the slider: the default (0.6, or 1 when inpainting)
+            fields |= {"image": image, "mask": mask, "strength": strength or None}
+            fields |= {"mask_blur": _whole(mask_blur)} if mask is not None else {}
+        if control is not None:
+            fields |= {"control": control, "control_type": control_type, "control_scale": control_scale}
+            fields |= {"controlnet": controlnet or None}
         client = request.client.host if request.client else "?"
         progress(0, desc="waiting for a free slot")
         try:
@@ -513,6 +564,32 @@ def build_ui(service: ImageService):
                     visible=bool(service.loras),
                     label="LoRAs (merged in the order chosen, each at its server scale)",
                 )
+                with gr.Accordion("Start from an image (image-to-image, inpainting)", open=False):
+                    editor = gr.ImageEditor(
+                        type="pil",
+                        format="png",  # lossless: the image the model starts from is the one uploaded
+                        sources=["upload", "clipboard"],
+                        layers=False,
+                        transforms=(),
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                        label="Input image, resized to the size above; paint over what to repaint (no paint: all)",
+                        elem_id="input-image",
+                    )
+                    strength = gr.Slider(
+                        0, 1, value=0, step=0.01, label="Strength (0: the default, 0.6; 1 where painted)"
+                    )
+                    mask_blur = gr.Slider(0, 64, value=DEFAULT_MASK_BLUR, step=1, label="Feather of the paint (px)")
+                with gr.Accordion("Control image (ControlNet)", open=False, visible=bool(service.controlnets)):
+                    with gr.Row():
+                        control = gr.Image(type="pil", label="Control image", elem_id="control-image")
+                        control_preview = gr.Image(
+                            label="Control map", interactive=False, format="png", elem_id="control-map"
+                        )
+                    controlnet = gr.Dropdown(list(service.controlnets), value=next(iter(service.controlnets), None),
+                                             label="ControlNet")  # fmt: skip
+                    with gr.Row():
+                        control_type = gr.Dropdown(list(CONTROL_TYPES), value="canny", label="Control map")
+                        control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Control scale")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(
                     label="Images", columns=2, format="png", elem_id="gallery", buttons=["download", "fullscreen"]
@@ -533,11 +610,20 @@ def build_ui(service: ImageService):
             randomize,
             binning,
             loras,
+            editor,
+            strength,
+            mask_blur,
+            control,
+            control_type,
+            control_scale,
+            controlnet,
         ]
         run.click(generate, inputs, [gallery, seed], api_name="generate")
         prompt.submit(generate, inputs, [gallery, seed], api_visibility="private")
         samplers.change(sampler_defaults, samplers, [steps, guidance], api_visibility="private")
         size.change(lambda s: gr.Row(visible=s == CUSTOM_SIZE), size, custom, api_visibility="private")
+        for changed in (control, control_type):
+            changed.change(control_preview_of, [control, control_type], control_preview, api_visibility="private")
     return ui.queue(max_size=limits.max_queue, default_concurrency_limit=limits.concurrency)
 
 
@@ -642,6 +728,9 @@ def build_app(service: ImageService, access: Access | None = None):
             "any_size": service.allow_any_size or not pipe.trained_sizes,
             "examples": list(service.examples()[1]),
             "loras": [{"name": lora.name, "scale": lora.scale} for lora in service.loras.values()],
+            "image_inputs": ["image", "mask"] + (["control"] if service.controlnets else []),
+            "controlnets": list(service.controlnets),
+            "control_types": list(CONTROL_TYPES) if service.controlnets else [],
             "limits": {f.name: getattr(limits, f.name) for f in fields(limits)} | {"max_work": service.max_work},
             "waiting": service.waiting,
             "running": service.running,
@@ -662,6 +751,18 @@ def build_app(service: ImageService, access: Access | None = None):
         auth_message="Sign in with any user name and the server's token as the password.",
     )
     return Guard(app, access)
+
+
+def control_preview_of(image, control_type: str):
+    """The page's preview of the map the ControlNet will see, at the control image's own size."""
+    if image is None:
+        return None
+    try:
+        return control_map(image, control_type, *image.size)
+    except PixArtError as err:
+        import gradio as gr
+
+        raise gr.Error(str(err), print_exception=False) from None
 
 
 def _whole(value):
