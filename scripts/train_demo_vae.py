@@ -88,20 +88,11 @@ def train(vae, teacher, shapes: torch.Tensor, pool: torch.Tensor, steps: int, ar
         held = shapes[torch.randint(len(shapes), (args.shapes_batch,), generator=gen)]
         with torch.no_grad():
             target = teacher.encode(held).latent_dist.mean
-        loss = 0.0
-        for images in (batch, held):
-            posterior = vae.encode(images).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-            recon = vae.decode(z).sample
-            kl = posterior.kl().mean() / z[0].numel()
-            loss = loss + (recon - images).abs().mean() + F.mse_loss(recon, images) + 1e-4 * kl
+        colour_loss, _, _ = components.vae_loss(vae, batch, gen)
+        shapes_loss, posterior, _ = components.vae_loss(vae, held, gen)
         hold = F.mse_loss(posterior.mean, target) / target.var()
-        loss = loss + args.hold * hold
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        loss = colour_loss + shapes_loss + args.hold * hold
+        components.optimizer_step(optimizer, schedule, vae.parameters(), loss)
         if step % 50 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f hold %.5f", step + 1, steps, loss.item(), hold.item())
         if (step + 1) % args.save_every == 0 or step == steps - 1:
