@@ -124,16 +124,8 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 32, lr: f
         batch = images[torch.randint(len(images), (batch_size,), generator=gen)]
         top, left = torch.randint(images.shape[-1] - crop + 1, (2,), generator=gen).tolist()
         batch = batch[..., top : top + crop, left : left + crop]
-        posterior = vae.encode(batch).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
-        kl = posterior.kl().mean() / z[0].numel()
-        loss = (recon - batch).abs().mean() + F.mse_loss(recon, batch) + 1e-4 * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        loss, _, kl = vae_loss(vae, batch, gen)
+        optimizer_step(optimizer, schedule, vae.parameters(), loss)
         if step % 100 == 0 or step == steps - 1:
             log.info("vae step %d/%d loss %.4f kl %.3f", step + 1, steps, loss.item(), kl.item())
     vae.eval().requires_grad_(False)
@@ -141,6 +133,25 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 32, lr: f
         latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     return vae
+
+
+def optimizer_step(optimizer, schedule, parameters, loss: torch.Tensor) -> None:
+    """One step of the demo parts' pretraining: backward, gradient norm clipped to 1, optimizer and schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
+def vae_loss(vae, images: torch.Tensor, gen: torch.Generator):
+    """The VAE's training loss on images in [-1, 1]: L1 + MSE of a sampled reconstruction and 1e-4 × KL per
+    latent value. Returns (loss, posterior, kl)."""
+    posterior = vae.encode(images).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+    recon = vae.decode(z).sample
+    kl = posterior.kl().mean() / z[0].numel()
+    return (recon - images).abs().mean() + F.mse_loss(recon, images) + 1e-4 * kl, posterior, kl
 
 
 @torch.no_grad()
@@ -212,11 +223,7 @@ def pretrain_text_encoder(tokenizer, model, texts: list[str], steps: int, batch_
             place_loss, place_accuracy = _place_loss(tokenizer, model, head, places, batch_size, gen)
             loss = loss + place_loss
             message = f" place loss {place_loss.item():.3f} object-byte place accuracy {place_accuracy:.3f}"
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(optimizer, schedule, parameters, loss)
         if step % 100 == 0 or step == steps - 1:
             accuracy = (logits.argmax(-1) == ids[masked]).float().mean().item()
             log.info("t5 step %d/%d loss %.3f masked-byte accuracy %.3f%s", step + 1, steps, loss.item(), accuracy,

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pixart.demo import BUNDLE
 from pixart.errors import PixArtError
 from pixart.model.resolution import BUCKET_RESOLUTIONS
 
@@ -46,13 +47,14 @@ class ModelConfig:
 
     source: str = ""
     """Checkpoint to fine-tune: a hub id, a diffusers pipeline or transformer folder, an official .pth or
-    our .safetensors ('demo': the bundled demo pipeline). Leave empty to train from scratch from `preset`."""
+    our .safetensors, or "demo" for the bundled demo pipeline. Leave empty to train from scratch from `preset`."""
 
     preset: str = ""
     """Preset name (see `pixart.model.config.PRESETS`) for training from scratch; empty when fine-tuning."""
 
     pipeline: str = ""
-    """Pipeline folder or hub id holding tokenizer/, text_encoder/ and vae/. Empty: use `source`."""
+    """Pipeline folder or hub id holding tokenizer/, text_encoder/ and vae/ ("demo": the bundled one). Empty: use
+    `source`."""
 
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass: less memory, about 30% more compute."""
@@ -472,6 +474,10 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     raise PixArtError(f"config {str(name_or_path)!r} is neither a TOML file nor a shipped recipe; recipes: {known}")
 
 
+DEMO = "demo"
+"""model.source or model.pipeline naming the bundled demo pipeline (pixart.demo.BUNDLE)."""
+
+
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a TOML recipe (file path or shipped recipe name), apply ``section.key=value`` overrides, validate."""
     data: dict[str, Any] = {}
@@ -484,10 +490,9 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | t
     config = from_dict(data)
     for item in overrides:
         apply_override(config, item)
-    if config.model.source == "demo":  # the bundled pipeline lives inside the installed package
-        from pixart.demo import BUNDLE
-
-        config.model.source = str(BUNDLE)
+    for key in ("source", "pipeline"):  # a recipe cannot know where the package, and so the bundle, is installed
+        if getattr(config.model, key) == DEMO:
+            setattr(config.model, key, str(BUNDLE))
     config.validate()
     return config
 
