@@ -106,6 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="step caching: run the deep blocks on one step in N and reuse their residual in between (default 0: off)",
     )
+    m.add_argument(
+        "--cache-threshold",
+        type=float,
+        metavar="T",
+        help="adaptive step caching: reuse the deep blocks' residual while the first block's output changed by less "
+        "than T since the last full step (e.g. 0.1; default 0: off; not with --cache-steps)",
+    )
 
     s = p.add_argument_group("sampling")
     s.add_argument(
@@ -257,6 +264,7 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
         "--num-heads/--pe-scale/--kv-compress/--ema": load.transformer_options,
         "--compile": args.compile,
         "--cache-steps": load.cache_steps > 1,
+        "--cache-threshold": load.cache_threshold > 0,
         "--control/--controlnet": args.control or load.controlnet,
         "--low-memory": args.low_memory,
         "--vae-tiling": args.vae_tiling,
@@ -311,6 +319,7 @@ def _inputs(args: argparse.Namespace):
         "transformer": args.transformer,
         "loras": tuple(parse_lora_spec(spec) for spec in args.lora),
         "cache_steps": args.cache_steps,
+        "cache_threshold": args.cache_threshold,
         "transformer_options": tuple(sorted(_transformer_options(args).items())),
         "controlnet": args.controlnet,
     }
@@ -365,7 +374,7 @@ def control_image(args: argparse.Namespace, load):
         return None
     if not load.controlnet:
         raise PixArtError("--control needs a ControlNet to steer the model: pass --controlnet PATH")
-    check_no_step_cache(load.cache_steps)
+    check_no_step_cache(load.cache_steps, load.cache_threshold)
     image = open_control_image(args.control)
     if recorded and image_sha256(image) != recorded:
         log.warning("%s is not the control image %s was made with: the image will differ", args.control, args.from_png)

@@ -184,6 +184,8 @@ class LoadSettings:
     controlnet: str | None = None
     """A ControlNet (:func:`pixart.checkpoints.controlnet.load_controlnet`) the pipeline steers by when given a
     control image."""
+    cache_threshold: float = 0.0
+    """Adaptive step caching (:mod:`pixart.sampling.step_cache`), instead of cache_steps; 0: off."""
 
     def replace(self, **changes) -> LoadSettings:
         return dataclasses.replace(self, **changes)
@@ -199,6 +201,8 @@ class LoadSettings:
             fields["transformer_options"] = json.dumps(dict(self.transformer_options))
         if self.controlnet:
             fields["controlnet"] = self.controlnet
+        if self.cache_threshold > 0:
+            fields["cache_threshold"] = repr(float(self.cache_threshold))  # repr: the float round-trips exactly
         return fields
 
     @staticmethod
@@ -218,6 +222,11 @@ class LoadSettings:
             bad = info["cache_steps"]
             raise PixArtError(f"the image's cache_steps metadata {bad!r} is not a whole number") from None
         try:
+            cache_threshold = float(info.get("cache_threshold", 0))
+        except ValueError:
+            bad = info["cache_threshold"]
+            raise PixArtError(f"the image's cache_threshold metadata {bad!r} is not a number") from None
+        try:
             options = json.loads(info.get("transformer_options", "{}"))
             if not isinstance(options, dict) or not set(options) <= set(TRANSFORMER_OPTIONS):
                 raise ValueError
@@ -233,6 +242,7 @@ class LoadSettings:
             cache_steps=cache_steps,
             transformer_options=tuple(sorted(options.items())),
             controlnet=info.get("controlnet") or None,
+            cache_threshold=cache_threshold,
         )
 
 
