@@ -44,8 +44,8 @@ def calibration_inputs(pipe, prompts: Sequence[str], *, steps: int, width: int, 
 
     def record(_module, args, kwargs) -> None:
         x, timestep, y, mask = args[:4]
-        inputs = transformer_inputs(model.config, x, timestep, y, mask, kwargs.get("resolution"),
-                                    kwargs.get("aspect_ratio"))  # fmt: skip
+        micro = kwargs.get("resolution"), kwargs.get("aspect_ratio")
+        inputs = transformer_inputs(model.config, x, timestep, y, mask, *micro)
         samples.append([t.numpy() for t in inputs])
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
