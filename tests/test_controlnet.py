@@ -297,6 +297,7 @@ def test_cli_generates_with_canny_control_and_reproduces_from_the_png(setup, tmp
         (["--control", "{root}/absent.png", "--controlnet", "{cn}"], "error: control image {root}/absent.png does not"),
         (["--control", "{root}/control.png", "--controlnet", "{root}/sigma.safetensors"], "error: sigma.safetens"),
         (["--control", "{root}/control.png", "--controlnet", "{cn}", "--cache-steps", "2"], "error: step caching"),
+        (["--control", "{root}/control.png", "--controlnet", "{cn}", "--cache-threshold", "0.1"], "error: step cach"),
         (["--control", "{root}/control.png", "--controlnet", "{cn}", "--control-scale", "-1"], "error: control scale"),
         (["--control", "{root}/control.png", "--controlnet", "{cn}", "--runtime", "openvino"], "error: not with --run"),
     ],

@@ -399,6 +399,7 @@ def test_a_demo_image_reproduces_without_naming_weights(tmp_path, capsys):
         ({"loras": "style.safetensors"}, "error: the image's loras metadata 'style.safetensors' is malformed"),
         ({"loras": '[["a", "x"]]'}, 'error: the image\'s loras metadata \'[["a", "x"]]\' is malformed'),
         ({"cache_steps": "two"}, "error: the image's cache_steps metadata 'two' is not a whole number"),
+        ({"cache_threshold": "high"}, "error: the image's cache_threshold metadata 'high' is not a number"),
         ({"steps": "many"}, "error: the image's generation metadata is incomplete or malformed"),
         ({"seed": None}, "error: the image has no pixart generation metadata"),
     ],

@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   pixart eval --model runs/demo/pipeline-stage2 --prompts 100 --steps 14 --json
   pixart eval --sampler sa-solver --steps 25 --guidance 3 --save eval-images/
   pixart eval --cache-steps 3                       # the accuracy cost of step caching
+  pixart eval --cache-threshold 0.1                 # … of adaptive step caching (full steps in the summary)
   pixart eval --transformer runs/demo/final.safetensors --lora runs/lora:0.8
 """
 
@@ -49,6 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         metavar="N",
         help="step caching: deep blocks run on 1 step in N (default 0: off), to measure its accuracy cost",
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="adaptive step caching: reuse the deep blocks while the first block changed by less than T (default 0)",
     )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
@@ -84,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
                                       project=args.wandb_project)  # fmt: skip
     started = time.perf_counter()
     pipe = PixArtPipeline.from_pretrained(
-        args.model, args.transformer, loras=loras, device=device, cache_steps=args.cache_steps
+        args.model,
+        args.transformer,
+        loras=loras,
+        device=device,
+        cache_steps=args.cache_steps,
+        cache_threshold=args.cache_threshold,
     )
     load_seconds = time.perf_counter() - started
     # With several processes the bar follows the main process's share.
@@ -101,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     if args.save is not None:
         _save(args.save, result)
     print(json.dumps(result.scores, indent=2) if args.json else format_table(result.scores))
+    stats = pipe.last_run  # one process made every image in one call
+    if processes is None and stats is not None and stats.full_steps is not None:
+        log.info("step caching: %d of %d steps ran every block", stats.full_steps, stats.steps)
     if log_here:
         run_log.finish(pipe, result.images, load_seconds=load_seconds, batch_size=args.batch_size, scores=result.scores)
     return 0

@@ -112,7 +112,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     openvino.add_argument(
         "--max-tokens", type=int, metavar="N", help=f"T5 tokens per prompt (default: {DEFAULT_MAX_TOKENS_TEXT})"
     )
-    openvino.add_argument("--int8", action="store_true", help="INT8 weight compression of T5 and transformer (NNCF)")
+    openvino.add_argument(
+        "--int8",
+        nargs="?",
+        const="weights",
+        choices=("weights", "full"),
+        help="INT8 with NNCF: weights (the default of a bare --int8) compresses T5's and the transformer's weights; "
+        "full also quantizes the transformer's activations, calibrated on latents generated from a few prompts",
+    )
     openvino.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     openvino.set_defaults(func=run_openvino)
 
@@ -150,7 +157,7 @@ def run_openvino(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height,
         max_tokens=args.max_tokens,
-        int8=args.int8,
+        int8=args.int8 or False,
         force=args.force,
     )
     print(args.out)

@@ -50,11 +50,13 @@ def check_control_type(control_type: object) -> None:
         raise PixArtError(f"unknown control type {control_type!r}; choose one of {', '.join(CONTROL_TYPES)}")
 
 
-def check_no_step_cache(cache_steps: int) -> None:
+def check_no_step_cache(cache_steps: int, cache_threshold: float = 0.0) -> None:
     """Refuse step caching with a ControlNet: the reused deep residual would carry a stale step's control, and
     the branch runs beside the shallow blocks that caching always runs, so little would be saved."""
     if cache_steps > 1:
         raise PixArtError("step caching (--cache-steps) does not combine with a ControlNet; run one without it")
+    if cache_threshold > 0:
+        raise PixArtError("step caching (--cache-threshold) does not combine with a ControlNet; run one without it")
 
 
 def open_control_image(path: str | os.PathLike) -> Image.Image:
@@ -152,6 +154,7 @@ def prepare_control(
     base: PixArtConfig,
     cache_steps: int,
     device: torch.device,
+    cache_threshold: float = 0.0,
     dtype: torch.dtype,
 ) -> Control | None:
     """The run's :class:`Control` (the branch loaded and checked against the base), or None without a control."""
@@ -161,7 +164,7 @@ def prepare_control(
         raise PixArtError("a control image needs a ControlNet to steer the model: pass controlnet (--controlnet PATH)")
     if control is None:
         raise PixArtError("a ControlNet needs a control image to steer by: pass control (--control IMAGE)")
-    check_no_step_cache(cache_steps)
+    check_no_step_cache(cache_steps, cache_threshold)
     check_control_scale(scale)
     check_control_type(control_type)
     image = control if isinstance(control, Image.Image) else open_control_image(control)

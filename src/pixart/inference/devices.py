@@ -128,12 +128,14 @@ class RunStats:
     steps: int  # model evaluations × images, i.e. denoising steps done in total
     peak_memory_bytes: int  # CUDA: max allocated; CPU: the process's peak resident set
     compile_seconds: float | None = None  # torch.compile: first step's time beyond a normal step's
+    full_steps: int | None = None  # step caching: the steps that ran every block (None: caching off)
 
     def summary(self) -> str:
         rate = self.steps / self.seconds if self.seconds > 0 else float("inf")
         compiled = "" if self.compile_seconds is None else f", torch.compile {self.compile_seconds:.1f} s (included)"
+        cached = "" if self.full_steps is None else f", {self.full_steps} of {self.steps} steps ran every block"
         return (
-            f"{self.images} image(s) in {self.seconds:.1f} s, {rate:.2f} steps/s, "
+            f"{self.images} image(s) in {self.seconds:.1f} s, {rate:.2f} steps/s{cached}, "
             f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB{compiled}"
         )
 

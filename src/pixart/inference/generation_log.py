@@ -176,6 +176,7 @@ def workflow(pipe, images: list, batch_size: int) -> dict:
         "transformer": info.get("transformer", ""),
         "loras": info.get("loras", "[]"),
         "cache_steps": int(info.get("cache_steps", 0)),
+        "cache_threshold": float(info.get("cache_threshold", 0)),
         "transformer_options": info.get("transformer_options", "{}"),
         "family": pipe.model_config.family,
         "device": str(pipe.device),

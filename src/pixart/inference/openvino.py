@@ -10,8 +10,12 @@ components run through OpenVINO, so sampling, guidance, decoding and metadata ar
 One IR serves every image size: the transformer is traced at one latent size, but the trace records the
 2-D position embedding and the unpatchify reshapes as operations on the input's shape (torch tensor ops
 on traced sizes), and its inputs are declared with dynamic batch, height, width and caption length, so
-every aspect-ratio bin runs from one export. ``int8=True`` compresses the weights of T5 and the
-transformer to INT8 with NNCF (``nncf.compress_weights``); activations stay fp32.
+every aspect-ratio bin runs from one export. ``int8="weights"`` (or True) compresses the weights of T5 and
+the transformer to INT8 with NNCF (``nncf.compress_weights``), activations staying fp32; ``int8="full"``
+quantizes the transformer's activations too, calibrated on generated latents (:mod:`pixart.inference.openvino_int8`).
+
+At run time ``precision`` chooses OpenVINO's floating-point precision for T5 and the transformer: f32, or
+bf16 on CPUs with bf16 units (``avx512_bf16``, AMX), where it is about twice as fast; ``auto`` picks by CPU.
 """
 
 from __future__ import annotations
@@ -32,12 +36,29 @@ from torch import nn
 
 from pixart.errors import PixArtError
 from pixart.files import new_folder
+from pixart.inference.cpu_units import BF16_FLAGS, CpuUnits, cpu_units
 from pixart.model.config import PixArtConfig
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "pixart_openvino.json"
 FORMAT_VERSION = 1
+INT8_MODES = ("weights", "full")
+PRECISIONS = ("f32", "bf16", "auto")
+
+
+def resolve_precision(precision: str, units: CpuUnits | None = None) -> str:
+    """f32 or bf16 for OpenVINO's INFERENCE_PRECISION_HINT: ``auto`` is bf16 only where the CPU has bf16 units
+    (``units``: this machine's by default); elsewhere bf16 is emulated and far slower than f32."""
+    if precision not in PRECISIONS:
+        raise PixArtError(f"unknown OpenVINO precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    has_units = (cpu_units() if units is None else units).has_bf16()
+    if precision == "bf16" and not has_units:
+        log.warning("this CPU has no bf16 units (%s): running OpenVINO in f32", " or ".join(BF16_FLAGS))
+        return "f32"
+    if precision == "auto":
+        return "bf16" if has_units else "f32"
+    return precision
 
 
 def _require_openvino():
@@ -87,7 +108,7 @@ def export_openvino(
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
     width: int | None = None,
     height: int | None = None,
-    int8: bool = False,
+    int8: bool | str = False,
     max_tokens: int | None = None,
     force: bool = False,
 ) -> Path:
@@ -99,7 +120,11 @@ def export_openvino(
 
     width/height: the image size the networks are traced at (default: the model's training size); the
     exported transformer and VAE take any size (multiples of 8 × patch size pixels).
+    int8: False, "weights" (True) or "full" (see the module's docstring).
     """
+    int8 = "weights" if int8 is True else int8
+    if int8 not in (False, None, *INT8_MODES):
+        raise PixArtError(f"unknown INT8 mode {int8!r}; choose {', '.join(INT8_MODES)}")
     ov = _require_openvino()
     from diffusers import AutoencoderKL
 
@@ -171,7 +196,16 @@ def export_openvino(
             with contextlib.nullcontext() if chatty else contextlib.redirect_stdout(io.StringIO()):
                 # Weights only: activations stay fp32, so accuracy drops little and no calibration data is needed.
                 t5_ir = nncf.compress_weights(t5_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
-                denoiser_ir = nncf.compress_weights(denoiser_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                if int8 == "weights":
+                    denoiser_ir = nncf.compress_weights(denoiser_ir, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        if int8 == "full":
+            from pixart.inference.openvino_int8 import calibrated_int8_transformer
+            from pixart.inference.pipeline import PixArtPipeline
+
+            scheduler_file = root / "scheduler" / "scheduler_config.json"
+            scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+            pipe = PixArtPipeline(encoder, net, vae, scheduler_config, device=torch.device("cpu"), dtype=torch.float32)
+            denoiser_ir = calibrated_int8_transformer(denoiser_ir, pipe, width, height)
         _save_ir(ov, t5_ir, tmp / "text_encoder.xml")
         _save_ir(ov, denoiser_ir, tmp / "transformer.xml")
         _save_ir(ov, vae_ir, tmp / "vae_decoder.xml")
@@ -188,7 +222,8 @@ def export_openvino(
             "max_tokens": tokens,
             "vae_block_out_channels": list(vae.config.block_out_channels),
             "vae_scaling_factor": float(vae.config.scaling_factor),
-            "int8": int8,
+            "int8": bool(int8),
+            "int8_mode": int8 or "",
             "source": {
                 "model": str(model or ""),
                 "transformer": str(transformer or ""),
@@ -260,9 +295,10 @@ def check_vae_encoder(folder: str | os.PathLike) -> None:
 class _OVModule(nn.Module):
     """A compiled OpenVINO model called like a PyTorch module (torch tensors in, torch tensor out)."""
 
-    def __init__(self, core, path: Path, threads: int | None):
+    def __init__(self, core, path: Path, threads: int | None, precision: str = "f32"):
         super().__init__()
-        config = {"INFERENCE_PRECISION_HINT": "f32"}  # CPUs with bf16 units would otherwise drop precision
+        # Pinned: on CPUs with bf16 units OpenVINO would otherwise choose bf16 by itself.
+        config = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(core.read_model(path), "CPU", config)
@@ -280,8 +316,8 @@ class OVTextEncoderModel(_OVModule):
 class OVTransformer(_OVModule):
     """The exported transformer, called like :meth:`pixart.model.transformer.PixArtTransformer.forward`."""
 
-    def __init__(self, core, path: Path, threads: int | None, config: PixArtConfig, null):
-        super().__init__(core, path, threads)
+    def __init__(self, core, path: Path, threads: int | None, config: PixArtConfig, null, precision: str = "f32"):
+        super().__init__(core, path, threads, precision)
         from pixart.checkpoints.convert import placeholder_y_embedding
 
         self.config = config
@@ -293,13 +329,18 @@ class OVTransformer(_OVModule):
         return torch.float32
 
     def forward(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None):
-        b = x.shape[0]
-        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(b)
-        mask = torch.ones(y.shape[:2], dtype=torch.long) if mask is None else mask
-        inputs = [x.float(), timestep, y.float(), mask.long()]
-        if self.config.micro_conditions:
-            inputs += [resolution.float().reshape(-1, 2).expand(b, 2), aspect_ratio.float().reshape(-1).expand(b)]
-        return self.run(*inputs)
+        return self.run(*transformer_inputs(self.config, x, timestep, y, mask, resolution, aspect_ratio))
+
+
+def transformer_inputs(config: PixArtConfig, x, timestep, y, mask, resolution, aspect_ratio) -> list[torch.Tensor]:
+    """The exported transformer's inputs, in order, from the arguments of the PyTorch model's forward."""
+    b = x.shape[0]
+    timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(b)
+    mask = torch.ones(y.shape[:2], dtype=torch.long) if mask is None else mask
+    inputs = [x.float(), timestep, y.float(), mask.long()]
+    if config.micro_conditions:
+        inputs += [resolution.float().reshape(-1, 2).expand(b, 2), aspect_ratio.float().reshape(-1).expand(b)]
+    return inputs
 
 
 class OVVae(_OVModule):
@@ -328,8 +369,13 @@ class OVVae(_OVModule):
         return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(self.encoder.run(pixels.float())))
 
 
-def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = None):
-    """A :class:`pixart.inference.pipeline.PixArtPipeline` running T5, the transformer and the VAE through OpenVINO."""
+def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = None, precision: str = "f32"):
+    """A :class:`pixart.inference.pipeline.PixArtPipeline` running T5, the transformer and the VAE through OpenVINO.
+
+    precision: f32, bf16 or auto (:func:`resolve_precision`) for T5 and the transformer; the VAE decoder stays
+    f32, as the PyTorch path keeps VAEs marked force_upcast.
+    """
+    precision = resolve_precision(precision)
     ov = _require_openvino()
     from transformers import AutoTokenizer
 
@@ -343,9 +389,10 @@ def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = N
     null = torch.from_numpy(np.load(null_path)) if null_path.is_file() else None
     core = ov.Core()
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    encoder = TextEncoder(tokenizer, OVTextEncoderModel(core, folder / "text_encoder.xml", threads), device="cpu")
-    transformer = OVTransformer(core, folder / "transformer.xml", threads, config, null)
-    vae = OVVae(core, folder, threads, manifest)
+    t5 = OVTextEncoderModel(core, folder / "text_encoder.xml", threads, precision)
+    encoder = TextEncoder(tokenizer, t5, device="cpu")
+    transformer = OVTransformer(core, folder / "transformer.xml", threads, config, null, precision)
+    vae = OVVae(core, folder, threads, manifest)  # f32 whatever the precision: bf16 costs the VAE most
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
     names = {"model": str(folder), "transformer": ""}

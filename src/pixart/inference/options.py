@@ -192,6 +192,8 @@ class LoadSettings:
     default. bf16 changes the image a little (about 49 dB from fp32 on a mid-size model)."""
     quantize: str | None = None
     """"int8": the transformer's and T5's linears ran in int8 on the CPU (:mod:`pixart.model.quantize`)."""
+    cache_threshold: float = 0.0
+    """Adaptive step caching (:mod:`pixart.sampling.step_cache`), instead of cache_steps; 0: off."""
 
     def replace(self, **changes) -> LoadSettings:
         return dataclasses.replace(self, **changes)
@@ -211,6 +213,8 @@ class LoadSettings:
             fields["quantize"] = self.quantize
         if self.dtype:  # torch's spelling, as images have always recorded it
             fields["dtype"] = DTYPE_NAMES.get(self.dtype, self.dtype)
+        if self.cache_threshold > 0:
+            fields["cache_threshold"] = repr(float(self.cache_threshold))  # repr: the float round-trips exactly
         return fields
 
     @staticmethod
@@ -230,6 +234,11 @@ class LoadSettings:
             bad = info["cache_steps"]
             raise PixArtError(f"the image's cache_steps metadata {bad!r} is not a whole number") from None
         try:
+            cache_threshold = float(info.get("cache_threshold", 0))
+        except ValueError:
+            bad = info["cache_threshold"]
+            raise PixArtError(f"the image's cache_threshold metadata {bad!r} is not a number") from None
+        try:
             options = json.loads(info.get("transformer_options", "{}"))
             if not isinstance(options, dict) or not set(options) <= set(TRANSFORMER_OPTIONS):
                 raise ValueError
@@ -247,6 +256,7 @@ class LoadSettings:
             controlnet=info.get("controlnet") or None,
             dtype=_recorded_dtype(info.get("dtype")),
             quantize=_recorded_quantize(info.get("quantize")),
+            cache_threshold=cache_threshold,
         )
 
 

@@ -50,7 +50,7 @@ from pixart.model.quantize import check_quantize, dtype_name, quantize_int8
 from pixart.model.resolution import generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization, check_text_width
 from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
-from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, runs_every_block
+from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, check_cache_threshold
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class PixArtPipeline:
         transformer_options: tuple[tuple[str, Any], ...] = (),
         trained_sizes: tuple[tuple[int, int], ...] = (),
         quantize: str | None = None,
+        cache_threshold: float = 0.0,
     ):
         """Components are either loaded objects or zero-argument loaders. low_memory: load each part
         when its stage starts and release it when the stage ends; offload: keep parts on the CPU and
@@ -128,9 +129,10 @@ class PixArtPipeline:
         loras: the (path, scale) merged into the transformer, and transformer_options: the load_transformer
         keywords it was loaded with, both for the metadata. trained_sizes: the (width, height) sizes the
         transformer's folder records it was trained at (:mod:`pixart.inference.sizes`), () if none. quantize:
-        "int8" if the transformer's linears were quantised (:mod:`pixart.model.quantize`), for the metadata."""
+        "int8" if the transformer's linears were quantised (:mod:`pixart.model.quantize`), for the metadata;
+        cache_threshold: adaptive step caching instead of cache_steps."""
         self.device, self.dtype, self.low_memory, self._offload = device, dtype, low_memory, offload
-        self.compiled, self.cache_steps = compiled, cache_steps
+        self.compiled, self.cache_steps, self.cache_threshold = compiled, cache_steps, cache_threshold
         self.scheduler_config = dict(scheduler_config)
         self.names = dict(names or {})
         self.loras = tuple(loras)
@@ -169,6 +171,7 @@ class PixArtPipeline:
         cache_steps: int = 0,
         transformer_options: dict[str, Any] | None = None,
         quantize: str | None = None,
+        cache_threshold: float = 0.0,
     ) -> PixArtPipeline:
         """Load a pipeline folder or hub id; ``transformer`` swaps in other weights (any form
         load_transformer reads) while T5, VAE and scheduler come from ``model``. ``model`` may also be
@@ -177,7 +180,8 @@ class PixArtPipeline:
 
         low_memory: T5, transformer and VAE are each loaded for their stage and released after it
         (on CUDA they wait on the CPU instead), so peak memory is the largest part, not the sum.
-        compile: torch.compile the transformer; cache_steps: reuse deep blocks (:mod:`pixart.sampling.step_cache`).
+        compile: torch.compile the transformer; cache_steps: reuse deep blocks (:mod:`pixart.sampling.step_cache`)
+        on a fixed schedule, or cache_threshold: while the first block's output changes less than it.
         transformer_options: more load_transformer keywords (``TRANSFORMER_OPTIONS``), e.g. num_heads.
         dtype: None or "auto" is fp32 on CPU, fp16 on GPUs; "bf16" on a CPU without bf16 units runs fp32 (warned).
         quantize: "int8" runs the transformer's and T5's linears in int8 on the CPU (:mod:`pixart.model.quantize`).
@@ -190,15 +194,20 @@ class PixArtPipeline:
         controlnet = None
         recorded_dtype = None
         if isinstance(model, LoadSettings):
-            if transformer is not None or loras or cache_steps or transformer_options or quantize:
-                raise TypeError("give the transformer, LoRAs, cache steps, quantize in the LoadSettings, not beside it")
+            if transformer is not None or loras or cache_steps or transformer_options or quantize or cache_threshold:
+                raise TypeError(
+                    "give the transformer, LoRAs, cache steps, quantize and cache threshold in the LoadSettings, "
+                    "not beside it"
+                )
             transformer_options, controlnet = dict(model.transformer_options), model.controlnet
             quantize, recorded_dtype = model.quantize, model.dtype
+            cache_threshold = model.cache_threshold
             model, transformer, loras, cache_steps = model.model, model.transformer, model.loras, model.cache_steps
         device = parse_device(device)
         if dtype is None and not (recorded_dtype == "fp16" and device.type == "cpu"):
             dtype = recorded_dtype  # a GPU's fp16 image remade on a CPU: the CPU's own default instead
         check_cache_steps(cache_steps)
+        check_cache_threshold(cache_threshold, cache_steps)
         if compile:
             check_compiler(device)
         dtype = resolve_dtype(dtype, device)
@@ -234,7 +243,8 @@ class PixArtPipeline:
                 # the time goes there, and the embedders read their weights' dtype, which int8 modules lack.
                 quantize_int8(net.blocks)
             if compile:
-                net.compile(regional=cache_steps > 1)  # the step cache's block hook would break a whole-forward graph
+                # The step cache's block hook would break a whole-forward graph.
+                net.compile(regional=cache_steps > 1 or cache_threshold > 0)
             return net
 
         def load_vae() -> torch.nn.Module:
@@ -272,6 +282,7 @@ class PixArtPipeline:
             names=names,
             compiled=compile,
             cache_steps=cache_steps,
+            cache_threshold=cache_threshold,
             loras=tuple((str(path), float(scale)) for path, scale in loras or ()),
             transformer_options=tuple(sorted((transformer_options or {}).items())),
             trained_sizes=sizes.trained_sizes(root) if transformer is None else (),
@@ -392,6 +403,7 @@ class PixArtPipeline:
             control_type=opts.control_type,
             base=self.model_config,
             cache_steps=self.cache_steps,
+            cache_threshold=self.cache_threshold,
             device=self.device,
             dtype=self.dtype,
         )
@@ -421,7 +433,7 @@ class PixArtPipeline:
         schedulers = [make_scheduler(opts.sampler, self.scheduler_config) for _ in batches]
         runs = [len(trimmed_timesteps(s, opts.steps, opts.strength or 1.0)) for s in schedulers]
         total = sum(runs)
-        full = [runs_every_block(k, self.cache_steps) for run in runs for k in range(run)]
+        full: list[bool] = []  # step by step, whether the step ran every block (filled by a step cache)
         step_ends = [time.perf_counter()]  # step durations: the first one of a compiled model includes compiling
 
         def on_step() -> None:
@@ -449,12 +461,10 @@ class PixArtPipeline:
                     start = source.start(generators, latent_dtype, opts.strength)
                     noise = start.noise
                 cond = self._conditioning([p for p, _ in batch], text, height, width)
+                cached = cached_denoiser(model, self.cache_steps, self.cache_threshold, full)
                 latents.append(
                     denoise(
-                        in_dtype(
-                            cached_denoiser(model, self.cache_steps) if steer is None else steer.denoiser(model),
-                            self.dtype,
-                        ),
+                        in_dtype(cached if steer is None else steer.denoiser(model), self.dtype),
                         scheduler,
                         noise,
                         cond,
@@ -480,7 +490,8 @@ class PixArtPipeline:
             len(images),
             done,
             peak_memory_bytes(self.device),
-            compile_seconds=compile_seconds(step_ends, full) if self.compiled else None,
+            compile_seconds=compile_seconds(step_ends, full or None) if self.compiled else None,
+            full_steps=sum(full) if full else None,
         )
         return images
 
@@ -559,6 +570,7 @@ class PixArtPipeline:
                 self.transformer_options,
                 dtype=dtype_name(self.dtype),
                 quantize=self.quantize,
+                cache_threshold=self.cache_threshold,
             ).metadata(),
             "generator": f"pixart {__version__}",
         }
