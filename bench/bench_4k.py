@@ -68,14 +68,14 @@ def transformer_part(args, clock) -> dict[str, float]:
         start = clock()
         x = run(x)
         block_times.append(clock() - start)
-        print(f"  block {i}: {block_times[-1]:.1f} s, RSS {rss_gb():.2f} GB, peak {peak_rss_gb():.2f} GB", flush=True)
+        print(f"  block {i}: {block_times[-1]:.1f} s, RSS {rss_gb():.2f} GiB, peak {peak_rss_gb():.2f} GiB", flush=True)
         return x
 
     with torch.inference_mode():
         model(x[:, :, :16, :16], t, y, mask)  # warm-up at 64 tokens
         resident = rss_gb()
         reset_peak_rss()
-        print(f"transformer: {weights:.2f} GB of weights, {resident:.2f} GB resident before the forward", flush=True)
+        print(f"transformer: {weights:.2f} GiB of weights, {resident:.2f} GiB resident before the forward", flush=True)
         out = model(x, t, y, mask, block_hook=hook)
     block = sum(block_times) / len(block_times)
     return {
@@ -114,12 +114,12 @@ def vae_part(args, clock) -> dict[str, float]:
 
     def tile_done(module, inputs, output):
         tiles.append(clock() - start)
-        print(f"  tile {len(tiles)}: {tiles[-1]:.0f} s so far, peak {peak_rss_gb():.2f} GB", flush=True)
+        print(f"  tile {len(tiles)}: {tiles[-1]:.0f} s so far, peak {peak_rss_gb():.2f} GiB", flush=True)
 
     with torch.inference_mode():
         resident = rss_gb()
         reset_peak_rss()
-        print(f"VAE: {resident:.2f} GB resident before decoding a {args.vae_latent}² latent", flush=True)
+        print(f"VAE: {resident:.2f} GiB resident before decoding a {args.vae_latent}² latent", flush=True)
         vae.decoder.register_forward_hook(tile_done)
         image = vae.decode(z / vae.config.scaling_factor).sample
     seconds = clock() - start
@@ -169,7 +169,7 @@ def main() -> None:
             f"| VAE decode of a {args.vae_latent}² latent, tiled ({r['tiles']} tiles) → {r['out'][2]}² px | "
             f"{r['peak']:.2f} (resident before {r['resident']:.2f}) | {r['seconds']:.0f} |"
         )
-    print(f"\n| part | peak memory (GB) | time ({unit}) |\n|---|---|---|")
+    print(f"\n| part | peak memory (GiB) | time ({unit}) |\n|---|---|---|")
     print("\n".join(rows))
 
 

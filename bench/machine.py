@@ -48,7 +48,7 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory in GB since the last :func:`reset_peak_rss` (else since the process started)."""
+    """Peak resident memory in GiB since the last :func:`reset_peak_rss` (else since the process started)."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
@@ -58,7 +58,7 @@ def peak_rss_gb() -> float:
 
 
 def rss_gb() -> float:
-    """Resident memory now, in GB."""
+    """Resident memory now, in GiB."""
     status = Path("/proc/self/status")
     for line in status.read_text().splitlines() if status.is_file() else ():
         if line.startswith("VmRSS:"):
