@@ -8,7 +8,8 @@ disturbed by other load on a shared machine) are the time per image. Quality
 is PSNR of each contender's second image against pixart eager's; the LCM row on these random,
 undistilled weights measures speed only. Image-to-image starts from a fixed picture at strength 0.6 (so it runs
 0.6 of the steps; its image is another task's, not compared); the ControlNet row steers by a new zero-initialised
-branch of all 12 blocks (PixArt-δ copies 13 of XL's 28; this model has 12), which must leave eager's image as it is.
+branch of 11 blocks, the most a 12-block model allows (a branch block feeds the next base block; PixArt-δ copies
+13 of XL's 28); being zero-initialised, it must leave eager's image as it is.
 
     python bench/bench_inference.py [--size 256] [--steps 20] [--threads 1] [--cache-steps 3] \
         [--only-rows eager,img2img,controlnet]
@@ -39,7 +40,7 @@ CONTENDERS = {
     "openvino": "pixart --runtime openvino (fp32 IR)",
     "openvino-int8": "pixart --runtime openvino, NNCF INT8 weights",
     "img2img": "pixart --image IN.png --strength 0.6 (image-to-image)",
-    "controlnet": "pixart --control IN.png --controlnet (zero-init branch of 12 blocks, canny)",
+    "controlnet": "pixart --control IN.png --controlnet (zero-init branch of 11 blocks, canny)",
 }
 STRENGTH = 0.6
 
@@ -113,7 +114,7 @@ def image_inputs(name: str, pipe, work: Path, size: int) -> dict:
         return {"image": picture, "strength": STRENGTH}
     from pixart.model.controlnet import PixArtControlNet
 
-    branch = PixArtControlNet.from_transformer(pipe.transformer, len(pipe.transformer.blocks))
+    branch = PixArtControlNet.from_transformer(pipe.transformer, len(pipe.transformer.blocks) - 1)
     return {"control": picture, "controlnet": branch, "control_type": "canny"}
 
 
