@@ -1,10 +1,9 @@
-"""The demo's image-conditioned numbers (pixart.demo.eval_images) and the shipped demo ControlNet."""
+"""The demo's image-conditioned numbers (pixart.demo.eval_images): held-out scenes, placement, inpainting."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pixart.demo import BUNDLED_CONTROLNETS
 from pixart.demo.eval_images import img2img_scores, in_box, inpaint_scores, recoloured, rendered
 from pixart.inference.pipeline import DEMO_MODEL, PixArtPipeline
 
@@ -43,23 +42,10 @@ def test_inpainting_keeps_every_pixel_outside_the_mask(demo):
 
 
 @needs_demo
-def test_img2img_scores_each_scene(demo):
-    scores = img2img_scores(demo, n=2, seed=0, steps=4)
-    assert scores["n_single"] + scores["n_pair"] == 2 and 0 <= scores["in_box"] <= 100
-
-
-@needs_demo
-@pytest.mark.skipif(not BUNDLED_CONTROLNETS["demo-canny"].is_file(), reason="the demo ControlNet is not shipped")
-def test_shipped_controlnet_loads_by_name_and_steers(demo):
-    from pixart.checkpoints.controlnet import load_controlnet
-
-    net = load_controlnet("demo-canny", demo.model_config)
-    assert net.config == demo.model_config
-    prompt, scene = rendered(1, seed=0)[0]
-    run = {"seed": 0, "steps": 4, "show_progress": False, "control": scene, "control_type": "canny"}
-    steered = demo(prompt.text, controlnet="demo-canny", **run)[0]
-    unsteered = demo(prompt.text, controlnet="demo-canny", control_scale=0, **run)[0]
-    plain = demo(prompt.text, seed=0, steps=4, show_progress=False)[0]
-    assert unsteered.tobytes() == plain.tobytes()  # scale 0 is the base model
-    assert steered.tobytes() != plain.tobytes()
-    assert steered.info["controlnet"] == "demo-canny"
+def test_img2img_scores_are_reproducible_and_judge_the_recoloured_scene(demo):
+    scores = img2img_scores(demo, n=3, seed=0, steps=4)
+    assert scores == img2img_scores(demo, n=3, seed=0, steps=4)  # seeded: the same numbers every run
+    assert scores["n_single"] + scores["n_pair"] == 3
+    # The input itself fails the recoloured target (its first shape has the old colour), passes its own scene.
+    prompt, image = rendered(1, seed=0)[0]
+    assert in_box(image, prompt.scene) and not in_box(image, recoloured(prompt.scene, seed=0))

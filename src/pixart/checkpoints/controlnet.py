@@ -22,7 +22,6 @@ import torch
 from pixart.checkpoints.common import file_size, load_safetensors, safetensors_metadata, save_with_config
 from pixart.checkpoints.hub import HUB_FILE, fetch_file
 from pixart.checkpoints.official import config_from_state_dict, read_pth, to_official_state_dict, write_pth
-from pixart.demo import BUNDLED_CONTROLNETS
 from pixart.errors import PixArtError
 from pixart.files import disk_full_is_one_line
 from pixart.model.config import PixArtConfig
@@ -47,13 +46,6 @@ def check_base(stated: PixArtConfig, base: PixArtConfig, what: str) -> None:
         raise PixArtError(f"{what} is a ControlNet for {describe(stated)}, but the model is {describe(base)}")
 
 
-def controlnet_file(path: str | os.PathLike) -> Path:
-    """The file a ControlNet argument names: a bundled ControlNet's name (``demo-canny``) reads the shipped branch,
-    anything else is a path (or owner/name/file on the hub, which :func:`load_controlnet` fetches)."""
-    path = Path(path).expanduser()
-    return BUNDLED_CONTROLNETS[str(path)] if not path.exists() and str(path) in BUNDLED_CONTROLNETS else path
-
-
 def load_controlnet(
     path: str | os.PathLike,
     base: PixArtConfig | None = None,
@@ -66,10 +58,9 @@ def load_controlnet(
 
     ``base`` is the config of the model it will steer; None takes the config the file states (ours) or
     infers from its ``base_model.*`` weights (official, with ``num_heads``, which weights do not record, for a width
-    no release has), as conversion does. dtype defaults to float32. A bundled name (``demo-canny``) loads the
-    shipped branch.
+    no release has), as conversion does. dtype defaults to float32.
     """
-    path = controlnet_file(path)
+    path = Path(path).expanduser()
     if not path.is_file() and (file := HUB_FILE.fullmatch(str(path))):  # owner/name/file.pth on the hub
         path = fetch_file(file.group(1), file.group(2))
     if not path.is_file():

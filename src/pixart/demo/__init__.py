@@ -9,6 +9,3 @@ the pipeline, so the CLI can check a request against it without importing torch.
 BUNDLED_LORAS = {"demo-lcm": BUNDLE.parent / "demo-lcm-lora"}
 """LoRAs shipped with the demo, by the name ``--lora`` takes: ``demo-lcm`` samples the demo in 4 steps with
 ``--sampler lcm`` (recipe ``demo-lcm-lora``, ``scripts/train_demo_lcm.sh``)."""
-BUNDLED_CONTROLNETS = {"demo-canny": BUNDLE.parent / "demo-controlnet" / "demo-canny.safetensors"}
-"""ControlNets shipped with the demo, by the name ``--controlnet`` takes: ``demo-canny`` steers the demo model by
-Canny edges (``--control-type canny``; recipe ``demo-controlnet``, ``scripts/train_demo_controlnet.sh``)."""

@@ -166,11 +166,10 @@ def prepare_control(
     check_control_type(control_type)
     image = control if isinstance(control, Image.Image) else open_control_image(control)
     if isinstance(controlnet, (str, os.PathLike)):
-        from pixart.checkpoints.controlnet import controlnet_file, file_sha256, load_controlnet
+        from pixart.checkpoints.controlnet import file_sha256, load_controlnet
 
         net = load_controlnet(controlnet, base, device=device, dtype=dtype)
-        digest = file_sha256(controlnet_file(controlnet))  # a bundled name hashes the shipped file
-        return Control(net, image, float(scale), control_type, str(controlnet), digest)
+        return Control(net, image, float(scale), control_type, str(controlnet), file_sha256(controlnet))
     from pixart.checkpoints.controlnet import check_base
 
     check_base(controlnet.config, base, "the given ControlNet")
