@@ -12,7 +12,7 @@ checker (:mod:`pixart.demo.checker`):
   byte for byte (mask_blur 0).
 - image-to-image at strength 0.6: the rendered scene with a caption that recolours its first shape.
 
-    python -m pixart.demo.eval_images --controlnet demo-canny --prompts 100
+    python -m pixart.demo.eval_images [--controlnet runs/democn/controlnet/final-ema.safetensors] [--prompts 50]
 """
 
 from __future__ import annotations
