@@ -6,9 +6,13 @@ its own subprocess (peak RSS is per process): load, generate one image (for torc
 compiles), generate a second image with another seed: its wall time and the process's CPU time (less
 disturbed by other load on a shared machine) are the time per image. Quality
 is PSNR of each contender's second image against pixart eager's; the LCM row on these random,
-undistilled weights measures speed only.
+undistilled weights measures speed only. Image-to-image starts from a fixed picture at strength 0.6 (so it runs
+0.6 of the steps; its image is another task's, not compared); the ControlNet row steers by a new zero-initialised
+branch of 11 blocks, the most a 12-block model allows (a branch block feeds the next base block; PixArt-δ copies
+13 of XL's 28); being zero-initialised, it must leave eager's image as it is.
 
-    python bench/bench_inference.py [--size 256] [--steps 20] [--threads 1] [--cache-steps 3]
+    python bench/bench_inference.py [--size 256] [--steps 20] [--threads 1] [--cache-steps 3] \
+        [--only-rows eager,img2img,controlnet]
 
 Not a test: it takes several minutes of CPU and prints a markdown table.
 """
@@ -35,7 +39,10 @@ CONTENDERS = {
     "lcm": "pixart --sampler lcm, 4 steps, no guidance",
     "openvino": "pixart --runtime openvino (fp32 IR)",
     "openvino-int8": "pixart --runtime openvino, NNCF INT8 weights",
+    "img2img": "pixart --image IN.png --strength 0.6 (image-to-image)",
+    "controlnet": "pixart --control IN.png --controlnet (zero-init branch of 11 blocks, canny)",
 }
+STRENGTH = 0.6
 
 
 def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
@@ -76,9 +83,11 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
                 cache_steps=args.cache_steps if name == "cached" else 0,
             )
 
+        inputs = image_inputs(name, pipe, work, args.size)
+
         def generate(seed: int):
             return pipe(PROMPT, seed=seed, steps=steps, guidance=guidance, sampler=sampler, width=args.size,
-                        height=args.size, show_progress=False)[0]  # fmt: skip
+                        height=args.size, show_progress=False, **inputs)[0]  # fmt: skip
 
     loaded = time.perf_counter()
     generate(0)
@@ -87,6 +96,26 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
     second, cpu = time.perf_counter(), time.process_time() - cpu
     np.save(work / f"{name}.npy", np.asarray(image, dtype=np.uint8))
     return {"load": loaded - started, "first": first - loaded, "image": second - first, "cpu": cpu, "rss": peak_rss()}
+
+
+def image_inputs(name: str, pipe, work: Path, size: int) -> dict:
+    """The extra call arguments of the image-conditioned contenders: a fixed input picture, the ControlNet."""
+    if name not in ("img2img", "controlnet"):
+        return {}
+    import numpy as np
+    from PIL import Image
+
+    # A smooth picture with one hard-edged square: something for the VAE to encode and for Canny to find.
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2, np.full((size, size), 96)], -1)
+    pixels[size // 4 : size // 2, size // 4 : size // 2] = (230, 40, 40)
+    picture = Image.fromarray(pixels.astype(np.uint8))
+    if name == "img2img":
+        return {"image": picture, "strength": STRENGTH}
+    from pixart.model.controlnet import PixArtControlNet
+
+    branch = PixArtControlNet.from_transformer(pipe.transformer, len(pipe.transformer.blocks) - 1)
+    return {"control": picture, "controlnet": branch, "control_type": "canny"}
 
 
 def peak_rss() -> int:
@@ -111,6 +140,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="dpm++ steps (default 20; LCM uses 4)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per contender (default 1)")
     parser.add_argument("--cache-steps", type=int, default=3, help="step-cache strength N (default 3)")
+    parser.add_argument("--only-rows", help="comma-separated contenders to run (default all): " + ", ".join(CONTENDERS))
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one contender in this process
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,6 +151,13 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from pixart.inference.cpu_units import describe_cpu
+
+    rows = args.only_rows.split(",") if args.only_rows else list(CONTENDERS)
+    if unknown := set(rows) - set(CONTENDERS):
+        parser.error(f"unknown contender {sorted(unknown)[0]}; choose from {', '.join(CONTENDERS)}")
+    if "eager" not in rows:
+        parser.error("--only-rows must include eager: the PSNR column compares against it")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="pixart-bench-") as tmp:
         work = Path(tmp)
@@ -128,12 +165,12 @@ def main() -> None:
         from pixart.inference.openvino import export_openvino
 
         exports = {}
-        for name, int8 in (("openvino", False), ("openvino-int8", True)):
+        for name, int8 in [(n, n.endswith("int8")) for n in ("openvino", "openvino-int8") if n in rows]:
             started = time.perf_counter()
             export_openvino(work / "pipeline", work / name, width=args.size, height=args.size, int8=int8)
             exports[name] = time.perf_counter() - started
         results = {}
-        for name in CONTENDERS:
+        for name in rows:
             cmd = [sys.executable, __file__, "--only", name, "--work", str(work), "--size", str(args.size)]
             cmd += ["--steps", str(args.steps), "--threads", str(args.threads), "--cache-steps", str(args.cache_steps)]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -142,22 +179,26 @@ def main() -> None:
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
             print(name, results[name], file=sys.stderr)
         eager = np.load(work / "eager.npy")
-        quality = {name: psnr(np.load(work / f"{name}.npy"), eager) for name in CONTENDERS}
+        quality = {name: psnr(np.load(work / f"{name}.npy"), eager) for name in rows}
 
-    base = results["diffusers"]
-    print(f"\n{args.size}×{args.size} px, {args.steps} dpm++ steps (LCM: 4), guidance 4.5, {args.threads} thread(s)\n")
-    columns = ["contender", "s / image", "CPU s / image", "speed vs diffusers (CPU)", "first image s", "peak RSS GiB"]
-    print("| " + " | ".join(columns + ["RSS vs diffusers", "PSNR vs eager dB"]) + " |")
+    ref = "diffusers" if "diffusers" in rows else "eager"
+    base = results[ref]
+    print(f"\n{describe_cpu()}")
+    print(f"{args.size}×{args.size} px, {args.steps} dpm++ steps (LCM: 4), guidance 4.5, {args.threads} thread(s)\n")
+    columns = ["contender", "s / image", "CPU s / image", f"speed vs {ref} (CPU)", "first image s", "peak RSS GiB"]
+    print("| " + " | ".join(columns + [f"RSS vs {ref}", "PSNR vs eager dB"]) + " |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, label in CONTENDERS.items():
-        r = results[name]
+    for name in rows:
+        r, label = results[name], CONTENDERS[name]
         label = label.replace("N", str(args.cache_steps)) if name == "cached" else label
         q = "(reference)" if name == "eager" else "identical" if math.isinf(quality[name]) else f"{quality[name]:.1f}"
+        q = "(another task)" if name == "img2img" else q
         print(
             f"| {label} | {r['image']:.1f} | {r['cpu']:.1f} | {base['cpu'] / r['cpu']:.2f}× | {r['first']:.1f} | "
             f"{r['rss'] / 2**30:.2f} | {r['rss'] / base['rss']:.2f}× | {q} |"
         )
-    print(f"\nOpenVINO export: fp32 {exports['openvino']:.0f} s, INT8 {exports['openvino-int8']:.0f} s")
+    if exports:
+        print("\nOpenVINO export: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in exports.items()))
 
 
 if __name__ == "__main__":
