@@ -63,10 +63,10 @@ def serve_and_ask(serve: str, ask: str, cwd: Path, port: int) -> str:
             server.wait()
 
 
-def test_page_has_the_newcomers_eight_steps():
+def test_page_has_the_newcomers_nine_steps():
     page = PAGE.read_text()
     titles = re.findall(r"^## (\d)\. (.*)$", page, re.M)
-    assert [int(n) for n, _ in titles] == list(range(1, 9)), titles
+    assert [int(n) for n, _ in titles] == list(range(1, 10)), titles
     blocks = bash_blocks(page)
     assert sum(STEPS[0] in b for b in blocks) == 1 and sum(b.strip() == "pixart serve" for b in blocks) == 1
     readme = (PAGE.parents[1] / "README.md").read_text()
@@ -94,6 +94,8 @@ def test_every_command_of_the_page_runs_in_order(tmp_path):
     keys = ["prompt", "seed", "steps", "sampler", "guidance", "width", "height", "binning", "max_tokens", "clean",
             "model", "transformer", "dtype", "generator"]  # fmt: skip
     assert list(first.info) == keys and first.info["sampler"] == "dpm++" and first.info["steps"] == "20"
+    lcm = Image.open(tmp_path / "lcm" / "00000-1.png").info  # the shipped LCM-LoRA
+    assert (lcm["sampler"], lcm["steps"], json.loads(lcm["loras"])) == ("lcm", "4", [["demo-lcm", 1.0]])
     captions = sorted(p.read_text() for p in (tmp_path / "my-images").glob("*.txt"))
     assert len(captions) == 10 and "a small pink square on the left" in captions
     assert len(list((tmp_path / "my-images" / "demo").glob("*.txt"))) == 40
@@ -107,7 +109,7 @@ def test_every_command_of_the_page_runs_in_order(tmp_path):
     assert Image.open(tmp_path / "pink-diffusers.png").size == (64, 64)
     for name in ("transformer.xml", "transformer.bin", "pixart_openvino.json"):
         assert (tmp_path / "pink-ov" / name).is_file(), name
-    # OpenVINO runs step 6's network with the LoRA merged: its image to within a pixel level or two.
+    # OpenVINO runs step 7's network with the LoRA merged: its image to within a pixel level or two.
     ov = np.asarray(Image.open(tmp_path / "pink-ov-images" / "00000-1.png"), dtype=np.int16)
     difference = np.abs(ov - np.asarray(pink, dtype=np.int16))
     assert difference.max() <= 2 and difference.mean() < 0.1
