@@ -7,6 +7,9 @@ never touch the network. ByT5's tokenizer is byte-level and needs no vocabulary 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -157,3 +160,17 @@ def random_lora(transformer: str | Path, out: str | Path, seed: int = 1, std: fl
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return save_lora(model, out)
+
+
+def run_shell(commands: str, cwd: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run documented shell commands as a user pastes them: bash stopping at the first failure, this venv's
+    `pixart` and `python` first on PATH, offline, one torch thread."""
+    return subprocess.run(["bash", "-e", "-c", commands], cwd=cwd, env=shell_environment(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def shell_environment() -> dict[str, str]:
+    """The environment :func:`run_shell` runs commands in (for a documented command started in the background)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    return environment
