@@ -282,6 +282,15 @@ def test_each_request_is_one_log_line_without_the_prompt(server):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.8 32x32 1 steps x1 \d+\.\d\d s 200 ok", line), line
 
 
+def closed(sock: socket.socket) -> bool:
+    """Whether the server closed the connection: an orderly end, or a reset when a byte the client sent last
+    was still unread when the server closed (the kernel then answers with RST, not FIN)."""
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
 def test_clients_sending_their_headers_slowly_are_cut_off_and_others_are_served(server):
     opened = time.monotonic()
     slow = [socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.9", 0)) for _ in range(100)]
@@ -302,7 +311,7 @@ def test_clients_sending_their_headers_slowly_are_cut_off_and_others_are_served(
     for sock, (answer, after) in answers.items():
         assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 3 s" in answer, answer
         assert HEADER_TIMEOUT - 0.5 < after < HEADER_TIMEOUT + 3, after
-        assert sock.recv(4096) == b""  # then closed
+        assert closed(sock)
         sock.close()
     silent.settimeout(5)
     assert silent.recv(4096) == b""  # a connection that never spoke is closed without an answer
