@@ -310,6 +310,9 @@ def test_wandb_logs_to_the_configured_project_and_tensorboard_keeps_its_folder(s
     assert project.encode() in records.read_bytes()
     assert f"finishing run {project}/" in (offline / "logs" / "debug.log").read_text()
     assert list((run / "logs" / "pixart").glob("events.out.tfevents.*"))
+    import wandb
+
+    wandb.teardown()  # stop the W&B service this test process started, so no later test shares or outlives it
 
 
 def test_sample_randomness_depends_only_on_seed_step_and_index():
