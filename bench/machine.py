@@ -5,34 +5,17 @@ Shared by the bench scripts, which are run as files (``python bench/x.py``), so 
 
 from __future__ import annotations
 
-import platform
 import resource
 from pathlib import Path
 
 import torch
 
-UNITS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-"""CPU flags that decide how fast fp32, bf16 and int8 matmuls run (Linux /proc/cpuinfo names)."""
-
-
-def cpu_description() -> str:
-    """'AMD EPYC, 2 cores, avx2 avx512f avx512_bf16 avx512_vnni' on Linux; the platform's name elsewhere."""
-    info = Path("/proc/cpuinfo")
-    if not info.is_file():
-        return platform.processor() or platform.machine()
-    fields = dict(
-        line.split(":", 1) for line in info.read_text().splitlines() if ":" in line and line.split(":", 1)[0].strip()
-    )
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    cores = info.read_text().count("processor\t:")
-    units = " ".join(u for u in UNITS if u in flags) or "no avx2"
-    return f"{fields.get('model name', platform.machine())}, {cores} cores, {units}"
+from pixart.inference.cpu_units import describe_cpu
 
 
 def header(what: str) -> str:
     """One line naming the benchmark, the CPU and its units, torch and its thread count."""
-    return f"{what} | {cpu_description()} | torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{what} | {describe_cpu()} | torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def reset_peak_rss() -> bool:

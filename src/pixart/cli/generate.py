@@ -383,7 +383,8 @@ def add_control_flags(parser: argparse.ArgumentParser) -> None:
 
 def control_image(args: argparse.Namespace, load):
     """The control image of --control, read before any model loads; checked against what --from-png recorded."""
-    from pixart.inference.control import check_no_step_cache, image_sha256, open_control_image
+    from pixart.inference.control import check_no_step_cache
+    from pixart.inference.image_inputs import pixel_sha256, read_input
 
     recorded = read_png_metadata_if(args.from_png).get("control_sha256")
     if args.control is None:
@@ -397,8 +398,8 @@ def control_image(args: argparse.Namespace, load):
     if not load.controlnet:
         raise PixArtError("--control needs a ControlNet to steer the model: pass --controlnet PATH")
     check_no_step_cache(load.cache_steps, load.cache_threshold)
-    image = open_control_image(args.control)
-    if recorded and image_sha256(image) != recorded:
+    image = read_input(args.control, "control image")
+    if recorded and pixel_sha256(image) != recorded:
         log.warning("%s is not the control image %s was made with: the image will differ", args.control, args.from_png)
     return image
 

@@ -8,7 +8,6 @@ so ``pixart generate --from-png`` with the same control image reproduces the ima
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from pixart.errors import PixArtError, first_line
+from pixart.errors import PixArtError
 
 if TYPE_CHECKING:  # torch takes seconds to import; options.py (and so `pixart generate --help`) imports this module
     import torch
@@ -59,23 +58,6 @@ def check_no_step_cache(cache_steps: int, cache_threshold: float = 0.0) -> None:
         raise PixArtError("step caching (--cache-threshold) does not combine with a ControlNet; run one without it")
 
 
-def open_control_image(path: str | os.PathLike) -> Image.Image:
-    """The control image of a file, decoded, or a one-line PixArtError naming the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise PixArtError(f"control image {path} does not exist") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise PixArtError(f"cannot read control image {path}: {first_line(err)}") from None
-
-
-def image_sha256(image: Image.Image) -> str:
-    """A hash of an image's RGB pixels and size: the same for a file and any lossless copy of it."""
-    rgb = image.convert("RGB")
-    return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
-
-
 def control_map(image: Image.Image, control_type: str, width: int, height: int) -> Image.Image:
     """The control map at the sampling size: the image resized to width × height, then its edges for 'canny'."""
     check_control_type(control_type)
@@ -109,7 +91,9 @@ class Control:
 
     @cached_property
     def image_digest(self) -> str:
-        return image_sha256(self.image)
+        from pixart.inference.image_inputs import pixel_sha256  # not at the top: options imports this module
+
+        return pixel_sha256(self.image)
 
     def encode(self, vae: torch.nn.Module, height: int, width: int, scaling: float) -> None:
         """The control map's VAE latents at the sampling size (height × width px), scaled as image latents.
@@ -167,7 +151,9 @@ def prepare_control(
     check_no_step_cache(cache_steps, cache_threshold)
     check_control_scale(scale)
     check_control_type(control_type)
-    image = control if isinstance(control, Image.Image) else open_control_image(control)
+    from pixart.inference.image_inputs import read_input
+
+    image = read_input(control, "control image")  # RGB, whether given as a PIL image or a file
     if isinstance(controlnet, (str, os.PathLike)):
         from pixart.checkpoints.controlnet import file_sha256, load_controlnet
 
