@@ -16,9 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixart.errors import PixArtError
 from pixart.inference.devices import RunStats
-from pixart.inference.options import MAX_SEED, GenerationOptions, next_free_index, save_image
+from pixart.inference.options import GenerationOptions, check_seed_range, next_free_index, save_image
 
 
 def launched_processes() -> int:
@@ -96,11 +95,7 @@ def generate_share(
     """
     options = options.replace(seed=processes.broadcast(pipe.resolve(options).seed))
     jobs = [prompt for prompt in prompts for _ in range(options.num_images)]  # the order one process makes them in
-    if options.seed + len(jobs) - 1 > MAX_SEED:  # refused by all, not only by the process with the last images
-        raise PixArtError(
-            f"seed {options.seed} is too large for {len(jobs)} images (image k uses seed + k); "
-            f"use a seed from 0 to {MAX_SEED - len(jobs) + 1}"
-        )
+    check_seed_range(options.seed, len(jobs))  # refused by all, not only by the process with the last images
     share = processes.share(len(jobs), options.batch_size)
     if not share:  # more processes than batches
         return share, []

@@ -41,6 +41,15 @@ MAX_MASK_BLUR = 256
 """A feather wider than this blurs the whole kept region of any image a model makes."""
 
 
+def check_seed_range(seed: int, images: int) -> None:
+    """Refuse a run whose last image's seed (image k uses seed + k) would not fit a generator or the PNG's metadata."""
+    if seed + images - 1 > MAX_SEED:
+        raise PixArtError(
+            f"seed {seed} is too large for {images} images (image k uses seed + k); "
+            f"use a seed from 0 to {MAX_SEED - images + 1}"
+        )
+
+
 @dataclass
 class GenerationOptions:
     """How to generate: everything but the prompt and the model. Shared by the CLI and the web UI.

@@ -42,7 +42,7 @@ from pixart.inference.devices import (
     resolve_quantize,
 )
 from pixart.inference.image_inputs import ImageInputs, ImageSource, trimmed_timesteps
-from pixart.inference.options import MAX_SEED, GenerationOptions, LoadSettings, check_text
+from pixart.inference.options import GenerationOptions, LoadSettings, check_seed_range, check_text
 from pixart.inference.options import read_png_metadata as read_png_metadata  # re-exported: the README imports it here
 from pixart.inference.options import save_image as save_image  # re-exported: the README imports it here
 from pixart.model.config import FAMILY
@@ -412,11 +412,7 @@ class PixArtPipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         height, width = self.sample_size_for(opts)
         jobs = [(p, opts.seed + k) for k, p in enumerate(p for p in prompts for _ in range(opts.num_images))]
-        if jobs[-1][1] > MAX_SEED:  # the last image's seed would not fit a generator, or its PNG's metadata
-            raise PixArtError(
-                f"seed {opts.seed} is too large for {len(jobs)} images (image k uses seed + k); "
-                f"use a seed from 0 to {MAX_SEED - len(jobs) + 1}"
-            )
+        check_seed_range(opts.seed, len(jobs))
         batches = [jobs[i : i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
         guided = opts.guidance > 1.0
 
