@@ -5,8 +5,10 @@ a small SD-shaped VAE), exports it to OpenVINO (fp32 and INT8 weights), then run
 its own subprocess (peak RSS is per process): load, generate one image (for torch.compile this one
 compiles), generate a second image with another seed: its wall time and the process's CPU time (less
 disturbed by other load on a shared machine) are the time per image. Quality
-is PSNR of each contender's second image against pixart eager's; the LCM row on these random,
-undistilled weights measures speed only. Image-to-image starts from a fixed picture at strength 0.6 (so it runs
+is PSNR of each contender's second image against pixart eager's; the LCM and DMD rows on these random,
+undistilled weights measure speed only. Every speed ratio is against the fastest diffusers setting measured in the
+same run (fp32 or bf16: a user passing torch_dtype=torch.bfloat16 is the peer to beat where the CPU has bf16 units).
+Image-to-image starts from a fixed picture at strength 0.6 (so it runs
 0.6 of the steps; its image is another task's, not compared); the ControlNet row steers by a new zero-initialised
 branch of 11 blocks, the most a 12-block model allows (a branch block feeds the next base block; PixArt-δ copies
 13 of XL's 28); being zero-initialised, it must leave eager's image as it is.
@@ -32,13 +34,20 @@ from bench_generate import build  # the same mid-size random Σ pipeline the gen
 
 PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset, seagulls, dramatic clouds"
 CONTENDERS = {
-    "diffusers": "diffusers PixArtSigmaPipeline (dpm++, guidance 4.5)",
-    "eager": "pixart, PyTorch eager",
+    "diffusers": "diffusers PixArtSigmaPipeline (dpm++, guidance 4.5), fp32",
+    "diffusers-bf16": "diffusers PixArtSigmaPipeline, torch_dtype=torch.bfloat16",
+    "eager": "pixart, PyTorch eager, fp32 (--dtype fp32)",
+    "bf16": "pixart --dtype bf16 (sampler state in fp32)",
+    "int8": "pixart --quantize int8 (dynamic int8 linears, transformer and T5)",
     "compiled": "pixart --compile (torch.compile, inductor)",
     "cached": "pixart --cache-steps N (deep blocks on 1 step in N)",
+    "adaptive": "pixart --cache-threshold T (adaptive step caching)",
     "lcm": "pixart --sampler lcm, 4 steps, no guidance",
+    "dmd": "pixart --sampler dmd, 1 step at t=400, no guidance",
     "openvino": "pixart --runtime openvino (fp32 IR)",
+    "openvino-bf16": "pixart --runtime openvino --ov-precision bf16",
     "openvino-int8": "pixart --runtime openvino, NNCF INT8 weights",
+    "openvino-int8full": "pixart --runtime openvino, NNCF full INT8 (activations too, calibrated)",
     "img2img": "pixart --image IN.png --strength 0.6 (image-to-image)",
     "controlnet": "pixart --control IN.png --controlnet (zero-init branch of 11 blocks, canny)",
 }
@@ -55,12 +64,13 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     from pixart.sampling.samplers import DEFAULT_SAMPLER, SAMPLERS
 
-    chosen = SAMPLERS["lcm" if name == "lcm" else DEFAULT_SAMPLER]
-    steps, guidance, sampler = chosen.steps if name == "lcm" else args.steps, chosen.guidance, chosen.name
-    if name == "diffusers":
+    chosen = SAMPLERS[name if name in ("lcm", "dmd") else DEFAULT_SAMPLER]
+    steps, guidance, sampler = chosen.steps if name in ("lcm", "dmd") else args.steps, chosen.guidance, chosen.name
+    if name.startswith("diffusers"):
         from diffusers import PixArtSigmaPipeline
 
-        pipe = PixArtSigmaPipeline.from_pretrained(folder)
+        dtype = torch.bfloat16 if name == "diffusers-bf16" else torch.float32
+        pipe = PixArtSigmaPipeline.from_pretrained(folder, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
 
         def generate(seed: int):
@@ -74,13 +84,18 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
         if name.startswith("openvino"):
             from pixart.inference.openvino import load_openvino_pipeline
 
-            pipe = load_openvino_pipeline(work / name, threads=args.threads)
+            precision = "bf16" if name == "openvino-bf16" else "f32"
+            export = work / ("openvino" if name == "openvino-bf16" else name)
+            pipe = load_openvino_pipeline(export, threads=args.threads, precision=precision)
         else:
             pipe = PixArtPipeline.from_pretrained(
                 folder,
                 device="cpu",
+                dtype="bf16" if name == "bf16" else "fp32",
+                quantize="int8" if name == "int8" else None,
                 compile=name == "compiled",
                 cache_steps=args.cache_steps if name == "cached" else 0,
+                cache_threshold=args.cache_threshold if name == "adaptive" else 0.0,
             )
 
         inputs = image_inputs(name, pipe, work, args.size)
@@ -140,6 +155,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="dpm++ steps (default 20; LCM uses 4)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per contender (default 1)")
     parser.add_argument("--cache-steps", type=int, default=3, help="step-cache strength N (default 3)")
+    parser.add_argument("--cache-threshold", type=float, default=0.2, help="adaptive caching threshold (default 0.2)")
     parser.add_argument("--only-rows", help="comma-separated contenders to run (default all): " + ", ".join(CONTENDERS))
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one contender in this process
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -165,14 +181,17 @@ def main() -> None:
         from pixart.inference.openvino import export_openvino
 
         exports = {}
-        for name, int8 in [(n, n.endswith("int8")) for n in ("openvino", "openvino-int8") if n in rows]:
+        int8_modes = {"openvino": False, "openvino-int8": "weights", "openvino-int8full": "full"}
+        needed = {"openvino" if n == "openvino-bf16" else n for n in rows if n.startswith("openvino")}
+        for name in sorted(needed):
             started = time.perf_counter()
-            export_openvino(work / "pipeline", work / name, width=args.size, height=args.size, int8=int8)
+            export_openvino(work / "pipeline", work / name, width=args.size, height=args.size, int8=int8_modes[name])
             exports[name] = time.perf_counter() - started
         results = {}
         for name in rows:
             cmd = [sys.executable, __file__, "--only", name, "--work", str(work), "--size", str(args.size)]
             cmd += ["--steps", str(args.steps), "--threads", str(args.threads), "--cache-steps", str(args.cache_steps)]
+            cmd += ["--cache-threshold", str(args.cache_threshold)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -181,18 +200,23 @@ def main() -> None:
         eager = np.load(work / "eager.npy")
         quality = {name: psnr(np.load(work / f"{name}.npy"), eager) for name in rows}
 
-    ref = "diffusers" if "diffusers" in rows else "eager"
+    # Every ratio is against the strongest peer setting measured in this run: the faster diffusers row.
+    peers = [name for name in rows if name.startswith("diffusers")] or ["eager"]
+    ref = min(peers, key=lambda name: results[name]["cpu"])
     base = results[ref]
     print(f"\n{describe_cpu()}")
-    print(f"{args.size}×{args.size} px, {args.steps} dpm++ steps (LCM: 4), guidance 4.5, {args.threads} thread(s)\n")
+    steps = f"{args.steps} dpm++ steps (LCM: 4, DMD: 1), guidance 4.5"
+    print(f"{args.size}×{args.size} px, {steps}, {args.threads} thread(s)")
+    print(f"ratios against {ref}, the fastest of {', '.join(peers)} in this run\n")
     columns = ["contender", "s / image", "CPU s / image", f"speed vs {ref} (CPU)", "first image s", "peak RSS GiB"]
     print("| " + " | ".join(columns + [f"RSS vs {ref}", "PSNR vs eager dB"]) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for name in rows:
         r, label = results[name], CONTENDERS[name]
         label = label.replace("N", str(args.cache_steps)) if name == "cached" else label
+        label = label.replace("T", str(args.cache_threshold), 1) if name == "adaptive" else label
         q = "(reference)" if name == "eager" else "identical" if math.isinf(quality[name]) else f"{quality[name]:.1f}"
-        q = "(another task)" if name == "img2img" else q
+        q = "(another task)" if name == "img2img" else "(random weights: speed only)" if name in ("lcm", "dmd") else q
         print(
             f"| {label} | {r['image']:.1f} | {r['cpu']:.1f} | {base['cpu'] / r['cpu']:.2f}× | {r['first']:.1f} | "
             f"{r['rss'] / 2**30:.2f} | {r['rss'] / base['rss']:.2f}× | {q} |"
