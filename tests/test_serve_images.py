@@ -91,7 +91,7 @@ def generate_cli(*args: str, out: Path) -> bytes:
 def test_info_says_which_image_inputs_the_server_takes(server):
     info = json.loads(urllib.request.urlopen(f"{server.url}/api/info", timeout=30).read())
     assert info["image_inputs"] == ["image", "mask", "control"]
-    assert info["controlnets"] == ["edges", "cn2"] and info["control_types"] == ["none", "canny"]
+    assert info["controlnets"] == ["edges", "cn2"] and info["control_types"] == ["none", "canny", "layout"]
 
 
 def test_an_image_to_image_request_is_pixart_generate_image_byte_for_byte(server, files, tmp_path):

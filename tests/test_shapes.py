@@ -3,6 +3,7 @@ rejects wrong targets and survives blur and noise."""
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from pixart.demo.checker import Check, check, detect, score
 from pixart.demo.shapes import (
     COLOURS,
     PLACES,
+    POSITION_WORDS,
     POSITIONS,
+    RELATION_WORDS,
     SHAPES,
     Scene,
     SceneObject,
@@ -232,6 +235,31 @@ def test_dataset_is_deterministic_imagefolder(tmp_path):
         assert Scene.from_dict(row).objects[0].bbox == tuple(first["bbox"])
 
 
+def test_position_dropout_leaves_where_out_of_some_captions_and_nothing_else(tmp_path):
+    placed = write_dataset(tmp_path / "placed", 40, seed=5, pairs=0.75, progress=False)
+    unplaced = write_dataset(tmp_path / "unplaced", 40, seed=5, pairs=0.75, position_dropout=0.5, progress=False)
+    rows = [json.loads(line) for line in (placed / "metadata.jsonl").read_text().splitlines()]
+    dropped = [json.loads(line) for line in (unplaced / "metadata.jsonl").read_text().splitlines()]
+    where = [w for words in (*POSITION_WORDS.values(), *RELATION_WORDS.values()) for w in words]
+    kept = 0
+    for row, other in zip(rows, dropped, strict=True):
+        assert (placed / row["file_name"]).read_bytes() == (unplaced / other["file_name"]).read_bytes()
+        caption_free = ("text", "position_in_text")
+        assert {k: v for k, v in other.items() if k not in caption_free} == {
+            k: v for k, v in row.items() if k not in caption_free
+        }
+        assert row["position_in_text"]
+        if other["position_in_text"]:
+            kept += 1
+            assert other["text"] == row["text"]
+            continue
+        text = other["text"]
+        assert not any(re.search(rf"\b{w}\b", text) for w in where), text
+        assert all(f"{o['colour']} {o['shape']}" in text for o in row["objects"]), text
+        assert sum(text.split().count(w) for w in SIZE_WORDS) == (len(row["objects"]) if row["size_in_text"] else 0)
+    assert 10 <= kept <= 30  # half of 40, give or take the draw
+
+
 def test_dataset_loads_with_hf_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
     folder = write_dataset(tmp_path / "data", 6, sizes=((64, 64),), progress=False)
@@ -272,6 +300,7 @@ def test_write_refuses_non_empty_folder_unless_forced(tmp_path):
         (lambda: write_dataset("/tmp/never", 0), "count 0"),
         (lambda: write_dataset("/tmp/never", 2, pairs=1.5), "pairs 1.5"),
         (lambda: write_dataset("/tmp/never", 2, pairs=-0.1), "pairs -0.1"),
+        (lambda: write_dataset("/tmp/never", 2, position_dropout=2), "position dropout 2 must be a fraction"),
         (lambda: held_out_prompts(0), "0"),
     ],
 )

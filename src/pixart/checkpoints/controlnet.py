@@ -6,7 +6,8 @@ The released ``PixArt-XL-2-{512,1024}-ControlNet.pth`` hold ``{"state_dict": …
 as it stands. The base weights are not used (the base is loaded on its own), only read to check that the branch was
 made for this base. Ours is one .safetensors with the branch's tensors and the base config and block count in its
 metadata, which :func:`save_controlnet` writes. :func:`save_official_controlnet` writes the released layout, base
-included: the official demo and inference scripts build the whole model from that one file.
+included: the official demo and inference scripts build the whole model from that one file. A bundled ControlNet's
+name (``demo-layout``) reads the shipped file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from pixart.checkpoints.common import file_size, load_safetensors, safetensors_metadata, save_with_config
 from pixart.checkpoints.hub import HUB_FILE, fetch_file
 from pixart.checkpoints.official import config_from_state_dict, read_pth, to_official_state_dict, write_pth
+from pixart.demo import BUNDLED_CONTROLNETS
 from pixart.errors import PixArtError
 from pixart.files import disk_full_is_one_line
 from pixart.model.config import PixArtConfig
@@ -60,9 +62,8 @@ def load_controlnet(
     infers from its ``base_model.*`` weights (official, with ``num_heads``, which weights do not record, for a width
     no release has), as conversion does. dtype defaults to float32.
     """
-    path = Path(path).expanduser()
-    if not path.is_file() and (file := HUB_FILE.fullmatch(str(path))):  # owner/name/file.pth on the hub
-        path = fetch_file(file.group(1), file.group(2))
+    given = str(path)
+    path = controlnet_file(path)
     if not path.is_file():
         raise PixArtError(f"ControlNet {path} does not exist (expected an official .pth or a pixart .safetensors)")
     if path.suffix in (".pth", ".pt"):
@@ -72,7 +73,7 @@ def load_controlnet(
     else:
         raise PixArtError(f"cannot load ControlNet {path}: expected an official .pth/.pt or a pixart .safetensors")
     if stated is not None and base is not None:
-        check_base(stated, base, f"{path.name}")
+        check_base(stated, base, given if given in BUNDLED_CONTROLNETS else path.name)
     config = base or stated
     if config is None:
         raise PixArtError(f"{path} holds no base_model weights to tell its model from; load it with a base config")
@@ -92,6 +93,17 @@ def load_controlnet(
     net.load_state_dict(branch, strict=True, assign=True)
     log.info("loaded ControlNet %s (%d copied blocks, %s)", path, num_blocks, file_size(path))
     return net.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def controlnet_file(path: str | os.PathLike) -> Path:
+    """The file a ControlNet argument names: a bundled ControlNet's name, ``owner/name/file.pth`` on the hub
+    (downloaded) or a path, as given."""
+    path = Path(path).expanduser()
+    if not path.exists() and str(path) in BUNDLED_CONTROLNETS:
+        return BUNDLED_CONTROLNETS[str(path)]
+    if not path.is_file() and (file := HUB_FILE.fullmatch(str(path))):  # owner/name/file.pth on the hub
+        return fetch_file(file.group(1), file.group(2))
+    return path
 
 
 def _read_official(path: Path, num_heads: int | None) -> tuple[dict[str, torch.Tensor], PixArtConfig | None]:
@@ -154,6 +166,7 @@ def convert_controlnet(
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """The hex SHA-256 of a file's bytes, read in chunks (a released ControlNet is gigabytes)."""
-    with open(path, "rb") as file:
+    """The hex SHA-256 of a ControlNet file's bytes (named as :func:`load_controlnet` takes it), read in chunks: a
+    released ControlNet is gigabytes."""
+    with open(controlnet_file(path), "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()

@@ -371,7 +371,10 @@ def add_control_flags(parser: argparse.ArgumentParser) -> None:
     c = parser.add_argument_group("ControlNet (PixArt-δ: a copy of the first blocks steered by a control image)")
     c.add_argument("--control", type=Path, metavar="IMAGE", help="the control image, resized to the generation size")
     c.add_argument(
-        "--controlnet", metavar="PATH", help="the ControlNet: an official …-ControlNet.pth or a pixart .safetensors"
+        "--controlnet",
+        metavar="PATH",
+        help="the ControlNet: an official …-ControlNet.pth, a pixart .safetensors or demo-layout (the demo model's, "
+        "bundled: white shapes on black say where its shapes go)",
     )
     c.add_argument("--control-scale", type=float, metavar="X", help="factor on the ControlNet's residuals (default 1)")
     c.add_argument(

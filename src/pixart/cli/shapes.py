@@ -40,6 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"chance from 0 to 1 that a drawn scene has two objects (default {PAIR_PROBABILITY}); the split's "
         "rejection of combinations it must not show discards more pairs, so 0.75 writes about 65%% pairs",
     )
+    parser.add_argument(
+        "--position-dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="chance from 0 to 1 that a caption leaves out where its shapes are ('a red circle and a blue square'), "
+        "so only the image tells: data for a layout ControlNet (default 0)",
+    )
     parser.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
     parser.set_defaults(func=run)
 
@@ -47,7 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.sizes)
     out = write_dataset(
-        args.out, args.count, seed=args.seed, sizes=sizes, split=args.split, pairs=args.pairs, force=args.force
+        args.out,
+        args.count,
+        seed=args.seed,
+        sizes=sizes,
+        split=args.split,
+        pairs=args.pairs,
+        position_dropout=args.position_dropout,
+        force=args.force,
     )
     print(f"wrote {args.count} images to {out}")
     return 0

@@ -9,3 +9,8 @@ the pipeline, so the CLI can check a request against it without importing torch.
 BUNDLED_LORAS = {"demo-lcm": BUNDLE.parent / "demo-lcm-lora"}
 """LoRAs shipped with the demo, by the name ``--lora`` takes: ``demo-lcm`` samples the demo in 4 steps with
 ``--sampler lcm`` (recipe ``demo-lcm-lora``, ``scripts/train_demo_lcm.sh``)."""
+
+BUNDLED_CONTROLNETS = {"demo-layout": BUNDLE.parent / "demo-controlnet-layout" / "controlnet.safetensors"}
+"""ControlNets shipped with the demo, by the name ``--controlnet`` takes: ``demo-layout`` places the demo's shapes
+where a layout map (``--control-type layout``, or white shapes drawn on black with ``none``) shows them (recipe
+``demo-controlnet``, ``scripts/train_demo_controlnet.sh``)."""

@@ -6,13 +6,14 @@ checker (:mod:`pixart.demo.checker`):
 
 - ControlNet: the scene's caption alone, then with the control map of the rendered scene. Beside the checker's
   position and relation (coarse words a caption already states), ``in_box`` asks the finer question a control
-  map answers: does each shape's centre land inside its box in the rendered scene?
+  map answers: does each shape's centre land inside its box in the rendered scene? With ``--unplaced`` the
+  captions leave out where the shapes are ("a red circle and a blue square"), so only the map can say it.
 - inpainting: a two-shape scene with the first shape's box masked and the caption naming a new colour for it.
   The checker judges the repainted scene; ``kept`` counts images whose pixels outside the mask equal the input's
   byte for byte (mask_blur 0).
 - image-to-image at strength 0.6: the rendered scene with a caption that recolours its first shape.
 
-    python -m pixart.demo.eval_images [--controlnet runs/democn/controlnet/final-ema.safetensors] [--prompts 50]
+    python -m pixart.demo.eval_images [--controlnet demo-layout] [--control-type layout] [--unplaced] [--prompts 50]
 """
 
 from __future__ import annotations
@@ -71,15 +72,23 @@ def summary(checks: list[Check], placed: list[bool], **extra: float) -> dict[str
 
 
 def control_scores(
-    pipe, controlnet=None, n: int = 100, seed: int = 0, scale: float = 1.0, control_type: str = "canny", **options
+    pipe,
+    controlnet=None,
+    n: int = 100,
+    seed: int = 0,
+    scale: float = 1.0,
+    control_type: str = "canny",
+    unplaced: bool = False,
+    **options,
 ) -> dict[str, float]:
     """Checker scores of the scenes' captions, steered by the control maps of the rendered scenes through
-    ``controlnet`` (None: the captions alone, the baseline)."""
+    ``controlnet`` (None: the captions alone, the baseline); ``unplaced``: captions without position words."""
     checks, placed = [], []
     for i, (prompt, image) in enumerate(rendered(n, seed)):
         if controlnet is not None:
             options.update(control=image, controlnet=controlnet, control_scale=scale, control_type=control_type)
-        result = pipe(prompt.text, seed=seed + i, show_progress=False, **options)[0]
+        text = caption(prompt.scene, np.random.default_rng([seed, i]), True, False) if unplaced else prompt.text
+        result = pipe(text, seed=seed + i, show_progress=False, **options)[0]
         checks.append(check(result, prompt.scene))
         placed.append(in_box(result, prompt.scene))
     return summary(checks, placed)
@@ -120,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="diffusers pipeline folder (default: the bundled demo model)")
     parser.add_argument("--controlnet", help="ControlNet to measure (a file or a bundled name); omitted: skipped")
     parser.add_argument("--control-scale", type=float, default=1.0)
+    parser.add_argument("--control-type", default="layout", help="how a scene becomes its control map (default layout)")
+    parser.add_argument(
+        "--unplaced", action="store_true", help="ControlNet prompts without position words: only the map says where"
+    )
     parser.add_argument("--prompts", type=int, default=100, help="held-out scenes per measurement (default 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=MEASUREMENTS, action="append", help="(repeatable; default all)")
@@ -131,9 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     only = set(args.only or MEASUREMENTS)
     results = {}
     if "plain" in only:
-        results["plain"] = control_scores(pipe, None, args.prompts, args.seed)
+        results["plain"] = control_scores(pipe, None, args.prompts, args.seed, unplaced=args.unplaced)
     if "control" in only and args.controlnet:
-        results["control"] = control_scores(pipe, args.controlnet, args.prompts, args.seed, args.control_scale)
+        results["control"] = control_scores(
+            pipe, args.controlnet, args.prompts, args.seed, args.control_scale, args.control_type, args.unplaced
+        )
     if "inpaint" in only:
         results["inpaint"] = inpaint_scores(pipe, args.prompts, args.seed)
     if "img2img" in only:

@@ -78,6 +78,12 @@ PAIR_TEMPLATES = (
     "two shapes: {a} {rel} {b}",
     "{a} and {b}, the {ca} one {rel} the {cb} one",
 )
+UNPLACED_SINGLE_TEMPLATES = ("{obj}", "there is {obj}", "a picture of {obj}")
+UNPLACED_PAIR_TEMPLATES = ("{a} and {b}", "there is {a} and {b}", "two shapes: {a} and {b}")
+"""Captions that leave out where the shapes are (no position or relation words): only a layout map can tell."""
+POSITION_DROPOUT_STREAM = 0x9051
+"""The random stream of a sample's position-dropout draw, apart from the one that draws its scene and caption, so
+a data set written without position dropout is the one written before the option existed."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ class Sample:
     text: str
     size_in_text: bool
     """Whether the caption states the sizes; when it does not, any size follows the prompt."""
+    position_in_text: bool = True
+    """Whether the caption says where the shapes are (position or relation words)."""
 
 
 @dataclass(frozen=True)
@@ -288,13 +296,21 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def caption(scene: Scene, rng: np.random.Generator, size_in_text: bool) -> str:
-    """One of several phrasings of `scene`; sizes are named only when `size_in_text`."""
+def caption(scene: Scene, rng: np.random.Generator, size_in_text: bool, position_in_text: bool = True) -> str:
+    """One of several phrasings of `scene`; sizes are named only when `size_in_text`, the position of a lone shape
+    or the relation of two only when `position_in_text`."""
 
     def noun(o: SceneObject) -> str:
         words = [SIZE_WORDS[o.size][rng.integers(2)]] if size_in_text else []
         return " ".join([*words, o.colour, o.shape])
 
+    if not position_in_text:
+        if len(scene.objects) == 1:
+            template = UNPLACED_SINGLE_TEMPLATES[rng.integers(len(UNPLACED_SINGLE_TEMPLATES))]
+            return template.format(obj=_a(noun(scene.objects[0])))
+        a, b = scene.objects if rng.random() < 0.5 else scene.objects[::-1]
+        template = UNPLACED_PAIR_TEMPLATES[rng.integers(len(UNPLACED_PAIR_TEMPLATES))]
+        return template.format(a=_a(noun(a)), b=_a(noun(b)))
     if len(scene.objects) == 1:
         obj = scene.objects[0]
         words = POSITION_WORDS[obj.position]
@@ -338,14 +354,23 @@ def place_labels(text: str, scene: Scene) -> list[int]:
 
 
 def make_sample(
-    seed: int, index: int, sizes: tuple[tuple[int, int], ...], split: str = "train", pairs: float = PAIR_PROBABILITY
+    seed: int,
+    index: int,
+    sizes: tuple[tuple[int, int], ...],
+    split: str = "train",
+    pairs: float = PAIR_PROBABILITY,
+    position_dropout: float = 0.0,
 ) -> Sample:
-    """Sample `index` of the dataset with `seed`: the same arguments always give the same sample."""
+    """Sample `index` of the dataset with `seed`: the same arguments always give the same sample. Its caption
+    leaves out where the shapes are with probability `position_dropout`; the image is the same either way."""
     rng = np.random.default_rng([seed, index])
     width, height = sizes[rng.integers(len(sizes))]
     image, scene = render(sample_scene(rng, split, pairs), width, height, rng)
     size_in_text = bool(rng.random() < SIZE_IN_TEXT_PROBABILITY)
-    return Sample(image, scene, caption(scene, rng, size_in_text), size_in_text)
+    dropped = position_dropout > 0 and np.random.default_rng([seed, index, POSITION_DROPOUT_STREAM]).random() < (
+        position_dropout
+    )
+    return Sample(image, scene, caption(scene, rng, size_in_text, not dropped), size_in_text, not dropped)
 
 
 def held_out_prompts(n: int, seed: int = 0) -> list[Prompt]:
@@ -398,7 +423,8 @@ def metadata_row(sample: Sample, file_name: str, split: str) -> dict:
     """One line of metadata.jsonl: imagefolder's file_name and text, the class label, the ground truth."""
     width, height = sample.image.size
     row = {"file_name": file_name, "text": sample.text, "label": sample.scene.label, "width": width, "height": height}
-    return {**row, **sample.scene.to_dict(), "size_in_text": sample.size_in_text, "split": split}
+    row |= sample.scene.to_dict() | {"size_in_text": sample.size_in_text, "position_in_text": sample.position_in_text}
+    return row | {"split": split}
 
 
 def write_dataset(
@@ -409,17 +435,20 @@ def write_dataset(
     sizes: tuple[tuple[int, int], ...] = ((64, 64),),
     split: str = "train",
     pairs: float = PAIR_PROBABILITY,
+    position_dropout: float = 0.0,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Writes `count` samples as an imagefolder at `out`, all at once: a reader never sees half a dataset.
     Each drawn scene has two objects with probability `pairs`, else one. The split's rejection of
     combinations it must not show discards more pairs than single objects, so the written share of pairs
-    is lower: about 38% for the default 0.5 and 65% for 0.75 in the train split."""
+    is lower: about 38% for the default 0.5 and 65% for 0.75 in the train split. A caption leaves out where its
+    shapes are with probability `position_dropout` (for a layout ControlNet: then only the image tells)."""
     if not isinstance(count, int) or count < 1:
         raise PixArtError(f"count {count!r} must be a positive integer")
-    if isinstance(pairs, bool) or not isinstance(pairs, (int, float)) or not 0 <= pairs <= 1:
-        raise PixArtError(f"pairs {pairs!r} must be a fraction from 0 to 1")
+    for name, value in (("pairs", pairs), ("position dropout", position_dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise PixArtError(f"{name} {value!r} must be a fraction from 0 to 1")
     if not isinstance(seed, int) or seed < 0:
         raise PixArtError(f"seed {seed!r} must be a non-negative integer")
     if not sizes:
@@ -439,7 +468,7 @@ def write_dataset(
             digits = max(6, len(str(count - 1)))
             with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
                 for i in tqdm(range(count), desc="shapes", unit="img", disable=not progress):
-                    sample = make_sample(seed, i, tuple(sizes), split, pairs)
+                    sample = make_sample(seed, i, tuple(sizes), split, pairs, position_dropout)
                     name = f"{i:0{digits}d}.png"
                     sample.image.save(tmp / name, compress_level=1)  # noisy backgrounds barely compress: save time
                     meta.write(json.dumps(metadata_row(sample, name, split)) + "\n")

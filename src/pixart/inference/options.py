@@ -84,7 +84,8 @@ class GenerationOptions:
     control_scale: float = 1.0
     """With a ControlNet: the factor on its residuals (0: none, 1: as trained); see :mod:`pixart.inference.control`."""
     control_type: str = "none"
-    """With a ControlNet: how the control image becomes its map ('none': as it is, 'canny': its edges)."""
+    """With a ControlNet: how the control image becomes its map ('none': as it is, 'canny': its edges,
+    'layout': where it differs from its plain background, white on black)."""
     strength: float | None = None
     """With an input image: how much of its schedule is run, in (0, 1]; None: 0.6, or 1 for inpainting."""
     mask_blur: int | None = None

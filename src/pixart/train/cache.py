@@ -146,7 +146,7 @@ def build_cache(
 ) -> dict[str, Any]:
     """Encode every image and caption of a dataset once and write the cache to ``out``; returns the manifest.
 
-    ``control``: also the latents of each image's control map by this preprocessor ('canny' or 'none'), for
+    ``control``: also the latents of each image's control map by this preprocessor ('canny', 'layout' or 'none'), for
     ControlNet training."""
     from diffusers import AutoencoderKL
 

@@ -285,9 +285,9 @@ class ControlNetConfig:
     format, final.pth in the released layout)."""
 
     preprocessor: str = "canny"
-    """How a training image becomes its control map: 'canny' (OpenCV edges, as ``--control-type canny``) or
-    'none' (the image itself). With data.cache, the cache must hold this preprocessor's maps
-    (``pixart cache --control``)."""
+    """How a training image becomes its control map: 'canny' (OpenCV edges, as ``--control-type canny``),
+    'layout' (where it differs from its plain background) or 'none' (the image itself). With data.cache, the cache
+    must hold this preprocessor's maps (``pixart cache --control``)."""
 
     num_blocks: int = 13
     """Base blocks the branch copies (the released α ControlNets: 13 of 28)."""
