@@ -5,7 +5,9 @@ Real processes (the CLI, a server on a free port), the real bundled demo, real d
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import logging
 import os
@@ -147,12 +149,14 @@ def test_export_drops_the_build_machines_paths_from_the_base_configs(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    """`pixart serve` on the bundled demo (no --model), as the README starts it."""
+    """`pixart serve` on the bundled demo (no --model), as the README starts it, with the demo's bundled LoRA and
+    ControlNet named as a user names them."""
     port, out = free_port(), tmp_path_factory.mktemp("out")
     log_file = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_file, "wb") as log:
         cmd = [sys.executable, "-m", "pixart", "serve", "--port", str(port), "--out", str(out)]
+        cmd += ["--lora", "demo-lcm", "--controlnet", "demo-layout"]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -183,6 +187,30 @@ def test_server_info_and_page_offer_the_demos_sizes_and_examples(demo_server):
     page = urllib.request.urlopen(f"{url}/config", timeout=30).read().decode()
     assert all(prompt in page for prompt in example_prompts())
     assert "astronaut" not in page and "64 × 64" in page
+
+
+def test_server_serves_the_bundled_lora_and_controlnet_by_name(demo_server):
+    url = f"http://127.0.0.1:{demo_server}"
+    info = json.loads(urllib.request.urlopen(f"{url}/api/info", timeout=30).read())
+    assert info["loras"] == [{"name": "demo-lcm", "scale": 1.0}] and info["controlnets"] == ["demo-layout"]
+
+    def generate(**fields) -> Image.Image:
+        body = json.dumps({"prompt": "a red circle", "seed": 3, **fields}).encode()
+        request = urllib.request.Request(f"{url}/api/generate", body, {"content-type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        return Image.open(io.BytesIO(base64.b64decode(answer["images"][0]["png_base64"])))
+
+    lcm = dict(sampler="lcm", steps=4, guidance=1.0)
+    plain, with_lora = generate(**lcm), generate(**lcm, loras=["demo-lcm"])
+    assert json.loads(with_lora.info["loras"]) == [["demo-lcm", 1.0]] and "loras" not in plain.info
+    assert with_lora.tobytes() != plain.tobytes()
+    layout = Image.new("RGB", (64, 64))
+    layout.paste((255, 255, 255), (40, 40, 60, 60))  # a white blob bottom right: where the circle should go
+    buffer = io.BytesIO()
+    layout.save(buffer, "PNG")
+    control = dict(control=base64.b64encode(buffer.getvalue()).decode(), controlnet="demo-layout", control_type="none")
+    steered = generate(steps=10, **control)
+    assert steered.info["controlnet"] == "demo-layout" and steered.tobytes() != generate(steps=10).tobytes()
 
 
 def test_server_refuses_a_size_the_demo_never_saw_at_once(demo_server):

@@ -222,22 +222,30 @@ def _leave(signum: int, frame) -> None:
 def served_loras(specs: list[str]):
     """The ``--lora [NAME=]PATH[:SCALE]`` flags as ServedLora, each named once and found on disk."""
     from pixart.checkpoints.lora import parse_lora_spec
+    from pixart.demo import BUNDLED_LORAS
     from pixart.serve.app import ServedLora
 
-    what = "a LoRA folder or .safetensors file"
-    return tuple(ServedLora(name, *parsed) for name, parsed in _named(specs, "--lora", what, parse_lora_spec))
+    what = "a LoRA folder or .safetensors file, or a bundled LoRA: " + ", ".join(BUNDLED_LORAS)
+    named = _named(specs, "--lora", what, parse_lora_spec, bundled=BUNDLED_LORAS)
+    return tuple(ServedLora(name, *parsed) for name, parsed in named)
 
 
 def served_controlnets(specs: list[str]) -> list[tuple[str, str]]:
     """The ``--controlnet [NAME=]PATH`` flags as (name, path), each named once and found on disk."""
-    what = "an official ControlNet .pth or a pixart .safetensors"
-    named = _named(specs, "--controlnet", what, lambda path: (path,), suffixes=(".safetensors", ".pth", ".pt"))
+    from pixart.demo import BUNDLED_CONTROLNETS
+
+    what = "an official ControlNet .pth or a pixart .safetensors, or a bundled one: " + ", ".join(BUNDLED_CONTROLNETS)
+    suffixes = (".safetensors", ".pth", ".pt")
+    named = _named(specs, "--controlnet", what, lambda path: (path,), suffixes=suffixes, bundled=BUNDLED_CONTROLNETS)
     return [(name, path) for name, (path,) in named]
 
 
-def _named(specs: list[str], flag: str, what: str, parse, suffixes=(".safetensors",)) -> list[tuple[str, tuple]]:
-    """(name, parse(REST)) of each ``[NAME=]REST`` flag, whose path ``parse(REST)[0]`` must exist; the name
-    defaults to the file's without ``suffixes``, and no name may repeat."""
+def _named(
+    specs: list[str], flag: str, what: str, parse, suffixes=(".safetensors",), bundled=()
+) -> list[tuple[str, tuple]]:
+    """(name, parse(REST)) of each ``[NAME=]REST`` flag, whose path ``parse(REST)[0]`` must exist or be one of the
+    ``bundled`` names (which the loaders resolve); the name defaults to the file's without ``suffixes``, and no
+    name may repeat."""
     import re
 
     named: dict[str, tuple] = {}
@@ -247,7 +255,7 @@ def _named(specs: list[str], flag: str, what: str, parse, suffixes=(".safetensor
         name = given[1] if given else Path(parsed[0]).name
         for suffix in suffixes if not given else ():
             name = name.removesuffix(suffix)
-        if not Path(parsed[0]).exists():
+        if not Path(parsed[0]).exists() and str(parsed[0]) not in bundled:
             raise PixArtError(f"{flag} {spec}: {parsed[0]} does not exist; give {what}")
         if name in named:
             raise PixArtError(f"{flag} {spec}: the name {name!r} is taken; name it with {flag} NAME=PATH")
