@@ -22,6 +22,7 @@ from pixart.train.dmd import distribution_matching_loss, fake_score_loss
 from pixart.train.loop import setup as setup_run
 from pixart.train.loop import train
 from pixart.train.state import complete_checkpoints
+from test_lcm import toy
 from test_train import cli, overrides, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,16 +34,6 @@ def dmd_overrides(setup, out: Path, *extra: str) -> list[str]:
     dmd = [f"--model.source={pipe}", "--model.preset=", "--dmd.enabled=true", "--dmd.num_pairs=8"]
     dmd += ["--dmd.pair_steps=2", "--diffusion.caption_dropout=0", "--data.batch_size=4"]
     return overrides(setup, out, *dmd, *extra)
-
-
-def toy(weight: float):
-    """A 'score' whose ε is weight · x · mean(text features); 8 channels out like learned sigma."""
-
-    def model(x, t, features, mask):
-        eps = weight * x * features.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
-        return torch.cat([eps, torch.full_like(eps, 7.0)], dim=1)
-
-    return model
 
 
 def test_distribution_matching_gradient_is_dmds():
