@@ -5,13 +5,13 @@ score starts as the teacher and learns, by the plain ε denoising loss, the dist
 the student's outputs, detached). The student starts as the teacher too and maps pure noise z, read at timestep 400
 as ``--sampler dmd`` reads it, to x = x̂0(z) in one step. Its gradient is DMD's: noise x to a random time t, and
 push x along μ_fake(x_t) − μ_real(x_t), the difference of the two scores' x̂0 predictions, divided per sample by
-the mean |x − μ_real(x_t)| (the paper's weighting w_t, which makes the step size independent of t and of the
-image's scale). Beside it a regression loss holds the student to the teacher's own noise → image pairs: the teacher
+the mean |x − μ_real(x_t)| (the paper's weighting w_t, which evens out the gradient's size across noise
+levels). Beside it a regression loss holds the student to the teacher's own noise → image pairs: the teacher
 makes them once from the data's captions with dpm++ and fixed seeds (:func:`make_pairs`), and the trainer keeps
 them in RUN/dmd-pairs.safetensors. DMD's regression loss is LPIPS on decoded images; here it is the MSE of the
-latents, which needs no pretrained VGG/AlexNet weights (no network, nothing to decode), and a VAE latent is a
-near-lossless 4- or 8-fold downsampled image, so latent MSE follows pixel MSE. That trades LPIPS's perceptual
-weighting for what runs on any machine.
+latents, which needs no pretrained VGG/AlexNet weights (no download, nothing to decode); a VAE latent is a 4- or
+8-fold downsampled image that decodes near-losslessly, so its MSE roughly follows the pixels'. That trades LPIPS's
+perceptual weighting for what runs on any machine.
 
 One optimizer step: the student's pass over the micro-batch's captions (the distribution-matching loss; inside it
 the fake score's denoising loss is backpropagated into the fake score alone), then a second pass of as many
@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from pixart.errors import PixArtError
 from pixart.files import atomic_write
 from pixart.train.config import DMDConfig, TrainConfig
 from pixart.train.diffusion import GaussianDiffusion, drop_captions, mean_flat
-from pixart.train.lcm import predicted_x0
+from pixart.train.lcm import Denoiser, predicted_x0
 from pixart.train.objective import DiffusionObjective, Objective, sample_generator
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,6 @@ DRAW_STREAM, PAIR_INDEX_STREAM = 2, 4
 apart from the base objective's (caption dropout, VAE posterior) and ControlNet's (1)."""
 PAIR_STREAM = 3
 """The stream of the pairs' noise: pair i's noise is stream 3 of (seed, 0, i), whatever the run's length."""
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(x_t, t, text features, text mask) → model output; its first ``channels`` channels are ε."""
 
 
 def one_step(student: Denoiser, diffusion: GaussianDiffusion, z: torch.Tensor, start: int, text) -> torch.Tensor:
