@@ -239,6 +239,44 @@ class LCMConfig:
 
 
 @dataclass
+class DMDConfig:
+    """Distribution matching distillation (pixart.train.dmd): model.source is the frozen teacher (the real score),
+    the fake score's start and the one-step student's start."""
+
+    enabled: bool = False
+    """Train the one-step student by DMD instead of the diffusion loss; sample the result with --sampler dmd."""
+
+    start_timestep: int = 400
+    """The timestep the student reads pure noise at (the official PixArt DMD: 400; ``--sampler dmd`` runs 400)."""
+
+    guidance: float = 4.5
+    """Classifier-free guidance of the real score, uncond + g · (cond − uncond); the fake score runs unguided."""
+
+    min_timestep: int = 20
+    max_timestep: int = 980
+    """The range the distribution-matching and fake-score timesteps are drawn from (DMD: 0.02 T to 0.98 T)."""
+
+    regression_weight: float = 0.25
+    """Weight of the regression loss on the teacher's noise-image pairs (DMD and the official PixArt DMD: 0.25)."""
+
+    fake_lr: float = 0.0
+    """The fake score's learning rate; 0: optim.lr (the official PixArt DMD's lr_fake_multiplier 1)."""
+
+    num_pairs: int = 1024
+    """Teacher noise-image pairs made for the regression loss (from the first captions of the data order)."""
+
+    pair_steps: int = 20
+    """dpm++ steps of the teacher making each pair."""
+
+    pair_guidance: float = 4.5
+    """Guidance of the teacher making the pairs (as it samples by default)."""
+
+    pairs: str = ""
+    """Where the pairs are kept (a .safetensors file, made if absent or made with other settings); empty:
+    RUN/dmd-pairs.safetensors."""
+
+
+@dataclass
 class DreamBoothConfig:
     """DreamBooth (Ruiz et al. 2022, arXiv 2208.12242): one caption for the instance images, and prior
     preservation: the diffusion loss on class images made by the base model keeps the class from drifting."""
@@ -316,6 +354,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     lcm: LCMConfig = field(default_factory=LCMConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
 
@@ -378,6 +417,8 @@ class TrainConfig:
             raise PixArtError("lora.targets is empty: name the layers to adapt, e.g. to_q,to_k,to_v,to_out.0")
         if self.lcm.enabled:
             self.validate_lcm()
+        if self.dmd.enabled:
+            self.validate_dmd()
         self.validate_dreambooth()
         if self.controlnet.enabled:
             self.validate_controlnet()
@@ -392,6 +433,27 @@ class TrainConfig:
         _in_range("lcm.target_ema", c.target_ema, 0.0, 1.0, high_open=True)
         if not (c.huber_c > 0 and math.isfinite(c.huber_c)):
             raise PixArtError(f"lcm.huber_c={c.huber_c!r}: expected a positive number")
+
+    def validate_dmd(self) -> None:
+        c = self.dmd
+        if not self.model.source:
+            raise PixArtError("dmd.enabled needs model.source: the trained model to distil (it is also the teacher)")
+        for name, on in [("lcm.enabled", self.lcm.enabled), ("lora.rank", self.lora.rank),
+                         ("controlnet.enabled", self.controlnet.enabled),
+                         ("dreambooth.class_prompt", self.dreambooth.prior)]:  # fmt: skip
+            if on:
+                raise PixArtError(f"dmd.enabled trains the whole student; it does not combine with {name}")
+        if self.optim.mixed_precision == "fp16":  # the fake score's backward runs outside accelerate's loss scaling
+            raise PixArtError("dmd.enabled does not train in fp16; set --optim.mixed_precision=bf16 or no")
+        for name, value, low in [("dmd.start_timestep", c.start_timestep, 0), ("dmd.min_timestep", c.min_timestep, 0),
+                                 ("dmd.max_timestep", c.max_timestep, c.min_timestep)]:  # fmt: skip
+            if not low <= value <= 999:
+                raise PixArtError(f"{name}={value!r}: expected an integer from {low} to 999")
+        for name, value in [("dmd.num_pairs", c.num_pairs), ("dmd.pair_steps", c.pair_steps)]:
+            if value < 1:
+                raise PixArtError(f"{name}={value!r}: expected an integer >= 1")
+        for name in ("guidance", "regression_weight", "fake_lr", "pair_guidance"):
+            _in_range(f"dmd.{name}", getattr(c, name), 0.0, math.inf)
 
     def validate_dreambooth(self) -> None:
         b = self.dreambooth

@@ -256,8 +256,9 @@ def setup(config: TrainConfig) -> Run:
         dreambooth.class_folder(config)  # refuses a file before anything loads
     loader = open_batches(config, accelerator)  # validates the dataset before the model loads
     model = load_model(config)
-    # LCM distils the loaded model into itself: a frozen copy, taken before any LoRA, is the teacher.
-    teacher = copy.deepcopy(model).requires_grad_(False) if config.lcm.enabled else None
+    # LCM and DMD distil the loaded model into itself: a frozen copy, taken before any LoRA, is the teacher.
+    distils = config.lcm.enabled or config.dmd.enabled
+    teacher = copy.deepcopy(model).requires_grad_(False) if distils else None
     encoders = DiffusionObjective(config, model, loader, device)
     if config.dreambooth.prior:  # the class images come from the base model, before any LoRA or training
         make_pipeline = lambda: training_pipeline(config, model, encoders, device)
@@ -272,7 +273,7 @@ def setup(config: TrainConfig) -> Run:
         from pixart.train.controlnet import with_controlnet
 
         model = with_controlnet(config, model)
-    objective = make_objective(config, encoders, model, teacher, accelerator, loader.batch_size)
+    objective = make_objective(config, encoders, model, teacher, accelerator, loader)
     steps_per_epoch = max(1, len(loader) // config.optim.grad_accum)
     total_steps = config.schedule.max_steps or config.schedule.epochs * steps_per_epoch
     state = make_state(config, accelerator, model, objective, total_steps)
@@ -287,8 +288,8 @@ def setup(config: TrainConfig) -> Run:
     return run
 
 
-def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher, accelerator, batch_size) -> Objective:
-    """The objective the config asks for: LCM distillation, DreamBooth prior preservation, ControlNet or plain
+def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher, accelerator, loader) -> Objective:
+    """The objective the config asks for: LCM or DMD distillation, DreamBooth prior preservation, ControlNet or plain
     diffusion."""
     if config.controlnet.enabled:
         from pixart.train.controlnet import ControlNetObjective
@@ -298,11 +299,15 @@ def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher
         from pixart.train.lcm import LCMObjective
 
         return LCMObjective(base, teacher, model, config.lcm)
+    if config.dmd.enabled:
+        from pixart.train.dmd import DMDObjective
+
+        return DMDObjective(base, teacher, config, loader, accelerator)
     if config.dreambooth.prior:
         from pixart.train.dreambooth import PriorPreservation, open_class_batches
 
         n, index = accelerator.num_processes, accelerator.process_index
-        return PriorPreservation(base, config, open_class_batches(config, n, index, batch_size))
+        return PriorPreservation(base, config, open_class_batches(config, n, index, loader.batch_size))
     return base
 
 

@@ -1,0 +1,15 @@
+#!/bin/sh
+# One-step DMD distillation of the bundled demo (docs/demo.md, "One step: DMD on the demo"): the demo-dmd recipe,
+# read from a feature cache of the demo's data (the captions; DMD needs no training images), then the one-step
+# student scored on 200 held-out prompts. The 1024 teacher pairs are made first, into RUN/dmd-pairs.safetensors.
+#   sh scripts/train_demo_dmd.sh [WORKDIR]        # default runs/demo-lcm (shares train_demo_lcm.sh's data and cache)
+set -eu
+work=${1:-runs/demo-lcm}
+mkdir -p "$work"
+bundle=$(python -c 'from pixart.demo import BUNDLE; print(BUNDLE)')
+[ -d "$work/shapes-pairs" ] || pixart shapes "$work/shapes-pairs" --count 24000 --seed 3 --pairs 0.75
+[ -d "$work/cache-pairs" ] || pixart cache --model "$bundle" --data "$work/shapes-pairs" --out "$work/cache-pairs" \
+    --resolution 64 --max-tokens 96 --batch-size 64 --shard-size 1024 --caption-column text
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} pixart train demo-dmd --data.dataset= --data.cache="$work/cache-pairs" \
+    --model.source="$bundle" --run.output_dir="$work/dmd"
+pixart eval --prompts 200 --sampler dmd --transformer "$work/dmd/final.safetensors" --json > "$work/eval-dmd.json"

@@ -1,0 +1,295 @@
+"""Distribution matching distillation (DMD, Yin et al. 2024, arXiv 2311.18828) of a PixArt teacher into one step.
+
+Three copies of the loaded model take part. The frozen teacher is the real score, guided as DMD guides it. The fake
+score starts as the teacher and learns, by the plain ε denoising loss, the distribution the student makes now (from
+the student's outputs, detached). The student starts as the teacher too and maps pure noise z, read at timestep 400
+as ``--sampler dmd`` reads it, to x = x̂0(z) in one step. Its gradient is DMD's: noise x to a random time t, and
+push x along μ_fake(x_t) − μ_real(x_t), the difference of the two scores' x̂0 predictions, divided per sample by
+the mean |x − μ_real(x_t)| (the paper's weighting w_t, which evens out the gradient's size across noise
+levels). Beside it a regression loss holds the student to the teacher's own noise → image pairs: the teacher
+makes them once from the data's captions with dpm++ and fixed seeds (:func:`make_pairs`), and the trainer keeps
+them in RUN/dmd-pairs.safetensors. DMD's regression loss is LPIPS on decoded images; here it is the MSE of the
+latents, which needs no pretrained VGG/AlexNet weights (no download, nothing to decode); a VAE latent is a 4- or
+8-fold downsampled image that decodes near-losslessly, so its MSE roughly follows the pixels'. That trades LPIPS's
+perceptual weighting for what runs on any machine.
+
+One optimizer step: the student's pass over the micro-batch's captions (the distribution-matching loss; inside it
+the fake score's denoising loss is backpropagated into the fake score alone), then a second pass of as many
+teacher pairs (the regression loss, weight ``dmd.regression_weight``); after the step the fake score's optimizer
+steps. The fake score's weights and its optimizer's state are checkpointed (``fake.safetensors``,
+``fake_optimizer.safetensors``), and every draw is seeded per sample by (seed, step, index), so a resumed run is
+bit-identical and 1 or N processes agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from pixart.errors import PixArtError
+from pixart.files import atomic_write
+from pixart.train.config import DMDConfig, TrainConfig
+from pixart.train.diffusion import GaussianDiffusion, drop_captions, mean_flat
+from pixart.train.lcm import Denoiser, predicted_x0
+from pixart.train.objective import DiffusionObjective, Objective, sample_generator
+
+log = logging.getLogger(__name__)
+
+DRAW_STREAM, PAIR_INDEX_STREAM = 2, 4
+"""The sample generators' streams of DMD's own draws (student noise, timesteps, noise; the regression pass's pair),
+apart from the base objective's (caption dropout, VAE posterior) and ControlNet's (1)."""
+PAIR_STREAM = 3
+"""The stream of the pairs' noise: pair i's noise is stream 3 of (seed, 0, i), whatever the run's length."""
+
+
+def one_step(student: Denoiser, diffusion: GaussianDiffusion, z: torch.Tensor, start: int, text) -> torch.Tensor:
+    """The student's image x̂0 (B, C, h, w) from pure noise z read at timestep ``start``, as ``--sampler dmd``
+    samples: one ε prediction, x̂0 unclipped."""
+    t = torch.full((len(z),), start, dtype=torch.long, device=z.device)
+    return predicted_x0(diffusion, z, t, student(z, t, *text)[:, : z.shape[1]].float())
+
+
+def distribution_matching_loss(
+    x: torch.Tensor,
+    real: Denoiser,
+    fake: Denoiser,
+    diffusion: GaussianDiffusion,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    text: tuple[torch.Tensor, torch.Tensor],
+    null: tuple[torch.Tensor, torch.Tensor],
+    guidance: float,
+) -> torch.Tensor:
+    """Per-sample loss (B,) whose gradient in x is DMD's: (μ_fake − μ_real) / mean|x − μ_real|, over the C·h·w
+    elements of each sample (the mean's 1/N, as the official loss's). The real score is guided, uncond + g ·
+    (cond − uncond), against ``null`` (batched like ``text``); the fake one is not."""
+    channels = x.shape[1]
+    with torch.no_grad():
+        xt = diffusion.q_sample(x.detach(), t, noise)
+        eps_real = real(xt, t, *text)[:, :channels].float()
+        if guidance != 1.0:  # 1 is the conditional score itself (and saves a pass)
+            uncond = real(xt, t, *null)[:, :channels].float()
+            eps_real = uncond + guidance * (eps_real - uncond)
+        mu_real = predicted_x0(diffusion, xt, t, eps_real)
+        mu_fake = predicted_x0(diffusion, xt, t, fake(xt, t, *text)[:, :channels].float())
+        scale = (x.detach() - mu_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+        grad = torch.nan_to_num((mu_fake - mu_real) / scale)
+    return 0.5 * mean_flat((x - (x - grad).detach()) ** 2)
+
+
+def fake_score_loss(
+    fake: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, text
+) -> torch.Tensor:
+    """Per-sample ε-MSE (B,) of the fake score on the student's images x noised to t, x detached: the fake score
+    learns the student's distribution without its loss reaching the student."""
+    xt = diffusion.q_sample(x.detach(), t, noise)
+    return mean_flat((fake(xt, t, *text)[:, : x.shape[1]].float() - noise) ** 2)
+
+
+def draw(seed: int, step: int, indices, shape, settings: DMDConfig) -> list[torch.Tensor]:
+    """Per-sample (student noise, DM timestep, DM noise, fake timestep, fake noise) for these global indices of
+    ``step``'s batch."""
+    columns = [[] for _ in range(5)]
+    low, high = settings.min_timestep, settings.max_timestep + 1
+    for index in indices:
+        gen = sample_generator(seed, step, index, DRAW_STREAM)
+        values = (torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
+                  torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
+                  torch.randn(shape, generator=gen))  # fmt: skip
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return [torch.stack(column) for column in columns]
+
+
+def draw_pairs(seed: int, step: int, indices, num_pairs: int) -> torch.Tensor:
+    """The teacher pair (index into the pairs) of each of these global indices of ``step``'s regression pass."""
+    gens = (sample_generator(seed, step, index, PAIR_INDEX_STREAM) for index in indices)
+    return torch.stack([torch.randint(0, num_pairs, (), generator=gen) for gen in gens])
+
+
+@torch.no_grad()
+def make_pairs(teacher, batches, null, scheduler_config: dict, settings: DMDConfig, seed: int, device) -> dict:
+    """The teacher's noise → image pairs of the first ``settings.num_pairs`` samples of ``batches``, an iterable of
+    (text features, mask, resolution, aspect ratio, latent shape), one shape throughout: dpm++ ``pair_steps`` steps at
+    ``pair_guidance`` from the noise of :data:`PAIR_STREAM`. Returns the tensors of RUN/dmd-pairs.safetensors."""
+    from pixart.sampling.samplers import Conditioning, denoise, make_scheduler
+
+    out = {k: [] for k in ("noise", "latents", "text_features", "text_mask", "resolution", "aspect_ratio")}
+    made, channels = 0, teacher.config.in_channels
+    for features, mask, resolution, aspect_ratio, shape in batches:
+        if made >= settings.num_pairs:
+            break
+        n = min(len(features), settings.num_pairs - made)
+        features, mask, resolution, aspect_ratio = features[:n], mask[:n], resolution[:n], aspect_ratio[:n]
+        noise = torch.stack([torch.randn((channels, *shape), generator=sample_generator(seed, 0, made + i, PAIR_STREAM))
+                             for i in range(n)])  # fmt: skip
+        every, none = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        negative, positive = drop_captions(features, mask, every, *null), drop_captions(features, mask, none, *null)
+        # Guided: negative rows first, as the pipeline batches them.
+        rows = [negative, positive] if settings.pair_guidance > 1.0 else [positive]
+        text, text_mask = (torch.cat([r[k] for r in rows]).to(device) for k in (0, 1))
+        conditioning = Conditioning(text, text_mask, resolution[:1].to(device), aspect_ratio[:1].to(device))
+        scheduler = make_scheduler("dpm++", scheduler_config)
+        latents = denoise(teacher, scheduler, noise.to(device), conditioning, steps=settings.pair_steps,
+                          guidance=settings.pair_guidance)  # fmt: skip
+        values = (noise, latents.float().cpu(), features.float(), mask, resolution.float(), aspect_ratio.float())
+        for key, value in zip(out, values, strict=True):
+            out[key].append(value)
+        made += n
+    return {k: torch.cat(v).contiguous() for k, v in out.items()}
+
+
+def pair_batches(config: TrainConfig, base: DiffusionObjective, loader):
+    """(features, mask, resolution, aspect ratio, latent shape) of the data order's square-bucket batches, for the
+    pairs: one latent shape, so the pairs stack."""
+    from pixart.train.data import BatchLoader
+
+    size = config.data.batch_size  # one process reading whole global batches: the same pairs on 1 or N processes
+    if len(loader.data.groups.get(1.0, ())) < size:
+        raise PixArtError(
+            f"dmd: the teacher pairs are made at the square bucket, and the data has fewer than a batch "
+            f"({size}) of square images; add square images or lower data.batch_size"
+        )
+    order = BatchLoader(loader.data, size, seed=config.run.seed)
+    epoch = 0
+    while True:  # captions repeat with other noise if the data has fewer than dmd.num_pairs
+        for batch in order.epoch(epoch):
+            if float(batch["aspect_ratio"][0]) == 1.0:
+                x0, _, _, features, mask, _ = base.inputs(batch, 0, 0)
+                yield features.cpu(), mask.cpu(), batch["resolution"], batch["aspect_ratio"], tuple(x0.shape[2:])
+        epoch += 1
+
+
+def open_pairs(config: TrainConfig, base: DiffusionObjective, teacher, loader, accelerator) -> dict:
+    """The teacher's pairs for this run, made by the main process (or taken from dmd.pairs if made with the same
+    settings) and read by every process."""
+    s = config.dmd
+    path = Path(s.pairs or Path(config.run.output_dir) / "dmd-pairs.safetensors")
+    settings = {"source": str(config.model.source), "data": config.data.cache or config.data.dataset,
+                "seed": config.run.seed, "num_pairs": s.num_pairs,
+                "pair_steps": s.pair_steps, "pair_guidance": s.pair_guidance}  # fmt: skip
+    if accelerator.is_main_process and _pairs_settings(path) != settings:
+        log.info("making %d teacher pairs (dpm++ %d steps, guidance %g) in %s", s.num_pairs, s.pair_steps,
+                 s.pair_guidance, path)  # fmt: skip
+        scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
+        scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+        batches = pair_batches(config, base, loader)
+        pairs = make_pairs(teacher, batches, base.null, scheduler, s, config.run.seed, base.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file(pairs, str(tmp), metadata={"dmd": json.dumps(settings)}))
+    accelerator.wait_for_everyone()
+    return load_file(str(path))
+
+
+def _pairs_settings(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("dmd", "null"))
+
+
+class DMDObjective(Objective):
+    """The trainer's loss for DMD: per micro-batch the distribution-matching pass (which also trains the fake score)
+    and a regression pass on teacher pairs; the fake score and its optimizer live here."""
+
+    def __init__(self, base: DiffusionObjective, teacher: torch.nn.Module, config: TrainConfig, loader, accelerator):
+        """base gives the captions and the null caption; teacher is the loaded model before training, which the
+        fake score copies."""
+        from pixart.train.loop import make_optimizer
+
+        self.base, self.settings, self.accelerator = base, config.dmd, accelerator
+        self.seed, self.grad_accum, self.grad_clip = config.run.seed, config.optim.grad_accum, config.optim.grad_clip
+        self.teacher = teacher.to(base.device).eval().requires_grad_(False)
+        self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.fake.gradient_checkpointing = config.model.gradient_checkpointing
+        self.fake_optimizer = make_optimizer(config, list(self.fake.parameters()))
+        for group in self.fake_optimizer.param_groups:
+            group["lr"] = self.settings.fake_lr or config.optim.lr
+        self.pairs = open_pairs(config, base, self.teacher, loader, accelerator)
+
+    def passes(self, batch: dict, first: int, step: int) -> list[tuple[dict, int, float]]:
+        """The captions' distribution-matching pass, then as many teacher pairs for the regression loss."""
+        if not self.settings.regression_weight:
+            return [(batch, first, 1.0)]
+        size = len(batch["resolution"])
+        return [(batch, first, 1.0), ({"pairs_of": size}, first, self.settings.regression_weight)]
+
+    def loss(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
+        """The distribution-matching loss of a micro-batch's captions (backpropagating the fake score's denoising
+        loss into the fake score on the way), or for a regression pass its regression loss."""
+        if "pairs_of" in batch:
+            return self.regression_loss(model, batch["pairs_of"], first, step)
+        base, s, diffusion = self.base, self.settings, self.base.diffusion
+        x0, _, _, features, mask, _ = base.inputs(batch, first, step)
+        device = x0.device
+        indices = range(first, first + len(x0))
+        z, t_dm, noise_dm, t_fake, noise_fake = (v.to(device) for v in draw(self.seed, step, indices, x0.shape[1:], s))
+        # drop_captions pads caption and null caption to one length (α's null caption has 120 tokens).
+        every, none = torch.ones(len(x0), dtype=torch.bool), torch.zeros(len(x0), dtype=torch.bool)
+        null = drop_captions(features, mask, every, *base.null)
+        text = drop_captions(features, mask, none, *base.null)
+        resolution, aspect_ratio = batch["resolution"].to(device), batch["aspect_ratio"].to(device)
+
+        def denoiser(net) -> Denoiser:
+            return lambda x, t, f, m: net(x, t, f, m, resolution, aspect_ratio)
+
+        x = one_step(denoiser(model), diffusion, z, s.start_timestep, text)
+        with self.accelerator.autocast():
+            losses = distribution_matching_loss(x, denoiser(self.teacher), denoiser(self.fake), diffusion, t_dm,
+                                                noise_dm, text, null, s.guidance)  # fmt: skip
+            # The fake score trains on the same images, after they served the step above (the fake score that
+            # judged them is this step's, as in DMD); its gradients accumulate until after_step.
+            fake_loss = fake_score_loss(denoiser(self.fake), diffusion, x, t_fake, noise_fake, text).mean()
+        (fake_loss / self.grad_accum).backward()
+        return losses.mean()
+
+    def regression_loss(self, model, size: int, first: int, step: int) -> torch.Tensor:
+        """Mean latent MSE of the student's one-step images of ``size`` seeded teacher pairs against the teacher's."""
+        device, pairs = self.base.device, self.pairs
+        index = draw_pairs(self.seed, step, range(first, first + size), len(pairs["noise"]))
+        z, target = pairs["noise"][index].to(device), pairs["latents"][index].to(device)
+        none = torch.zeros(size, dtype=torch.bool)
+        text = drop_captions(pairs["text_features"][index], pairs["text_mask"][index], none, *self.base.null)
+        text = tuple(v.to(device) for v in text)
+        resolution, aspect_ratio = pairs["resolution"][index].to(device), pairs["aspect_ratio"][index].to(device)
+        student = lambda x, t, f, m: model(x, t, f, m, resolution, aspect_ratio)  # noqa: E731
+        x = one_step(student, self.base.diffusion, z, self.settings.start_timestep, text)
+        return mean_flat((x - target) ** 2).mean()
+
+    def after_step(self, model) -> None:
+        """Step the fake score on its gradients of the whole global batch."""
+        params = [p for p in self.fake.parameters() if p.grad is not None]
+        if self.accelerator.num_processes > 1:
+            for p in params:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.fake_optimizer.step()
+        self.fake_optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.fake.state_dict().items()}
+        optimizer = {}
+        for index, values in self.fake_optimizer.state_dict()["state"].items():
+            for key, value in values.items():
+                optimizer[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        return {"fake": weights, "fake_optimizer": optimizer}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]], checkpoint: Path) -> None:
+        if "fake" not in state or "fake_optimizer" not in state:
+            raise PixArtError(
+                f"checkpoint {checkpoint} has no DMD fake score (fake.safetensors, fake_optimizer.safetensors): it "
+                "comes from a run without dmd.enabled; start the run anew instead of resuming it"
+            )
+        self.fake.load_state_dict(state["fake"])
+        saved: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in state["fake_optimizer"].items():
+            index, key = name.split(".", 1)
+            saved.setdefault(int(index), {})[key] = value
+        groups = self.fake_optimizer.state_dict()["param_groups"]  # the settings are the config's, not saved
+        self.fake_optimizer.load_state_dict({"state": saved, "param_groups": groups})

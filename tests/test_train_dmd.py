@@ -1,0 +1,197 @@
+"""DMD distillation: the losses against DMD's formulas, exact resume, 1 vs 2 processes, and the student sampled by
+``pixart generate --sampler dmd``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+from pixart.checkpoints.convert import load_transformer
+from pixart.errors import PixArtError
+from pixart.model.text import TextEncoder
+from pixart.train.config import load_config
+from pixart.train.diffusion import GaussianDiffusion
+from pixart.train.dmd import distribution_matching_loss, fake_score_loss
+from pixart.train.loop import setup as setup_run
+from pixart.train.loop import train
+from pixart.train.state import complete_checkpoints
+from test_lcm import toy
+from test_train import cli, overrides, torchrun
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def dmd_overrides(setup, out: Path, *extra: str) -> list[str]:
+    """A DMD run of the tiny α pipeline on its 8 cached images: 8 teacher pairs of 2 dpm++ steps."""
+    pipe = setup[1]
+    dmd = [f"--model.source={pipe}", "--model.preset=", "--dmd.enabled=true", "--dmd.num_pairs=8"]
+    dmd += ["--dmd.pair_steps=2", "--diffusion.caption_dropout=0", "--data.batch_size=4"]
+    return overrides(setup, out, *dmd, *extra)
+
+
+def test_distribution_matching_gradient_is_dmds():
+    """d loss / dx = (μ_fake − μ_real) / mean|x − μ_real| / (C·h·w), written out in numpy from the paper."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 4, 4, generator=gen).requires_grad_(True)
+    noise, t = torch.randn(3, 4, 4, 4, generator=gen), torch.tensor([20, 500, 980])
+    text = (torch.full((3, 5, 2), 0.3), torch.ones(3, 5, dtype=torch.long))
+    null = (torch.full((3, 5, 2), -0.2), torch.ones(3, 5, dtype=torch.long))
+    loss = distribution_matching_loss(x, toy(1.1), toy(0.7), GaussianDiffusion(), t, noise, text, null, 4.5)
+    loss.sum().backward()
+
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t.numpy()].reshape(-1, 1, 1, 1)
+    xn, nn = x.detach().double().numpy(), noise.double().numpy()
+    xt = np.sqrt(ab) * xn + np.sqrt(1 - ab) * nn
+    cond, uncond = 1.1 * xt * 0.3, 1.1 * xt * -0.2
+    mu_real = (xt - np.sqrt(1 - ab) * (uncond + 4.5 * (cond - uncond))) / np.sqrt(ab)
+    mu_fake = (xt - np.sqrt(1 - ab) * 0.7 * xt * 0.3) / np.sqrt(ab)
+    weight = np.abs(xn - mu_real).mean(axis=(1, 2, 3), keepdims=True)
+    expected = (mu_fake - mu_real) / weight / 64
+    np.testing.assert_allclose(x.grad.double().numpy(), expected, rtol=1e-4, atol=1e-9)
+
+
+def test_fake_equal_to_real_gives_no_gradient(setup):
+    """Unguided, a fake score equal to the real one matches the student's distribution: no DM gradient at all."""
+    teacher = load_transformer(setup[1]).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 32, 32, generator=gen).requires_grad_(True)
+    noise, t = torch.randn(2, 4, 32, 32, generator=gen), torch.tensor([100, 700])
+    text = (torch.randn(2, 16, 32, generator=gen), torch.ones(2, 16, dtype=torch.long))
+    null = (torch.zeros(2, 16, 32), torch.ones(2, 16, dtype=torch.long))
+    micro = torch.tensor([[256.0, 256.0]]), torch.tensor([1.0])  # the tiny α has micro-conditions
+    score = lambda x, t, f, m: teacher(x, t, f, m, *micro)  # noqa: E731
+    loss = distribution_matching_loss(x, score, score, GaussianDiffusion(), t, noise, text, null, 1.0)
+    loss.sum().backward()
+    assert torch.count_nonzero(x.grad) == 0
+    # With guidance the real score moves away from the unguided fake one, and the gradient is not zero.
+    x.grad = None
+    distribution_matching_loss(x, score, score, GaussianDiffusion(), t, noise, text, null, 4.5).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_fake_score_learns_from_the_student_output_detached():
+    x = torch.randn(2, 4, 4, 4).requires_grad_(True)
+    w = torch.tensor(0.5, requires_grad=True)
+    fake = lambda x, t, f, m: w * x  # noqa: E731
+    text = (torch.ones(2, 3, 2), torch.ones(2, 3, dtype=torch.long))
+    loss = fake_score_loss(fake, GaussianDiffusion(), x, torch.tensor([10, 900]), torch.randn(2, 4, 4, 4), text)
+    loss.sum().backward()
+    assert x.grad is None and w.grad is not None and w.grad != 0
+
+
+def test_one_pass_trains_the_fake_score_only_and_the_student_only_through_dmd(setup, tmp_path):
+    """Inside the DM pass the fake score's loss reaches the fake score alone; the pass's own loss then reaches the
+    student alone (the teacher and fake score judge it without gradients)."""
+    run = setup_run(load_config("debug", dmd_overrides(setup, tmp_path / "run")))
+    state = run.state
+    objective, student = state.objective, run.accelerator.unwrap_model(state.model)
+    batch = next(iter(run.loader.epoch(0)))
+    loss = objective.loss(state.model, batch, 0, 0)
+    assert all(p.grad is None for p in student.parameters())
+    fake_grads = {n: p.grad.clone() for n, p in objective.fake.named_parameters() if p.grad is not None}
+    assert fake_grads and any(g.abs().sum() > 0 for g in fake_grads.values())
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(torch.equal(p.grad, fake_grads[n]) for n, p in objective.fake.named_parameters() if p.grad is not None)
+    assert all(p.grad is None for p in objective.teacher.parameters())
+
+
+def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path):
+    """A run resumed from its step-3 checkpoint (fake score and its optimizer included) ends bit-identical."""
+    steps = ["--schedule.max_steps=6", "--checkpoint.every=3", "--checkpoint.keep_last=2"]
+    straight = train(load_config("debug", dmd_overrides(setup, tmp_path / "straight", *steps)))
+    first = complete_checkpoints(straight)[0]
+    assert {p.name for p in first.glob("*.safetensors")} == {
+        "trainable.safetensors", "fake.safetensors", "fake_optimizer.safetensors"
+    }  # fmt: skip
+    assert len(load_file(str(first / "fake_optimizer.safetensors"))) > 0
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first, resumed / "checkpoints" / first.name)
+    shutil.copy(straight / "dmd-pairs.safetensors", resumed / "dmd-pairs.safetensors")
+    pairs_made = (resumed / "dmd-pairs.safetensors").stat().st_mtime_ns
+    train(load_config("debug", dmd_overrides(setup, resumed, *steps, "--run.resume=latest")))
+    assert (resumed / "dmd-pairs.safetensors").stat().st_mtime_ns == pairs_made  # the same settings: reused
+    for name in ("final.safetensors", "checkpoints/step-00000006/fake.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    teacher = load_transformer(setup[1]).state_dict()
+    student = load_transformer(straight / "final.safetensors").state_dict()
+    assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # it trained
+
+
+def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The weight without its attention-key bias, whose gradient is zero in exact arithmetic (softmax ignores a
+    shift shared by a query's logits): float noise of ~1e-10 there, different on 1 and 2 processes, is all AdamW's
+    first steps see, and they move it by up to lr either way."""
+    if name.endswith("attn.qkv.bias"):
+        third = len(value) // 3
+        return torch.cat([value[:third], value[2 * third :]])
+    if name.endswith("cross_attn.kv_linear.bias"):
+        return value[len(value) // 2 :]
+    return value
+
+
+def test_two_processes_match_one_process(setup, tmp_path):
+    common = ["--schedule.max_steps=3", "--optim.grad_accum=2", "--checkpoint.every=0"]
+    one = train(load_config("debug", dmd_overrides(setup, tmp_path / "one", *common)))
+    result = torchrun("-m", "pixart", "train", "debug", *dmd_overrides(setup, tmp_path / "two", *common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stderr
+    a, b = load_file(str(one / "final.safetensors")), load_file(str(tmp_path / "two" / "final.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(*(without_key_bias(key, w[key]) for w in (a, b)), rtol=1e-4, atol=1e-6, msg=key)
+    pairs = [load_file(str(run / "dmd-pairs.safetensors")) for run in (one, tmp_path / "two")]
+    assert all(torch.equal(pairs[0][k], pairs[1][k]) for k in pairs[0])
+
+
+def test_student_is_sampled_by_generate_with_the_dmd_sampler(setup, tmp_path):
+    """`pixart generate --transformer final --sampler dmd`: one student pass at 400 from the seed's noise, x̂0
+    decoded, written out here by hand."""
+    pipe = setup[1]
+    run = train(load_config("debug", dmd_overrides(setup, tmp_path / "run", "--schedule.max_steps=2",
+                                                   "--checkpoint.every=0")))  # fmt: skip
+    out = tmp_path / "out"
+    args = ["generate", "a red square", "--model", str(pipe), "--transformer", str(run / "final.safetensors")]
+    args += ["--sampler", "dmd", "--seed", "5", "--width", "256", "--height", "256", "--no-binning", "--out", str(out)]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (image,) = out.glob("*.png")
+    got = np.asarray(Image.open(image).convert("RGB"))
+
+    text = TextEncoder.from_pretrained(pipe).encode(["a red square"], 120)
+    student = load_transformer(run / "final.safetensors").eval()
+    vae = AutoencoderKL.from_pretrained(pipe, subfolder="vae").eval()
+    micro = (torch.tensor([[256.0, 256.0]]), torch.tensor([1.0])) if student.config.micro_conditions else ()
+    with torch.no_grad():
+        z = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(5))
+        eps = student(z, torch.tensor([400]), *text, *micro)[:, :4]
+        ab = float(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))[400])
+        x0 = (z - (1 - ab) ** 0.5 * eps) / ab**0.5
+        pixels = vae.decode(x0 / vae.config.scaling_factor).sample
+    expected = ((pixels[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_dmd_config_errors():
+    with pytest.raises(PixArtError, match=r"dmd.enabled needs model.source"):
+        load_config("debug", ["--model.pipeline=p", "--data.dataset=d", "--dmd.enabled=true"])
+    with pytest.raises(PixArtError, match=r"dmd.max_timestep=10: expected an integer from 20 to 999"):
+        load_config("dmd", ["--dmd.max_timestep=10"])
+    with pytest.raises(PixArtError, match=r"dmd.enabled trains the whole student; it does not combine with lora"):
+        load_config("dmd", ["--lora.rank=4"])
+
+
+def test_recipes_are_valid_as_they_stand():
+    """The GPU recipe and the demo one load (model.source a hub id or the bundle) and distil at timestep 400."""
+    for recipe in ("dmd", "demo-dmd"):
+        config = load_config(recipe)
+        assert config.dmd.enabled and config.dmd.start_timestep == 400
