@@ -322,3 +322,31 @@ def test_cli_precision_flags(sigma, tmp_path, capsys):
     argv += ["--runtime", "openvino", "--steps", "2", "--seed", "1", "--width", "64", "--height", "64", "--no-binning"]
     assert main(argv) == 0
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+# Two pipelines loaded, freed in the order they were made, then signals that run a Python handler: with a Core per
+# pipeline OpenVINO's CPU plugin left the main thread on a freed signal stack and the next SIGCHLD or SIGTERM killed
+# the process with SIGSEGV (it killed a pytest-xdist worker in CI). Its own process, so a crash fails only this test.
+SIGNALS_AFTER_TWO_PIPELINES = """
+import gc, os, signal, subprocess, sys, time
+from pixart.inference.openvino import load_openvino_pipeline
+first = load_openvino_pipeline(sys.argv[1], threads=1)
+second = load_openvino_pipeline(sys.argv[1], threads=1)
+del first; gc.collect()
+del second; gc.collect()
+seen = []
+signal.signal(signal.SIGCHLD, lambda *_: seen.append("CHLD"))  # as torch's DataLoader installs one
+signal.signal(signal.SIGTERM, lambda *_: seen.append("TERM"))  # as pixart serve does
+for _ in range(3):
+    subprocess.run(["true"])
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.1)
+print(sorted(set(seen)))
+"""
+
+
+def test_freeing_pipelines_leaves_signal_handling_intact(sigma):
+    _, out = sigma
+    done = subprocess.run([sys.executable, "-c", SIGNALS_AFTER_TWO_PIPELINES, str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.split("\n")[-2] == "['CHLD', 'TERM']"

@@ -21,6 +21,7 @@ bf16 on CPUs with bf16 units (``avx512_bf16``, AMX), where it is about twice as 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -67,6 +68,19 @@ def _require_openvino():
     except ImportError:
         raise PixArtError('OpenVINO is not installed: pip install -e ".[openvino]"') from None
     return openvino
+
+
+@functools.cache
+def shared_core():
+    """The process's one ``openvino.Core``, kept for its lifetime.
+
+    OpenVINO's CPU plugin (2026.4) installs a signal stack of its own on the thread that creates it and puts back the
+    one it found when it is destroyed. With a Core per pipeline, two pipelines freed in the order they were made
+    leave the thread on the first plugin's freed stack, and the next signal with a Python handler (torch's
+    DataLoader SIGCHLD handler, pixart serve's SIGTERM) kills the process with SIGSEGV. One Core, one plugin,
+    never destroyed before exit, is what OpenVINO's own samples do anyway.
+    """
+    return _require_openvino().Core()
 
 
 class _T5Features(nn.Module):
@@ -376,7 +390,6 @@ def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = N
     f32, as the PyTorch path keeps VAEs marked force_upcast.
     """
     precision = resolve_precision(precision)
-    ov = _require_openvino()
     from transformers import AutoTokenizer
 
     from pixart.inference.pipeline import PixArtPipeline
@@ -387,7 +400,7 @@ def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = N
     config = PixArtConfig.from_dict(manifest["config"])
     null_path = folder / "null_caption.npy"
     null = torch.from_numpy(np.load(null_path)) if null_path.is_file() else None
-    core = ov.Core()
+    core = shared_core()
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     t5 = OVTextEncoderModel(core, folder / "text_encoder.xml", threads, precision)
     encoder = TextEncoder(tokenizer, t5, device="cpu")
