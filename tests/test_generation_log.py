@@ -3,10 +3,10 @@ they leave are read back with the loggers' own formats (W&B's offline run file, 
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -48,12 +48,42 @@ def pixart(*args: str, env: dict[str, str] | None = None, code: int = 0) -> subp
     return done
 
 
-def read_log(kind: str, folder: Path) -> dict:
-    """A W&B run or TensorBoard log read back by tests/log_readers.py, in a process of its own (its docstring: why)."""
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("log_readers.py")), kind, str(folder)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+def wandb_records(run_folder: Path) -> list:
+    """The records of an offline run's ``run-*.wandb`` file: LevelDB's log format (32 KiB blocks of chunks with a
+    7-byte header: CRC, length, type 1 full / 2 first / 3 middle / 4 last) after W&B's 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = run_folder.glob("run-*.wandb")
+    data, pos, chunks, records = path.read_bytes(), 7, [], []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(b"".join(chunks)))
+            chunks = []
+    return records
+
+
+def logged(records: list) -> tuple[dict, dict, dict[str, str]]:
+    """The run's config, its logged values (last value per key) and the logged tables' files (name → local path)."""
+    config, values, files = {}, {}, {}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            config |= {item.key: json.loads(item.value_json) for item in record.run.config.update}
+        elif kind == "config":
+            config |= {item.key: json.loads(item.value_json) for item in record.config.update}
+        elif kind == "history":
+            for item in record.history.item:
+                values["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+        elif kind == "artifact":  # a logged wandb.Table goes in a run_table artifact, its images beside it
+            files |= {entry.path: entry.local_path for entry in record.artifact.manifest.contents}
+    return config, values, files
 
 
 def pixels(image) -> np.ndarray:
@@ -70,8 +100,7 @@ def test_generate_logs_a_wandb_table_offline_in_the_diffusers_autolog_layout(tmp
     assert [p.name for p in written] == ["00000-11.png", "00001-12.png"]
     [run] = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")  # WANDB_DIR wins over the default OUT/logs
     assert not (out / "logs").exists()
-    logged = read_log("wandb", run)
-    config, values, files = logged["config"], logged["values"], logged["files"]
+    config, values, files = logged(wandb_records(run))
 
     [call] = config["workflow"]
     assert call["stage"] == "Pipeline-Call-1" and call["pipeline"]["pipeline-name"] == "PixArtPipeline"
@@ -100,22 +129,31 @@ def test_generate_logs_a_wandb_table_offline_in_the_diffusers_autolog_layout(tmp
     assert values["Generated-Image/Pipeline-Call-1/caption"] == "a blue square | left"
 
 
+def tensorboard_events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [run] = folder.iterdir()
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
 def test_generate_logs_images_settings_and_timings_to_tensorboard(tmp_path):
     out = tmp_path / "out"
     args = ["a red circle", "a blue square | left", "--seed", "3", "--steps", "2", "--num-images", "2"]
     done = pixart("generate", *args, "--batch-size", "2", "--out", str(out), "--log", "tensorboard")
     written = [Path(line) for line in done.stdout.splitlines()]
-    events = read_log("tensorboard", out / "logs")  # the default: next to the images
+    events = tensorboard_events(out / "logs")  # the default: next to the images
 
     tags = [f"Generated-Image/{i:04d}" for i in range(4)]
-    assert list(events["images"]) == tags
+    assert events.Tags()["images"] == tags
     for tag, png in zip(tags, written, strict=True):
-        [image] = events["images"][tag]
-        assert np.array_equal(pixels(io.BytesIO(base64.b64decode(image))), pixels(png))
+        [image] = events.Images(tag)
+        assert np.array_equal(pixels(io.BytesIO(image.encoded_image_string)), pixels(png))
 
     def text(tag: str) -> list[str]:
-        [value] = events["texts"][tag]
-        return value.splitlines()
+        [event] = events.Tensors(f"{tag}/text_summary")  # where torch's add_text puts a text
+        return event.tensor_proto.string_val[0].decode().splitlines()
 
     table = text("Result-Table/Pipeline-Call-1")
     assert table[0] == "| Tag | Prompt | Negative-Prompt | Seed | Sampler | Steps | Guidance | Size | Model |"
@@ -130,7 +168,7 @@ def test_generate_logs_images_settings_and_timings_to_tensorboard(tmp_path):
     for line in ["| command | generate |", "| params.sampler | dpm++ |", "| params.images | 4 |",
                  "| params.batch_size | 2 |", "| pipeline.model | bundled demo |", "| params.seed | 3 |"]:  # fmt: skip
         assert line in settings
-    scalars = {tag: values[0] for tag, values in events["scalars"].items()}
+    scalars = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
     assert scalars["Timing/load_seconds"] > 0 and scalars["Timing/steps_per_second"] > 0
     assert scalars["Timing/seconds_per_image"] == pytest.approx(scalars["Timing/generation_seconds"] / 4, rel=1e-5)
 
@@ -142,9 +180,10 @@ def test_eval_logs_its_scores_to_wandb_under_log_dir(tmp_path):
     scores = json.loads(done.stdout)
     assert "wandb: Tracking run with wandb" in done.stderr  # -v lets the libraries talk, W&B too
     [run] = (tmp_path / "logs" / "wandb").glob("offline-run-*")  # --log-dir wins over WANDB_DIR
-    logged = read_log("wandb", run)
-    assert logged["project"] == "shapes-eval"
-    config, values, files = logged["config"], logged["values"], logged["files"]
+    records = wandb_records(run)
+    [project] = {r.run.project for r in records if r.WhichOneof("record_type") == "run"}
+    assert project == "shapes-eval"
+    config, values, files = logged(records)
     assert config["command"] == "eval" and config["workflow"][0]["params"]["images"] == 3
     assert {k.removeprefix("Eval/"): v for k, v in values.items() if k.startswith("Eval/")} == scores
     table = json.loads(Path(files["Result-Table/Pipeline-Call-1.table.json"]).read_text())
