@@ -69,7 +69,7 @@ def test_allow_any_size_forces_an_untrained_size(tmp_path):
     assert Image.open(next(tmp_path.glob("*.png"))).size == (72, 64)
 
 
-def test_demo_round_trips_through_every_checkpoint_format_to_the_same_image(tmp_path):
+def test_demo_round_trips_through_every_checkpoint_format_to_the_same_image(tmp_path, capsys):
     """Bundle → official .pth → diffusers folder → pixart .safetensors: each generates the bundle's image exactly."""
     same = ["--seed", "3", "--steps", "4"]
     assert main(["generate", PROMPT, *same, "--out", str(tmp_path / "bundle")]) == 0
@@ -93,6 +93,12 @@ def test_demo_round_trips_through_every_checkpoint_format_to_the_same_image(tmp_
     assert json.loads(Image.open(png).info["transformer_options"]) == {"family": "sigma"}
     assert main(["generate", "--from-png", str(png), "--trust-metadata", "--out", str(tmp_path / "again")]) == 0
     assert pixels(tmp_path / "again") == pixels(tmp_path / "bundle")
+    # eval reads the same .pth with the same flags, and scores it as the bundle.
+    scores, _ = {}, capsys.readouterr()  # the generate runs' paths above
+    for name, flags in {"bundle": [], "pth": runs["pth-sized"]}.items():
+        assert main(["eval", "--prompts", "4", "--steps", "4", "--json", *flags]) == 0, name
+        scores[name] = json.loads(capsys.readouterr().out)
+    assert scores["pth"] == scores["bundle"]
 
 
 def test_image_size_that_splits_into_no_whole_patches_is_one_line(tmp_path, capsys):

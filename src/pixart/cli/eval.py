@@ -9,7 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pixart.cli.generate import add_log_flags
+from pixart.cli.generate import add_log_flags, add_transformer_flags, transformer_options
 from pixart.files import atomic_write, require_writable_folder
 from pixart.inference.generation_log import check_log_flags
 
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", metavar="FOLDER", help="diffusers pipeline folder (default: the bundled demo model)")
     p.add_argument("--transformer", metavar="PATH", help="other transformer weights (any form convert reads)")
+    add_transformer_flags(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
     p.add_argument("--prompts", type=int, default=200, metavar="N", help="held-out prompts to score (default 200)")
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the sampler's, dpm++ 20)")
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         cache_steps=args.cache_steps,
         cache_threshold=args.cache_threshold,
+        transformer_options=transformer_options(args),
     )
     load_seconds = time.perf_counter() - started
     # With several processes the bar follows the main process's share.

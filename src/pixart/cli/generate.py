@@ -75,14 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="other transformer weights: official .pth, pixart .safetensors or a folder",
     )
-    add_official_flags(m)
-    m.add_argument("--family", choices=FAMILIES, help="alpha or sigma, for a .pth that cannot tell (pixart convert's)")
-    m.add_argument(
-        "--image-size",
-        type=int,
-        metavar="PX",
-        help="training resolution of a .pth without a pos_embed, in pixels of the pipeline's VAE (64 for the demo)",
-    )
+    add_transformer_flags(m)
     m.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
     m.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the best available)")
     m.add_argument(
@@ -341,7 +334,7 @@ def _inputs(args: argparse.Namespace):
         "loras": tuple(parse_lora_spec(spec) for spec in args.lora),
         "cache_steps": args.cache_steps,
         "cache_threshold": args.cache_threshold,
-        "transformer_options": tuple(sorted(_transformer_options(args).items())),
+        "transformer_options": tuple(sorted(transformer_options(args).items())),
         "controlnet": args.controlnet,
         "quantize": args.quantize,
     }
@@ -413,7 +406,21 @@ def read_png_metadata_if(path: Path | None) -> dict[str, str]:
     return {} if path is None else read_png_metadata(path)
 
 
-def _transformer_options(args: argparse.Namespace) -> dict:
+def add_transformer_flags(parser) -> None:
+    """The flags that say what a ``--transformer`` file cannot: the official architecture flags, family and size."""
+    add_official_flags(parser)
+    parser.add_argument(
+        "--family", choices=FAMILIES, help="alpha or sigma, for a .pth that cannot tell (pixart convert's)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        metavar="PX",
+        help="training resolution of a .pth without a pos_embed, in pixels of the pipeline's VAE (64 for the demo)",
+    )
+
+
+def transformer_options(args: argparse.Namespace) -> dict:
     """load_transformer keywords from the flags: the official ones, the family and the image size (in its units)."""
     from pixart.inference.sizes import official_image_size
 
