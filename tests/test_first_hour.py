@@ -243,3 +243,16 @@ def test_readme_curl_example_returns_a_demo_image_quickly(demo_server, tmp_path)
     (png,) = tmp_path.glob("*.png")
     image = Image.open(png)
     assert image.size == (64, 64) and image.info["prompt"] == PROMPT
+
+
+def test_the_name_demo_is_the_bundle_for_every_command_that_takes_a_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # a folder of that name here (the README writes its images to one): the name wins
+    same = ["--seed", "3", "--steps", "4"]
+    assert main(["generate", PROMPT, *same, "--model", "demo", "--out", "named"]) == 0
+    assert main(["generate", PROMPT, *same, "--out", "default"]) == 0
+    assert pixels(tmp_path / "named") == pixels(tmp_path / "default")
+    transformer = str(BUNDLE / "transformer")
+    assert main(["export", "diffusers", "exported", "--base", "demo", "--transformer", transformer]) == 0
+    assert main(["generate", PROMPT, *same, "--model", "exported", "--out", "from-export"]) == 0
+    assert pixels(tmp_path / "from-export") == pixels(tmp_path / "default")

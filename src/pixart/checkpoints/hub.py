@@ -77,6 +77,9 @@ def resolve_pipeline(
 
     ``what`` names the argument in errors ("model", "base").
     """
+    from pixart.demo import resolve_demo
+
+    source = resolve_demo(source)
     path = Path(source).expanduser()
     if path.exists():
         # Folders without model_index.json but with their parts (e.g. an exported OpenVINO model) count too.

@@ -24,11 +24,11 @@ first. diffusers drops config keys that start with '_' when it loads a model, so
 
 def local_pipeline(model: str | os.PathLike | None) -> Path | None:
     """The pipeline folder ``model`` names if it is on this machine (None: the bundled demo), else None (a hub id)."""
-    from pixart.demo import BUNDLE
+    from pixart.demo import BUNDLE, resolve_demo
 
     if model is None:
         return BUNDLE
-    path = Path(model).expanduser()
+    path = Path(resolve_demo(model)).expanduser()
     return path if path.is_dir() else None
 
 

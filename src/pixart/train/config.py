@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pixart.demo import BUNDLE
+from pixart.demo import DEMO_NAME, resolve_demo
 from pixart.errors import PixArtError
 from pixart.model.resolution import BUCKET_RESOLUTIONS
 
@@ -536,10 +536,6 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     raise PixArtError(f"config {str(name_or_path)!r} is neither a TOML file nor a shipped recipe; recipes: {known}")
 
 
-DEMO = "demo"
-"""model.source or model.pipeline naming the bundled demo pipeline (pixart.demo.BUNDLE)."""
-
-
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a TOML recipe (file path or shipped recipe name), apply ``section.key=value`` overrides, validate."""
     data: dict[str, Any] = {}
@@ -553,8 +549,8 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | t
     for item in overrides:
         apply_override(config, item)
     for key in ("source", "pipeline"):  # a recipe cannot know where the package, and so the bundle, is installed
-        if getattr(config.model, key) == DEMO:
-            setattr(config.model, key, str(BUNDLE))
+        if getattr(config.model, key) == DEMO_NAME:
+            setattr(config.model, key, str(resolve_demo(DEMO_NAME)))
     config.validate()
     return config
 
