@@ -3,8 +3,6 @@ a feature cache holds its latents, and `--controlnet demo-layout` places the dem
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -21,9 +19,7 @@ from pixart.inference.control import control_map
 from pixart.inference.pipeline import PixArtPipeline
 from pixart.train.cache import build_cache, open_cache
 from pixart.train.data import open_dataset, to_tensor
-from tiny import run_shell, save_pipeline
-
-REPO = Path(__file__).resolve().parents[1]
+from tiny import readme_commands, run_shell, save_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,9 +116,7 @@ def test_the_name_loads_the_shipped_file_which_is_small_and_refused_by_another_m
 
 
 def test_the_readme_example_draws_the_shapes_where_the_hand_drawn_map_has_them(tmp_path):
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### The demo ControlNet", 1)[1]
-    commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = readme_commands("### The demo ControlNet")
     done = run_shell(commands, tmp_path)
     assert done.returncode == 0, done.stderr
     (png,) = (tmp_path / "demo").glob("*.png")

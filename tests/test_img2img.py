@@ -28,7 +28,7 @@ from pixart.errors import PixArtError
 from pixart.inference.pipeline import PixArtPipeline
 from pixart.sampling.samplers import SAMPLERS, make_scheduler
 from pixart.sampling.step_cache import StepCache
-from tiny import random_lora, run_shell, save_pipeline
+from tiny import random_lora, readme_commands, run_shell, save_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a small red fox in the snow"
@@ -323,9 +323,7 @@ def test_cli_bad_image_input_is_one_line(tmp_path, args, message):
 
 def test_the_readme_example_runs_on_the_demo_model(tmp_path):
     """The README's image-to-image and inpainting commands, as a user pastes them, in a fresh folder."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Image-to-image and inpainting", 1)[1]
-    commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = readme_commands("### Image-to-image and inpainting")
     result = run_shell(commands, tmp_path)
     assert result.returncode == 0, result.stderr
     start, inpainted, again = (np.asarray(Image.open(tmp_path / "demo" / name)) for name in

@@ -162,6 +162,12 @@ def random_lora(transformer: str | Path, out: str | Path, seed: int = 1, std: fl
     return save_lora(model, out)
 
 
+def readme_commands(heading: str) -> str:
+    """The first ```bash block after ``heading`` in README.md: the commands a user pastes from that section."""
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split(heading, 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
 def run_shell(commands: str, cwd: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run documented shell commands as a user pastes them: bash stopping at the first failure, this venv's
     `pixart` and `python` first on PATH, offline, one torch thread."""
