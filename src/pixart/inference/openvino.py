@@ -39,6 +39,7 @@ from pixart.errors import PixArtError
 from pixart.files import new_folder
 from pixart.inference.cpu_units import BF16_FLAGS, CpuUnits, cpu_units
 from pixart.model.config import PixArtConfig
+from pixart.sampling.samplers import read_scheduler_config
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,7 @@ def export_openvino(
             from pixart.inference.openvino_int8 import calibrated_int8_transformer
             from pixart.inference.pipeline import PixArtPipeline
 
-            scheduler_file = root / "scheduler" / "scheduler_config.json"
-            scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+            scheduler_config = read_scheduler_config(root)
             pipe = PixArtPipeline(encoder, net, vae, scheduler_config, device=torch.device("cpu"), dtype=torch.float32)
             denoiser_ir = calibrated_int8_transformer(denoiser_ir, pipe, width, height)
         _save_ir(ov, t5_ir, tmp / "text_encoder.xml")
@@ -406,8 +406,7 @@ def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = N
     encoder = TextEncoder(tokenizer, t5, device="cpu")
     transformer = OVTransformer(core, folder / "transformer.xml", threads, config, null, precision)
     vae = OVVae(core, folder, threads, manifest)  # f32 whatever the precision: bf16 costs the VAE most
-    scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    scheduler_config = read_scheduler_config(folder)
     names = {"model": str(folder), "transformer": ""}
     # Loaders, not objects: the pipeline treats callables as loaders, and these modules are callable.
     return PixArtPipeline(

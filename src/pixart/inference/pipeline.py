@@ -49,7 +49,14 @@ from pixart.model.config import FAMILY
 from pixart.model.quantize import check_quantize, dtype_name, quantize_int8
 from pixart.model.resolution import generation_size, resize_and_crop
 from pixart.model.text import DEFAULT_MAX_TOKENS, TextEncoder, check_quantization, check_text_width
-from pixart.sampling.samplers import Conditioning, default_sampler, denoise, get_sampler, make_scheduler
+from pixart.sampling.samplers import (
+    Conditioning,
+    default_sampler,
+    denoise,
+    get_sampler,
+    make_scheduler,
+    read_scheduler_config,
+)
 from pixart.sampling.step_cache import cached_denoiser, check_cache_steps, check_cache_threshold
 
 log = logging.getLogger(__name__)
@@ -264,9 +271,7 @@ class PixArtPipeline:
                 vae.enable_tiling()
             return vae
 
-        scheduler_file = root / "scheduler" / "scheduler_config.json"
-        # Without one, diffusers' solver defaults are the PixArt schedule anyway (1000 linear betas 1e-4…0.02).
-        scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+        scheduler_config = read_scheduler_config(root)
         # The bundled demo is recorded as no model: its path is this machine's install, not a choice to repeat.
         names = {"model": "" if model is None else str(model), "transformer": str(transformer or "")}
         loaders = (load_text_encoder, load_model, load_vae)

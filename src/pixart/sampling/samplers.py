@@ -8,8 +8,11 @@ follows diffusers' PixArt pipelines step for step, so the same seed gives the sa
 from __future__ import annotations
 
 import inspect
+import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pixart.errors import PixArtError
@@ -115,6 +118,13 @@ def get_sampler(name: str) -> Sampler:
         return SAMPLERS[name]
     except (KeyError, TypeError):  # TypeError: an unhashable value from a JSON request
         raise PixArtError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+
+
+def read_scheduler_config(pipeline: str | os.PathLike) -> dict:
+    """A pipeline folder's ``scheduler/scheduler_config.json``, or {} without one: diffusers' solver defaults are the
+    PixArt schedule anyway (1000 linear betas 1e-4…0.02)."""
+    file = Path(pipeline) / "scheduler" / "scheduler_config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def make_scheduler(name: str, scheduler_config: dict) -> SchedulerMixin:

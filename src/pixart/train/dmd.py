@@ -33,6 +33,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
+from pixart.sampling.samplers import read_scheduler_config
 from pixart.train.config import DMDConfig, TrainConfig
 from pixart.train.diffusion import GaussianDiffusion, drop_captions, mean_flat
 from pixart.train.lcm import Denoiser, predicted_x0
@@ -176,8 +177,7 @@ def open_pairs(config: TrainConfig, base: DiffusionObjective, teacher, loader, a
     if accelerator.is_main_process and _pairs_settings(path) != settings:
         log.info("making %d teacher pairs (dpm++ %d steps, guidance %g) in %s", s.num_pairs, s.pair_steps,
                  s.pair_guidance, path)  # fmt: skip
-        scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
-        scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+        scheduler = read_scheduler_config(config.model.pipeline or config.model.source)
         batches = pair_batches(config, base, loader)
         pairs = make_pairs(teacher, batches, base.null, scheduler, s, config.run.seed, base.device)
         path.parent.mkdir(parents=True, exist_ok=True)

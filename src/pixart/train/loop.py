@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import json
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from pixart.errors import PixArtError
 from pixart.files import require_writable_folder
 from pixart.inference.cpu_units import BF16_FLAGS, CPUINFO, cpu_units
+from pixart.sampling.samplers import read_scheduler_config
 from pixart.train.config import TrainConfig
 from pixart.train.metrics import METRICS_FILE, JsonLinesTracker, tensorboard_installed
 from pixart.train.objective import DiffusionObjective, Objective, load_frozen_encoders
@@ -365,6 +365,5 @@ def training_pipeline(config: TrainConfig, model, encoders: DiffusionObjective, 
     """A PixArtPipeline over the (unwrapped) model and the trainer's T5 and VAE, in fp32."""
     from pixart.inference.pipeline import PixArtPipeline
 
-    scheduler_file = Path(config.model.pipeline or config.model.source) / "scheduler" / "scheduler_config.json"
-    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    scheduler = read_scheduler_config(config.model.pipeline or config.model.source)
     return PixArtPipeline(encoders.text, model, encoders.vae, scheduler, device=device, dtype=torch.float32)
