@@ -218,7 +218,8 @@ def test_a_controlnet_for_another_model_is_one_line(tmp_path):
     )  # fmt: skip
     torch.save({"state_dict": to_official_state_dict(alpha)}, tmp_path / "base.pth")
     assert "holds no ControlNet branch" in one_line_error(lambda: load_controlnet(tmp_path / "base.pth", alpha.config))
-    assert "does not exist" in one_line_error(lambda: load_controlnet(tmp_path / "absent.pth", alpha.config))
+    absent = one_line_error(lambda: load_controlnet(tmp_path / "absent.pth", alpha.config))
+    assert "does not exist" in absent and absent.endswith("or a bundled one: demo-layout)")  # a misspelt name, too
 
 
 # ------------------------------------------------------------------------------------- generation and the CLI

@@ -230,7 +230,7 @@ def one_line_error(call, *fragments):
 
 def test_bad_adapters_fail_with_one_line(base_folder, family, tmp_path):
     model = ours(base_folder, family)
-    one_line_error(lambda: load_lora(model, tmp_path / "nope"), "nope", "does not exist")
+    one_line_error(lambda: load_lora(model, tmp_path / "nope"), "nope", "does not exist", "a bundled LoRA: demo-lcm")
     (tmp_path / "junk.safetensors").write_text("not a safetensors file")
     one_line_error(lambda: load_lora(model, tmp_path / "junk.safetensors"), "junk.safetensors", "safetensors")
     save_file({"some.weight": torch.zeros(2, 2)}, tmp_path / "full.safetensors")

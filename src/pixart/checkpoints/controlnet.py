@@ -65,7 +65,10 @@ def load_controlnet(
     given = str(path)
     path = controlnet_file(path)
     if not path.is_file():
-        raise PixArtError(f"ControlNet {path} does not exist (expected an official .pth or a pixart .safetensors)")
+        raise PixArtError(
+            f"ControlNet {path} does not exist (expected an official .pth or a pixart .safetensors, "
+            f"or a bundled one: {', '.join(BUNDLED_CONTROLNETS)})"
+        )
     if path.suffix in (".pth", ".pt"):
         branch, stated = _read_official(path, base.num_heads if base is not None else num_heads)
     elif path.suffix == ".safetensors":

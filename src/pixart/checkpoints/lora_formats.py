@@ -168,7 +168,10 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     elif path.is_file():
         weights, config_path = path, path.parent / CONFIG_NAME
     else:
-        raise PixArtError(f"LoRA {str(path)!r} does not exist; expected a peft adapter folder or a .safetensors file")
+        raise PixArtError(
+            f"LoRA {str(path)!r} does not exist; expected a peft adapter folder or a .safetensors file, "
+            f"or a bundled LoRA: {', '.join(BUNDLED_LORAS)}"
+        )
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as err:
