@@ -162,7 +162,7 @@ def main() -> None:
                 continue
             key = (str(folder), json.dumps(kwargs, sort_keys=True))
             if key not in pipes:
-                pipes[key] = PixArtPipeline.from_pretrained(folder, device="cpu", **kwargs)
+                pipes[key] = PixArtPipeline.from_pretrained(folder, device="cpu", dtype="fp32", **kwargs)
             record(name, *image_digest(pipes[key](PROMPTS, options, show_progress=False)))
         for name, pipe, options in openvino_cases(work) if "openvino".startswith(args.only[:8]) else ():
             record(name, *image_digest(pipe(PROMPTS, options, show_progress=False)))

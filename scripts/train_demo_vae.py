@@ -64,9 +64,10 @@ def report(vae, teacher, sets: dict[str, torch.Tensor], work: Path) -> dict:
     return out
 
 
-def colour_batch(n: int, crop: int, pool: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """n crops: a quarter flat colours drawn uniformly from the RGB cube, the rest from the procedural pool."""
-    flat = n // 4
+def colour_batch(n: int, crop: int, pool: torch.Tensor, gen: torch.Generator, flat_share: float = 0.25) -> torch.Tensor:
+    """n crops: ``flat_share`` of them flat colours drawn uniformly from the RGB cube, the rest from the procedural
+    pool."""
+    flat = round(n * flat_share)
     rgb = torch.rand(flat, 3, 1, 1, generator=gen) * 2 - 1
     picked = pool[torch.randint(len(pool), (n - flat,), generator=gen)]
     top, left = torch.randint(pool.shape[-1] - crop + 1, (2,), generator=gen).tolist()
@@ -84,7 +85,7 @@ def train(vae, teacher, shapes: torch.Tensor, pool: torch.Tensor, steps: int, ar
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps, pct_start=0.05)
     vae.train()
     for step in range(steps):
-        batch = colour_batch(args.batch, args.crop, pool, gen)
+        batch = colour_batch(args.batch, args.crop, pool, gen, args.flat_share)
         held = shapes[torch.randint(len(shapes), (args.shapes_batch,), generator=gen)]
         with torch.no_grad():
             target = teacher.encode(held).latent_dist.mean
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="colour-rich crops per step")
     parser.add_argument("--shapes-batch", type=int, default=8, help="whole shapes images per step")
     parser.add_argument("--crop", type=int, default=32)
+    parser.add_argument("--flat-share", type=float, default=0.25, help="share of the colour-rich crops that are flat")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--hold", type=float, default=10.0, help="weight of the shapes-latent hold")
     parser.add_argument("--groups", type=int, default=None, help="GroupNorm groups (default: the start VAE's)")

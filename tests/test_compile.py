@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tests.tiny import save_pipeline
+from tests.tiny import CPU_FP32, save_pipeline
 
 from pixart.checkpoints.convert import load_transformer
 from pixart.errors import PixArtError
@@ -31,11 +31,11 @@ def pixels(image) -> np.ndarray:
 
 def test_compiled_image_matches_eager(tmp_path):
     folder = save_pipeline(tmp_path / "sigma", "sigma")
-    eager_pipe = PixArtPipeline.from_pretrained(folder, device="cpu")
+    eager_pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32)
     eager = np.asarray(eager_pipe("a fox", OPTIONS, show_progress=False)[0], dtype=np.float64)
     assert eager_pipe.last_run.compile_seconds is None
 
-    pipe = PixArtPipeline.from_pretrained(folder, device="cpu", compile=True)
+    pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, compile=True)
     compiled = np.asarray(pipe("a fox", OPTIONS, show_progress=False)[0], dtype=np.float64)
     # Inductor fuses and reorders float ops: equal up to rounding, a pixel level at most.
     assert np.abs(compiled - eager).max() <= 1.0
@@ -67,9 +67,9 @@ def test_compiled_step_cache_matches_cached_eager(tmp_path):
     assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # the blocks ran compiled
 
     options = OPTIONS.replace(steps=5)  # full steps 0, 2, 4
-    eager_pipe = PixArtPipeline.from_pretrained(folder, device="cpu", cache_steps=2)
+    eager_pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, cache_steps=2)
     eager = pixels(eager_pipe("a fox", options, show_progress=False)[0])
-    pipe = PixArtPipeline.from_pretrained(folder, device="cpu", compile=True, cache_steps=2)
+    pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, compile=True, cache_steps=2)
     compiled = pixels(pipe("a fox", options, show_progress=False)[0])
     assert np.abs(compiled - eager).max() <= 1.0  # as for the uncached compiled run above
     assert np.abs(compiled - eager).mean() <= 0.05
@@ -99,4 +99,4 @@ def test_compile_seconds_compares_the_first_step_with_later_full_steps():
 def test_compile_without_a_cxx_compiler_is_refused_before_loading(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++ to find
     with pytest.raises(PixArtError, match=r"^--compile on CPU needs a C\+\+ compiler \(g\+\+ or clang\+\+\) on PATH"):
-        PixArtPipeline.from_pretrained(tmp_path / "absent", device="cpu", compile=True)
+        PixArtPipeline.from_pretrained(tmp_path / "absent", **CPU_FP32, compile=True)

@@ -103,6 +103,17 @@ def test_bf16_and_int8_where_the_units_are_missing_run_fp32_with_one_line(cpuinf
     assert "\n" not in bf16 + int8
 
 
+def test_the_default_is_bf16_where_the_units_are_and_fp32_elsewhere(cpuinfo, caplog):
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="pixart.inference.devices"):
+        assert resolve_dtype(None, cpu, cpuinfo(ZEN4)) == torch.bfloat16
+        assert resolve_dtype("auto", cpu, cpuinfo(SAPPHIRE_RAPIDS)) == torch.bfloat16
+        assert resolve_dtype(None, cpu, cpuinfo(SKYLAKE)) == torch.float32
+        assert resolve_dtype("auto", torch.device("cuda"), cpuinfo(SKYLAKE)) == torch.float16
+        assert resolve_dtype("fp32", cpu, cpuinfo(ZEN4)) == torch.float32  # asked for: kept
+    assert caplog.records == []  # a default is chosen quietly, on either kind of CPU
+
+
 @pytest.mark.parametrize(
     "mode, device, dtype, message",
     [
@@ -171,7 +182,7 @@ OPTIONS = GenerationOptions(seed=3, steps=4, width=64, height=64, binning=False)
 @pytest.mark.parametrize("family", ["alpha", "sigma"])
 def test_bf16_and_int8_images_are_close_to_fp32_and_seeds_reproduce(pipelines, family):
     images, first_inputs = {}, {}
-    for mode, kwargs in {"fp32": {}, "bf16": {"dtype": "bf16"}, "int8": {"quantize": "int8"}}.items():
+    for mode, kwargs in {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"}, "int8": {"quantize": "int8"}}.items():
         pipe = PixArtPipeline.from_pretrained(pipelines[family], device="cpu", **kwargs)
         calls: list[torch.Tensor] = []
         pipe.transformer.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(args[0].clone()))
@@ -199,8 +210,11 @@ def test_the_mode_is_recorded_and_reproduced_from_the_png(pipelines):
         again = PixArtPipeline.from_pretrained(load, device="cpu")(prompt, options)[0]
         assert np.array_equal(np.asarray(again), np.asarray(image))
         assert again.info == image.info
-    # A GPU's fp16 image remade on a CPU runs in the CPU's default, fp32; a bad record is one line.
-    assert PixArtPipeline.from_pretrained(LoadSettings(folder, dtype="fp16"), device="cpu").dtype == torch.float32
+    # Nothing asked: bf16 on this CPU with the units, and recorded; int8 alone keeps its fp32 activations.
+    assert PixArtPipeline.from_pretrained(folder, device="cpu")("a red tree", OPTIONS)[0].info["dtype"] == "bfloat16"
+    assert PixArtPipeline.from_pretrained(folder, device="cpu", quantize="int8").dtype == torch.float32
+    # A GPU's fp16 image remade on a CPU runs in the CPU's default, bf16 here; a bad record is one line.
+    assert PixArtPipeline.from_pretrained(LoadSettings(folder, dtype="fp16"), device="cpu").dtype == torch.bfloat16
     with pytest.raises(PixArtError, match="^the image's dtype metadata 'float8' is not one of float32, float16, bf"):
         LoadSettings.from_metadata({"dtype": "float8"})
     with pytest.raises(PixArtError, match="^the image's quantize metadata 'int4' is not one of int8$"):

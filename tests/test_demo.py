@@ -216,7 +216,7 @@ def test_evaluate_scores_each_held_out_prompt_on_its_own_image(smoke):
 
 def test_eval_cli(smoke, tmp_path):
     done = run("-m", "pixart", "eval", "--model", str(smoke / "pipeline-stage2"), "--prompts", "4", "--steps", "2",
-               "--json", "--save", str(tmp_path / "images"))  # fmt: skip
+               "--dtype", "fp32", "--json", "--save", str(tmp_path / "images"))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     scores = json.loads(done.stdout)
     assert scores["n_single"] + scores["n_pair"] == 4
@@ -225,7 +225,7 @@ def test_eval_cli(smoke, tmp_path):
     assert_plain_modes(tmp_path / "images")
 
     cached = run("-m", "pixart", "eval", "--model", str(smoke / "pipeline-stage2"), "--prompts", "4", "--steps", "2",
-                 "--cache-steps", "2", "--json", "--save", str(tmp_path / "cached"))  # fmt: skip
+                 "--dtype", "fp32", "--cache-steps", "2", "--json", "--save", str(tmp_path / "cached"))  # fmt: skip
     assert cached.returncode == 0, cached.stderr[-2000:]
     # the second of two steps reused the first step's deep blocks, so the pixels changed
     pixels = [[Image.open(tmp_path / d / f"{i:04d}.png").tobytes() for i in range(4)] for d in ("images", "cached")]

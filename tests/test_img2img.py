@@ -28,7 +28,7 @@ from pixart.errors import PixArtError
 from pixart.inference.pipeline import PixArtPipeline
 from pixart.sampling.samplers import SAMPLERS, make_scheduler
 from pixart.sampling.step_cache import StepCache
-from tiny import random_lora, readme_commands, run_shell, save_pipeline
+from tiny import CPU_FP32, random_lora, readme_commands, run_shell, save_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a small red fox in the snow"
@@ -43,7 +43,7 @@ def alpha(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe(alpha) -> PixArtPipeline:
-    return PixArtPipeline.from_pretrained(alpha, device="cpu")
+    return PixArtPipeline.from_pretrained(alpha, **CPU_FP32)  # diffusers' fp32 steps are the reference
 
 
 def photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
@@ -193,16 +193,16 @@ def test_inpainting_feathers_the_paste_by_default(pipe):
 @pytest.mark.parametrize("change", ["lora", "cache-steps"])
 def test_image_to_image_works_with_a_lora_and_step_caching(alpha, tmp_path, change):
     if change == "lora":
-        loaded = PixArtPipeline.from_pretrained(alpha, device="cpu", loras=[(random_lora(alpha, tmp_path / "l"), 1)])
+        loaded = PixArtPipeline.from_pretrained(alpha, **CPU_FP32, loras=[(random_lora(alpha, tmp_path / "l"), 1)])
         model = loaded.transformer
     else:
-        loaded = PixArtPipeline.from_pretrained(alpha, device="cpu", cache_steps=2)
+        loaded = PixArtPipeline.from_pretrained(alpha, **CPU_FP32, cache_steps=2)
         model = functools.partial(loaded.transformer, block_hook=StepCache(len(loaded.transformer.blocks), 2))
     image = photo()
     settings = {"sampler": "dpm++", "seed": 8, "steps": 6, "guidance": 4.5, "strength": 0.8}
     ours = loaded(PROMPT, image=image, binning=False, show_progress=False, **settings)[0]
     assert mean_abs_diff(ours, reference(alpha, model, image, **settings)) <= 0.01
-    plain = PixArtPipeline.from_pretrained(alpha, device="cpu")
+    plain = PixArtPipeline.from_pretrained(alpha, **CPU_FP32)
     without = plain(PROMPT, image=image, binning=False, show_progress=False, **settings)[0]
     # The tiny model's one cached block of two changes little; the LoRA changes every weight.
     assert mean_abs_diff(ours, without) > (1.0 if change == "lora" else 0.0)

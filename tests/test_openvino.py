@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.tiny import random_lora, save_pipeline
+from tests.tiny import CPU_FP32, random_lora, save_pipeline
 
 from test_files import assert_plain_modes
 from test_img2img import half_mask, photo
@@ -74,7 +74,7 @@ def test_export_is_self_contained(sigma):
 @pytest.mark.parametrize("options", [GUIDED, GUIDED.replace(guidance=1.0)], ids=["guided", "unguided"])
 def test_openvino_images_match_pytorch(sigma, options):
     folder, out = sigma
-    reference = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, options, show_progress=False))
+    reference = pixels(PixArtPipeline.from_pretrained(folder, **CPU_FP32)(PROMPTS, options, show_progress=False))
     images = load_openvino_pipeline(out, threads=1)(PROMPTS, options, show_progress=False)
     got = pixels(images)
     # Same fp32 math in another kernel library: rounding may flip a pixel level here and there.
@@ -87,7 +87,7 @@ def test_int8_alpha_costs_little(tmp_path):
     """α with micro-conditions, weights compressed to INT8 by NNCF: close to fp32 PyTorch, but not equal."""
     folder = save_pipeline(tmp_path / "alpha", "alpha")
     out = export_openvino(folder, tmp_path / "alpha-int8", width=64, height=64, int8=True)
-    reference = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, GUIDED, show_progress=False))
+    reference = pixels(PixArtPipeline.from_pretrained(folder, **CPU_FP32)(PROMPTS, GUIDED, show_progress=False))
     got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, GUIDED, show_progress=False))
     assert not np.array_equal(got, reference)
     assert psnr(got, reference) > 40.0
@@ -106,7 +106,10 @@ def test_one_export_serves_other_sizes(sigma, tmp_path, family):
     dynamic = [[d.is_dynamic for d in i.get_partial_shape()] for i in transformer.inputs]
     micro = [[True, False], [True]] if family == "alpha" else []  # resolution (B, 2), aspect ratio (B,)
     assert dynamic == [[True, False, True, True], [True], [True, True, False], [True, True], *micro]
-    pipe, reference = load_openvino_pipeline(out, threads=1), PixArtPipeline.from_pretrained(folder, device="cpu")
+    pipe, reference = (
+        load_openvino_pipeline(out, threads=1),
+        PixArtPipeline.from_pretrained(folder, **CPU_FP32),
+    )
     for options in (GUIDED.replace(width=96, height=64), GUIDED.replace(width=64, height=128, batch_size=2)):
         expected = pixels(reference(PROMPTS, options, show_progress=False))
         got = pixels(pipe(PROMPTS, options, show_progress=False))
@@ -132,7 +135,7 @@ def test_openvino_starts_from_an_image_as_pytorch_does(sigma, tmp_path, inpaint)
     image, mask = photo(64, 48), half_mask(64, 48) if inpaint else None
     settings = dict(image=image, mask=mask, seed=4, steps=4, binning=False, show_progress=False)
     settings |= {"mask_blur": 0} if inpaint else {"strength": 0.5}
-    expected = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, **settings))
+    expected = pixels(PixArtPipeline.from_pretrained(folder, **CPU_FP32)(PROMPTS, **settings))
     got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, **settings))
     assert got.shape == expected.shape == (2, 48, 64, 3)
     # The tolerance of test_openvino_images_match_pytorch.
@@ -211,10 +214,10 @@ def test_export_merges_loras_and_finds_the_transformers_pipeline(sigma, tmp_path
     argv = ["export", "openvino", str(out), "--transformer", str(folder / "transformer"), "--lora", f"{lora}:0.7"]
     assert main(argv + ["--width", "64", "--height", "64"]) == 0
     assert read_manifest(out)["source"]["loras"] == [[str(lora), 0.7]]
-    loaded = PixArtPipeline.from_pretrained(folder, device="cpu", loras=[(lora, 0.7)])
+    loaded = PixArtPipeline.from_pretrained(folder, **CPU_FP32, loras=[(lora, 0.7)])
     reference = pixels(loaded(PROMPTS, GUIDED, show_progress=False))
     got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, GUIDED, show_progress=False))
-    base = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, GUIDED, show_progress=False))
+    base = pixels(PixArtPipeline.from_pretrained(folder, **CPU_FP32)(PROMPTS, GUIDED, show_progress=False))
     # The LoRA moves the images by 10x the tolerance, so matching them means it was merged.
     assert np.abs(base - reference).mean() > 0.5
     # The tolerance of test_openvino_images_match_pytorch.
@@ -229,7 +232,7 @@ def test_export_of_a_demo_transformer_file_needs_no_model(tmp_path):
     out = tmp_path / "demo-ov"
     assert main(["export", "openvino", str(out), "--transformer", str(tuned), "--lora", f"{lora}:-0.5"]) == 0
     options = GenerationOptions(seed=1, steps=3)
-    reference = PixArtPipeline.from_pretrained(None, tuned, device="cpu", loras=[(lora, -0.5)])
+    reference = PixArtPipeline.from_pretrained(None, tuned, **CPU_FP32, loras=[(lora, -0.5)])
     expected = pixels(reference(PROMPTS, options, show_progress=False))
     got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, options, show_progress=False))
     assert np.abs(got - expected).mean() <= 0.05
@@ -251,7 +254,7 @@ def test_full_int8_quantizes_activations_on_calibration_latents(tmp_path):
     assert "FakeQuantize" in op_types(out / "transformer.xml")
     assert "FakeQuantize" not in op_types(out / "text_encoder.xml")  # T5: weights only
     assert read_manifest(out)["int8_mode"] == "full"
-    reference = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")(PROMPTS, GUIDED, show_progress=False))
+    reference = pixels(PixArtPipeline.from_pretrained(folder, **CPU_FP32)(PROMPTS, GUIDED, show_progress=False))
     got = pixels(load_openvino_pipeline(out, threads=1)(PROMPTS, GUIDED, show_progress=False))
     assert not np.array_equal(got, reference)
     assert psnr(got, reference) > 28.0
@@ -267,7 +270,7 @@ def test_weight_only_int8_has_no_activation_quantizers(tmp_path):
 def test_calibration_records_every_model_call_in_the_irs_input_order(tmp_path):
     from pixart.inference.openvino_int8 import calibration_inputs
 
-    pipe = PixArtPipeline.from_pretrained(save_pipeline(tmp_path / "alpha", "alpha"), device="cpu")
+    pipe = PixArtPipeline.from_pretrained(save_pipeline(tmp_path / "alpha", "alpha"), **CPU_FP32)
     samples = calibration_inputs(pipe, ["a fox", "a castle"], steps=3, width=64, height=64)
     assert len(samples) == 6  # two prompts, three steps each
     x, timestep, y, mask, resolution, aspect = samples[0]  # α: the size micro-conditions come last

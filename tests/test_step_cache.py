@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.tiny import save_pipeline
+from tests.tiny import CPU_FP32, save_pipeline
 
 from pixart import PixArtTransformer, preset
 from pixart.cli import main
@@ -48,7 +48,7 @@ def count_block_calls(model) -> list[int]:
 
 
 def test_every_step_fresh_is_the_model_exactly(folder):
-    model = PixArtPipeline.from_pretrained(folder, device="cpu")._loaded["transformer"]
+    model = PixArtPipeline.from_pretrained(folder, **CPU_FP32)._loaded["transformer"]
     torch.manual_seed(0)
     x, y = torch.randn(2, 4, 8, 8), torch.randn(2, 120, 32)
     mask = torch.zeros(2, 120, dtype=torch.long)
@@ -61,19 +61,19 @@ def test_every_step_fresh_is_the_model_exactly(folder):
 
 
 def test_strength_0_and_1_give_the_uncached_image(folder):
-    plain = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")("a fox", OPTIONS, show_progress=False))
+    plain = pixels(PixArtPipeline.from_pretrained(folder, **CPU_FP32)("a fox", OPTIONS, show_progress=False))
     for strength in (0, 1):
-        pipe = PixArtPipeline.from_pretrained(folder, device="cpu", cache_steps=strength)
+        pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, cache_steps=strength)
         assert np.array_equal(pixels(pipe("a fox", OPTIONS, show_progress=False)), plain)
 
 
 def test_caching_skips_deep_blocks_at_a_bounded_cost(folder):
-    plain_pipe = PixArtPipeline.from_pretrained(folder, device="cpu")
+    plain_pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32)
     plain_calls = count_block_calls(plain_pipe._loaded["transformer"])
     plain = pixels(plain_pipe("a fox", OPTIONS, show_progress=False))
     assert plain_calls == [8, 8]  # 8 steps, guided passes batched: one call per block per step
 
-    pipe = PixArtPipeline.from_pretrained(folder, device="cpu", cache_steps=3)
+    pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, cache_steps=3)
     calls = count_block_calls(pipe._loaded["transformer"])
     cached = pixels(pipe("a fox", OPTIONS, show_progress=False))
     # Depth 2: block 0 always runs; block 1 only on steps 0, 3 and 6.
@@ -83,7 +83,7 @@ def test_caching_skips_deep_blocks_at_a_bounded_cost(folder):
 
 
 def test_a_cached_call_adds_the_deep_blocks_residual_of_the_last_full_call(folder):
-    model = PixArtPipeline.from_pretrained(folder, device="cpu")._loaded["transformer"]  # depth 2: block 0 is fresh
+    model = PixArtPipeline.from_pretrained(folder, **CPU_FP32)._loaded["transformer"]  # depth 2: block 0 is fresh
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 120, 32, generator=gen)
     mask = torch.ones(2, 120, dtype=torch.long)
@@ -137,8 +137,8 @@ def test_cli_bad_cache_steps(folder, tmp_path, capsys):
 
 
 def test_threshold_0_is_the_uncached_image_and_every_step_runs(folder):
-    plain = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")("a fox", OPTIONS, show_progress=False))
-    model = PixArtPipeline.from_pretrained(folder, device="cpu")._loaded["transformer"]
+    plain = pixels(PixArtPipeline.from_pretrained(folder, **CPU_FP32)("a fox", OPTIONS, show_progress=False))
+    model = PixArtPipeline.from_pretrained(folder, **CPU_FP32)._loaded["transformer"]
     decisions: list[bool] = []
     denoiser = cached_denoiser(model, 0, 0.0, decisions)
     assert denoiser is model  # off: the model itself, nothing in between
@@ -150,14 +150,14 @@ def test_threshold_0_is_the_uncached_image_and_every_step_runs(folder):
             expected = model(x, torch.tensor([t, t]), y, mask)
             assert torch.equal(model(x, torch.tensor([t, t]), y, mask, block_hook=hook), expected)
     assert decisions == [True, True]
-    pipe = PixArtPipeline.from_pretrained(folder, device="cpu", cache_threshold=0.0)
+    pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, cache_threshold=0.0)
     assert np.array_equal(pixels(pipe("a fox", OPTIONS, show_progress=False)), plain)
     assert pipe.last_run.full_steps is None
 
 
 def test_the_largest_threshold_runs_only_the_first_step_fully(folder):
-    plain = pixels(PixArtPipeline.from_pretrained(folder, device="cpu")("a fox", OPTIONS, show_progress=False))
-    pipe = PixArtPipeline.from_pretrained(folder, device="cpu", cache_threshold=1.0)
+    plain = pixels(PixArtPipeline.from_pretrained(folder, **CPU_FP32)("a fox", OPTIONS, show_progress=False))
+    pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, cache_threshold=1.0)
     calls = count_block_calls(pipe._loaded["transformer"])
     cached = pixels(pipe("a fox", OPTIONS.replace(num_images=2, batch_size=2), show_progress=False))
     assert calls == [8, 1]  # the first block every step, the deep block once; cond and uncond decided together
@@ -175,7 +175,7 @@ def first_block_change(model, x, t, y, mask, before):
 
 
 def test_each_step_is_decided_by_the_first_blocks_change_since_the_last_full_step(folder):
-    model = PixArtPipeline.from_pretrained(folder, device="cpu")._loaded["transformer"]  # depth 2: block 0 is fresh
+    model = PixArtPipeline.from_pretrained(folder, **CPU_FP32)._loaded["transformer"]  # depth 2: block 0 is fresh
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 120, 32, generator=gen)
     mask = torch.ones(2, 120, dtype=torch.long)
@@ -208,11 +208,11 @@ def test_adaptive_caching_composes_with_a_lora(folder, tmp_path):
     from tests.tiny import random_lora
 
     adapter = random_lora(folder / "transformer", tmp_path / "lora", std=0.2)
-    plain = PixArtPipeline.from_pretrained(folder, device="cpu", loras=[(adapter, 1.0)])
+    plain = PixArtPipeline.from_pretrained(folder, **CPU_FP32, loras=[(adapter, 1.0)])
     plain = pixels(plain("a fox", OPTIONS, show_progress=False))
-    without = PixArtPipeline.from_pretrained(folder, device="cpu", cache_threshold=0.3)
+    without = PixArtPipeline.from_pretrained(folder, **CPU_FP32, cache_threshold=0.3)
     without = pixels(without("a fox", OPTIONS, show_progress=False))
-    pipe = PixArtPipeline.from_pretrained(folder, device="cpu", loras=[(adapter, 1.0)], cache_threshold=0.3)
+    pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, loras=[(adapter, 1.0)], cache_threshold=0.3)
     cached = pixels(pipe("a fox", OPTIONS, show_progress=False))
     assert 1 < pipe.last_run.full_steps < 8
     # The merged LoRA acts in the cached steps as in the full ones: near the LoRA's own image, far from the base's.
@@ -226,8 +226,8 @@ def test_threshold_with_a_controlnet_or_cache_steps_is_refused(folder):
     from pixart.model.controlnet import PixArtControlNet
 
     with pytest.raises(PixArtError, match=r"choose one of cache steps \(3\) and cache threshold \(0.1\)"):
-        PixArtPipeline.from_pretrained(folder, device="cpu", cache_steps=3, cache_threshold=0.1)
-    pipe = PixArtPipeline.from_pretrained(folder, device="cpu", cache_threshold=0.1)
+        PixArtPipeline.from_pretrained(folder, **CPU_FP32, cache_steps=3, cache_threshold=0.1)
+    pipe = PixArtPipeline.from_pretrained(folder, **CPU_FP32, cache_threshold=0.1)
     net = PixArtControlNet.from_transformer(pipe._loaded["transformer"], num_blocks=1)
     control = Image.new("RGB", (64, 64))
     with pytest.raises(PixArtError, match=r"step caching \(--cache-threshold\) does not combine with a ControlNet"):
@@ -241,7 +241,7 @@ def test_bad_threshold_is_refused(bad):
 
 
 def test_cli_cache_threshold_reports_full_steps_and_round_trips_through_the_png(folder, tmp_path):
-    base = [sys.executable, "-m", "pixart", "generate", "--model", str(folder), "--device", "cpu"]
+    base = [sys.executable, "-m", "pixart", "generate", "--model", str(folder), "--device", "cpu", "--dtype", "fp32"]
     size = ["--width", "64", "--height", "64", "--no-binning", "--steps", "6", "--seed", "1"]
     done = subprocess.run(base + ["a fox", *size, "--cache-threshold", "0.3", "--out", str(tmp_path / "a")],
                           capture_output=True, text=True)  # fmt: skip

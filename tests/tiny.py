@@ -24,6 +24,9 @@ from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 T5_WIDTH = 32
 """Feature width of the tiny text encoder (the caption_channels of the tiny transformers)."""
+CPU_FP32 = {"device": "cpu", "dtype": "fp32"}
+"""Pipeline keywords for tests that compare with an fp32 reference: the CPU's auto dtype is bf16 where it has the
+units, fp32 elsewhere, and such a test must mean the same on both."""
 
 
 def tiny_text_encoder(seed: int = 0) -> tuple[ByT5Tokenizer, T5EncoderModel]:

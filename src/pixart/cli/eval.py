@@ -9,7 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pixart.cli.generate import add_log_flags, add_transformer_flags, transformer_options
+from pixart.cli.generate import add_log_flags, add_precision_flags, add_transformer_flags, transformer_options
 from pixart.files import atomic_write, require_writable_folder
 from pixart.inference.generation_log import check_log_flags
 
@@ -60,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="adaptive step caching: reuse the deep blocks while the first block changed by less than T (default 0)",
     )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, mps (default: the best available)")
+    add_precision_flags(p)
     p.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     p.add_argument("--save", type=Path, metavar="DIR", help="also write the images and their verdicts here")
     add_log_flags(p, "SAVE/logs with --save, else ./runs")
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         args.transformer,
         loras=loras,
         device=device,
+        dtype=args.dtype,
+        quantize=args.quantize,
         cache_steps=args.cache_steps,
         cache_threshold=args.cache_threshold,
         transformer_options=transformer_options(args),

@@ -78,17 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_transformer_flags(m)
     m.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA (repeatable)")
     m.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the best available)")
-    m.add_argument(
-        "--dtype",
-        metavar="DTYPE",
-        help="auto (default: fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16 (on a CPU with bf16 units, e.g. "
-        "avx512_bf16 or AMX, about 2× faster than fp32; elsewhere it runs fp32)",
-    )
-    m.add_argument(
-        "--quantize",
-        metavar="int8",
-        help="int8: the transformer's and T5's linears in int8 on a CPU with int8 units (VNNI, AMX); fp32 elsewhere",
-    )
+    add_precision_flags(m)
     m.add_argument("--low-memory", action="store_true", help="load T5, transformer and VAE one at a time")
     m.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     m.add_argument("--t5-int8", action="store_true", help="dynamic int8 quantisation of T5 only (CPU)")
@@ -404,6 +394,21 @@ def read_png_metadata_if(path: Path | None) -> dict[str, str]:
     from pixart.inference.options import read_png_metadata
 
     return {} if path is None else read_png_metadata(path)
+
+
+def add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize, shared by generate and eval (so eval can score what a precision costs)."""
+    parser.add_argument(
+        "--dtype",
+        metavar="DTYPE",
+        help="auto (default: bf16 on a CPU with bf16 units, e.g. avx512_bf16 or AMX, about 2× faster than fp32; "
+        "fp32 on other CPUs; fp16 on GPU), fp32, fp16 or bf16 (bf16 on a CPU without the units runs fp32)",
+    )
+    parser.add_argument(
+        "--quantize",
+        metavar="int8",
+        help="int8: the transformer's and T5's linears in int8 on a CPU with int8 units (VNNI, AMX); fp32 elsewhere",
+    )
 
 
 def add_transformer_flags(parser) -> None:

@@ -47,7 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--model", help="diffusers pipeline folder or hub id (default: the bundled demo model)")
     m.add_argument("--transformer", help="other transformer weights: official .pth, pixart .safetensors or a folder")
     m.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
-    m.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16")
+    m.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on a CPU with bf16 units, fp32 on other CPUs, fp16 on GPU), fp32, fp16 or bf16",
+    )
     m.add_argument("--low-memory", action="store_true", help="load T5, transformer and VAE one at a time")
     m.add_argument(
         "--lora",

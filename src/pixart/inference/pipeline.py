@@ -190,7 +190,8 @@ class PixArtPipeline:
         compile: torch.compile the transformer; cache_steps: reuse deep blocks (:mod:`pixart.sampling.step_cache`)
         on a fixed schedule, or cache_threshold: while the first block's output changes less than it.
         transformer_options: more load_transformer keywords (``TRANSFORMER_OPTIONS``), e.g. num_heads.
-        dtype: None or "auto" is fp32 on CPU, fp16 on GPUs; "bf16" on a CPU without bf16 units runs fp32 (warned).
+        dtype: None or "auto" is bf16 on a CPU with bf16 units (avx512_bf16, AMX), fp32 on other CPUs (and with
+        ``quantize``), fp16 on GPUs; "bf16" on a CPU without bf16 units runs fp32 (warned).
         quantize: "int8" runs the transformer's and T5's linears in int8 on the CPU (:mod:`pixart.model.quantize`).
         """
         from diffusers import AutoencoderKL
@@ -217,6 +218,8 @@ class PixArtPipeline:
         check_cache_threshold(cache_threshold, cache_steps)
         if compile:
             check_compiler(device)
+        if quantize and dtype in (None, "auto"):
+            dtype = "fp32"  # int8 kernels take fp32 activations: auto's bf16 would refuse the quantization
         dtype = resolve_dtype(dtype, device)
         check_quantization(t5_quantization, device)
         check_quantize(quantize, device, dtype)
@@ -241,10 +244,15 @@ class PixArtPipeline:
         def load_model() -> torch.nn.Module:
             source = transformer if transformer is not None else root
             log.info("loading the transformer from %s", source)
-            net = load_transformer(source, device=stage_device, dtype=dtype, **(transformer_options or {}))
+            # LoRAs merge into fp32 weights, then the sum is cast: a LoRA then makes the same network as a file
+            # with it merged in (as a fine-tune is saved), in bf16 or fp16 too.
+            load_dtype = torch.float32 if loras else dtype
+            net = load_transformer(source, device=stage_device, dtype=load_dtype, **(transformer_options or {}))
             check_text_width(net.config.caption_channels, root, f"the transformer {source}")  # before it runs
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
+            if loras:
+                net = net.to(dtype)
             if quantize == "int8":
                 # After the merge, so the LoRA deltas are quantised with the weights. The blocks only: nearly all
                 # the time goes there, and the embedders read their weights' dtype, which int8 modules lack.
