@@ -75,7 +75,7 @@ def run_one(name: str, folder: Path, size: int, steps: int) -> dict:
     else:
         from pixart.inference.pipeline import PixArtPipeline
 
-        pipe = PixArtPipeline.from_pretrained(folder, device="cpu", low_memory=name == "pixart-low")
+        pipe = PixArtPipeline.from_pretrained(folder, device="cpu", dtype="fp32", low_memory=name == "pixart-low")
         loaded = time.perf_counter()
         pipe(PROMPT, seed=0, steps=steps, guidance=4.5, width=size, height=size, show_progress=False)
     done = time.perf_counter()

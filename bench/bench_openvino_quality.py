@@ -39,7 +39,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pixart-ov-quality-") as tmp:
         work = Path(tmp)
         build(work / "pipeline", args.size)
-        reference = np.asarray(PixArtPipeline.from_pretrained(work / "pipeline", device="cpu")(PROMPT, **options)[0])
+        reference = PixArtPipeline.from_pretrained(work / "pipeline", device="cpu", dtype="fp32")
+        reference = np.asarray(reference(PROMPT, **options)[0])
         rows = []
         for name, int8, precision in (
             ("fp32 IR, f32", False, "f32"),
