@@ -41,6 +41,8 @@ CONTENDERS = {
     "int8": "pixart --quantize int8 (dynamic int8 linears, transformer and T5)",
     "compiled": "pixart --compile (torch.compile, inductor)",
     "cached": "pixart --cache-steps N (deep blocks on 1 step in N)",
+    "bf16-cached": "pixart --dtype bf16 --cache-steps N",
+    "int8-cached": "pixart --quantize int8 --cache-steps N",
     "adaptive": "pixart --cache-threshold T (adaptive step caching)",
     "lcm": "pixart --sampler lcm, 4 steps, no guidance",
     "dmd": "pixart --sampler dmd, 1 step at t=400, no guidance",
@@ -91,10 +93,10 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
             pipe = PixArtPipeline.from_pretrained(
                 folder,
                 device="cpu",
-                dtype="bf16" if name == "bf16" else "fp32",
-                quantize="int8" if name == "int8" else None,
+                dtype="bf16" if name.startswith("bf16") else "fp32",
+                quantize="int8" if name.startswith("int8") else None,
                 compile=name == "compiled",
-                cache_steps=args.cache_steps if name == "cached" else 0,
+                cache_steps=args.cache_steps if name.endswith("cached") else 0,
                 cache_threshold=args.cache_threshold if name == "adaptive" else 0.0,
             )
 
@@ -213,7 +215,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in rows:
         r, label = results[name], CONTENDERS[name]
-        label = label.replace("N", str(args.cache_steps)) if name == "cached" else label
+        label = label.replace("N", str(args.cache_steps)) if name.endswith("cached") else label
         label = label.replace("T", str(args.cache_threshold), 1) if name == "adaptive" else label
         q = "(reference)" if name == "eager" else "identical" if math.isinf(quality[name]) else f"{quality[name]:.1f}"
         q = "(another task)" if name == "img2img" else "(random weights: speed only)" if name in ("lcm", "dmd") else q

@@ -8,10 +8,12 @@ Today's VAE learnt from shapes images only, and its encoder already maps black, 
 nearly the same latent, so no decoder can tell them apart again. This trains encoder and decoder from
 today's weights on colour-rich images (:mod:`pixart.demo.colours`: random flat colours and procedural
 scenes, plus shapes images) while a second loss holds the encoder's latents of shapes images to today's
-encoder's: the bundled transformer, which only ever saw those latents, keeps working unchanged. The
-``scaling_factor`` stays today's for the same reason. Writes WORKDIR/vae (the latest checkpoint, a
+encoder's: the bundled transformer, which only ever saw those latents, keeps working unchanged. The hold covers
+the layout maps of those images too (white shapes on black, :func:`pixart.inference.control.layout_map`), which
+the bundled ``demo-layout`` ControlNet reads through the encoder. The ``scaling_factor`` stays today's for the
+same reason. Writes WORKDIR/vae (the latest checkpoint, a
 diffusers folder) and WORKDIR/report.json (PSNR on each test set for today's VAE and the new one,
-the checker on round-tripped shapes images, the latent drift on shapes images, the wall time).
+the checker on round-tripped shapes images, the latent drift on shapes images and layout maps, the wall time).
 """
 
 from __future__ import annotations
@@ -59,9 +61,20 @@ def report(vae, teacher, sets: dict[str, torch.Tensor], work: Path) -> dict:
     out["checker on round trips: one object all correct"] = scores.get("single_all")
     out["checker on round trips: two objects fully correct"] = scores.get("pair_full")
     if teacher is not None:
-        new, old = vae.encode(shapes).latent_dist.mean, teacher.encode(shapes).latent_dist.mean
-        out["shapes latents: RMS change / latent std"] = round(((new - old).pow(2).mean().sqrt() / old.std()).item(), 4)
+        for name, images in (("shapes", shapes), ("layout maps", layout_maps(shapes))):
+            new, old = vae.encode(images).latent_dist.mean, teacher.encode(images).latent_dist.mean
+            drift = ((new - old).pow(2).mean().sqrt() / old.std()).item()
+            out[f"{name} latents: RMS change / latent std"] = round(drift, 4)
     return out
+
+
+def layout_maps(images: torch.Tensor) -> torch.Tensor:
+    """The ``--control-type layout`` maps of shapes images (N, 3, H, W) in [-1, 1], as the ControlNet's VAE sees."""
+    from pixart.inference.control import layout_map
+
+    arrays = ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    maps = torch.stack([torch.from_numpy(layout_map(a)) for a in arrays]).float() / 127.5 - 1
+    return maps[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
 def colour_batch(n: int, crop: int, pool: torch.Tensor, gen: torch.Generator, flat_share: float = 0.25) -> torch.Tensor:
@@ -86,7 +99,7 @@ def train(vae, teacher, shapes: torch.Tensor, pool: torch.Tensor, steps: int, ar
     vae.train()
     for step in range(steps):
         batch = colour_batch(args.batch, args.crop, pool, gen, args.flat_share)
-        held = shapes[torch.randint(len(shapes), (args.shapes_batch,), generator=gen)]
+        held = shapes[torch.randint(len(shapes), (args.shapes_batch,), generator=gen)]  # and their layout maps
         with torch.no_grad():
             target = teacher.encode(held).latent_dist.mean
         colour_loss, _, _ = components.vae_loss(vae, batch, gen)
@@ -112,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="colour-rich crops per step")
     parser.add_argument("--shapes-batch", type=int, default=8, help="whole shapes images per step")
     parser.add_argument("--crop", type=int, default=32)
+    parser.add_argument(
+        "--no-hold-layout",
+        dest="hold_layout",
+        action="store_false",
+        help="hold the shapes images' latents only, not their layout maps'",
+    )
     parser.add_argument("--flat-share", type=float, default=0.25, help="share of the colour-rich crops that are flat")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--hold", type=float, default=10.0, help="weight of the shapes-latent hold")
@@ -142,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     vae.load_state_dict((AutoencoderKL.from_pretrained(args.init) if args.init else teacher).state_dict())
     write_dataset(work / "shapes-train", args.images, seed=101, force=True, progress=False)
     shapes = components.images_tensor(work / "shapes-train")
+    if args.hold_layout:
+        shapes = torch.cat([shapes, layout_maps(shapes)])
     pool = colours.natural_like(args.images, seed=args.seed)
 
     def save(model):
