@@ -109,8 +109,10 @@ def train(vae, teacher, shapes: torch.Tensor, pool: torch.Tensor, steps: int, ar
         components.optimizer_step(optimizer, schedule, vae.parameters(), loss)
         if step % 50 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f hold %.5f", step + 1, steps, loss.item(), hold.item())
-        if (step + 1) % args.save_every == 0 or step == steps - 1:
+        if (step + 1) % args.save_every == 0 or step == steps - 1 or step + 1 == args.stop_after:
             save(vae)
+        if step + 1 == args.stop_after:
+            break  # the schedule of a longer run, cut short: how the bundled VAE's second stage ended
     vae.eval().requires_grad_(False)
 
 
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--stop-after", type=int, default=0, help="stop after this step of the --steps schedule")
     parser.add_argument("--report", type=Path, help="only measure this VAE folder beside --start, print the table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

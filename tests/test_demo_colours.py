@@ -39,13 +39,16 @@ def test_colour_tests_are_fixed_and_span_the_cube():
     assert dark.any() and bright.any()
 
 
-def test_flat_colour_test_catches_the_bundled_vae_drawing_black_as_green():
+def test_the_bundled_vae_draws_every_flat_colour_and_black_as_black():
+    # The first bundled VAE drew black as bright green (0, 225, 0)-ish and flat colours at 9.6 dB; issue #23 asked
+    # for >= 30 dB. Measured for the bundled one (docs/demo.md): 32.0 dB, every channel within 23 levels.
     vae = AutoencoderKL.from_pretrained(BUNDLE / "vae").eval()
     flat = colours.flat_images()
     recon = components.roundtrip(vae, flat)
     black = (recon[0].mean((1, 2)) + 1) * 127.5
-    assert black[1] > black[0] + 100 and black[1] > black[2] + 100, black  # the issue's complaint: green
-    assert components.psnr(recon, flat) < 15
+    assert (black < 10).all(), black
+    assert components.psnr(recon, flat) >= 30
+    assert ((recon - flat).abs().mean((2, 3)) * 127.5).max() < 30  # the worst colour's worst channel, in levels
 
 
 def test_vae_script_keeps_the_latent_scale_and_names_no_folder(tmp_path):
@@ -53,8 +56,9 @@ def test_vae_script_keeps_the_latent_scale_and_names_no_folder(tmp_path):
                "--check", "8", "--batch", "4", "--shapes-batch", "2", "--groups", "1", cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["today"]["flat colours (32)"] < 15
+    assert report["today"]["flat colours (32)"] >= 30  # --start defaults to the bundled VAE
     assert 0 < report["new"]["shapes latents: RMS change / latent std"] < 1
+    assert 0 < report["new"]["layout maps latents: RMS change / latent std"] < 1  # held too, for demo-layout
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     bundled = json.loads((BUNDLE / "vae" / "config.json").read_text())
     assert config["scaling_factor"] == bundled["scaling_factor"]  # the transformer learnt latents at this scale
@@ -68,7 +72,7 @@ def test_a_recipe_names_the_bundled_demo_wherever_it_is_installed():
 
 
 def test_documented_demo_finetune_runs_as_written(tmp_path):
-    """docs/demo.md's example at two training steps: its image script (ten pink squares, 40 replayed scenes),
+    """docs/demo.md's example at two training steps: its image script (ten pink squares, 100 replayed scenes),
     `pixart train`, then generate with the LoRA and with the merged transformer."""
     script = re.search(r"```python\n(# make_images\.py.*?)```", DOCS, re.S).group(1)
     (tmp_path / "make_images.py").write_text(script)
@@ -76,7 +80,7 @@ def test_documented_demo_finetune_runs_as_written(tmp_path):
     captions = sorted(p.read_text() for p in (tmp_path / "my-images").glob("*.txt"))
     assert len(captions) == 10 and all("pink square" in c for c in captions)
     replay = list((tmp_path / "my-images" / "demo").glob("*.txt"))  # the demo's own scenes, read beside them
-    assert len(replay) == 40 and not (tmp_path / "my-images" / "demo" / "metadata.jsonl").exists()
+    assert len(replay) == 100 and not (tmp_path / "my-images" / "demo" / "metadata.jsonl").exists()
     assert Image.open(tmp_path / "my-images" / "0.png").size == (64, 64)
 
     train = "pixart train demo-finetune --data.dataset=my-images/"

@@ -322,10 +322,12 @@ class LoraSwitch:
     :meth:`use` puts back the base weights of every layer the LoRAs touch, then merges the chosen ones in order
     exactly as ``load_lora(merge=True)`` does, so the weights (and images) are bit-identical to loading the
     model with those LoRAs. Restoring, not subtracting, keeps rounding from piling up over many switches. The
-    base copies live on the CPU so an accelerator holds only the model.
+    base copies live on the CPU so an accelerator holds only the model. ``base``: the same network in fp32 when
+    ``model`` runs in bf16 or fp16; its weights are the copies, merged in fp32 and cast, as
+    :meth:`pixart.inference.pipeline.PixArtPipeline.from_pretrained` merges LoRAs before its cast.
     """
 
-    def __init__(self, model: nn.Module, loras: dict[str, str | os.PathLike]):
+    def __init__(self, model: nn.Module, loras: dict[str, str | os.PathLike], base: nn.Module | None = None):
         self.model = model
         self.fused = {}
         for name, path in loras.items():
@@ -333,7 +335,8 @@ class LoraSwitch:
             tensors, config = read_lora(Path(path))
             self.fused[name] = _fuse(model, _adapter_parts(tensors, config, where), where)
         touched = {layer for fused in self.fused.values() for layer in fused}
-        self.base = {n: _base_linear(model, n).weight.detach().to("cpu", copy=True) for n in sorted(touched)}
+        source = model if base is None else base
+        self.base = {n: _base_linear(source, n).weight.detach().to("cpu", copy=True) for n in sorted(touched)}
         self.current: tuple[tuple[str, float], ...] | None = ()
         """The (name, scale) LoRAs merged now; None while a switch is under way (or failed half-way)."""
 
@@ -344,10 +347,13 @@ class LoraSwitch:
         if chosen == self.current:
             return
         self.current = None  # a switch that fails half-way leaves no claim on what the weights hold
-        for name, weight in self.base.items():
-            _base_linear(self.model, name).weight.copy_(weight)
-        for name, scale in chosen:
-            _merge(self.model, self.fused[name], scale)
+        for layer, weight in self.base.items():
+            merged = weight.clone()  # in the base's precision, in _merge's order; cast once into the model
+            for name, scale in chosen:
+                if layer in self.fused[name]:
+                    a, b, rank, alpha = self.fused[name][layer]
+                    merged.add_(((b @ a) * (scale * alpha / rank)).to(merged.device, merged.dtype))
+            _base_linear(self.model, layer).weight.copy_(merged)
         self.current = chosen
 
 

@@ -160,6 +160,7 @@ class PixArtPipeline:
             del vae_model
         self.last_run: RunStats | None = None
         self.controlnet = None
+        self._full_precision: Callable[[], torch.nn.Module] | None = None  # from_pretrained's fp32 reader, below bf16
         """The ControlNet (path or module) a call with a control image steers by unless it names another."""
 
     @classmethod
@@ -302,7 +303,17 @@ class PixArtPipeline:
             quantize=quantize,
         )
         pipe.controlnet = controlnet
+        if dtype != torch.float32 and quantize is None:
+            options = dict(transformer_options or {})
+            source = transformer if transformer is not None else root
+            pipe._full_precision = lambda: load_transformer(source, device="cpu", dtype=torch.float32, **options)
         return pipe
+
+    def full_precision_transformer(self) -> torch.nn.Module | None:
+        """The transformer read again in fp32 on the CPU, without LoRAs, when this pipeline runs in bf16 or fp16;
+        None when it runs in fp32. A server merging LoRAs per request merges into these weights and casts, as
+        from_pretrained merges before its cast, so its images equal ``pixart generate --lora``'s."""
+        return None if self._full_precision is None else self._full_precision()
 
     @property
     def known_sizes(self) -> tuple[tuple[int, int], ...]:

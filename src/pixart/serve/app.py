@@ -154,7 +154,8 @@ class ImageService:
         if loras:
             from pixart.checkpoints import lora
 
-            self._switch = lora.LoraSwitch(pipe.transformer, {served.name: served.path for served in loras})
+            paths = {served.name: served.path for served in loras}
+            self._switch = lora.LoraSwitch(pipe.transformer, paths, base=pipe.full_precision_transformer())
         self._choice: tuple[tuple[str, float], ...] | None = ()
         self._choice_users = 0
         self._choice_changed = threading.Condition()
