@@ -51,6 +51,7 @@ def test_eval_shows_a_bar_over_its_prompts(tmp_path):
     assert done.stdout.startswith("{")  # the bar is on stderr: --json output stays parseable
 
 
+@pytest.mark.slow
 def test_compile_hides_dynamos_graph_break_warnings_unless_v(tmp_path):
     args = ("generate", "a red circle", "--steps", "2", "--seed", "1", "--compile", "--out", tmp_path)
     quiet = pixart(*args)
@@ -64,6 +65,7 @@ def pipeline(tmp_path_factory) -> Path:
     return save_pipeline(tmp_path_factory.mktemp("calm") / "tiny-alpha")
 
 
+@pytest.mark.slow
 def test_export_openvino_shows_pixarts_output_and_libraries_only_with_v(pipeline, tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")

@@ -130,6 +130,7 @@ def test_exported_pipeline_loads_in_diffusers_and_ours(smoke):
     assert stage3("a red circle", seed=0, steps=2, show_progress=False)[0].size == (128, 128)
 
 
+@pytest.mark.slow
 def test_scratch_control_and_accuracy_curves(smoke, tmp_path):
     """The efficiency comparison: the from-scratch control continues through stage 2b-2d's recipes from its own
     weights, and scripts/demo_curves.py scores both runs' checkpoints on one axis of steps (= compute)."""

@@ -31,7 +31,7 @@ from pixart.inference.options import next_free_index, read_png_metadata, save_im
 from tiny import save_pipeline
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # real multi-process runs
 PROMPTS = ["a red circle", "a blue square on the left", "a green triangle above a yellow star", "a purple star"]
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pixart.inference.options import GenerationOptions
@@ -75,6 +76,7 @@ def test_page_has_the_newcomers_nine_steps():
     assert "(docs/first-hour.md)" in readme.split("## Install")[0]  # linked where a newcomer starts reading
 
 
+@pytest.mark.slow  # every command of the page, in order
 def test_every_command_of_the_page_runs_in_order(tmp_path):
     blocks = bash_blocks(PAGE.read_text())
     port = free_port()

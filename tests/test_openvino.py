@@ -35,7 +35,7 @@ GUIDED = GenerationOptions(seed=2, steps=4, width=64, height=64, binning=False)
 PIXART = [sys.executable, "-m", "pixart"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # exports: -m "not slow" skips
 
 
 def pixels(images) -> np.ndarray:

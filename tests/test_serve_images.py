@@ -38,6 +38,8 @@ from test_controlnet import randomise
 from test_img2img import half_mask, photo
 from test_serve import CHROMIUM, browser_page, free_port, generate_on_page, png, post, wait_for
 
+pytestmark = pytest.mark.slow  # a real server and Chromium: -m "not slow" skips this file
+
 MAX_PIXELS = 256 * 256
 PIXART = [sys.executable, "-m", "pixart"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
