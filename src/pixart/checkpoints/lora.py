@@ -307,13 +307,18 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, mer
     return model
 
 
+def _delta(parts: tuple, scale: float) -> torch.Tensor:
+    """One layer's ``scale · B·A`` with its alpha / rank, from its fused (A, B, rank, alpha)."""
+    a, b, rank, alpha = parts
+    return (b @ a) * (scale * alpha / rank)
+
+
 @torch.no_grad()
 def _merge(model: nn.Module, fused: dict[str, tuple], scale: float) -> None:
     """Add ``scale · B·A`` (with each layer's alpha / rank) into the base weights."""
-    for name, (a, b, rank, alpha) in fused.items():
-        linear = _base_linear(model, name)
-        delta = (b @ a) * (scale * alpha / rank)
-        linear.weight.add_(delta.to(linear.weight.device, linear.weight.dtype))
+    for name, parts in fused.items():
+        weight = _base_linear(model, name).weight
+        weight.add_(_delta(parts, scale).to(weight.device, weight.dtype))
 
 
 class LoraSwitch:
@@ -351,8 +356,7 @@ class LoraSwitch:
             merged = weight.clone()  # in the base's precision, in _merge's order; cast once into the model
             for name, scale in chosen:
                 if layer in self.fused[name]:
-                    a, b, rank, alpha = self.fused[name][layer]
-                    merged.add_(((b @ a) * (scale * alpha / rank)).to(merged.device, merged.dtype))
+                    merged.add_(_delta(self.fused[name][layer], scale).to(merged.device, merged.dtype))
             _base_linear(self.model, layer).weight.copy_(merged)
         self.current = chosen
 

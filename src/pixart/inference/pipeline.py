@@ -14,6 +14,7 @@ Components: T5 (:class:`pixart.model.text.TextEncoder`), our transformer
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -160,8 +161,8 @@ class PixArtPipeline:
             del vae_model
         self.last_run: RunStats | None = None
         self.controlnet = None
-        self._full_precision: Callable[[], torch.nn.Module] | None = None  # from_pretrained's fp32 reader, below bf16
         """The ControlNet (path or module) a call with a control image steers by unless it names another."""
+        self._full_precision: Callable[[], torch.nn.Module] | None = None  # from_pretrained's fp32 reader, below bf16
 
     @classmethod
     def from_pretrained(
@@ -242,13 +243,16 @@ class PixArtPipeline:
                 root, device=stage_device, dtype=t5_dtype, quantization=t5_quantization, stream=stream
             )
 
+        source = transformer if transformer is not None else root
+
+        def read_transformer(where: torch.device, read_dtype: torch.dtype) -> torch.nn.Module:
+            return load_transformer(source, device=where, dtype=read_dtype, **(transformer_options or {}))
+
         def load_model() -> torch.nn.Module:
-            source = transformer if transformer is not None else root
             log.info("loading the transformer from %s", source)
             # LoRAs merge into fp32 weights, then the sum is cast: a LoRA then makes the same network as a file
             # with it merged in (as a fine-tune is saved), in bf16 or fp16 too.
-            load_dtype = torch.float32 if loras else dtype
-            net = load_transformer(source, device=stage_device, dtype=load_dtype, **(transformer_options or {}))
+            net = read_transformer(stage_device, torch.float32 if loras else dtype)
             check_text_width(net.config.caption_channels, root, f"the transformer {source}")  # before it runs
             for path, scale in loras or []:
                 net = load_lora(net, path, scale, merge=True)  # merged: no per-step LoRA cost
@@ -304,9 +308,7 @@ class PixArtPipeline:
         )
         pipe.controlnet = controlnet
         if dtype != torch.float32 and quantize is None:
-            options = dict(transformer_options or {})
-            source = transformer if transformer is not None else root
-            pipe._full_precision = lambda: load_transformer(source, device="cpu", dtype=torch.float32, **options)
+            pipe._full_precision = functools.partial(read_transformer, torch.device("cpu"), torch.float32)
         return pipe
 
     def full_precision_transformer(self) -> torch.nn.Module | None:
