@@ -216,6 +216,15 @@ class LoraConfig:
     """Layers to adapt: groups 'attn', 'cross_attn', 'mlp' or module-name patterns (see pixart.checkpoints.lora).
     The default is diffusers' to_q/to_k/to_v/to_out.0 of both attentions."""
 
+    preserve_data: str = ""
+    """Images with captions on which the base model's outputs are kept (a dataset as data.dataset takes; "demo":
+    200 of the bundled demo's own scenes, rendered into the run folder). Each micro-batch is followed by one of
+    these, whose loss is the distance between the adapted model's prediction and the base's (adapters off): what
+    keeps a fine-tune on a few images from forgetting the rest (pixart.train.preserve). Empty: off."""
+
+    preserve_weight: float = 1.0
+    """Weight of the preservation batch's loss, added to the data's at every micro-step."""
+
 
 @dataclass
 class LCMConfig:
@@ -420,6 +429,8 @@ class TrainConfig:
         if self.dmd.enabled:
             self.validate_dmd()
         self.validate_dreambooth()
+        if self.lora.preserve_data:
+            self.validate_preserve()
         if self.controlnet.enabled:
             self.validate_controlnet()
 
@@ -482,6 +493,22 @@ class TrainConfig:
             )
         if b.prior and self.lcm.enabled:
             raise PixArtError("dreambooth.class_prompt (prior preservation) is not supported with lcm.enabled")
+
+    def validate_preserve(self) -> None:
+        _in_range("lora.preserve_weight", self.lora.preserve_weight, 0.0, math.inf)
+        if not self.lora.rank:
+            raise PixArtError(
+                "lora.preserve_data keeps the base model's outputs by switching the adapters off; set lora.rank"
+            )
+        if self.data.cache:
+            raise PixArtError(
+                "lora.preserve_data needs data.dataset, not data.cache: its images are encoded as it trains"
+            )
+        for name, on in [("lcm.enabled", self.lcm.enabled), ("dmd.enabled", self.dmd.enabled),
+                         ("controlnet.enabled", self.controlnet.enabled),
+                         ("dreambooth.class_prompt", self.dreambooth.prior)]:  # fmt: skip
+            if on:
+                raise PixArtError(f"lora.preserve_data does not combine with {name}")
 
     def validate_controlnet(self) -> None:
         from pixart.inference.control import CONTROL_TYPES

@@ -4,10 +4,8 @@ Before training, the main process tops ``dreambooth.class_data`` up to ``num_cla
 the *base* model generates from ``class_prompt``: ``class-K.png`` from seed ``run.seed + K``, next to
 ``class-K.txt`` holding the prompt. Images already there are kept. During training every micro-batch of
 instance images is followed by a class batch of the same size whose loss, times ``prior_loss_weight``,
-is backpropagated in its own pass (:class:`PriorPreservation`). Which class batch comes at a step is a pure
-function of (seed, step) and its per-sample noise comes from
-``pixart.train.objective.sample_generator(seed, step, CLASS_INDEX + i)``, so without saving any state a resumed
-run stays bit-identical and 1 or N processes train the same weights.
+is backpropagated in its own pass (:class:`PriorPreservation`, an :class:`pixart.train.preserve.Interleaved`
+stream: a resumed run stays bit-identical and 1 or N processes train the same weights).
 """
 
 from __future__ import annotations
@@ -17,21 +15,16 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from pixart.errors import PixArtError
 from pixart.files import atomic_write
-from pixart.train.objective import DiffusionObjective, Objective
-from pixart.train.state import batch_stream
+from pixart.train.objective import DiffusionObjective
+from pixart.train.preserve import Interleaved, open_side_batches
 
 log = logging.getLogger(__name__)
-
-CLASS_INDEX = 2**32
-"""Where class samples' indices start in ``sample_generator``: instance indices stay below batch_size ×
-grad_accum, so the two never share a generator."""
 
 CLASS_ORDER_STREAM = 1
 """Mixed into the run seed for the class data's shuffle, so it is not the instance order's permutation."""
@@ -104,58 +97,22 @@ def write_class_image(image, path: Path, caption: str) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-def class_order_seed(seed: int) -> int:
-    """The class loader's shuffle seed for a run seed."""
-    return int(np.random.SeedSequence([seed, CLASS_ORDER_STREAM]).generate_state(1, np.uint32)[0])
-
-
 def open_class_batches(config, num_processes: int, process_index: int, batch_size: int):
-    """The BatchLoader of the class images for this process, ``batch_size`` per process like the instances.
-
-    Every image gets the class prompt as caption. A bucket's last incomplete batch is filled up by
-    cycling, so any number of class images works.
-    """
-    from pixart.train.data import BatchLoader, ImageBuckets, open_dataset
-
+    """The BatchLoader of the class images for this process, ``batch_size`` per process like the instances; every
+    image gets the class prompt as caption."""
     b = config.dreambooth
-    dataset = open_dataset(class_folder(config), caption=b.class_prompt)
-    if len(dataset) < b.num_class_images:
-        log.warning("%s: %d usable class images, fewer than num_class_images=%d", b.class_data, len(dataset),
-                    b.num_class_images)  # fmt: skip
-    return BatchLoader(
-        ImageBuckets(dataset, config.data.image_size),
-        batch_size,
-        seed=class_order_seed(config.run.seed),
-        num_processes=num_processes,
-        process_index=process_index,
-        drop_last=False,
-        num_workers=config.data.num_workers,
-    )
+    loader = open_side_batches(config, class_folder(config), b.class_prompt, CLASS_ORDER_STREAM, num_processes,
+                               process_index, batch_size)  # fmt: skip
+    if len(loader.data.dataset) < b.num_class_images:
+        log.warning("%s: %d usable class images, fewer than num_class_images=%d", b.class_data,
+                    len(loader.data.dataset), b.num_class_images)  # fmt: skip
+    return loader
 
 
-class PriorPreservation(Objective):
+class PriorPreservation(Interleaved):
     """DreamBooth's objective: each micro-batch of instance images, then a class batch weighted by
     ``prior_loss_weight``, each with the diffusion loss in its own backward pass."""
 
     def __init__(self, base: DiffusionObjective, config, classes):
         """classes: this process's class BatchLoader (:func:`open_class_batches`)."""
-        self.base, self.classes = base, classes
-        self.weight = config.dreambooth.prior_loss_weight
-        self.batch_size, self.accum = config.data.batch_size, config.optim.grad_accum
-        self.stream, self.position = None, -1
-
-    def passes(self, batch: dict, first: int, step: int) -> list[tuple[dict, int, float]]:
-        # first // batch_size is the micro-batch: the processes' slices of one micro-batch lie below batch_size.
-        classes = self.class_batch(step * self.accum + first // self.batch_size)
-        return [(batch, first, 1.0), (classes, CLASS_INDEX + first, self.weight)]
-
-    def class_batch(self, position: int) -> dict:
-        """The class batch at a position of the class stream (step × grad_accum + micro-batch), so a resumed
-        run needs no saved state; the stream is reopened only when the position jumps (at the start)."""
-        if position != self.position:
-            self.stream = batch_stream(self.classes, *divmod(position, len(self.classes)))
-        self.position = position + 1
-        return next(self.stream)[2]
-
-    def loss(self, model, batch: dict, first: int, step: int) -> torch.Tensor:
-        return self.base.loss(model, batch, first, step)
+        super().__init__(base, config, classes, config.dreambooth.prior_loss_weight)

@@ -263,6 +263,10 @@ def setup(config: TrainConfig) -> Run:
     if config.dreambooth.prior:  # the class images come from the base model, before any LoRA or training
         make_pipeline = lambda: training_pipeline(config, model, encoders, device)
         dreambooth.make_class_images(config, accelerator, model, make_pipeline, encoders.max_length)
+    if config.lora.preserve_data:
+        from pixart.train.preserve import prepare_preserve_data
+
+        prepare_preserve_data(config, accelerator)
     if config.lora.rank:
         from pixart.checkpoints.lora import add_lora
 
@@ -289,8 +293,8 @@ def setup(config: TrainConfig) -> Run:
 
 
 def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher, accelerator, loader) -> Objective:
-    """The objective the config asks for: LCM or DMD distillation, DreamBooth prior preservation, ControlNet or plain
-    diffusion."""
+    """The objective the config asks for: LCM or DMD distillation, a LoRA keeping the base's outputs, DreamBooth prior
+    preservation, ControlNet or plain diffusion."""
     if config.controlnet.enabled:
         from pixart.train.controlnet import ControlNetObjective
 
@@ -303,6 +307,10 @@ def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher
         from pixart.train.dmd import DMDObjective
 
         return DMDObjective(base, teacher, config, loader, accelerator)
+    if config.lora.preserve_data:
+        from pixart.train.preserve import open_preservation
+
+        return open_preservation(config, base, accelerator, loader.batch_size)
     if config.dreambooth.prior:
         from pixart.train.dreambooth import PriorPreservation, open_class_batches
 

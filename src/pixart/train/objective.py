@@ -118,15 +118,21 @@ class DiffusionObjective(Objective):
     def loss(self, model, batch: dict, first: int, step: int, **model_kwargs) -> torch.Tensor:
         """Mean loss of a micro-batch whose first sample has index ``first`` in the global batch of ``step``;
         ``model_kwargs`` go to the model (a ControlNet's control latents)."""
-        x0, noise, t, features, mask, drops = self.inputs(batch, first, step)
-        with torch.no_grad():
-            xt = self.diffusion.q_sample(x0, t, noise)
-            features, mask = drop_captions(features, mask, drops, *self.null)
-        output = model(
-            xt, t, features, mask, batch["resolution"].to(self.device), batch["aspect_ratio"].to(self.device),
-            **model_kwargs,
-        )  # fmt: skip
-        return self.diffusion.training_loss(output, x0, xt, t, noise, self.config.diffusion.snr_gamma)["loss"].mean()
+        drawn = self.inputs(batch, first, step)
+        x0, noise, t = drawn[:3]
+        inputs = self.noisy_inputs(batch, first, step, drawn)
+        losses = self.diffusion.training_loss(model(*inputs, **model_kwargs), x0, inputs[0], t, noise,
+                                              self.config.diffusion.snr_gamma)  # fmt: skip
+        return losses["loss"].mean()
+
+    @torch.no_grad()
+    def noisy_inputs(self, batch: dict, first: int, step: int, drawn: tuple | None = None) -> tuple:
+        """The model's positional inputs for a micro-batch: (noisy latent, timestep, caption features after
+        caption dropout, mask, resolution, aspect ratio); ``drawn`` is :meth:`inputs`' result if already made."""
+        x0, noise, t, features, mask, drops = drawn or self.inputs(batch, first, step)
+        xt = self.diffusion.q_sample(x0, t, noise)
+        features, mask = drop_captions(features, mask, drops, *self.null)
+        return xt, t, features, mask, batch["resolution"].to(self.device), batch["aspect_ratio"].to(self.device)
 
     @torch.no_grad()
     def inputs(self, batch: dict, first: int, step: int):
