@@ -72,15 +72,14 @@ def test_a_recipe_names_the_bundled_demo_wherever_it_is_installed():
 
 
 def test_documented_demo_finetune_runs_as_written(tmp_path):
-    """docs/demo.md's example at two training steps: its image script (ten pink squares, 100 replayed scenes),
-    `pixart train`, then generate with the LoRA and with the merged transformer."""
+    """docs/demo.md's example at two training steps: its image script (ten pink squares), `pixart train` (which
+    renders the demo's scenes whose outputs it keeps), then generate with the LoRA and with the merged
+    transformer."""
     script = re.search(r"```python\n(# make_images\.py.*?)```", DOCS, re.S).group(1)
     (tmp_path / "make_images.py").write_text(script)
     assert run("make_images.py", cwd=tmp_path).returncode == 0
     captions = sorted(p.read_text() for p in (tmp_path / "my-images").glob("*.txt"))
     assert len(captions) == 10 and all("pink square" in c for c in captions)
-    replay = list((tmp_path / "my-images" / "demo").glob("*.txt"))  # the demo's own scenes, read beside them
-    assert len(replay) == 100 and not (tmp_path / "my-images" / "demo" / "metadata.jsonl").exists()
     assert Image.open(tmp_path / "my-images" / "0.png").size == (64, 64)
 
     train = "pixart train demo-finetune --data.dataset=my-images/"
@@ -88,6 +87,7 @@ def test_documented_demo_finetune_runs_as_written(tmp_path):
     smoke = ["--schedule.max_steps=2", "--validation.prompts=[]", "--logging.progress=false", "--checkpoint.every=0"]
     done = run("-m", *train.split(), *smoke, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "runs" / "demo-finetune" / "preserve-demo").glob("*.png"))) == 200
     generate = 'pixart generate "a pink square on the left"'
     for command in (f"{generate} --lora runs/demo-finetune/final-lora",
                     f"{generate} --transformer runs/demo-finetune/final.safetensors"):  # fmt: skip
