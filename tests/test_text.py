@@ -53,6 +53,28 @@ def test_encode_matches_diffusers_encode_prompt(diffusers_pipe):
     assert mask[1].sum() == 1  # "" is just the end-of-sequence token
 
 
+def test_trim_skips_padding_and_keeps_every_tokens_features(diffusers_pipe):
+    """diffusers pads to max_sequence_length; trimmed, T5 runs on the longest caption's tokens only, and those
+    tokens' features and mask are diffusers' own."""
+    encoder = TextEncoder(diffusers_pipe.tokenizer, diffusers_pipe.text_encoder)
+    prompts = ["A red fox in the snow", "", "a cat"]  # 21 byte tokens + </s> at the longest
+    seen = []
+    hook = encoder.model.register_forward_hook(lambda m, args, kwargs_out: seen.append(tuple(args[0].shape)))
+    try:
+        features, mask = encoder.encode(prompts, max_length=40, trim=True)
+    finally:
+        hook.remove()
+    ref, ref_mask, _, _ = diffusers_pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=False, max_sequence_length=40, clean_caption=True
+    )
+    assert seen == [(3, 22)] and features.shape == (3, 22, 32)
+    assert torch.equal(mask, ref_mask[:, :22].long()) and ref_mask[:, 22:].sum() == 0
+    torch.testing.assert_close(features[mask.bool()], ref[:, :22][mask.bool()])
+    # A caption longer than max_length is still cut there, with the warning.
+    _, long_mask = encoder.encode(["x" * 60, "a"], max_length=40, trim=True)
+    assert long_mask.shape == (2, 40) and long_mask[0].sum() == 40
+
+
 def test_duplicate_prompts_encoded_once(diffusers_pipe):
     encoder = TextEncoder(diffusers_pipe.tokenizer, diffusers_pipe.text_encoder)
     seen = []

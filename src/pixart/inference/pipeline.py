@@ -531,13 +531,16 @@ class PixArtPipeline:
         negative = None if not guided or use_learned else (opts.negative_prompt or "")
         texts = list(dict.fromkeys(prompts + ([negative] if negative is not None else [])))
         with self._stage("text_encoder") as encoder:
-            features, mask = encoder.encode(texts, opts.max_tokens, clean=opts.clean)
+            # Padded to the longest caption, not to max_tokens: padding is masked wherever it is read, so T5 and
+            # the cross-attention skip it at no change (a 20-token prompt of Σ's 300 runs T5 on 20 tokens).
+            features, mask = encoder.encode(texts, opts.max_tokens, clean=opts.clean, trim=True)
             del encoder
         features, mask = features.to(self.device, self.dtype), mask.to(self.device)
         encoded = {t: (features[i], mask[i]) for i, t in enumerate(texts)}
         if use_learned:
-            # Official α sampling pairs the learned null caption with the prompt's own mask.
-            encoded[None] = (learned[: opts.max_tokens].to(self.device, self.dtype), None)
+            # Official α sampling pairs the learned null caption with the prompt's own mask: its rows past the
+            # longest prompt are masked too.
+            encoded[None] = (learned[: features.shape[1]].to(self.device, self.dtype), None)
         elif negative is not None:
             encoded[None] = encoded[negative]
         return encoded

@@ -231,12 +231,15 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(
-        self, prompts: list[str], max_length: int, clean: bool = True, batch_size: int = 16
+        self, prompts: list[str], max_length: int, clean: bool = True, batch_size: int = 16, trim: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode captions to features (B, max_length, C) and mask (B, max_length) long, 1 = token, 0 = padding.
+        """Encode captions to features (B, L, C) and mask (B, L) long, 1 = token, 0 = padding; L = max_length.
 
         Captions are padded to max_length; longer ones are truncated with a warning saying how many
-        tokens were dropped. Duplicate captions are encoded once.
+        tokens were dropped. Duplicate captions are encoded once. ``trim``: L is the longest caption's token
+        count instead (at most max_length), so T5 does not run on padding. Every reader masks padding (T5's
+        own attention, the transformer's cross-attention), so the tokens' features are the same either way, to
+        rounding; only the padded rows, which nothing reads, are left out.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -244,6 +247,10 @@ class TextEncoder:
             raise PixArtError(f"max tokens must be a positive integer, got {max_length!r}")
         texts = [preprocess_caption(p, clean) for p in prompts]
         unique = list(dict.fromkeys(texts))
+        length = max_length
+        if trim:
+            longest = max(len(ids) for ids in self.tokenizer(unique, add_special_tokens=True).input_ids)
+            length = min(max_length, longest)
         features, masks = [], []
         for start in range(0, len(unique), batch_size):
             chunk = unique[start : start + batch_size]
@@ -251,7 +258,7 @@ class TextEncoder:
             tokens = self.tokenizer(
                 chunk,
                 padding="max_length",
-                max_length=max_length,
+                max_length=length,
                 truncation=True,
                 add_special_tokens=True,
                 return_tensors="pt",
