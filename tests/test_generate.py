@@ -163,7 +163,7 @@ def test_seeds_per_image_progress_and_prompt_deduplication(folders):
         images = pipe(["a cat", "a cat"], options.replace(num_images=2), progress=lambda d, t: calls.append((d, t)))
     finally:
         hook.remove()
-    assert encoded == [2]  # "a cat" and the negative "" once each
+    assert encoded == [1, 1]  # "a cat" and the negative "" once each, each read alone at its own length
     assert calls[-1] == (8, 8) and len(calls) == 8
     assert [im.info["seed"] for im in images] == ["20", "21", "22", "23"]
     alone = pipe("a cat", options.replace(seed=21))[0]

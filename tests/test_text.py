@@ -54,8 +54,8 @@ def test_encode_matches_diffusers_encode_prompt(diffusers_pipe):
 
 
 def test_trim_skips_padding_and_keeps_every_tokens_features(diffusers_pipe):
-    """diffusers pads to max_sequence_length; trimmed, T5 runs on the longest caption's tokens only, and those
-    tokens' features and mask are diffusers' own."""
+    """diffusers pads to max_sequence_length; trimmed, T5 reads each caption alone at its own length, and every
+    token's features and mask are diffusers' own."""
     encoder = TextEncoder(diffusers_pipe.tokenizer, diffusers_pipe.text_encoder)
     prompts = ["A red fox in the snow", "", "a cat"]  # 21 byte tokens + </s> at the longest
     seen = []
@@ -67,7 +67,7 @@ def test_trim_skips_padding_and_keeps_every_tokens_features(diffusers_pipe):
     ref, ref_mask, _, _ = diffusers_pipe.encode_prompt(
         prompts, do_classifier_free_guidance=False, max_sequence_length=40, clean_caption=True
     )
-    assert seen == [(3, 22)] and features.shape == (3, 22, 32)
+    assert seen == [(1, 22), (1, 1), (1, 6)] and features.shape == (3, 22, 32)
     assert torch.equal(mask, ref_mask[:, :22].long()) and ref_mask[:, 22:].sum() == 0
     torch.testing.assert_close(features[mask.bool()], ref[:, :22][mask.bool()])
     # A caption longer than max_length is still cut there, with the warning.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pixart import __version__
@@ -531,16 +532,19 @@ class PixArtPipeline:
         negative = None if not guided or use_learned else (opts.negative_prompt or "")
         texts = list(dict.fromkeys(prompts + ([negative] if negative is not None else [])))
         with self._stage("text_encoder") as encoder:
-            # Padded to the longest caption, not to max_tokens: padding is masked wherever it is read, so T5 and
-            # the cross-attention skip it at no change (a 20-token prompt of Σ's 300 runs T5 on 20 tokens).
+            # T5 reads each caption at its own length, not padded to max_tokens (a 20-token prompt of Σ's 300 runs
+            # on 20 tokens): padding is masked wherever it is read, so only the padded rows change, to zeros. The
+            # transformer still gets max_tokens rows: its cross-attention over a batch's shorter length would make
+            # an image depend, by rounding, on the other prompts batched with it.
             features, mask = encoder.encode(texts, opts.max_tokens, clean=opts.clean, trim=True)
             del encoder
+        padding = opts.max_tokens - features.shape[1]
+        features, mask = F.pad(features, (0, 0, 0, padding)), F.pad(mask, (0, padding))
         features, mask = features.to(self.device, self.dtype), mask.to(self.device)
         encoded = {t: (features[i], mask[i]) for i, t in enumerate(texts)}
         if use_learned:
-            # Official α sampling pairs the learned null caption with the prompt's own mask: its rows past the
-            # longest prompt are masked too.
-            encoded[None] = (learned[: features.shape[1]].to(self.device, self.dtype), None)
+            # Official α sampling pairs the learned null caption with the prompt's own mask.
+            encoded[None] = (learned[: opts.max_tokens].to(self.device, self.dtype), None)
         elif negative is not None:
             encoded[None] = encoded[negative]
         return encoded

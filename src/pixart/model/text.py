@@ -18,6 +18,7 @@ import urllib.parse as ul
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pixart.errors import PixArtError, first_line
 from pixart.model.config import FAMILY
@@ -236,10 +237,11 @@ class TextEncoder:
         """Encode captions to features (B, L, C) and mask (B, L) long, 1 = token, 0 = padding; L = max_length.
 
         Captions are padded to max_length; longer ones are truncated with a warning saying how many
-        tokens were dropped. Duplicate captions are encoded once. ``trim``: L is the longest caption's token
-        count instead (at most max_length), so T5 does not run on padding. Every reader masks padding (T5's
-        own attention, the transformer's cross-attention), so the tokens' features are the same either way, to
-        rounding; only the padded rows, which nothing reads, are left out.
+        tokens were dropped. Duplicate captions are encoded once. ``trim``: T5 reads each caption on its own,
+        at its own token count (at most max_length), not padded, and L is the longest caption's count (shorter
+        rows padded with zero features, masked). Every reader masks padding (T5's own attention, the
+        transformer's cross-attention), so the tokens' features are the same as padded, to rounding, and a
+        caption's features depend on nothing else in the call.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -247,13 +249,14 @@ class TextEncoder:
             raise PixArtError(f"max tokens must be a positive integer, got {max_length!r}")
         texts = [preprocess_caption(p, clean) for p in prompts]
         unique = list(dict.fromkeys(texts))
-        length = max_length
         if trim:
-            longest = max(len(ids) for ids in self.tokenizer(unique, add_special_tokens=True).input_ids)
-            length = min(max_length, longest)
+            counts = [min(max_length, len(ids)) for ids in self.tokenizer(unique, add_special_tokens=True).input_ids]
+            chunks = [([text], count) for text, count in zip(unique, counts, strict=True)]
+        else:
+            chunks = [(unique[i : i + batch_size], max_length) for i in range(0, len(unique), batch_size)]
+        longest = max(length for _, length in chunks)
         features, masks = [], []
-        for start in range(0, len(unique), batch_size):
-            chunk = unique[start : start + batch_size]
+        for chunk, length in chunks:
             self._warn_truncation(chunk, max_length)
             tokens = self.tokenizer(
                 chunk,
@@ -264,8 +267,8 @@ class TextEncoder:
                 return_tensors="pt",
             )
             ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-            features.append(self.model(ids, attention_mask=mask)[0])
-            masks.append(mask.long())
+            features.append(F.pad(self.model(ids, attention_mask=mask)[0], (0, 0, 0, longest - length)))
+            masks.append(F.pad(mask.long(), (0, longest - length)))
         index = torch.tensor([unique.index(t) for t in texts], device=self.device)
         return torch.cat(features)[index], torch.cat(masks)[index]
 
