@@ -42,12 +42,16 @@ def split(setup, tmp_path_factory):
     return base, root / "red", root / "blue"
 
 
-def run(setup, split, out: Path, *extra: str) -> Path:
+def options(setup, split, out: Path) -> list[str]:
+    """A rank-4 LoRA on the tiny transformer, learning the red squares, into ``out``."""
     base, red, _ = split
-    options = [f"--model.pipeline={setup[1]}", f"--model.source={base}", "--model.preset=", f"--data.dataset={red}",
-               "--data.image_size=256", "--data.batch_size=2", "--lora.rank=4", "--lora.targets=attn,cross_attn,mlp",
-               f"--run.output_dir={out}", "--logging.progress=false", "--checkpoint.every=0", *extra]  # fmt: skip
-    return train(load_config("debug", options))
+    return [f"--model.pipeline={setup[1]}", f"--model.source={base}", "--model.preset=", f"--data.dataset={red}",
+            "--data.image_size=256", "--data.batch_size=2", "--lora.rank=4", "--lora.targets=attn,cross_attn,mlp",
+            f"--run.output_dir={out}", "--logging.progress=false", "--checkpoint.every=0"]  # fmt: skip
+
+
+def run(setup, split, out: Path, *extra: str) -> Path:
+    return train(load_config("debug", [*options(setup, split, out), *extra]))
 
 
 def preserve(split, weight: float = 1.0) -> list[str]:
@@ -123,11 +127,7 @@ def test_resume_with_preservation_is_bit_identical(setup, split, tmp_path):
 def test_two_processes_match_one_process_with_preservation(setup, split, tmp_path):
     common = ["--schedule.max_steps=3", "--optim.grad_accum=2", *preserve(split)]
     one = run(setup, split, tmp_path / "one", *common)
-    base, red, _ = split
-    options = [f"--model.pipeline={setup[1]}", f"--model.source={base}", "--model.preset=", f"--data.dataset={red}",
-               "--data.image_size=256", "--data.batch_size=2", "--lora.rank=4", "--lora.targets=attn,cross_attn,mlp",
-               f"--run.output_dir={tmp_path / 'two'}", "--logging.progress=false", "--checkpoint.every=0"]  # fmt: skip
-    result = torchrun("-m", "pixart", "train", "debug", *options, *common)
+    result = torchrun("-m", "pixart", "train", "debug", *options(setup, split, tmp_path / "two"), *common)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
     a, b = (weights(r / "final-lora" / "adapter_model.safetensors") for r in (one, tmp_path / "two"))

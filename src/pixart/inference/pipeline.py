@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pixart import __version__
@@ -538,8 +537,6 @@ class PixArtPipeline:
             # an image depend, by rounding, on the other prompts batched with it.
             features, mask = encoder.encode(texts, opts.max_tokens, clean=opts.clean, trim=True)
             del encoder
-        padding = opts.max_tokens - features.shape[1]
-        features, mask = F.pad(features, (0, 0, 0, padding)), F.pad(mask, (0, padding))
         features, mask = features.to(self.device, self.dtype), mask.to(self.device)
         encoded = {t: (features[i], mask[i]) for i, t in enumerate(texts)}
         if use_learned:

@@ -234,14 +234,14 @@ class TextEncoder:
     def encode(
         self, prompts: list[str], max_length: int, clean: bool = True, batch_size: int = 16, trim: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode captions to features (B, L, C) and mask (B, L) long, 1 = token, 0 = padding; L = max_length.
+        """Encode captions to features (B, max_length, C) and mask (B, max_length) long, 1 = token, 0 = padding.
 
         Captions are padded to max_length; longer ones are truncated with a warning saying how many
         tokens were dropped. Duplicate captions are encoded once. ``trim``: T5 reads each caption on its own,
-        at its own token count (at most max_length), not padded, and L is the longest caption's count (shorter
-        rows padded with zero features, masked). Every reader masks padding (T5's own attention, the
-        transformer's cross-attention), so the tokens' features are the same as padded, to rounding, and a
-        caption's features depend on nothing else in the call.
+        at its own token count (at most max_length), not padded, and the rows past it are zero features,
+        masked. Every reader masks padding (T5's own attention, the transformer's cross-attention), so the
+        tokens' features are the same as padded, to rounding, and a caption's features depend on nothing else
+        in the call.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -254,7 +254,6 @@ class TextEncoder:
             chunks = [([text], count) for text, count in zip(unique, counts, strict=True)]
         else:
             chunks = [(unique[i : i + batch_size], max_length) for i in range(0, len(unique), batch_size)]
-        longest = max(length for _, length in chunks)
         features, masks = [], []
         for chunk, length in chunks:
             self._warn_truncation(chunk, max_length)
@@ -267,8 +266,8 @@ class TextEncoder:
                 return_tensors="pt",
             )
             ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-            features.append(F.pad(self.model(ids, attention_mask=mask)[0], (0, 0, 0, longest - length)))
-            masks.append(F.pad(mask.long(), (0, longest - length)))
+            features.append(F.pad(self.model(ids, attention_mask=mask)[0], (0, 0, 0, max_length - length)))
+            masks.append(F.pad(mask.long(), (0, max_length - length)))
         index = torch.tensor([unique.index(t) for t in texts], device=self.device)
         return torch.cat(features)[index], torch.cat(masks)[index]
 

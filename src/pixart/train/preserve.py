@@ -43,6 +43,9 @@ DEMO_SCENES = 200
 DEMO_SEED = 7
 """Their seed: the same scenes for every run."""
 
+PRESERVE_STREAM = 2
+"""Mixed into the run seed for the preservation data's shuffle (DreamBooth's class data uses 1)."""
+
 
 class Interleaved(Objective):
     """Each micro-batch of the data, then a micro-batch of a side stream whose loss counts ``weight`` times, each
@@ -124,10 +127,6 @@ def open_side_batches(config, spec, caption: str | None, stream: int, num_proces
     )
 
 
-PRESERVE_STREAM = 2
-"""Mixed into the run seed for the preservation data's shuffle (DreamBooth's class data uses 1)."""
-
-
 def preserve_source(config) -> str | Path:
     """What ``lora.preserve_data`` names: a dataset as data.dataset takes, or for ``demo`` the folder of the demo's
     own scenes in the run folder."""
@@ -138,9 +137,9 @@ def preserve_source(config) -> str | Path:
 def prepare_preserve_data(config, accelerator) -> None:
     """Render the demo's scenes for ``lora.preserve_data = "demo"`` on the main process (once: they are kept
     in the run folder and are the same every time) while the others wait."""
-    folder = preserve_source(config)
     if config.lora.preserve_data != DEMO:
         return
+    folder = preserve_source(config)
     if accelerator.is_main_process and not (Path(folder) / "metadata.jsonl").is_file():
         from pixart.demo.shapes import write_dataset
 
