@@ -155,6 +155,14 @@ def test_demo_renders_the_demos_scenes_once_into_the_run_folder(tmp_path):
     assert [p.stat().st_mtime_ns for p in scenes] == stamp  # the same scenes, not rendered again
 
 
+def test_a_missing_preserve_dataset_is_refused_before_the_model_loads(setup, split, tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    code = cli_main(["train", "debug", *options(setup, split, tmp_path / "run"), f"--lora.preserve_data={missing}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"dataset {str(missing)!r} not found" in err
+    assert "loading" not in err and "LoRA rank" not in err  # one line, before the transformer is read
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

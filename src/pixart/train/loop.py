@@ -255,6 +255,11 @@ def setup(config: TrainConfig) -> Run:
 
         dreambooth.class_folder(config)  # refuses a file before anything loads
     loader = open_batches(config, accelerator)  # validates the dataset before the model loads
+    preserved = None
+    if config.lora.preserve_data:  # so is the dataset whose outputs a LoRA keeps
+        from pixart.train.preserve import open_preserve_batches
+
+        preserved = open_preserve_batches(config, accelerator, loader.batch_size)
     model = load_model(config)
     # LCM and DMD distil the loaded model into itself: a frozen copy, taken before any LoRA, is the teacher.
     distils = config.lcm.enabled or config.dmd.enabled
@@ -263,10 +268,6 @@ def setup(config: TrainConfig) -> Run:
     if config.dreambooth.prior:  # the class images come from the base model, before any LoRA or training
         make_pipeline = lambda: training_pipeline(config, model, encoders, device)
         dreambooth.make_class_images(config, accelerator, model, make_pipeline, encoders.max_length)
-    if config.lora.preserve_data:
-        from pixart.train.preserve import prepare_preserve_data
-
-        prepare_preserve_data(config, accelerator)
     if config.lora.rank:
         from pixart.checkpoints.lora import add_lora
 
@@ -277,7 +278,7 @@ def setup(config: TrainConfig) -> Run:
         from pixart.train.controlnet import with_controlnet
 
         model = with_controlnet(config, model)
-    objective = make_objective(config, encoders, model, teacher, accelerator, loader)
+    objective = make_objective(config, encoders, model, teacher, accelerator, loader, preserved)
     steps_per_epoch = max(1, len(loader) // config.optim.grad_accum)
     total_steps = config.schedule.max_steps or config.schedule.epochs * steps_per_epoch
     state = make_state(config, accelerator, model, objective, total_steps)
@@ -292,9 +293,11 @@ def setup(config: TrainConfig) -> Run:
     return run
 
 
-def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher, accelerator, loader) -> Objective:
-    """The objective the config asks for: LCM or DMD distillation, a LoRA keeping the base's outputs, DreamBooth prior
-    preservation, ControlNet or plain diffusion."""
+def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher, accelerator, loader,
+                   preserved=None) -> Objective:  # fmt: skip
+    """The objective the config asks for: LCM or DMD distillation, a LoRA keeping the base's outputs on ``preserved``
+    (this process's BatchLoader of lora.preserve_data), DreamBooth prior preservation, ControlNet or plain
+    diffusion."""
     if config.controlnet.enabled:
         from pixart.train.controlnet import ControlNetObjective
 
@@ -308,9 +311,9 @@ def make_objective(config: TrainConfig, base: DiffusionObjective, model, teacher
 
         return DMDObjective(base, teacher, config, loader, accelerator)
     if config.lora.preserve_data:
-        from pixart.train.preserve import open_preservation
+        from pixart.train.preserve import BasePreservation
 
-        return open_preservation(config, base, accelerator, loader.batch_size)
+        return BasePreservation(base, config, preserved, config.lora.preserve_weight)
     if config.dreambooth.prior:
         from pixart.train.dreambooth import PriorPreservation, open_class_batches
 

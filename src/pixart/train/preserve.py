@@ -134,22 +134,16 @@ def preserve_source(config) -> str | Path:
     return Path(config.run.output_dir) / "preserve-demo" if spec == DEMO else spec
 
 
-def prepare_preserve_data(config, accelerator) -> None:
-    """Render the demo's scenes for ``lora.preserve_data = "demo"`` on the main process (once: they are kept
-    in the run folder and are the same every time) while the others wait."""
-    if config.lora.preserve_data != DEMO:
-        return
+def open_preserve_batches(config, accelerator, batch_size: int):
+    """This process's BatchLoader of ``lora.preserve_data``. For ``demo`` the main process first renders the demo's
+    scenes into the run folder (once: they are kept there and are the same every time) while the others wait."""
     folder = preserve_source(config)
-    if accelerator.is_main_process and not (Path(folder) / "metadata.jsonl").is_file():
-        from pixart.demo.shapes import write_dataset
+    if config.lora.preserve_data == DEMO:
+        if accelerator.is_main_process and not (Path(folder) / "metadata.jsonl").is_file():
+            from pixart.demo.shapes import write_dataset
 
-        log.info("rendering %d of the demo's scenes to preserve into %s", DEMO_SCENES, folder)
-        write_dataset(folder, DEMO_SCENES, seed=DEMO_SEED, progress=False, force=True)
-    accelerator.wait_for_everyone()
-
-
-def open_preservation(config, base: DiffusionObjective, accelerator, batch_size: int) -> BasePreservation:
-    """The :class:`BasePreservation` objective of a run with ``lora.preserve_data``."""
-    side = open_side_batches(config, preserve_source(config), None, PRESERVE_STREAM,
-                             accelerator.num_processes, accelerator.process_index, batch_size)  # fmt: skip
-    return BasePreservation(base, config, side, config.lora.preserve_weight)
+            log.info("rendering %d of the demo's scenes to preserve into %s", DEMO_SCENES, folder)
+            write_dataset(folder, DEMO_SCENES, seed=DEMO_SEED, progress=False, force=True)
+        accelerator.wait_for_everyone()
+    return open_side_batches(config, folder, None, PRESERVE_STREAM, accelerator.num_processes,
+                             accelerator.process_index, batch_size)  # fmt: skip
