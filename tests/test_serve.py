@@ -321,6 +321,20 @@ def browser_page(server, tmp_path):
     assert outside == []
 
 
+def upload_input_image(page, path) -> None:
+    """Open "Start from an image" and upload `path` into its editor, as a user would."""
+    from playwright.sync_api import expect
+
+    page.get_by_text("Start from an image").click()
+    # The editor's canvas appears once its drawing library has started; an upload before that is dropped, and on
+    # a loaded machine the file chooser can open first.
+    expect(page.locator("#input-image canvas").first).to_be_attached(timeout=30_000)
+    with page.expect_file_chooser() as chooser:
+        page.locator("#input-image").get_by_text("Upload an image").click()
+    chooser.value.set_files(path)
+    expect(page.locator("#input-image").get_by_text("Upload an image")).to_be_hidden(timeout=30_000)
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
 def test_browser_generates_an_image_and_shows_errors(server, tmp_path):
     from playwright.sync_api import expect
@@ -354,7 +368,6 @@ def generate_on_page(page, prompt: str, tmp_path) -> Image.Image:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
 def test_browser_uploads_an_image_and_gets_image_to_image_back(server, tmp_path):
-    from playwright.sync_api import expect
 
     from pixart.inference.image_inputs import pixel_sha256
     from test_img2img import photo
@@ -362,11 +375,7 @@ def test_browser_uploads_an_image_and_gets_image_to_image_back(server, tmp_path)
     source = photo(96, 64)
     source.save(tmp_path / "in.png")
     with browser_page(server, tmp_path) as page:
-        page.get_by_text("Start from an image").click()
-        with page.expect_file_chooser() as chooser:
-            page.locator("#input-image").get_by_text("Upload an image").click()
-        chooser.value.set_files(tmp_path / "in.png")
-        expect(page.locator("#input-image").get_by_text("Upload an image")).to_be_hidden(timeout=30_000)
+        upload_input_image(page, tmp_path / "in.png")
         saved = generate_on_page(page, "a lighthouse at night", tmp_path)
     # The uploaded pixels reached the model unchanged, resized to the page's size; image-to-image's default strength.
     assert saved.info["image_sha256"] == pixel_sha256(source.convert("RGB"))

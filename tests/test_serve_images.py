@@ -36,7 +36,7 @@ from pixart.serve.app import ImageService, ServeLimits
 from pixart.serve.inputs import RequestImages, ServedControlNet
 from test_controlnet import randomise
 from test_img2img import half_mask, photo
-from test_serve import CHROMIUM, browser_page, free_port, generate_on_page, png, post, wait_for
+from test_serve import CHROMIUM, browser_page, free_port, generate_on_page, png, post, upload_input_image, wait_for
 
 pytestmark = pytest.mark.slow  # a real server and Chromium: -m "not slow" skips this file
 
@@ -247,11 +247,7 @@ def test_the_page_previews_the_control_map_and_inpaints_where_the_brush_painted(
         edges = np.asarray(control_map(Image.open(files.root / "control.png"), "canny", 64, 48))
         assert np.array_equal(shown, edges)  # the page's default map is canny: what the ControlNet would see
 
-        page.get_by_text("Start from an image").click()
-        with page.expect_file_chooser() as chooser:
-            page.locator("#input-image").get_by_text("Upload an image").click()
-        chooser.value.set_files(files.root / "in.png")
-        expect(page.locator("#input-image").get_by_text("Upload an image")).to_be_hidden(timeout=30_000)
+        upload_input_image(page, files.root / "in.png")
         page.locator("#input-image").get_by_label("Brush", exact=True).click()
         box = page.locator("#input-image canvas").first.bounding_box()
         for row in np.linspace(0.05, 0.95, 12):  # strokes over the right third
