@@ -15,6 +15,9 @@ branch of 11 blocks, the most a 12-block model allows (a branch block feeds the 
 
     python bench/bench_inference.py [--size 256] [--steps 20] [--threads 1] [--cache-steps 3] \
         [--only-rows eager,img2img,controlnet]
+    # trained weights, whose first block settles as adaptive caching expects (random weights' does not):
+    python bench/bench_inference.py --model src/pixart/assets/demo --size 64 --images 20 \
+        --prompt "a red circle above a blue square" --only-rows diffusers-bf16,eager,bf16,bf16-adaptive
 
 Not a test: it takes several minutes of CPU and prints a markdown table.
 """
@@ -44,6 +47,7 @@ CONTENDERS = {
     "bf16-cached": "pixart --dtype bf16 --cache-steps N",
     "int8-cached": "pixart --quantize int8 --cache-steps N",
     "adaptive": "pixart --cache-threshold T (adaptive step caching)",
+    "bf16-adaptive": "pixart --dtype bf16 --cache-threshold T",
     "lcm": "pixart --sampler lcm, 4 steps, no guidance",
     "dmd": "pixart --sampler dmd, 1 step at t=400, no guidance",
     "openvino": "pixart --runtime openvino (fp32 IR)",
@@ -62,7 +66,7 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    folder = work / "pipeline"
+    folder = args.model or work / "pipeline"
     started = time.perf_counter()
     from pixart.sampling.samplers import DEFAULT_SAMPLER, SAMPLERS
 
@@ -78,8 +82,8 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
         def generate(seed: int):
             generator = torch.Generator("cpu").manual_seed(seed)
             size = args.size
-            return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size,
-                        generator=generator).images[0]  # fmt: skip
+            return pipe(args.prompt, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size,
+                        generator=generator, use_resolution_binning=False).images[0]  # fmt: skip
     else:
         from pixart.inference.pipeline import PixArtPipeline
 
@@ -97,22 +101,34 @@ def run_one(name: str, work: Path, args: argparse.Namespace) -> dict:
                 quantize="int8" if name.startswith("int8") else None,
                 compile=name == "compiled",
                 cache_steps=args.cache_steps if name.endswith("cached") else 0,
-                cache_threshold=args.cache_threshold if name == "adaptive" else 0.0,
+                cache_threshold=args.cache_threshold if name.endswith("adaptive") else 0.0,
             )
 
         inputs = image_inputs(name, pipe, work, args.size)
 
         def generate(seed: int):
-            return pipe(PROMPT, seed=seed, steps=steps, guidance=guidance, sampler=sampler, width=args.size,
+            return pipe(args.prompt, seed=seed, steps=steps, guidance=guidance, sampler=sampler, width=args.size,
                         height=args.size, show_progress=False, **inputs)[0]  # fmt: skip
 
     loaded = time.perf_counter()
     generate(0)
     first, cpu = time.perf_counter(), time.process_time()
-    image = generate(1)
-    second, cpu = time.perf_counter(), time.process_time() - cpu
-    np.save(work / f"{name}.npy", np.asarray(image, dtype=np.uint8))
-    return {"load": loaded - started, "first": first - loaded, "image": second - first, "cpu": cpu, "rss": peak_rss()}
+    images, full = [], [0, 0]  # full: step caching's steps that ran every block, of all steps
+    for seed in range(1, args.images + 1):  # the PSNR column compares the first image
+        images.append(generate(seed))
+        if (stats := getattr(pipe, "last_run", None)) is not None and stats.full_steps is not None:
+            full = [full[0] + stats.full_steps, full[1] + stats.steps]
+    elapsed, cpu = time.perf_counter() - first, time.process_time() - cpu
+    np.save(work / f"{name}.npy", np.asarray(images[0], dtype=np.uint8))
+    n = args.images
+    return {
+        "load": loaded - started,
+        "first": first - loaded,
+        "image": elapsed / n,
+        "cpu": cpu / n,
+        "rss": peak_rss(),
+        "full": full,
+    }
 
 
 def image_inputs(name: str, pipe, work: Path, size: int) -> dict:
@@ -144,6 +160,11 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (this benchmark reads Linux's memory counters)")
 
 
+def seconds(value: float) -> str:
+    """Seconds to three significant figures at most: a tenth for a mid-size image, milliseconds for the demo's."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
+
+
 def psnr(a, b) -> float:
     import numpy as np
 
@@ -158,6 +179,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per contender (default 1)")
     parser.add_argument("--cache-steps", type=int, default=3, help="step-cache strength N (default 3)")
     parser.add_argument("--cache-threshold", type=float, default=0.2, help="adaptive caching threshold (default 0.2)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a diffusers-format PixArt pipeline folder to measure (default: "
+        "the random mid-size one), e.g. the demo's, whose trained weights show adaptive caching's rate",
+    )
+    parser.add_argument("--prompt", default=PROMPT, help="the prompt of every image")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=1,
+        help="images timed after the first, averaged (default 1; "
+        "more for a small model whose image takes a fraction of a second)",
+    )
     parser.add_argument("--only-rows", help="comma-separated contenders to run (default all): " + ", ".join(CONTENDERS))
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one contender in this process
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -179,7 +214,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="pixart-bench-") as tmp:
         work = Path(tmp)
-        build(work / "pipeline", args.size)
+        if args.model is None:
+            build(work / "pipeline", args.size)
         from pixart.inference.openvino import export_openvino
 
         exports = {}
@@ -187,13 +223,23 @@ def main() -> None:
         needed = {"openvino" if n == "openvino-bf16" else n for n in rows if n.startswith("openvino")}
         for name in sorted(needed):
             started = time.perf_counter()
-            export_openvino(work / "pipeline", work / name, width=args.size, height=args.size, int8=int8_modes[name])
+            export_openvino(
+                args.model or work / "pipeline", work / name, width=args.size, height=args.size, int8=int8_modes[name]
+            )
             exports[name] = time.perf_counter() - started
         results = {}
         for name in rows:
             cmd = [sys.executable, __file__, "--only", name, "--work", str(work), "--size", str(args.size)]
             cmd += ["--steps", str(args.steps), "--threads", str(args.threads), "--cache-steps", str(args.cache_steps)]
-            cmd += ["--cache-threshold", str(args.cache_threshold)]
+            cmd += [
+                "--cache-threshold",
+                str(args.cache_threshold),
+                "--prompt",
+                args.prompt,
+                "--images",
+                str(args.images),
+            ]
+            cmd += ["--model", str(args.model)] if args.model else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -208,7 +254,8 @@ def main() -> None:
     base = results[ref]
     print(f"\n{describe_cpu()}")
     steps = f"{args.steps} dpm++ steps (LCM: 4, DMD: 1), guidance 4.5"
-    print(f"{args.size}×{args.size} px, {steps}, {args.threads} thread(s)")
+    model = args.model or "the random mid-size Σ pipeline"
+    print(f"{model}, {args.size}×{args.size} px, {steps}, {args.threads} thread(s), {args.images} image(s) timed")
     print(f"ratios against {ref}, the fastest of {', '.join(peers)} in this run\n")
     columns = ["contender", "s / image", "CPU s / image", f"speed vs {ref} (CPU)", "first image s", "peak RSS GiB"]
     print("| " + " | ".join(columns + [f"RSS vs {ref}", "PSNR vs eager dB"]) + " |")
@@ -216,13 +263,17 @@ def main() -> None:
     for name in rows:
         r, label = results[name], CONTENDERS[name]
         label = label.replace("N", str(args.cache_steps)) if name.endswith("cached") else label
-        label = label.replace("T", str(args.cache_threshold), 1) if name == "adaptive" else label
+        label = label.replace("T", str(args.cache_threshold), 1) if name.endswith("adaptive") else label
         q = "(reference)" if name == "eager" else "identical" if math.isinf(quality[name]) else f"{quality[name]:.1f}"
         q = "(another task)" if name == "img2img" else "(random weights: speed only)" if name in ("lcm", "dmd") else q
         print(
-            f"| {label} | {r['image']:.1f} | {r['cpu']:.1f} | {base['cpu'] / r['cpu']:.2f}× | {r['first']:.1f} | "
+            f"| {label} | {seconds(r['image'])} | {seconds(r['cpu'])} | {base['cpu'] / r['cpu']:.2f}× | "
+            f"{seconds(r['first'])} | "
             f"{r['rss'] / 2**30:.2f} | {r['rss'] / base['rss']:.2f}× | {q} |"
         )
+    cached = [f"{name} {r['full'][0]} of {r['full'][1]}" for name, r in results.items() if r.get("full", [0, 0])[1]]
+    if cached:
+        print("\nSteps that ran every block (step caching): " + ", ".join(cached))
     if exports:
         print("\nOpenVINO export: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in exports.items()))
 
