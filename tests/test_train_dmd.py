@@ -127,6 +127,27 @@ def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path):
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # it trained
 
 
+def test_extra_fake_updates_step_the_fake_score_each_time_and_resume_exactly(setup, tmp_path):
+    """dmd.fake_updates=3: the fake score's optimizer steps three times per student step (DMD2's rule), which changes
+    the student from its second step on; a run resumed between steps still ends bit-identical."""
+    steps = ["--schedule.max_steps=4", "--checkpoint.every=2", "--checkpoint.keep_last=2"]
+    runs = {n: train(load_config("debug", dmd_overrides(setup, tmp_path / f"u{n}", *steps, f"--dmd.fake_updates={n}")))
+            for n in (1, 3)}  # fmt: skip
+    first = {n: complete_checkpoints(run)[0] for n, run in runs.items()}
+    for n, checkpoint in first.items():  # AdamW counts its steps per parameter: 2 student steps × n
+        assert load_file(str(checkpoint / "fake_optimizer.safetensors"))["0.step"].item() == 2 * n
+    a, b = (load_file(str(first[n] / "trainable.safetensors")) for n in (1, 3))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first[3], resumed / "checkpoints" / first[3].name)
+    shutil.copy(runs[3] / "dmd-pairs.safetensors", resumed / "dmd-pairs.safetensors")
+    train(load_config("debug", dmd_overrides(setup, resumed, *steps, "--dmd.fake_updates=3", "--run.resume=latest")))
+    for name in ("final.safetensors", "checkpoints/step-00000004/fake.safetensors"):
+        a, b = load_file(str(runs[3] / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
     """The weight without its attention-key bias, whose gradient is zero in exact arithmetic (softmax ignores a
     shift shared by a query's logits): float noise of ~1e-10 there, different on 1 and 2 processes, is all AdamW's
@@ -140,7 +161,8 @@ def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def test_two_processes_match_one_process(setup, tmp_path):
-    common = ["--schedule.max_steps=3", "--optim.grad_accum=2", "--checkpoint.every=0"]
+    # Two fake-score updates a step: the extra one's images and gradients are averaged over the processes too.
+    common = ["--schedule.max_steps=3", "--optim.grad_accum=2", "--checkpoint.every=0", "--dmd.fake_updates=2"]
     one = train(load_config("debug", dmd_overrides(setup, tmp_path / "one", *common)))
     result = torchrun("-m", "pixart", "train", "debug", *dmd_overrides(setup, tmp_path / "two", *common))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -187,6 +209,8 @@ def test_dmd_config_errors():
         load_config("debug", ["--model.pipeline=p", "--data.dataset=d", "--dmd.enabled=true"])
     with pytest.raises(PixArtError, match=r"dmd.max_timestep=10: expected an integer from 20 to 999"):
         load_config("dmd", ["--dmd.max_timestep=10"])
+    with pytest.raises(PixArtError, match=r"dmd.fake_updates=0: expected an integer >= 1"):
+        load_config("dmd", ["--dmd.fake_updates=0"])
     with pytest.raises(PixArtError, match=r"dmd.enabled trains the whole student; it does not combine with lora"):
         load_config("dmd", ["--lora.rank=4"])
 

@@ -271,6 +271,10 @@ class DMDConfig:
     fake_lr: float = 0.0
     """The fake score's learning rate; 0: optim.lr (the official PixArt DMD's lr_fake_multiplier 1)."""
 
+    fake_updates: int = 1
+    """Fake-score optimizer steps per student step (DMD: 1; DMD2: 5, so the fake score keeps up with the student).
+    The extra steps train it on new one-step images of the step's captions, from new noise."""
+
     num_pairs: int = 1024
     """Teacher noise-image pairs made for the regression loss (from the first captions of the data order)."""
 
@@ -460,7 +464,8 @@ class TrainConfig:
                                  ("dmd.max_timestep", c.max_timestep, c.min_timestep)]:  # fmt: skip
             if not low <= value <= 999:
                 raise PixArtError(f"{name}={value!r}: expected an integer from {low} to 999")
-        for name, value in [("dmd.num_pairs", c.num_pairs), ("dmd.pair_steps", c.pair_steps)]:
+        for name, value in [("dmd.num_pairs", c.num_pairs), ("dmd.pair_steps", c.pair_steps),
+                            ("dmd.fake_updates", c.fake_updates)]:  # fmt: skip
             if value < 1:
                 raise PixArtError(f"{name}={value!r}: expected an integer >= 1")
         for name in ("guidance", "regression_weight", "fake_lr", "pair_guidance"):

@@ -16,9 +16,10 @@ perceptual weighting for what runs on any machine.
 One optimizer step: the student's pass over the micro-batch's captions (the distribution-matching loss; inside it
 the fake score's denoising loss is backpropagated into the fake score alone), then a second pass of as many
 teacher pairs (the regression loss, weight ``dmd.regression_weight``); after the step the fake score's optimizer
-steps. The fake score's weights and its optimizer's state are checkpointed (``fake.safetensors``,
-``fake_optimizer.safetensors``), and every draw is seeded per sample by (seed, step, index), so a resumed run is
-bit-identical and 1 or N processes agree.
+steps, ``dmd.fake_updates`` times (DMD2's two time-scale rule): each step after the first trains it on new
+one-step images of the same captions, from the updated student and new noise. The fake score's weights and its
+optimizer's state are checkpointed (``fake.safetensors``, ``fake_optimizer.safetensors``), and every draw is
+seeded per sample by (seed, step, index), so a resumed run is bit-identical and 1 or N processes agree.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ DRAW_STREAM, PAIR_INDEX_STREAM = 2, 4
 apart from the base objective's (caption dropout, VAE posterior) and ControlNet's (1)."""
 PAIR_STREAM = 3
 """The stream of the pairs' noise: pair i's noise is stream 3 of (seed, 0, i), whatever the run's length."""
+FAKE_STREAM = 100
+"""Stream 100 + k: the draws of the fake score's extra update k (1, 2, …) of a step."""
 
 
 def one_step(student: Denoiser, diffusion: GaussianDiffusion, z: torch.Tensor, start: int, text) -> torch.Tensor:
@@ -101,6 +104,19 @@ def draw(seed: int, step: int, indices, shape, settings: DMDConfig) -> list[torc
         gen = sample_generator(seed, step, index, DRAW_STREAM)
         values = (torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
                   torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
+                  torch.randn(shape, generator=gen))  # fmt: skip
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return [torch.stack(column) for column in columns]
+
+
+def draw_fake(seed: int, step: int, indices, shape, settings: DMDConfig, update: int) -> list[torch.Tensor]:
+    """Per-sample (student noise, fake timestep, fake noise) of the fake score's extra update ``update`` (≥ 1)."""
+    columns = [[] for _ in range(3)]
+    for index in indices:
+        gen = sample_generator(seed, step, index, FAKE_STREAM + update)
+        values = (torch.randn(shape, generator=gen),
+                  torch.randint(settings.min_timestep, settings.max_timestep + 1, (), generator=gen),
                   torch.randn(shape, generator=gen))  # fmt: skip
         for column, value in zip(columns, values, strict=True):
             column.append(value)
@@ -211,6 +227,7 @@ class DMDObjective(Objective):
         for group in self.fake_optimizer.param_groups:
             group["lr"] = self.settings.fake_lr or config.optim.lr
         self.pairs = open_pairs(config, base, self.teacher, loader, accelerator)
+        self.captions: list[tuple] = []  # this step's micro-batches, for the fake score's extra updates
 
     def passes(self, batch: dict, first: int, step: int) -> list[tuple[dict, int, float]]:
         """The captions' distribution-matching pass, then as many teacher pairs for the regression loss."""
@@ -246,6 +263,8 @@ class DMDObjective(Objective):
             # judged them is this step's, as in DMD); its gradients accumulate until after_step.
             fake_loss = fake_score_loss(denoiser(self.fake), diffusion, x, t_fake, noise_fake, text).mean()
         (fake_loss / self.grad_accum).backward()
+        if s.fake_updates > 1:
+            self.captions.append((step, indices, x0.shape[1:], text, denoiser))
         return losses.mean()
 
     def regression_loss(self, model, size: int, first: int, step: int) -> torch.Tensor:
@@ -262,7 +281,24 @@ class DMDObjective(Objective):
         return mean_flat((x - target) ** 2).mean()
 
     def after_step(self, model) -> None:
-        """Step the fake score on its gradients of the whole global batch."""
+        """Step the fake score on its gradients of the whole global batch; then, for dmd.fake_updates > 1, train it
+        further on new one-step images of the step's captions from the student just updated."""
+        self.step_fake()
+        for update in range(1, self.settings.fake_updates):
+            for step, indices, shape, text, denoiser in self.captions:
+                z, t, noise = (
+                    v.to(self.base.device) for v in draw_fake(self.seed, step, indices, shape, self.settings, update)
+                )
+                with torch.no_grad():
+                    x = one_step(denoiser(model), self.base.diffusion, z, self.settings.start_timestep, text)
+                with self.accelerator.autocast():
+                    loss = fake_score_loss(denoiser(self.fake), self.base.diffusion, x, t, noise, text).mean()
+                (loss / self.grad_accum).backward()
+            self.step_fake()
+        self.captions.clear()
+
+    def step_fake(self) -> None:
+        """One optimizer step of the fake score on its gradients, averaged over the processes."""
         params = [p for p in self.fake.parameters() if p.grad is not None]
         if self.accelerator.num_processes > 1:
             for p in params:
