@@ -88,6 +88,7 @@ def test_documented_demo_finetune_runs_as_written(tmp_path):
     done = run("-m", *train.split(), *smoke, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((tmp_path / "runs" / "demo-finetune" / "preserve-demo").glob("*.png"))) == 200
+    assert "reading image sizes" not in done.stderr and "it/s" not in done.stderr  # progress=false: no bar at all
     generate = 'pixart generate "a pink square on the left"'
     for command in (f"{generate} --lora runs/demo-finetune/final-lora",
                     f"{generate} --transformer runs/demo-finetune/final.safetensors"):  # fmt: skip

@@ -261,13 +261,15 @@ class ImageDataset:
     set gives every image that caption (DreamBooth's instance prompt), whatever caption files say.
     """
 
-    def __init__(self, source, name: str, caption: str | None = None):
+    def __init__(self, source, name: str, caption: str | None = None, progress: bool = True):
         self.source = source
         self.name = name
         self.fingerprint = source.fingerprint()
         self.records: list[Record] = []
         self.skipped: list[tuple[str, str]] = []
-        for key, found, locator, header in tqdm(source.scan(), desc="reading image sizes", unit="img", leave=False):
+        for key, found, locator, header in tqdm(
+            source.scan(), desc="reading image sizes", unit="img", leave=False, disable=not progress
+        ):
             text = caption if caption is not None else found
             if text is None or isinstance(text, UnreadableImage):
                 self.skipped.append((key, str(text or "no caption")))
@@ -311,10 +313,12 @@ def open_dataset(
     caption_column: str | None = None,
     split: str = "train",
     caption: str | None = None,
+    progress: bool = True,
 ) -> ImageDataset:
     """Open a dataset given as a folder, a .tar shard / folder of shards / glob, a saved or hub ``datasets`` name.
 
-    ``caption``: one caption for every image, so a folder of images without caption files will do.
+    ``caption``: one caption for every image, so a folder of images without caption files will do. ``progress``:
+    a bar while the image sizes are read.
     """
     text = str(spec)
     path = Path(text).expanduser()
@@ -322,25 +326,27 @@ def open_dataset(
         shards = [Path(p) for p in sorted(glob.glob(text)) if p.endswith(".tar")]
         if not shards:
             raise PixArtError(f"no .tar shards match {text!r}")
-        return ImageDataset(TarSource(shards), text, caption)
+        return ImageDataset(TarSource(shards), text, caption, progress)
     if path.is_file():
         if path.suffix != ".tar":
             raise PixArtError(f"dataset file {text!r} is not a .tar shard; expected a folder, .tar shards or a dataset")
-        return ImageDataset(TarSource([path]), text, caption)
+        return ImageDataset(TarSource([path]), text, caption, progress)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return ImageDataset(
-                HFSource(_load_hf(path, split, saved=True), text, image_column, caption_column), text, caption
+                HFSource(_load_hf(path, split, saved=True), text, image_column, caption_column), text, caption, progress
             )
         shards = sorted(path.glob("*.tar"))
         if shards:
-            return ImageDataset(TarSource(shards), text, caption)
-        return ImageDataset(FolderSource(path, caption_column), text, caption)
+            return ImageDataset(TarSource(shards), text, caption, progress)
+        return ImageDataset(FolderSource(path, caption_column), text, caption, progress)
     if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", text):
         raise PixArtError(
             f"dataset {text!r} not found: expected an image folder, .tar shards or a Hugging Face dataset name"
         )
-    return ImageDataset(HFSource(_load_hf(text, split, saved=False), text, image_column, caption_column), text, caption)
+    return ImageDataset(
+        HFSource(_load_hf(text, split, saved=False), text, image_column, caption_column), text, caption, progress
+    )
 
 
 def _load_hf(source: str | Path, split: str, saved: bool):

@@ -118,7 +118,8 @@ def open_batches(config: TrainConfig, accelerator: Accelerator):
         buckets = open_cache(config.data.cache, expect=expect)
     else:
         caption = config.dreambooth.instance_prompt or None  # DreamBooth: one caption for every image
-        dataset = open_dataset(config.data.dataset, caption_column=config.data.caption_column or None, caption=caption)
+        dataset = open_dataset(config.data.dataset, caption_column=config.data.caption_column or None, caption=caption,
+                               progress=config.logging.progress)  # fmt: skip
         buckets = ImageBuckets(dataset, config.data.image_size)
     return BatchLoader(
         buckets,

@@ -117,7 +117,7 @@ def open_side_batches(config, spec, caption: str | None, stream: int, num_proces
     from pixart.train.data import BatchLoader, ImageBuckets, open_dataset
 
     return BatchLoader(
-        ImageBuckets(open_dataset(spec, caption=caption), config.data.image_size),
+        ImageBuckets(open_dataset(spec, caption=caption, progress=config.logging.progress), config.data.image_size),
         batch_size,
         seed=side_order_seed(config.run.seed, stream),
         num_processes=num_processes,
