@@ -38,7 +38,7 @@ from pixart.sampling.samplers import read_scheduler_config
 from pixart.train.config import DMDConfig, TrainConfig
 from pixart.train.diffusion import GaussianDiffusion, drop_captions, mean_flat
 from pixart.train.lcm import Denoiser, predicted_x0
-from pixart.train.objective import DiffusionObjective, Objective, sample_generator
+from pixart.train.objective import DiffusionObjective, Objective, per_sample, sample_generator
 
 log = logging.getLogger(__name__)
 
@@ -98,29 +98,28 @@ def fake_score_loss(
 def draw(seed: int, step: int, indices, shape, settings: DMDConfig) -> list[torch.Tensor]:
     """Per-sample (student noise, DM timestep, DM noise, fake timestep, fake noise) for these global indices of
     ``step``'s batch."""
-    columns = [[] for _ in range(5)]
     low, high = settings.min_timestep, settings.max_timestep + 1
-    for index in indices:
-        gen = sample_generator(seed, step, index, DRAW_STREAM)
-        values = (torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
-                  torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
-                  torch.randn(shape, generator=gen))  # fmt: skip
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return [torch.stack(column) for column in columns]
+
+    def draws(gen):
+        return (torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
+                torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
+                torch.randn(shape, generator=gen))  # fmt: skip
+
+    return per_sample(seed, step, indices, DRAW_STREAM, draws)
 
 
 def draw_fake(seed: int, step: int, indices, shape, settings: DMDConfig, update: int) -> list[torch.Tensor]:
     """Per-sample (student noise, fake timestep, fake noise) of the fake score's extra update ``update`` (≥ 1)."""
-    columns = [[] for _ in range(3)]
-    for index in indices:
-        gen = sample_generator(seed, step, index, FAKE_STREAM + update)
-        values = (torch.randn(shape, generator=gen),
-                  torch.randint(settings.min_timestep, settings.max_timestep + 1, (), generator=gen),
-                  torch.randn(shape, generator=gen))  # fmt: skip
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return [torch.stack(column) for column in columns]
+    low, high = settings.min_timestep, settings.max_timestep + 1
+
+    def draws(gen):
+        return (
+            torch.randn(shape, generator=gen),
+            torch.randint(low, high, (), generator=gen),
+            torch.randn(shape, generator=gen),
+        )
+
+    return per_sample(seed, step, indices, FAKE_STREAM + update, draws)
 
 
 def draw_pairs(seed: int, step: int, indices, num_pairs: int) -> torch.Tensor:

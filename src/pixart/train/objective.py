@@ -31,16 +31,22 @@ def sample_generator(seed: int, step: int, index: int, stream: int = 0) -> torch
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
+def per_sample(seed: int, step: int, indices, stream: int, draws) -> list[torch.Tensor]:
+    """``draws(generator)``'s tensors for each of these global indices of ``step``, each from its own
+    :func:`sample_generator` of ``stream``, stacked per position."""
+    rows = [draws(sample_generator(seed, step, index, stream)) for index in indices]
+    return [torch.stack(column) for column in zip(*rows, strict=True)]
+
+
 def draw_sample_randomness(seed, step, indices, latent_shape, num_timesteps, dropout):
     """Per-sample (latent noise, diffusion noise, timestep, caption dropped) for these global indices."""
-    latent_eps, noise, timesteps, drops = [], [], [], []
-    for index in indices:
-        gen = sample_generator(seed, step, index)
-        timesteps.append(torch.randint(0, num_timesteps, (), generator=gen))
-        drops.append(torch.rand((), generator=gen) < dropout)
-        noise.append(torch.randn(latent_shape, generator=gen))
-        latent_eps.append(torch.randn(latent_shape, generator=gen))
-    return torch.stack(latent_eps), torch.stack(noise), torch.stack(timesteps), torch.stack(drops)
+
+    def draws(gen):
+        return (torch.randint(0, num_timesteps, (), generator=gen), torch.rand((), generator=gen) < dropout,
+                torch.randn(latent_shape, generator=gen), torch.randn(latent_shape, generator=gen))  # fmt: skip
+
+    timesteps, drops, noise, latent_eps = per_sample(seed, step, indices, 0, draws)
+    return latent_eps, noise, timesteps, drops
 
 
 def load_frozen_encoders(config: TrainConfig, model, device, need_text: bool, need_vae: bool):
