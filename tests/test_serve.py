@@ -368,7 +368,6 @@ def generate_on_page(page, prompt: str, tmp_path) -> Image.Image:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium: apt-get install chromium")
 def test_browser_uploads_an_image_and_gets_image_to_image_back(server, tmp_path):
-
     from pixart.inference.image_inputs import pixel_sha256
     from test_img2img import photo
 

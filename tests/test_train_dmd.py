@@ -103,6 +103,23 @@ def test_one_pass_trains_the_fake_score_only_and_the_student_only_through_dmd(se
     assert all(p.grad is None for p in objective.teacher.parameters())
 
 
+def resume_copy(setup, straight: Path, checkpoint: Path, resumed: Path, *options: str) -> tuple[Path, int]:
+    """Resume, in a new run folder, from a copy of ``checkpoint`` of the run ``straight`` and its teacher pairs; the
+    folder and the pairs' modification time before the resumed run."""
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, resumed / "checkpoints" / checkpoint.name)
+    shutil.copy(straight / "dmd-pairs.safetensors", resumed / "dmd-pairs.safetensors")
+    pairs_made = (resumed / "dmd-pairs.safetensors").stat().st_mtime_ns
+    train(load_config("debug", dmd_overrides(setup, resumed, *options, "--run.resume=latest")))
+    return resumed, pairs_made
+
+
+def assert_same_weights(a_run: Path, b_run: Path, *names: str) -> None:
+    for name in names:
+        a, b = load_file(str(a_run / name)), load_file(str(b_run / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path):
     """A run resumed from its step-3 checkpoint (fake score and its optimizer included) ends bit-identical."""
     steps = ["--schedule.max_steps=6", "--checkpoint.every=3", "--checkpoint.keep_last=2"]
@@ -112,16 +129,9 @@ def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path):
         "trainable.safetensors", "fake.safetensors", "fake_optimizer.safetensors"
     }  # fmt: skip
     assert len(load_file(str(first / "fake_optimizer.safetensors"))) > 0
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(first, resumed / "checkpoints" / first.name)
-    shutil.copy(straight / "dmd-pairs.safetensors", resumed / "dmd-pairs.safetensors")
-    pairs_made = (resumed / "dmd-pairs.safetensors").stat().st_mtime_ns
-    train(load_config("debug", dmd_overrides(setup, resumed, *steps, "--run.resume=latest")))
+    resumed, pairs_made = resume_copy(setup, straight, first, tmp_path / "resumed", *steps)
     assert (resumed / "dmd-pairs.safetensors").stat().st_mtime_ns == pairs_made  # the same settings: reused
-    for name in ("final.safetensors", "checkpoints/step-00000006/fake.safetensors"):
-        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(straight, resumed, "final.safetensors", "checkpoints/step-00000006/fake.safetensors")
     teacher = load_transformer(setup[1]).state_dict()
     student = load_transformer(straight / "final.safetensors").state_dict()
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # it trained
@@ -138,14 +148,8 @@ def test_extra_fake_updates_step_the_fake_score_each_time_and_resume_exactly(set
         assert load_file(str(checkpoint / "fake_optimizer.safetensors"))["0.step"].item() == 2 * n
     a, b = (load_file(str(first[n] / "trainable.safetensors")) for n in (1, 3))
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(first[3], resumed / "checkpoints" / first[3].name)
-    shutil.copy(runs[3] / "dmd-pairs.safetensors", resumed / "dmd-pairs.safetensors")
-    train(load_config("debug", dmd_overrides(setup, resumed, *steps, "--dmd.fake_updates=3", "--run.resume=latest")))
-    for name in ("final.safetensors", "checkpoints/step-00000004/fake.safetensors"):
-        a, b = load_file(str(runs[3] / name)), load_file(str(resumed / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    resumed, _ = resume_copy(setup, runs[3], first[3], tmp_path / "resumed", *steps, "--dmd.fake_updates=3")
+    assert_same_weights(runs[3], resumed, "final.safetensors", "checkpoints/step-00000004/fake.safetensors")
 
 
 def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
