@@ -211,6 +211,10 @@ def main() -> None:
         parser.error(f"unknown contender {sorted(unknown)[0]}; choose from {', '.join(CONTENDERS)}")
     if "eager" not in rows:
         parser.error("--only-rows must include eager: the PSNR column compares against it")
+    if args.model is not None and not (args.model / "model_index.json").is_file():
+        parser.error(f"--model {args.model}: not a diffusers-format pipeline folder (no model_index.json)")
+    if args.images < 1:
+        parser.error(f"--images {args.images}: time at least one image")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="pixart-bench-") as tmp:
         work = Path(tmp)
