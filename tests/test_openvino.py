@@ -290,19 +290,25 @@ def test_full_int8_quantizes_activations_on_calibration_latents(tmp_path):
 
 
 @pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="the bundled demo model is not installed")
-def test_full_int8_demo_keeps_following_prompts(tmp_path):
-    """The demo exported with `--int8 full` scores near fp32 PyTorch on held-out prompts. With the embeddings, the
-    timestep path and the final layer quantized too (NNCF's defaults), about 11 of these 49 two-object scenes
-    broke (71-73 % fully correct on 200 prompts against 95.5 %)."""
-    from pixart.demo.eval import evaluate
+def test_full_int8_demo_keeps_following_prompts(tmp_path, capsys):
+    """The demo exported with `--int8 full` and scored by `pixart eval --runtime openvino` stays near fp32 PyTorch
+    on held-out prompts. With the embeddings, the timestep path and the final layer quantized too (NNCF's
+    defaults), about 11 of these 49 two-object scenes broke (71-73 % fully correct on 200 prompts against 95.5 %)."""
+    import json
 
-    out = export_openvino(None, tmp_path / "demo-int8", int8="full")
-    n = 64
-    reference = evaluate(PixArtPipeline.from_pretrained(None, **CPU_FP32), n).scores
-    got = evaluate(load_openvino_pipeline(out, threads=1), n).scores
+    out = tmp_path / "demo-int8"
+    assert main(["export", "openvino", str(out), "--int8", "full"]) == 0
+    capsys.readouterr()
+    scores = {}
+    for name, flags in (("fp32", ["--dtype", "fp32"]), ("int8", ["--runtime", "openvino", "--model", str(out)])):
+        assert main(["eval", "--prompts", "64", "--json", *flags]) == 0
+        scores[name] = json.loads(capsys.readouterr().out)
+    reference, got = scores["fp32"], scores["int8"]
     one, two = 100 / reference["n_single"], 100 / reference["n_pair"]  # one image's worth of each score
-    assert got["single_all"] >= reference["single_all"] - 1.5 * one, (got, reference)
-    assert got["pair_full"] >= reference["pair_full"] - 2.5 * two, (got, reference)
+    assert got["single_all"] >= reference["single_all"] - 1.5 * one, scores
+    assert got["pair_full"] >= reference["pair_full"] - 2.5 * two, scores
+    assert main(["eval", "--runtime", "openvino", "--model", str(out), "--cache-threshold", "0.2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("on CPU): --cache-threshold")
 
 
 def test_weight_only_int8_has_no_activation_quantizers(tmp_path):

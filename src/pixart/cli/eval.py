@@ -9,7 +9,15 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pixart.cli.generate import add_log_flags, add_precision_flags, add_transformer_flags, transformer_options
+from pixart.cli.generate import (
+    add_log_flags,
+    add_precision_flags,
+    add_runtime_flags,
+    add_transformer_flags,
+    check_runtime_flags,
+    refuse_torch_only,
+    transformer_options,
+)
 from pixart.files import atomic_write, require_writable_folder
 from pixart.inference.generation_log import check_log_flags
 
@@ -22,6 +30,7 @@ EXAMPLES = """examples:
   pixart eval --cache-steps 3                       # the accuracy cost of step caching
   pixart eval --cache-threshold 0.1                 # … of adaptive step caching (full steps in the summary)
   pixart eval --transformer runs/demo/final.safetensors --lora runs/lora:0.8
+  pixart export openvino demo-ov --int8 full && pixart eval --runtime openvino --model demo-ov
 """
 
 
@@ -61,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, mps (default: the best available)")
     add_precision_flags(p)
+    add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     p.add_argument("--save", type=Path, metavar="DIR", help="also write the images and their verdicts here")
     add_log_flags(p, "SAVE/logs with --save, else ./runs")
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     held_out_prompts(args.prompts, seed=args.seed)  # refuse a bad count or seed before importing torch
     check_log_flags(args.log, args.log_dir, args.wandb_project)
+    check_runtime_flags(args)
     if args.save is not None:
         require_writable_folder(args.save, "--save")  # a file there would otherwise fail after the whole run
     from tqdm.auto import tqdm
@@ -93,17 +104,33 @@ def run(args: argparse.Namespace) -> int:
         run_log = open_generation_log(args.log, args.log_dir, default_folder=default, command="eval",
                                       project=args.wandb_project)  # fmt: skip
     started = time.perf_counter()
-    pipe = PixArtPipeline.from_pretrained(
-        args.model,
-        args.transformer,
-        loras=loras,
-        device=device,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        cache_steps=args.cache_steps,
-        cache_threshold=args.cache_threshold,
-        transformer_options=transformer_options(args),
-    )
+    if args.runtime == "openvino":
+        torch_only = {
+            "--transformer": args.transformer,
+            "--lora": loras,
+            "--num-heads/--pe-scale/--kv-compress/--ema": transformer_options(args),
+            "--cache-steps": args.cache_steps > 1,
+            "--cache-threshold": args.cache_threshold > 0,
+            "--device": args.device not in (None, "cpu"),
+            "--dtype": args.dtype not in (None, "auto", "fp32"),
+            "--quantize": args.quantize,
+        }
+        refuse_torch_only(args.model, torch_only)
+        from pixart.inference.openvino import load_openvino_pipeline
+
+        pipe = load_openvino_pipeline(args.model, precision=args.ov_precision or "f32")
+    else:
+        pipe = PixArtPipeline.from_pretrained(
+            args.model,
+            args.transformer,
+            loras=loras,
+            device=device,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            cache_steps=args.cache_steps,
+            cache_threshold=args.cache_threshold,
+            transformer_options=transformer_options(args),
+        )
     load_seconds = time.perf_counter() - started
     # With several processes the bar follows the main process's share.
     with tqdm(

@@ -84,18 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--t5-int8", action="store_true", help="dynamic int8 quantisation of T5 only (CPU)")
     m.add_argument("--t5-bits", type=int, metavar="{8,4}", help="bitsandbytes 8- or 4-bit T5 (CUDA only)")
     m.add_argument("--compile", action="store_true", help="torch.compile the transformer (first step compiles)")
-    m.add_argument(
-        "--runtime",
-        default="torch",
-        metavar="NAME",
-        help="torch (default) or openvino (--model is then a folder written by `pixart export openvino`)",
-    )
-    m.add_argument(
-        "--ov-precision",
-        choices=("f32", "bf16", "auto"),
-        help="with --runtime openvino: T5 and transformer precision; bf16 is about twice as fast on CPUs with bf16 "
-        "units (avx512_bf16, AMX), auto picks it there (default f32)",
-    )
+    add_runtime_flags(m)
     m.add_argument(
         "--cache-steps",
         type=int,
@@ -199,10 +188,7 @@ def run(args: argparse.Namespace) -> int:
     from pixart.inference.cpu_units import describe_cpu
 
     log.debug("CPU: %s", describe_cpu())  # shown with -v: whether bf16 and int8 run fast here
-    if args.runtime not in ("torch", "openvino"):
-        raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
-    if args.ov_precision and args.runtime != "openvino":
-        raise PixArtError("--ov-precision applies to --runtime openvino; for PyTorch choose --dtype")
+    check_runtime_flags(args)
     processes = join() if launched_processes() > 1 else None  # accelerate launch, torchrun: a share each
     if args.log and processes is not None:
         raise PixArtError("--log logs a one-process run; with several processes, log each share in its own run")
@@ -275,16 +261,45 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
         "--dtype": args.dtype not in (None, "auto", "fp32"),
         "--quantize": load.quantize,
     }
+    refuse_torch_only(load.model, torch_only)
+    if args.image is not None:
+        check_vae_encoder(load.model)
+    return load_openvino_pipeline(load.model, precision=args.ov_precision or "f32")
+
+
+def add_runtime_flags(parser) -> None:
+    """--runtime and --ov-precision, shared by generate and eval (so eval can score an OpenVINO export)."""
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        metavar="NAME",
+        help="torch (default) or openvino (--model is then a folder written by `pixart export openvino`)",
+    )
+    parser.add_argument(
+        "--ov-precision",
+        choices=("f32", "bf16", "auto"),
+        help="with --runtime openvino: T5 and transformer precision; bf16 is about twice as fast on CPUs with bf16 "
+        "units (avx512_bf16, AMX), auto picks it there (default f32)",
+    )
+
+
+def check_runtime_flags(args: argparse.Namespace) -> None:
+    if args.runtime not in ("torch", "openvino"):
+        raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
+    if args.ov_precision and args.runtime != "openvino":
+        raise PixArtError("--ov-precision applies to --runtime openvino; for PyTorch choose --dtype")
+
+
+def refuse_torch_only(model, torch_only: dict[str, object]) -> None:
+    """Before loading the `pixart export openvino` folder ``model``: refuse in one line the flags given
+    (``torch_only``: flag → its value, set when given) that only apply to PyTorch weights, or no folder."""
     given = [flag for flag, value in torch_only.items() if value]
     if given:
         raise PixArtError(
             f"not with --runtime openvino (it runs the exported folder as is, on CPU): {', '.join(given)}"
         )
-    if load.model is None:
+    if model is None:
         raise PixArtError("--runtime openvino needs --model FOLDER written by `pixart export openvino`")
-    if args.image is not None:
-        check_vae_encoder(load.model)
-    return load_openvino_pipeline(load.model, precision=args.ov_precision or "f32")
 
 
 def _inputs(args: argparse.Namespace):
