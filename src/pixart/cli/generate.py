@@ -284,6 +284,7 @@ def add_runtime_flags(parser) -> None:
 
 
 def check_runtime_flags(args: argparse.Namespace) -> None:
+    """Refuse an unknown --runtime, and --ov-precision without --runtime openvino, in one line."""
     if args.runtime not in ("torch", "openvino"):
         raise PixArtError(f"unknown runtime {args.runtime!r}; choose torch or openvino")
     if args.ov_precision and args.runtime != "openvino":
