@@ -311,6 +311,37 @@ def test_full_int8_demo_keeps_following_prompts(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("on CPU): --cache-threshold")
 
 
+def test_transformer_runs_only_the_caption_tokens_in_use(sigma):
+    """The IR attends a padded caption through its mask; the pipeline cuts the padding no caption uses first, as
+    PyTorch does, so the caption projection and cross-attention run on the used tokens only, to rounding the same."""
+    from pixart.inference.openvino import OVTransformer, shared_core, transformer_inputs
+    from pixart.model.config import PixArtConfig
+
+    folder, out = sigma
+    config = PixArtConfig.from_dict(read_manifest(out)["config"])
+    net = OVTransformer(shared_core(), out / "transformer.xml", 1, config, None)
+    lengths = []
+    run = net.run
+    net.run = lambda *inputs: lengths.append(inputs[2].shape[1]) or run(*inputs)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, 8, 8, generator=g)
+    y = torch.randn(2, config.model_max_length, config.caption_channels, generator=g)
+    mask = torch.zeros(2, config.model_max_length, dtype=torch.long)
+    mask[0, :5], mask[1, :3] = 1, 1
+    t = torch.tensor([500.0, 500.0])
+    trimmed = net(x, t, y, mask)
+    padded = run(*transformer_inputs(config, x, t, y, mask, None, None))
+    assert lengths == [5]
+    assert torch.allclose(trimmed, padded, atol=1e-4, rtol=1e-4)
+    reference = load_transformer(folder).eval()
+    with torch.no_grad():
+        expected = reference(x, t, y, mask)
+    assert torch.allclose(trimmed, expected, atol=1e-4, rtol=1e-4)
+    mask[1] = 0  # a caption with no token attends to every position, in PyTorch too: nothing is cut
+    net(x, t, y, mask)
+    assert lengths == [5, config.model_max_length]
+
+
 def test_weight_only_int8_has_no_activation_quantizers(tmp_path):
     folder = save_pipeline(tmp_path / "sigma", "sigma")
     out = export_openvino(folder, tmp_path / "sigma-int8", width=64, height=64, int8=True)
