@@ -39,6 +39,7 @@ from pixart.errors import PixArtError
 from pixart.files import new_folder
 from pixart.inference.cpu_units import BF16_FLAGS, CpuUnits, cpu_units
 from pixart.model.config import PixArtConfig
+from pixart.model.transformer import text_attention_mask
 from pixart.sampling.samplers import read_scheduler_config
 
 log = logging.getLogger(__name__)
@@ -343,23 +344,13 @@ class OVTransformer(_OVModule):
         return torch.float32
 
     def forward(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None):
-        y, mask = trim_caption_padding(y, mask)
+        if mask is not None:
+            # The traced IR attends the whole padded caption through the mask (Σ: 300 tokens where a prompt uses a
+            # few dozen), running the caption projection and cross-attention's keys and values on every padding
+            # token each step. Cut the padding no caption uses first, as the PyTorch model does.
+            y = text_attention_mask(y, mask)[0]
+            mask = mask[..., : y.shape[1]]
         return self.run(*transformer_inputs(self.config, x, timestep, y, mask, resolution, aspect_ratio))
-
-
-def trim_caption_padding(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Captions (B, L, C) and their mask cut after the last token any caption uses, as the PyTorch model trims them
-    (:func:`pixart.model.transformer.text_attention_mask`). The traced IR attends the whole padded caption through
-    the mask, which is exact but runs the caption projection and cross-attention's keys and values on every padding
-    token at every step: Σ pads to 300 tokens where a prompt uses a few dozen. A caption with no token attends to
-    everything (as in PyTorch), so then nothing is cut."""
-    if mask is None:
-        return y, None
-    used = mask.reshape(mask.shape[0] if mask.ndim > 1 else 1, -1).to(torch.bool)
-    if not bool(used.any(dim=1).all()) or used.shape[1] != y.shape[1]:
-        return y, mask  # an empty caption, or a mask the IR will refuse as it is
-    length = int(used.any(dim=0).nonzero().max()) + 1
-    return y[:, :length], mask[..., :length]
 
 
 def transformer_inputs(config: PixArtConfig, x, timestep, y, mask, resolution, aspect_ratio) -> list[torch.Tensor]:
