@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from pixart.demo.eval import evaluate, format_table
     from pixart.inference.distributed import join, launched_processes
     from pixart.inference.generation_log import open_generation_log
+    from pixart.inference.options import LoadSettings
     from pixart.inference.pipeline import PixArtPipeline
 
     options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batch_size": args.batch_size}
@@ -104,33 +105,17 @@ def run(args: argparse.Namespace) -> int:
         run_log = open_generation_log(args.log, args.log_dir, default_folder=default, command="eval",
                                       project=args.wandb_project)  # fmt: skip
     started = time.perf_counter()
+    # The weights flags, as generate reads them; both runtimes check them from here.
+    load = LoadSettings(args.model, args.transformer, tuple(loras), args.cache_steps,
+                        tuple(sorted(transformer_options(args).items())), quantize=args.quantize,
+                        cache_threshold=args.cache_threshold)  # fmt: skip
     if args.runtime == "openvino":
-        torch_only = {
-            "--transformer": args.transformer,
-            "--lora": loras,
-            "--num-heads/--pe-scale/--kv-compress/--ema": transformer_options(args),
-            "--cache-steps": args.cache_steps > 1,
-            "--cache-threshold": args.cache_threshold > 0,
-            "--device": args.device not in (None, "cpu"),
-            "--dtype": args.dtype not in (None, "auto", "fp32"),
-            "--quantize": args.quantize,
-        }
-        refuse_torch_only(args.model, torch_only)
+        refuse_torch_only(args, load, {})
         from pixart.inference.openvino import load_openvino_pipeline
 
         pipe = load_openvino_pipeline(args.model, precision=args.ov_precision or "f32")
     else:
-        pipe = PixArtPipeline.from_pretrained(
-            args.model,
-            args.transformer,
-            loras=loras,
-            device=device,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            cache_steps=args.cache_steps,
-            cache_threshold=args.cache_threshold,
-            transformer_options=transformer_options(args),
-        )
+        pipe = PixArtPipeline.from_pretrained(load, device=device, dtype=args.dtype)
     load_seconds = time.perf_counter() - started
     # With several processes the bar follows the main process's share.
     with tqdm(

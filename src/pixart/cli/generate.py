@@ -247,21 +247,13 @@ def _openvino_pipeline(args: argparse.Namespace, load, quantization):
     from pixart.inference.openvino import check_vae_encoder, load_openvino_pipeline
 
     torch_only = {
-        "--transformer": load.transformer,
-        "--lora": load.loras,
-        "--num-heads/--pe-scale/--kv-compress/--ema": load.transformer_options,
         "--compile": args.compile,
-        "--cache-steps": load.cache_steps > 1,
-        "--cache-threshold": load.cache_threshold > 0,
         "--control/--controlnet": args.control or load.controlnet,
         "--low-memory": args.low_memory,
         "--vae-tiling": args.vae_tiling,
         "--t5-int8/--t5-bits": quantization,
-        "--device": args.device not in (None, "cpu"),
-        "--dtype": args.dtype not in (None, "auto", "fp32"),
-        "--quantize": load.quantize,
     }
-    refuse_torch_only(load.model, torch_only)
+    refuse_torch_only(args, load, torch_only)
     if args.image is not None:
         check_vae_encoder(load.model)
     return load_openvino_pipeline(load.model, precision=args.ov_precision or "f32")
@@ -291,15 +283,27 @@ def check_runtime_flags(args: argparse.Namespace) -> None:
         raise PixArtError("--ov-precision applies to --runtime openvino; for PyTorch choose --dtype")
 
 
-def refuse_torch_only(model, torch_only: dict[str, object]) -> None:
-    """Before loading the `pixart export openvino` folder ``model``: refuse in one line the flags given
-    (``torch_only``: flag → its value, set when given) that only apply to PyTorch weights, or no folder."""
+def refuse_torch_only(args: argparse.Namespace, load, more: dict[str, object]) -> None:
+    """Before loading the `pixart export openvino` folder ``load.model``: refuse in one line the flags given that
+    only apply to PyTorch weights, or no folder. ``load`` holds the weights flags (a LoadSettings, or eval's
+    flags of the same names); ``more`` maps a command's other flags to their values, set when given."""
+    torch_only = {
+        "--transformer": load.transformer,
+        "--lora": load.loras,
+        "--num-heads/--pe-scale/--kv-compress/--ema": load.transformer_options,
+        **more,
+        "--cache-steps": load.cache_steps > 1,
+        "--cache-threshold": load.cache_threshold > 0,
+        "--device": args.device not in (None, "cpu"),
+        "--dtype": args.dtype not in (None, "auto", "fp32"),
+        "--quantize": load.quantize,
+    }
     given = [flag for flag, value in torch_only.items() if value]
     if given:
         raise PixArtError(
             f"not with --runtime openvino (it runs the exported folder as is, on CPU): {', '.join(given)}"
         )
-    if model is None:
+    if load.model is None:
         raise PixArtError("--runtime openvino needs --model FOLDER written by `pixart export openvino`")
 
 
