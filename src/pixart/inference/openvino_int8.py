@@ -36,9 +36,9 @@ CALIBRATION_PROMPTS = (
 
 FLOAT_LAYERS = r"__module\.(x_embedder|t_embedder|t_block|y_embedder|csize_embedder|ar_embedder|final_layer)\."
 """IR node names (``re.match``) of the layers left unquantized: the patch and caption embeddings, the timestep and
-size embeddings with the adaLN modulation they feed every block, and the final projection. They hold a few percent
-of the work at 256 px (the blocks hold the rest) but quantizing them cost the demo most of its accuracy: the
-timestep path alone is not enough (two objects 73-79 % fully correct with only it in floating point)."""
+size embeddings with the adaLN modulation they feed every block, and the final projection. Little of the work is
+theirs (the blocks hold the matmuls over every image token), but quantizing them cost the demo most of its accuracy:
+the timestep path alone is not enough (two objects 73-79 % fully correct with only it in floating point)."""
 
 SMOOTH_QUANT_ALPHA = 0.5
 """NNCF's SmoothQuant strength for the matmuls (its default for transformers is 0.95)."""
