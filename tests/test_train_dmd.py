@@ -18,7 +18,7 @@ from pixart.errors import PixArtError
 from pixart.model.text import TextEncoder
 from pixart.train.config import load_config
 from pixart.train.diffusion import GaussianDiffusion
-from pixart.train.dmd import distribution_matching_loss, fake_score_loss
+from pixart.train.dmd import classifier_loss, distribution_matching_loss, fake_score_loss
 from pixart.train.loop import setup as setup_run
 from pixart.train.loop import train
 from pixart.train.state import complete_checkpoints
@@ -213,6 +213,8 @@ def test_dmd_config_errors():
         load_config("debug", ["--model.pipeline=p", "--data.dataset=d", "--dmd.enabled=true"])
     with pytest.raises(PixArtError, match=r"dmd.max_timestep=10: expected an integer from 20 to 999"):
         load_config("dmd", ["--dmd.max_timestep=10"])
+    with pytest.raises(PixArtError, match=r"dmd.gan_weight=-0.1: expected"):
+        load_config("dmd", ["--dmd.gan_weight=-0.1"])
     with pytest.raises(PixArtError, match=r"dmd.fake_updates=0: expected an integer >= 1"):
         load_config("dmd", ["--dmd.fake_updates=0"])
     with pytest.raises(PixArtError, match=r"dmd.enabled trains the whole student; it does not combine with lora"):
@@ -224,3 +226,66 @@ def test_recipes_are_valid_as_they_stand():
     for recipe in ("dmd", "demo-dmd"):
         config = load_config(recipe)
         assert config.dmd.enabled and config.dmd.start_timestep == 400
+
+
+def test_classifier_loss_is_non_saturating_logistic():
+    """softplus(−logit_data) + softplus(logit_student), i.e. −log σ(data) − log(1 − σ(student)), written out."""
+    data, student = torch.tensor([2.0, -1.0, 0.0]), torch.tensor([0.5, -3.0, 0.0])
+    sigmoid = lambda v: 1 / (1 + np.exp(-v.numpy()))  # noqa: E731
+    expected = -np.log(sigmoid(data)) - np.log(1 - sigmoid(student))
+    np.testing.assert_allclose(classifier_loss(data, student).numpy(), expected, rtol=1e-6)
+
+
+def test_gan_pass_trains_the_classifier_on_the_data_and_the_student_through_it(setup, tmp_path):
+    """DMD2's GAN term: inside the pass the classifier's loss reaches the fake score and its head (and depends on the
+    micro-batch's own latents, the data), and the student's GAN loss reaches the student alone, through both held
+    fixed. A head with a non-zero last layer (as after training) changes the student's gradient."""
+    run = setup_run(load_config("debug", dmd_overrides(setup, tmp_path / "run", "--dmd.gan_weight=0.5")))
+    state = run.state
+    objective, student = state.objective, run.accelerator.unwrap_model(state.model)
+    torch.nn.init.normal_(objective.head.net[-1].weight, std=0.1)
+    batch = next(iter(run.loader.epoch(0)))
+
+    def pass_grads(batch):
+        for p in [*student.parameters(), *objective.fake.parameters(), *objective.head.parameters()]:
+            p.grad = None
+        loss = objective.loss(state.model, batch, 0, 0)
+        assert all(p.grad is None for p in student.parameters())
+        judge = {n: p.grad.clone() for n, p in [*objective.fake.named_parameters(), *objective.head.named_parameters()]}
+        loss.backward()
+        after = {n: p.grad for n, p in [*objective.fake.named_parameters(), *objective.head.named_parameters()]}
+        assert all(torch.equal(judge[n], after[n]) for n in judge)  # the student's loss left the judge alone
+        assert all(p.requires_grad for p in [*objective.fake.parameters(), *objective.head.parameters()])
+        return judge, {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    judge, student_grads = pass_grads(batch)
+    assert all(g.abs().sum() > 0 for n, g in judge.items() if n.startswith("net."))  # the head learns
+    # Other data latents: the head learns otherwise; the student's gradient does not depend on the data.
+    other = dict(batch, latent_mean=batch["latent_mean"].flip(0), latent_std=batch["latent_std"].flip(0))
+    judge_other, student_other = pass_grads(other)
+    assert any(not torch.equal(judge[n], judge_other[n]) for n in judge if n.startswith("net."))
+    assert all(torch.equal(student_grads[n], student_other[n]) for n in student_grads)
+    # Without the GAN term the same draws give another student gradient.
+    objective.head, objective.settings.gan_weight = None, 0.0
+    for p in student.parameters():
+        p.grad = None
+    objective.loss(state.model, batch, 0, 0).backward()
+    assert any(not torch.equal(student_grads[n], p.grad) for n, p in student.named_parameters())
+
+
+def test_gan_run_resumes_exactly_with_its_head_and_from_a_run_without_one(setup, tmp_path):
+    """With dmd.gan_weight (and two fake updates a step, whose second also trains the head) the head is checkpointed
+    and a resumed run ends bit-identical; a GAN run resumed from a plain DMD checkpoint starts a new head."""
+    steps = ["--schedule.max_steps=4", "--checkpoint.every=2", "--checkpoint.keep_last=2"]
+    gan = ["--dmd.gan_weight=0.5", "--dmd.fake_updates=2"]
+    straight = train(load_config("debug", dmd_overrides(setup, tmp_path / "straight", *steps, *gan)))
+    first = complete_checkpoints(straight)[0]
+    assert (first / "fake_head.safetensors").is_file()
+    head = load_file(str(first / "fake_head.safetensors"))
+    assert head["net.3.weight"].abs().sum() > 0  # it left its zero start
+    resumed, _ = resume_copy(setup, straight, first, tmp_path / "resumed", *steps, *gan)
+    assert_same_weights(straight, resumed, "final.safetensors", "checkpoints/step-00000004/fake.safetensors",
+                        "checkpoints/step-00000004/fake_head.safetensors")  # fmt: skip
+    plain = train(load_config("debug", dmd_overrides(setup, tmp_path / "plain", *steps)))
+    from_plain, _ = resume_copy(setup, plain, complete_checkpoints(plain)[0], tmp_path / "from-plain", *steps, *gan)
+    assert (from_plain / "checkpoints/step-00000004/fake_head.safetensors").is_file()

@@ -275,6 +275,15 @@ class DMDConfig:
     """Fake-score optimizer steps per student step (DMD: 1; DMD2: 5, so the fake score keeps up with the student).
     The extra steps train it on new one-step images of the step's captions, from new noise."""
 
+    gan_weight: float = 0.0
+    """Weight of DMD2's GAN loss in the student's (Yin et al. 2024b, arXiv 2405.14867; its SDXL run: 5e-3); 0: off,
+    plain DMD. A classifier on the fake score's last-block tokens learns to tell the data's own latents from the
+    student's, both noised to a random time, and the student learns to pass as data: images, not only the
+    teacher's scores, then shape the student."""
+
+    gan_classifier_weight: float = 0.01
+    """Weight of the classifier's loss in the fake score's (DMD2: 1e-2); it trains the fake score's body too."""
+
     num_pairs: int = 1024
     """Teacher noise-image pairs made for the regression loss (from the first captions of the data order)."""
 
@@ -468,7 +477,8 @@ class TrainConfig:
                             ("dmd.fake_updates", c.fake_updates)]:  # fmt: skip
             if value < 1:
                 raise PixArtError(f"{name}={value!r}: expected an integer >= 1")
-        for name in ("guidance", "regression_weight", "fake_lr", "pair_guidance"):
+        weights = ("guidance", "regression_weight", "fake_lr", "pair_guidance", "gan_weight", "gan_classifier_weight")
+        for name in weights:
             _in_range(f"dmd.{name}", getattr(c, name), 0.0, math.inf)
 
     def validate_dreambooth(self) -> None:

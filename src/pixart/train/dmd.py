@@ -20,16 +20,27 @@ steps, ``dmd.fake_updates`` times (DMD2's two time-scale rule): each step after 
 one-step images of the same captions, from the updated student and new noise. The fake score's weights and its
 optimizer's state are checkpointed (``fake.safetensors``, ``fake_optimizer.safetensors``), and every draw is
 seeded per sample by (seed, step, index), so a resumed run is bit-identical and 1 or N processes agree.
+
+With ``dmd.gan_weight`` DMD2's GAN term joins (Yin et al. 2024b, arXiv 2405.14867): a classifier head
+(:class:`Classifier`) on the fake score's last-block tokens gives a logit per image, "data" against "student". The
+fake score's pass over the student's images above feeds it their tokens, one more pass of the fake score gives it
+the micro-batch's own latents (the data), both noised to a random time, and its non-saturating loss, weighted
+``dmd.gan_classifier_weight``, trains the head and the fake score's body with the denoising loss. The student's
+loss gains ``gan_weight`` · softplus(−logit) of its images noised to a random time, through the fake score and head
+held fixed. The head is checkpointed (``fake_head.safetensors``) and steps with the fake score's optimizer; a run
+resumed from one without it starts a new head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
 
 from pixart.errors import PixArtError
@@ -45,10 +56,42 @@ log = logging.getLogger(__name__)
 DRAW_STREAM, PAIR_INDEX_STREAM = 2, 4
 """The sample generators' streams of DMD's own draws (student noise, timesteps, noise; the regression pass's pair),
 apart from the base objective's (caption dropout, VAE posterior) and ControlNet's (1)."""
+GAN_STREAM = 5
+"""The stream of the GAN term's draws (generator timestep and noise, data timestep and noise)."""
 PAIR_STREAM = 3
 """The stream of the pairs' noise: pair i's noise is stream 3 of (seed, 0, i), whatever the run's length."""
 FAKE_STREAM = 100
 """Stream 100 + k: the draws of the fake score's extra update k (1, 2, …) of a step."""
+
+
+class Classifier(torch.nn.Module):
+    """DMD2's classification branch for a transformer: a logit per image (B,) from the fake score's last-block
+    tokens (B, N, C), the mean of a small MLP's logit per token (a patch discriminator over the latent). The last
+    layer starts at zero, so the student's GAN gradient starts at zero while the head learns."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, 1)
+        )
+        torch.nn.init.zeros_(self.net[-1].weight)
+        torch.nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens.float()).mean(dim=(1, 2))
+
+
+class LastTokens:
+    """A block hook (:data:`pixart.model.transformer.BlockHook`) keeping the last block's output tokens."""
+
+    def __init__(self, depth: int):
+        self.depth, self.tokens = depth, None
+
+    def __call__(self, i: int, x: torch.Tensor, run) -> torch.Tensor:
+        x = run(x)
+        if i == self.depth - 1:
+            self.tokens = x
+        return x
 
 
 def one_step(student: Denoiser, diffusion: GaussianDiffusion, z: torch.Tensor, start: int, text) -> torch.Tensor:
@@ -87,12 +130,25 @@ def distribution_matching_loss(
 
 
 def fake_score_loss(
-    fake: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, text
+    fake: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, text, **kw
 ) -> torch.Tensor:
     """Per-sample ε-MSE (B,) of the fake score on the student's images x noised to t, x detached: the fake score
-    learns the student's distribution without its loss reaching the student."""
+    learns the student's distribution without its loss reaching the student. ``kw`` goes to the fake score (a
+    ``block_hook`` collecting the tokens the classifier reads)."""
     xt = diffusion.q_sample(x.detach(), t, noise)
-    return mean_flat((fake(xt, t, *text)[:, : x.shape[1]].float() - noise) ** 2)
+    return mean_flat((fake(xt, t, *text, **kw)[:, : x.shape[1]].float() - noise) ** 2)
+
+
+def classify(fake: Denoiser, head: Classifier, depth: int, diffusion, x, t, noise, text) -> torch.Tensor:
+    """The classifier's logit (B,) of images x noised to t (gradients reach x if it has them)."""
+    tokens = LastTokens(depth)
+    fake(diffusion.q_sample(x, t, noise), t, *text, block_hook=tokens)
+    return head(tokens.tokens)
+
+
+def classifier_loss(logit_data: torch.Tensor, logit_student: torch.Tensor) -> torch.Tensor:
+    """The classifier's non-saturating loss per sample (B,): data scores high, the student's images low."""
+    return F.softplus(-logit_data) + F.softplus(logit_student)
 
 
 def draw(seed: int, step: int, indices, shape, settings: DMDConfig) -> list[torch.Tensor]:
@@ -109,17 +165,42 @@ def draw(seed: int, step: int, indices, shape, settings: DMDConfig) -> list[torc
 
 
 def draw_fake(seed: int, step: int, indices, shape, settings: DMDConfig, update: int) -> list[torch.Tensor]:
-    """Per-sample (student noise, fake timestep, fake noise) of the fake score's extra update ``update`` (≥ 1)."""
+    """Per-sample (student noise, fake timestep, fake noise) of the fake score's extra update ``update`` (≥ 1), and
+    with the GAN term (data timestep, data noise) after them."""
     low, high = settings.min_timestep, settings.max_timestep + 1
 
     def draws(gen):
-        return (
-            torch.randn(shape, generator=gen),
-            torch.randint(low, high, (), generator=gen),
-            torch.randn(shape, generator=gen),
-        )
+        drawn = (torch.randn(shape, generator=gen), torch.randint(low, high, (), generator=gen),
+                 torch.randn(shape, generator=gen))  # fmt: skip
+        if settings.gan_weight:
+            drawn += (torch.randint(low, high, (), generator=gen), torch.randn(shape, generator=gen))
+        return drawn
 
     return per_sample(seed, step, indices, FAKE_STREAM + update, draws)
+
+
+def draw_gan(seed: int, step: int, indices, shape, settings: DMDConfig) -> list[torch.Tensor]:
+    """Per-sample (generator timestep, generator noise, data timestep, data noise) of the GAN term."""
+    low, high = settings.min_timestep, settings.max_timestep + 1
+
+    def draws(gen):
+        return (torch.randint(low, high, (), generator=gen), torch.randn(shape, generator=gen),
+                torch.randint(low, high, (), generator=gen), torch.randn(shape, generator=gen))  # fmt: skip
+
+    return per_sample(seed, step, indices, GAN_STREAM, draws)
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """Parameters without gradients inside (a frozen judge whose input still gets its gradient)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def draw_pairs(seed: int, step: int, indices, num_pairs: int) -> torch.Tensor:
@@ -222,7 +303,10 @@ class DMDObjective(Objective):
         self.teacher = teacher.to(base.device).eval().requires_grad_(False)
         self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.fake.gradient_checkpointing = config.model.gradient_checkpointing
-        self.fake_optimizer = make_optimizer(config, list(self.fake.parameters()))
+        self.depth = len(self.fake.blocks)
+        self.head = Classifier(self.fake.config.hidden_size).to(base.device) if self.settings.gan_weight else None
+        head_params = list(self.head.parameters()) if self.head is not None else []
+        self.fake_optimizer = make_optimizer(config, list(self.fake.parameters()) + head_params)
         for group in self.fake_optimizer.param_groups:
             group["lr"] = self.settings.fake_lr or config.optim.lr
         self.pairs = open_pairs(config, base, self.teacher, loader, accelerator)
@@ -252,19 +336,40 @@ class DMDObjective(Objective):
         resolution, aspect_ratio = batch["resolution"].to(device), batch["aspect_ratio"].to(device)
 
         def denoiser(net) -> Denoiser:
-            return lambda x, t, f, m: net(x, t, f, m, resolution, aspect_ratio)
+            return lambda x, t, f, m, **kw: net(x, t, f, m, resolution, aspect_ratio, **kw)
 
         x = one_step(denoiser(model), diffusion, z, s.start_timestep, text)
+        fake = denoiser(self.fake)
         with self.accelerator.autocast():
-            losses = distribution_matching_loss(x, denoiser(self.teacher), denoiser(self.fake), diffusion, t_dm,
-                                                noise_dm, text, null, s.guidance)  # fmt: skip
+            losses = distribution_matching_loss(x, denoiser(self.teacher), fake, diffusion, t_dm, noise_dm, text,
+                                                null, s.guidance)  # fmt: skip
+            data = ()
+            if self.head is not None:
+                t_gen, noise_gen, t_data, noise_data = (
+                    v.to(device) for v in draw_gan(self.seed, step, indices, x0.shape[1:], s)
+                )
+                with frozen(self.fake, self.head):  # the student's GAN gradient reaches the student alone
+                    logit = classify(fake, self.head, self.depth, diffusion, x, t_gen, noise_gen, text)
+                losses = losses + s.gan_weight * F.softplus(-logit)
+                data = (x0, t_data, noise_data)
             # The fake score trains on the same images, after they served the step above (the fake score that
             # judged them is this step's, as in DMD); its gradients accumulate until after_step.
-            fake_loss = fake_score_loss(denoiser(self.fake), diffusion, x, t_fake, noise_fake, text).mean()
+            fake_loss = self.fake_loss(fake, x, t_fake, noise_fake, text, *data)
         (fake_loss / self.grad_accum).backward()
         if s.fake_updates > 1:
-            self.captions.append((step, indices, x0.shape[1:], text, denoiser))
+            self.captions.append((step, indices, x0.shape[1:], text, denoiser, x0))
         return losses.mean()
+
+    def fake_loss(self, fake: Denoiser, x, t, noise, text, data=None, t_data=None, noise_data=None) -> torch.Tensor:
+        """The fake score's loss on the student's images x: its denoising loss, and with the GAN term the
+        classifier's, on x's tokens from that same pass against the data's latents noised to t_data."""
+        if self.head is None:
+            return fake_score_loss(fake, self.base.diffusion, x, t, noise, text).mean()
+        tokens = LastTokens(self.depth)
+        denoising = fake_score_loss(fake, self.base.diffusion, x, t, noise, text, block_hook=tokens)
+        logit_data = classify(fake, self.head, self.depth, self.base.diffusion, data, t_data, noise_data, text)
+        classifier = classifier_loss(logit_data, self.head(tokens.tokens))
+        return (denoising + self.settings.gan_classifier_weight * classifier).mean()
 
     def regression_loss(self, model, size: int, first: int, step: int) -> torch.Tensor:
         """Mean latent MSE of the student's one-step images of ``size`` seeded teacher pairs against the teacher's."""
@@ -284,14 +389,15 @@ class DMDObjective(Objective):
         further on new one-step images of the step's captions from the student just updated."""
         self.step_fake()
         for update in range(1, self.settings.fake_updates):
-            for step, indices, shape, text, denoiser in self.captions:
-                z, t, noise = (
-                    v.to(self.base.device) for v in draw_fake(self.seed, step, indices, shape, self.settings, update)
+            for step, indices, shape, text, denoiser, data in self.captions:
+                device = self.base.device
+                z, t, noise, *gan = (
+                    v.to(device) for v in draw_fake(self.seed, step, indices, shape, self.settings, update)
                 )
                 with torch.no_grad():
                     x = one_step(denoiser(model), self.base.diffusion, z, self.settings.start_timestep, text)
                 with self.accelerator.autocast():
-                    loss = fake_score_loss(denoiser(self.fake), self.base.diffusion, x, t, noise, text).mean()
+                    loss = self.fake_loss(denoiser(self.fake), x, t, noise, text, data, *gan)
                 (loss / self.grad_accum).backward()
             self.step_fake()
         self.captions.clear()
@@ -313,7 +419,10 @@ class DMDObjective(Objective):
         for index, values in self.fake_optimizer.state_dict()["state"].items():
             for key, value in values.items():
                 optimizer[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        return {"fake": weights, "fake_optimizer": optimizer}
+        state = {"fake": weights, "fake_optimizer": optimizer}
+        if self.head is not None:
+            state["fake_head"] = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        return state
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]], checkpoint: Path) -> None:
         if "fake" not in state or "fake_optimizer" not in state:
@@ -322,6 +431,11 @@ class DMDObjective(Objective):
                 "comes from a run without dmd.enabled; start the run anew instead of resuming it"
             )
         self.fake.load_state_dict(state["fake"])
+        if self.head is not None:
+            if "fake_head" in state:
+                self.head.load_state_dict(state["fake_head"])
+            else:
+                log.info("checkpoint %s has no GAN classifier (fake_head.safetensors): starting a new one", checkpoint)
         saved: dict[int, dict[str, torch.Tensor]] = {}
         for name, value in state["fake_optimizer"].items():
             index, key = name.split(".", 1)
