@@ -20,6 +20,7 @@ import pixart as pixart_package
 from pixart.checkpoints.convert import load_transformer
 from pixart.checkpoints.lora import parse_lora_spec
 from pixart.checkpoints.ours import save_pixart
+from pixart.demo import BUNDLE
 from pixart.errors import PixArtError
 from pixart.inference.options import MAX_SEED, GenerationOptions
 from pixart.model.config import preset
@@ -71,7 +72,11 @@ def test_lora_scale_out_of_bounds_is_refused_when_parsed(scale):
         parse_lora_spec(f"style.safetensors:{scale}")
 
 
-def test_lora_scale_within_bounds_parses():
+def test_lora_scale_within_bounds_parses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("c:/loras").mkdir(parents=True)
+    for path in ("style.safetensors", "c:/loras/style.safetensors"):
+        Path(path).write_bytes(b"")
     assert parse_lora_spec("style.safetensors:-10") == ("style.safetensors", -10.0)
     assert parse_lora_spec("c:/loras/style.safetensors") == ("c:/loras/style.safetensors", 1.0)
 
@@ -121,6 +126,22 @@ def test_eval_save_onto_an_existing_file_is_refused_before_generating(tmp_path):
     assert line.startswith(f"error: --save={str(tmp_path / 'taken')!r} is not a folder this process can write")
     assert "generating" not in result.stderr.decode()
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "export"])
+def test_a_missing_lora_is_refused_before_loading(tmp_path, command):
+    """generate and eval (which have the demo model to load) and export refuse a --lora that is neither a file, a
+    folder nor a bundled name before any model loads, in one line."""
+    missing = str(tmp_path / "nope.safetensors")
+    args = {"generate": ["generate", "a red circle", "--steps", "2", "--out", str(tmp_path / "out")],
+            "eval": ["eval", "--prompts", "1", "--steps", "2"],
+            "export": ["export", "diffusers", str(tmp_path / "export"), "--base", str(BUNDLE),
+                       "--transformer", str(BUNDLE / "transformer")]}[command]  # fmt: skip
+    result = pixart(*args, "--lora", f"{missing}:0.5")
+    line = one_error_line(result)
+    assert line.startswith(f"error: LoRA {missing!r} does not exist; expected a peft adapter folder")
+    assert "loading" not in result.stderr.decode()
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.parametrize("to, name", [("official", "taken.pth"), ("pixart", "taken.safetensors")])

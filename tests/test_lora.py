@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,12 +273,17 @@ def test_bad_add_lora_arguments(base_folder, family):
     assert not lora_layers(model)
 
 
-def test_parse_lora_spec(tmp_path):
+def test_parse_lora_spec(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in ("style/lora", "C:/loras/x", "a:b"):
+        Path(path).mkdir(parents=True)
     assert parse_lora_spec("style/lora:0.7") == ("style/lora", 0.7)
     assert parse_lora_spec("style/lora") == ("style/lora", 1.0)
     assert parse_lora_spec("C:/loras/x") == ("C:/loras/x", 1.0)
     assert parse_lora_spec("a:b:-1.5") == ("a:b", -1.5)
+    assert parse_lora_spec("demo-lcm:0.5") == ("demo-lcm", 0.5)  # a bundled LoRA's name
     one_line_error(lambda: parse_lora_spec(""), "--lora")
+    one_line_error(lambda: parse_lora_spec("absent:0.5"), "'absent' does not exist", "a bundled LoRA: demo-lcm")
 
 
 def test_lora_switch_merges_exactly_like_loading_and_restores_the_base(base_folder, family, tmp_path):

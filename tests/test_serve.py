@@ -174,7 +174,7 @@ def test_bad_flags_are_one_line_errors_before_serving(tmp_path, capsys, model, m
             (["--model", str(model), "--auth-token", "short-secret"], "at least 16 characters"),
             (["--model", str(model), "--auth-token", TOKEN, "--no-auth"], "--no-auth contradicts"),
             (["--model", str(model), "--auth-token", TOKEN, "--auth-token-file", "t"], "give the token once"),
-            (["--model", str(model), "--lora", str(tmp_path / "none")], f"{tmp_path / 'none'} does not exist"),
+            (["--model", str(model), "--lora", str(tmp_path / "none")], f"LoRA '{tmp_path / 'none'}' does not exist"),
             (["--model", str(model), "--lora", f"a={model}", "--lora", f"a={model}:2"], "the name 'a' is taken"),
             (["--model", str(model), "--lora", str(model), "--low-memory"], "drop --low-memory"),
             (["--model", str(model), "--controlnet", str(tmp_path / "cn.pth")], f"{tmp_path / 'cn.pth'} does not"),

@@ -30,7 +30,14 @@ from torch import nn
 
 from pixart.checkpoints.diffusers import diffusers_key_map
 from pixart.checkpoints.formats import MAX_LORA_SCALE
-from pixart.checkpoints.lora_formats import PEFT_PREFIX, pattern_value, peft_config, read_lora, write_peft_folder
+from pixart.checkpoints.lora_formats import (
+    PEFT_PREFIX,
+    lora_location,
+    pattern_value,
+    peft_config,
+    read_lora,
+    write_peft_folder,
+)
 from pixart.errors import PixArtError
 from pixart.model.config import PixArtConfig
 
@@ -372,7 +379,8 @@ def check_lora_scale(scale: object) -> None:
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """Split a command-line ``PATH[:SCALE]`` into (path, scale); without a numeric suffix the scale is 1."""
+    """Split a command-line ``PATH[:SCALE]`` into (path, scale); without a numeric suffix the scale is 1. A path
+    that does not exist (nor names a bundled LoRA) is refused here, before any model loads."""
     path, sep, tail = spec.rpartition(":")
     if sep and path:
         try:
@@ -381,7 +389,9 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
             pass  # a ':' that belongs to the path
         else:
             check_lora_scale(scale)
+            lora_location(Path(path))
             return path, scale
     if not spec:
         raise PixArtError("--lora is empty; expected PATH or PATH:SCALE with SCALE a number like 0.8")
+    lora_location(Path(spec))
     return spec, 1.0

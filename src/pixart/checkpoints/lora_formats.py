@@ -154,24 +154,31 @@ def check_config(config: dict, where: str) -> None:
         raise PixArtError(f"{where} trains biases (bias={config.get('bias')!r}); only bias='none' is supported")
 
 
+def lora_location(path: Path) -> Path:
+    """Where a LoRA given as a path or a bundled LoRA's name (``demo-lcm``) is: an existing folder or file, or the
+    one-line error. Commands check their ``--lora`` with it before loading a model."""
+    if not path.exists() and str(path) in BUNDLED_LORAS:
+        return BUNDLED_LORAS[str(path)]
+    if not (path.is_dir() or path.is_file()):
+        raise PixArtError(
+            f"LoRA {str(path)!r} does not exist; expected a peft adapter folder or a .safetensors file, "
+            f"or a bundled LoRA: {', '.join(BUNDLED_LORAS)}"
+        )
+    return path
+
+
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A LoRA file's tensors with peft/diffusers prefixes removed, and its peft config (or {} when absent).
     A bundled LoRA's name (``demo-lcm``) reads the shipped adapter."""
-    if not path.exists() and str(path) in BUNDLED_LORAS:
-        path = BUNDLED_LORAS[str(path)]
+    path = lora_location(path)
     if path.is_dir():
         candidates = (path / WEIGHTS_NAME, path / "pytorch_lora_weights.safetensors")  # peft's, diffusers' names
         weights = next((c for c in candidates if c.exists()), None)
         if weights is None:
             raise PixArtError(f"LoRA folder {str(path)!r} has no {WEIGHTS_NAME}; expected a peft adapter folder")
         config_path = path / CONFIG_NAME
-    elif path.is_file():
-        weights, config_path = path, path.parent / CONFIG_NAME
     else:
-        raise PixArtError(
-            f"LoRA {str(path)!r} does not exist; expected a peft adapter folder or a .safetensors file, "
-            f"or a bundled LoRA: {', '.join(BUNDLED_LORAS)}"
-        )
+        weights, config_path = path, path.parent / CONFIG_NAME
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as err:
