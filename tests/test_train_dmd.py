@@ -277,12 +277,14 @@ def test_gan_run_resumes_exactly_with_its_head_and_from_a_run_without_one(setup,
     """With dmd.gan_weight (and two fake updates a step, whose second also trains the head) the head is checkpointed
     and a resumed run ends bit-identical; a GAN run resumed from a plain DMD checkpoint starts a new head."""
     steps = ["--schedule.max_steps=4", "--checkpoint.every=2", "--checkpoint.keep_last=2"]
-    gan = ["--dmd.gan_weight=0.5", "--dmd.fake_updates=2"]
+    gan = ["--dmd.gan_weight=0.5", "--dmd.fake_updates=2", "--dmd.fake_lr=1e-5", "--dmd.gan_head_lr=1e-3"]
     straight = train(load_config("debug", dmd_overrides(setup, tmp_path / "straight", *steps, *gan)))
     first = complete_checkpoints(straight)[0]
     assert (first / "fake_head.safetensors").is_file()
     head = load_file(str(first / "fake_head.safetensors"))
     assert head["net.3.weight"].abs().sum() > 0  # it left its zero start
+    # The head's own rate: AdamW's first steps move a weight by up to the rate each, 1e-3 here, not the fake score's.
+    assert 4 * 1e-5 < head["net.3.weight"].abs().max() <= 4 * 1e-3 * 1.01
     resumed, _ = resume_copy(setup, straight, first, tmp_path / "resumed", *steps, *gan)
     assert_same_weights(straight, resumed, "final.safetensors", "checkpoints/step-00000004/fake.safetensors",
                         "checkpoints/step-00000004/fake_head.safetensors")  # fmt: skip

@@ -284,6 +284,10 @@ class DMDConfig:
     gan_classifier_weight: float = 0.01
     """Weight of the classifier's loss in the fake score's (DMD2: 1e-2); it trains the fake score's body too."""
 
+    gan_head_lr: float = 0.0
+    """The classifier head's learning rate; 0: the fake score's. The head starts from nothing while the fake score's
+    body is pretrained, and at the fake score's rate (1e-4 here) it takes hundreds of steps to say anything."""
+
     num_pairs: int = 1024
     """Teacher noise-image pairs made for the regression loss (from the first captions of the data order)."""
 
@@ -477,7 +481,8 @@ class TrainConfig:
                             ("dmd.fake_updates", c.fake_updates)]:  # fmt: skip
             if value < 1:
                 raise PixArtError(f"{name}={value!r}: expected an integer >= 1")
-        weights = ("guidance", "regression_weight", "fake_lr", "pair_guidance", "gan_weight", "gan_classifier_weight")
+        weights = ("guidance", "regression_weight", "fake_lr", "pair_guidance", "gan_weight", "gan_classifier_weight",
+                   "gan_head_lr")  # fmt: skip
         for name in weights:
             _in_range(f"dmd.{name}", getattr(c, name), 0.0, math.inf)
 

@@ -305,10 +305,14 @@ class DMDObjective(Objective):
         self.fake.gradient_checkpointing = config.model.gradient_checkpointing
         self.depth = len(self.fake.blocks)
         self.head = Classifier(self.fake.config.hidden_size).to(base.device) if self.settings.gan_weight else None
-        head_params = list(self.head.parameters()) if self.head is not None else []
-        self.fake_optimizer = make_optimizer(config, list(self.fake.parameters()) + head_params)
-        for group in self.fake_optimizer.param_groups:
-            group["lr"] = self.settings.fake_lr or config.optim.lr
+        groups = [{"params": list(self.fake.parameters())}]
+        if self.head is not None:  # its own group: a new head may learn faster than the pretrained body
+            groups.append({"params": list(self.head.parameters())})
+        self.fake_optimizer = make_optimizer(config, groups)
+        fake_lr = self.settings.fake_lr or config.optim.lr
+        rates = [fake_lr, self.settings.gan_head_lr or fake_lr][: len(groups)]
+        for group, lr in zip(self.fake_optimizer.param_groups, rates, strict=True):
+            group["lr"] = lr
         self.pairs = open_pairs(config, base, self.teacher, loader, accelerator)
         self.captions: list[tuple] = []  # this step's micro-batches, for the fake score's extra updates
 

@@ -143,8 +143,8 @@ def load_model(config: TrainConfig):
     return PixArtTransformer(preset(config.model.preset))
 
 
-def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW or CAME over the parameters that train."""
+def make_optimizer(config: TrainConfig, params: list) -> torch.optim.Optimizer:
+    """AdamW or CAME over the parameters that train (a list of parameters, or of param groups)."""
     o = config.optim
     if o.optimizer == "came":
         try:
