@@ -12,4 +12,4 @@ bundle=$(python -c 'from pixart.demo import BUNDLE; print(BUNDLE)')
     --resolution 64 --max-tokens 96 --batch-size 64 --shard-size 1024 --caption-column text
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} pixart train demo-dmd --data.dataset= --data.cache="$work/cache-pairs" \
     --model.source="$bundle" --run.output_dir="$work/dmd"
-pixart eval --prompts 200 --sampler dmd --transformer "$work/dmd/final.safetensors" --json > "$work/eval-dmd.json"
+pixart eval --prompts 200 --sampler dmd --transformer "$work/dmd/final-ema.safetensors" --json > "$work/eval-dmd.json"
