@@ -190,7 +190,9 @@ def test_cli_generate_openvino_inpaints_and_an_old_export_says_to_re_export(sigm
 
 def test_cli_generate_openvino_refuses_torch_flags(sigma, tmp_path, capsys):
     argv = ["generate", "a fox", "--runtime", "openvino", "--model", str(sigma[1]), "--out", str(tmp_path)]
-    assert main(argv + ["--lora", "x.safetensors", "--compile"]) == 2
+    lora = tmp_path / "x.safetensors"  # exists, so the refusal is the runtime's, not the missing file's
+    lora.write_bytes(b"")
+    assert main(argv + ["--lora", str(lora), "--compile"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: not with --runtime openvino (it runs the exported folder as is, on CPU): --lora, --compile"
     )
