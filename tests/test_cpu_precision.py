@@ -7,6 +7,7 @@ units on this machine (they run bf16 and int8 for real) and are skipped without 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -196,6 +197,18 @@ def test_bf16_and_int8_images_are_close_to_fp32_and_seeds_reproduce(pipelines, f
     # Measured on these tiny random weights: bf16 and int8 both about 51 dB from fp32.
     assert 40 < psnr(images["fp32"], images["bf16"]) < float("inf")
     assert 35 < psnr(images["fp32"], images["int8"]) < float("inf")
+
+
+def test_the_vae_runs_in_bf16_and_upcasts_only_from_fp16(pipelines):
+    """force_upcast guards fp16's overflow (diffusers upcasts only from fp16); bf16 has fp32's range."""
+    folder = pipelines["sigma"]
+    assert json.loads((folder / "vae" / "config.json").read_text())["force_upcast"] is True
+    for dtype, vae_dtype in [("bf16", torch.bfloat16), ("fp16", torch.float32), ("fp32", torch.float32)]:
+        if dtype == "bf16" and not HERE.has_bf16():
+            continue  # runs fp32 on this CPU, covered by the refusal tests
+        pipe = PixArtPipeline.from_pretrained(folder, device="cpu", dtype=dtype)
+        with pipe._stage("vae") as vae:
+            assert next(vae.parameters()).dtype == vae_dtype, dtype
 
 
 @needs_bf16

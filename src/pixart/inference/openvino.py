@@ -394,7 +394,7 @@ def load_openvino_pipeline(folder: str | os.PathLike, *, threads: int | None = N
     """A :class:`pixart.inference.pipeline.PixArtPipeline` running T5, the transformer and the VAE through OpenVINO.
 
     precision: f32, bf16 or auto (:func:`resolve_precision`) for T5 and the transformer; the VAE decoder stays
-    f32, as the PyTorch path keeps VAEs marked force_upcast.
+    f32.
     """
     precision = resolve_precision(precision)
     from transformers import AutoTokenizer

@@ -269,8 +269,10 @@ class PixArtPipeline:
 
         def load_vae() -> torch.nn.Module:
             vae_config = json.loads((root / "vae" / "config.json").read_text())
-            # SD/SDXL VAEs overflow in fp16; those marked force_upcast (as diffusers does) stay in fp32.
-            vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else dtype
+            # SD/SDXL VAEs overflow in fp16: those marked force_upcast stay in fp32 under fp16, as in diffusers.
+            # bf16 has fp32's range, so it runs the VAE in bf16 (diffusers' PixArt pipelines do too).
+            upcast = dtype == torch.float16 and vae_config.get("force_upcast", True)
+            vae_dtype = torch.float32 if upcast else dtype
             try:
                 # safetensors only, as for the transformer and T5: a pickled .bin could run code when loaded
                 vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True)
