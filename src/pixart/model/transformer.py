@@ -7,6 +7,7 @@ maps them to and from diffusers. The model only predicts: it knows nothing of no
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -61,7 +62,39 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fusable_on_cpu(self.fc1, x):
+            # oneDNN applies the bias and the GELU in the matmul's epilogue (the kernel inductor picks): in bf16
+            # the separate GELU pass and the bias copy were about a third of fc1's time on two AVX-512 cores.
+            return self.fc2(torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], "tanh"))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def fusable_on_cpu(linear: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``linear`` then GELU may run as one oneDNN kernel: a plain nn.Linear (not int8, not a LoRA wrapper)
+    in bf16 on a CPU build with oneDNN, no gradient needed (the fused op has no backward), and neither traced nor
+    compiled (exports must see plain ops; inductor fuses by itself)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and type(linear) is nn.Linear
+        and linear.weight.dtype == torch.bfloat16
+        and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and onednn_bf16()
+    )
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """This torch build has oneDNN's fused linear and this CPU runs its bf16 kernels (AVX-512 at least)."""
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops, "_is_mkldnn_bf16_supported")
+        and bool(ops._is_mkldnn_bf16_supported())
+    )
 
 
 class PatchEmbed(nn.Module):
