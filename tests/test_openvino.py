@@ -392,6 +392,11 @@ def test_bf16_runs_close_to_f32(sigma):
     bf16 = load_openvino_pipeline(out, threads=1, precision="bf16")
     assert bf16.transformer.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
     assert f32.transformer.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    with bf16._stage("vae") as vae:  # the VAE too, as PyTorch's bf16 runs it
+        assert vae.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+        assert vae.encoder.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    with f32._stage("vae") as vae:
+        assert vae.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
     a = pixels(f32(PROMPTS, GUIDED, show_progress=False))
     b = pixels(bf16(PROMPTS, GUIDED, show_progress=False))
     assert not np.array_equal(a, b)

@@ -270,8 +270,8 @@ def add_runtime_flags(parser) -> None:
     parser.add_argument(
         "--ov-precision",
         choices=("f32", "bf16", "auto"),
-        help="with --runtime openvino: T5 and transformer precision; bf16 is about twice as fast on CPUs with bf16 "
-        "units (avx512_bf16, AMX), auto picks it there (default f32)",
+        help="with --runtime openvino: T5, transformer and VAE precision; bf16 is about twice as fast on CPUs with "
+        "bf16 units (avx512_bf16, AMX), auto picks it there (default f32)",
     )
 
 
