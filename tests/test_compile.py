@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tests.test_cpu_precision import needs_int8
-from tests.tiny import CPU_FP32, save_pipeline
+from tests.tiny import CPU_FP32, needs_int8, save_pipeline
 
 from pixart.checkpoints.convert import load_transformer
 from pixart.errors import PixArtError

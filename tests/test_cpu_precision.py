@@ -32,7 +32,7 @@ from pixart.model.transformer import Mlp, PixArtTransformer, onednn_bf16
 from pixart.train.loop import check_cpu_precision
 from pixart.train.state import complete_checkpoints
 from test_train import cli, fixed_loss
-from tiny import save_pipeline
+from tiny import HERE, needs_bf16, needs_int8, save_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,9 +59,6 @@ vendor_id	: GenuineIntel
 model name	: Intel(R) Xeon(R) Platinum 8175M CPU @ 2.50GHz
 flags		: fpu sse sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl
 """
-HERE = cpu_units()
-needs_bf16 = pytest.mark.skipif(not HERE.has_bf16(), reason=f"this CPU ({HERE.model}) has no bf16 units")
-needs_int8 = pytest.mark.skipif(not HERE.has_int8(), reason=f"this CPU ({HERE.model}) has no int8 units")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.tiny import CPU_FP32, random_lora, save_pipeline
+from tests.tiny import CPU_FP32, needs_bf16, random_lora, save_pipeline
 
 from test_files import assert_plain_modes
 from test_img2img import half_mask, photo
@@ -382,11 +382,8 @@ def test_precision_follows_the_cpus_units(asked, flags, expected):
     assert resolve_precision(asked, CpuUnits("a test CPU", frozenset(flags))) == expected
 
 
+@needs_bf16  # without the units OpenVINO would run f32
 def test_bf16_runs_close_to_f32(sigma):
-    from pixart.inference.cpu_units import cpu_units
-
-    if not cpu_units().has_bf16():
-        pytest.skip("this CPU has no bf16 units; OpenVINO would run f32")
     _, out = sigma
     f32 = load_openvino_pipeline(out, threads=1)
     bf16 = load_openvino_pipeline(out, threads=1, precision="bf16")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -22,11 +23,17 @@ from diffusers import (
 )
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
+from pixart.inference.cpu_units import cpu_units
+
 T5_WIDTH = 32
 """Feature width of the tiny text encoder (the caption_channels of the tiny transformers)."""
 CPU_FP32 = {"device": "cpu", "dtype": "fp32"}
 """Pipeline keywords for tests that compare with an fp32 reference: the CPU's auto dtype is bf16 where it has the
 units, fp32 elsewhere, and such a test must mean the same on both."""
+HERE = cpu_units()
+"""This machine's CPU and its matrix units, read once."""
+needs_bf16 = pytest.mark.skipif(not HERE.has_bf16(), reason=f"this CPU ({HERE.model}) has no bf16 units")
+needs_int8 = pytest.mark.skipif(not HERE.has_int8(), reason=f"this CPU ({HERE.model}) has no int8 units")
 
 
 def tiny_text_encoder(seed: int = 0) -> tuple[ByT5Tokenizer, T5EncoderModel]:

@@ -7,10 +7,9 @@ maps them to and from diffusers. The model only predicts: it knows nothing of no
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +84,7 @@ def fusable_on_cpu(linear: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-@functools.cache
+@cache
 def onednn_bf16() -> bool:
     """This torch build has oneDNN's fused linear and this CPU runs its bf16 kernels (AVX-512 at least)."""
     ops = torch.ops.mkldnn
