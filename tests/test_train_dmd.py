@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -14,8 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pixart.checkpoints.convert import load_transformer
+from pixart.checkpoints.ours import save_pixart
 from pixart.errors import PixArtError
 from pixart.model.text import TextEncoder
+from pixart.model.transformer import PixArtTransformer
 from pixart.train.config import load_config
 from pixart.train.diffusion import GaussianDiffusion
 from pixart.train.dmd import classifier_loss, distribution_matching_loss, fake_score_loss
@@ -206,6 +210,76 @@ def test_student_is_sampled_by_generate_with_the_dmd_sampler(setup, tmp_path):
         pixels = vae.decode(x0 / vae.config.scaling_factor).sample
     expected = ((pixels[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_checkpoint_is_sampled_as_its_run_and_starts_a_new_student(setup, tmp_path):
+    """RUN/checkpoints/step-N loads as the run's model with the checkpoint's weights (or their EMA): the same
+    transformer as the final files of a run that ended there, and the same image from `pixart generate`. A new DMD run
+    starts its student there (dmd.student) while the teacher and fake score stay model.source; a student of another
+    shape, a LoRA run's checkpoint and dmd.student without DMD are refused in one line."""
+    pipe = setup[1]
+    steps = ["--schedule.max_steps=2", "--checkpoint.every=2", "--optim.ema_decay=0.9"]
+    run = train(load_config("debug", dmd_overrides(setup, tmp_path / "run", *steps)))
+    (checkpoint,) = complete_checkpoints(run)
+    for ema, final in [(False, "final.safetensors"), (True, "final-ema.safetensors")]:
+        got, want = load_transformer(checkpoint, ema=ema).state_dict(), load_transformer(run / final).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), final
+    teacher = load_transformer(pipe).state_dict()
+    assert any(not torch.equal(want[k], teacher[k]) for k in teacher)  # it trained: the weights are the run's
+
+    images = {}
+    for name, transformer in [("checkpoint", checkpoint), ("final", run / "final-ema.safetensors")]:
+        args = [
+            "generate",
+            "a red square",
+            "--model",
+            str(pipe),
+            "--transformer",
+            str(transformer),
+            "--sampler",
+            "dmd",
+            "--seed",
+            "3",
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--no-binning",
+            "--out",
+            str(tmp_path / name),
+        ]
+        result = cli(*args, *(["--ema"] if name == "checkpoint" else []))
+        assert result.returncode == 0, result.stderr[-3000:]
+        (png,) = (tmp_path / name).glob("*.png")
+        images[name] = np.asarray(Image.open(png).convert("RGB"))
+    assert np.array_equal(images["checkpoint"], images["final"])
+
+    again = setup_run(load_config("debug", dmd_overrides(setup, tmp_path / "again", f"--dmd.student={checkpoint}")))
+    student = again.accelerator.unwrap_model(again.state.model).state_dict()
+    final = load_transformer(run / "final.safetensors").state_dict()
+    assert all(torch.equal(student[k], final[k]) for k in final)
+    for net in (again.state.objective.teacher, again.state.objective.fake):
+        assert all(torch.equal(net.state_dict()[k], teacher[k]) for k in teacher)
+
+    deeper = load_transformer(pipe)
+    deeper = PixArtTransformer(dataclasses.replace(deeper.config, depth=deeper.config.depth + 1))
+    save_pixart(deeper, tmp_path / "deeper.safetensors")
+    with pytest.raises(PixArtError, match=r"^dmd.student=.* is not the teacher's architecture \(it differs in depth\)"):
+        setup_run(
+            load_config(
+                "debug", dmd_overrides(setup, tmp_path / "no", f"--dmd.student={tmp_path / 'deeper.safetensors'}")
+            )
+        )
+    lora = tmp_path / "lora-step"
+    shutil.copytree(checkpoint, lora)
+    state = json.loads((lora / "state.json").read_text())
+    state["config"]["lora"]["rank"] = 4
+    (lora / "state.json").write_text(json.dumps(state))
+    (lora / "manifest.json").unlink()  # the edit would otherwise read as damage, as it should
+    with pytest.raises(PixArtError, match=r"^.*lora-step is a LoRA run's checkpoint: it holds the LoRA's weights"):
+        load_transformer(lora)
+    with pytest.raises(PixArtError, match=r"^dmd.student is where a DMD student starts; set dmd.enabled=true"):
+        load_config("debug", overrides(setup, tmp_path / "x", f"--dmd.student={checkpoint}"))
 
 
 def test_dmd_config_errors():

@@ -72,12 +72,14 @@ def load_transformer(
 
     source: an official ``.pth``, our ``.safetensors``, a diffusers transformer folder, a diffusers
     pipeline folder (its ``transformer/``), a hub id such as ``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS``
-    or a checkpoint file in a hub repo (``PixArt-alpha/PixArt-Sigma/PixArt-Sigma-XL-2-2K-MS.pth``).
+    or a checkpoint file in a hub repo (``PixArt-alpha/PixArt-Sigma/PixArt-Sigma-XL-2-2K-MS.pth``), or a
+    full-model checkpoint folder of our trainer (``RUN/checkpoints/step-N``: the run's model with its weights).
     What an official .pth cannot tell, and what it tells that you may override: image_size (px, a
     multiple of 16; default its ``pos_embed`` grid), family ('alpha'/'sigma'), num_heads (needed unless
     the width is a released one), pe_scale (default: read from its ``pos_embed``), kv_compress
     (``SAMPLING:FACTOR[:LAYERS]`` for Σ's weightless 'uniform'/'ave' KV compression, e.g. ``uniform:2``)
-    and ema (load a training checkpoint's ``state_dict_ema``). Files that state their config refuse hints
+    and ema (load a training checkpoint's EMA weights: an official .pth's ``state_dict_ema``, a step-N folder's
+    ``ema.safetensors``). Files that state their config refuse hints
     that contradict it; an explicit ``config`` must agree with the file. dtype defaults to float32.
     Returns the model in eval mode.
     """
@@ -105,6 +107,12 @@ def load_transformer(
             path = _from_hub(str(source))
         else:
             raise PixArtError(f"no such file or directory: {source} (expected a checkpoint path or a hub id)")
+    if path.is_dir() and (path / "state.json").is_file():  # a checkpoint of our trainer: RUN/checkpoints/step-N
+        from pixart.train.state import checkpoint_transformer
+
+        if config is not None or any(v is not None for v in hints.values()):
+            raise PixArtError(f"{path} is a training checkpoint: its run's config says what model it is")
+        return checkpoint_transformer(path, ema).to(device=device, dtype=dtype or torch.float32)
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
             path = path / "transformer"  # a pipeline folder
@@ -116,7 +124,10 @@ def load_transformer(
     elif path.suffix in (".pth", ".pt"):
         state_dict, config = read_official(path, config, ema=ema, **hints)
     elif ema:
-        raise PixArtError(f"ema (--ema) picks the EMA weights of an official training checkpoint (.pth), not {path}")
+        raise PixArtError(
+            f"ema (--ema) picks the EMA weights of a training checkpoint (an official .pth or RUN/checkpoints/step-N), "
+            f"not {path}"
+        )
     elif path.suffix == ".safetensors":
         if path.name == DIFFUSERS_WEIGHTS and (path.parent / "config.json").is_file():
             state_dict, config = read_diffusers(path.parent, config, **hints)

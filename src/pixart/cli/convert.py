@@ -107,7 +107,10 @@ def add_official_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         metavar="SAMPLING:FACTOR[:LAYERS]",
         help="Σ KV compression a .pth cannot show ('uniform'/'ave' have no weights), e.g. uniform:2 or ave:2:14-27",
     )
-    parser.add_argument("--ema", action="store_true", help="load a training .pth's EMA weights (state_dict_ema)")
+    parser.add_argument(
+        "--ema", action="store_true", help="load a training checkpoint's EMA weights (an official .pth's "
+        "state_dict_ema, or a RUN/checkpoints/step-N folder's)"
+    )  # fmt: skip
 
 
 def official_flags(args: argparse.Namespace) -> dict[str, Any]:

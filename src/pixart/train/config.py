@@ -301,6 +301,11 @@ class DMDConfig:
     """Where the pairs are kept (a .safetensors file, made if absent or made with other settings); empty:
     RUN/dmd-pairs.safetensors."""
 
+    student: str = ""
+    """Where the student starts: any transformer --transformer reads with the teacher's architecture, such as an
+    earlier DMD run's final.safetensors or its checkpoints/step-N folder, to go on from it with other settings (a
+    new batch size, say) and fresh optimizers; empty: model.source, as the teacher."""
+
 
 @dataclass
 class DreamBoothConfig:
@@ -445,6 +450,8 @@ class TrainConfig:
             self.validate_lcm()
         if self.dmd.enabled:
             self.validate_dmd()
+        elif self.dmd.student:
+            raise PixArtError("dmd.student is where a DMD student starts; set dmd.enabled=true or drop it")
         self.validate_dreambooth()
         if self.lora.preserve_data:
             self.validate_preserve()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -92,6 +93,20 @@ class LastTokens:
         if i == self.depth - 1:
             self.tokens = x
         return x
+
+
+def load_student(source: str, teacher: torch.nn.Module) -> torch.nn.Module:
+    """The student's start from ``dmd.student`` (any form load_transformer reads), which must have the teacher's
+    architecture: the fake score and the student take turns on the same images and captions."""
+    from pixart.checkpoints.convert import load_transformer
+
+    student = load_transformer(source)
+    if student.config != teacher.config:
+        differ = [f.name for f in dataclasses.fields(student.config)
+                  if getattr(student.config, f.name) != getattr(teacher.config, f.name)]  # fmt: skip
+        raise PixArtError(f"dmd.student={source!r} is not the teacher's architecture (it differs in "
+                          f"{', '.join(differ)}); DMD's student starts with the teacher's shape")  # fmt: skip
+    return student.to(next(teacher.parameters()).dtype).train()
 
 
 def one_step(student: Denoiser, diffusion: GaussianDiffusion, z: torch.Tensor, start: int, text) -> torch.Tensor:

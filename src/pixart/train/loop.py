@@ -265,6 +265,10 @@ def setup(config: TrainConfig) -> Run:
     # LCM and DMD distil the loaded model into itself: a frozen copy, taken before any LoRA, is the teacher.
     distils = config.lcm.enabled or config.dmd.enabled
     teacher = copy.deepcopy(model).requires_grad_(False) if distils else None
+    if config.dmd.enabled and config.dmd.student:
+        from pixart.train.dmd import load_student
+
+        model = load_student(config.dmd.student, teacher)
     encoders = DiffusionObjective(config, model, loader, device)
     if config.dreambooth.prior:  # the class images come from the base model, before any LoRA or training
         make_pipeline = lambda: training_pipeline(config, model, encoders, device)

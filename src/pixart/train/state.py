@@ -279,6 +279,41 @@ def damage(folder: Path, hashes: bool) -> str | None:
     return None
 
 
+def checkpoint_transformer(folder: Path, ema: bool = False) -> torch.nn.Module:
+    """The transformer a full-model training checkpoint holds: the run's starting model (its model.source or
+    model.preset, loaded as the run loaded it) with the checkpoint's trained weights put in, or with ``ema`` their
+    EMA. What ``--transformer RUN/checkpoints/step-N`` samples, so a run can be looked at before it ends."""
+    from pixart.train.config import from_dict
+    from pixart.train.loop import load_model
+
+    problem = damage(folder, hashes=False)
+    if problem is not None:
+        raise PixArtError(f"{folder}: damaged checkpoint ({problem})")
+    try:
+        config = from_dict(json.loads((folder / "state.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PixArtError(f"{folder}/state.json is unreadable ({err})") from None
+    for kind, on in [("LoRA", config.lora.rank), ("ControlNet", config.controlnet.enabled)]:
+        if on:
+            raise PixArtError(
+                f"{folder} is a {kind} run's checkpoint: it holds the {kind}'s weights, not a transformer's"
+            )
+    name = "ema.safetensors" if ema else "trainable.safetensors"
+    if not (folder / name).is_file():
+        raise PixArtError(f"{folder} has no EMA weights (its run had no optim.ema_decay)")
+    model = load_model(config)
+    weights = load_file(str(folder / name))
+    params = dict(model.named_parameters())
+    alien = sorted(k for k, v in weights.items() if k not in params or params[k].shape != v.shape)
+    if alien:
+        raise PixArtError(f"{folder}'s weights do not fit its run's model {config.model.source or config.model.preset} "
+                          f"(such as {alien[0]})")  # fmt: skip
+    with torch.no_grad():
+        for key, value in weights.items():
+            params[key].copy_(value)
+    return model.eval()
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
