@@ -268,6 +268,11 @@ class DMDConfig:
     regression_weight: float = 0.25
     """Weight of the regression loss on the teacher's noise-image pairs (DMD and the official PixArt DMD: 0.25)."""
 
+    regression_distance: str = "mse"
+    """The regression loss's distance: "mse", of the latents; "ssim", 1 − SSIM of the decoded images (the VAE
+    decoder frozen, gradients through it): a structural distance that needs no pretrained weights, in place of
+    DMD's LPIPS, which weighs a small object's edges by their structure, not by their few pixels."""
+
     fake_lr: float = 0.0
     """The fake score's learning rate; 0: optim.lr (the official PixArt DMD's lr_fake_multiplier 1)."""
 
@@ -492,6 +497,7 @@ class TrainConfig:
                    "gan_head_lr")  # fmt: skip
         for name in weights:
             _in_range(f"dmd.{name}", getattr(c, name), 0.0, math.inf)
+        _choice("dmd.regression_distance", c.regression_distance, ("mse", "ssim"))
 
     def validate_dreambooth(self) -> None:
         b = self.dreambooth

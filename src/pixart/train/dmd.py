@@ -11,7 +11,10 @@ makes them once from the data's captions with dpm++ and fixed seeds (:func:`make
 them in RUN/dmd-pairs.safetensors. DMD's regression loss is LPIPS on decoded images; here it is the MSE of the
 latents, which needs no pretrained VGG/AlexNet weights (no download, nothing to decode); a VAE latent is a 4- or
 8-fold downsampled image that decodes near-losslessly, so its MSE roughly follows the pixels'. That trades LPIPS's
-perceptual weighting for what runs on any machine.
+perceptual weighting for what runs on any machine. ``dmd.regression_distance=ssim`` takes 1 − SSIM of the decoded
+images instead (:func:`ssim_distance`; the VAE decoder frozen, gradients through it): structural like LPIPS, still
+without pretrained weights, it counts a small object's blurred corners by the structure they break, not by their few
+pixels.
 
 One optimizer step: the student's pass over the micro-batch's captions (the distribution-matching loss; inside it
 the fake score's denoising loss is backpropagated into the fake score alone), then a second pass of as many
@@ -142,6 +145,19 @@ def distribution_matching_loss(
         scale = (x.detach() - mu_real).abs().mean(dim=(1, 2, 3), keepdim=True)
         grad = torch.nan_to_num((mu_fake - mu_real) / scale)
     return 0.5 * mean_flat((x - (x - grad).detach()) ** 2)
+
+
+def ssim_distance(vae, shift: float, scale: float, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 − SSIM (B,) of the decoded latents x and target (pixels in [-1, 1], data range 2, SSIM's 11-px Gaussian
+    window); gradients reach x through the frozen decoder."""
+    from pytorch_msssim import ssim
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode(latents.float() / scale + shift).sample.float()
+
+    with torch.no_grad():
+        reference = decode(target)
+    return 1 - ssim(decode(x), reference, data_range=2.0, size_average=False)
 
 
 def fake_score_loss(
@@ -329,6 +345,18 @@ class DMDObjective(Objective):
         for group, lr in zip(self.fake_optimizer.param_groups, rates, strict=True):
             group["lr"] = lr
         self.pairs = open_pairs(config, base, self.teacher, loader, accelerator)
+        self.vae = None
+        if self.settings.regression_distance == "ssim":
+            from pixart.train.objective import load_frozen_encoders
+
+            try:
+                import pytorch_msssim  # noqa: F401
+            except ImportError:
+                raise PixArtError(
+                    "dmd.regression_distance=ssim needs pytorch-msssim: pip install pytorch-msssim"
+                ) from None
+
+            self.vae = load_frozen_encoders(config, teacher, base.device, need_text=False, need_vae=True)[1]
         self.captions: list[tuple] = []  # this step's micro-batches, for the fake score's extra updates
 
     def passes(self, batch: dict, first: int, step: int) -> list[tuple[dict, int, float]]:
@@ -401,7 +429,9 @@ class DMDObjective(Objective):
         resolution, aspect_ratio = pairs["resolution"][index].to(device), pairs["aspect_ratio"][index].to(device)
         student = lambda x, t, f, m: model(x, t, f, m, resolution, aspect_ratio)  # noqa: E731
         x = one_step(student, self.base.diffusion, z, self.settings.start_timestep, text)
-        return mean_flat((x - target) ** 2).mean()
+        if self.vae is None:
+            return mean_flat((x - target) ** 2).mean()
+        return ssim_distance(self.vae, self.base.vae_shift, self.base.vae_scale, x, target).mean()
 
     def after_step(self, model) -> None:
         """Step the fake score on its gradients of the whole global batch; then, for dmd.fake_updates > 1, train it
