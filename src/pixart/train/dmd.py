@@ -349,13 +349,6 @@ class DMDObjective(Objective):
         if self.settings.regression_distance == "ssim":
             from pixart.train.objective import load_frozen_encoders
 
-            try:
-                import pytorch_msssim  # noqa: F401
-            except ImportError:
-                raise PixArtError(
-                    "dmd.regression_distance=ssim needs pytorch-msssim: pip install pytorch-msssim"
-                ) from None
-
             self.vae = load_frozen_encoders(config, teacher, base.device, need_text=False, need_vae=True)[1]
         self.captions: list[tuple] = []  # this step's micro-batches, for the fake score's extra updates
 
