@@ -229,25 +229,8 @@ def test_a_checkpoint_is_sampled_as_its_run_and_starts_a_new_student(setup, tmp_
 
     images = {}
     for name, transformer in [("checkpoint", checkpoint), ("final", run / "final-ema.safetensors")]:
-        args = [
-            "generate",
-            "a red square",
-            "--model",
-            str(pipe),
-            "--transformer",
-            str(transformer),
-            "--sampler",
-            "dmd",
-            "--seed",
-            "3",
-            "--width",
-            "256",
-            "--height",
-            "256",
-            "--no-binning",
-            "--out",
-            str(tmp_path / name),
-        ]
+        args = ["generate", "a red square", "--model", str(pipe), "--transformer", str(transformer), "--sampler", "dmd"]
+        args += ["--seed", "3", "--width", "256", "--height", "256", "--no-binning", "--out", str(tmp_path / name)]
         result = cli(*args, *(["--ema"] if name == "checkpoint" else []))
         assert result.returncode == 0, result.stderr[-3000:]
         (png,) = (tmp_path / name).glob("*.png")

@@ -104,9 +104,9 @@ def load_student(source: str, teacher: torch.nn.Module) -> torch.nn.Module:
     from pixart.checkpoints.convert import load_transformer
 
     student = load_transformer(source)
-    if student.config != teacher.config:
-        differ = [f.name for f in dataclasses.fields(student.config)
-                  if getattr(student.config, f.name) != getattr(teacher.config, f.name)]  # fmt: skip
+    differ = [f.name for f in dataclasses.fields(student.config)
+              if getattr(student.config, f.name) != getattr(teacher.config, f.name)]  # fmt: skip
+    if differ:
         raise PixArtError(f"dmd.student={source!r} is not the teacher's architecture (it differs in "
                           f"{', '.join(differ)}); DMD's student starts with the teacher's shape")  # fmt: skip
     return student.to(next(teacher.parameters()).dtype).train()
@@ -349,7 +349,9 @@ class DMDObjective(Objective):
         if self.settings.regression_distance == "ssim":
             from pixart.train.objective import load_frozen_encoders
 
-            self.vae = load_frozen_encoders(config, teacher, base.device, need_text=False, need_vae=True)[1]
+            self.vae = base.vae
+            if self.vae is None:  # a feature cache: the base objective loaded none
+                self.vae = load_frozen_encoders(config, teacher, base.device, need_text=False, need_vae=True)[1]
         self.captions: list[tuple] = []  # this step's micro-batches, for the fake score's extra updates
 
     def passes(self, batch: dict, first: int, step: int) -> list[tuple[dict, int, float]]:

@@ -264,11 +264,12 @@ def setup(config: TrainConfig) -> Run:
     model = load_model(config)
     # LCM and DMD distil the loaded model into itself: a frozen copy, taken before any LoRA, is the teacher.
     distils = config.lcm.enabled or config.dmd.enabled
-    teacher = copy.deepcopy(model).requires_grad_(False) if distils else None
-    if config.dmd.enabled and config.dmd.student:
+    if config.dmd.enabled and config.dmd.student:  # the student comes from elsewhere: the loaded model is the teacher
         from pixart.train.dmd import load_student
 
-        model = load_student(config.dmd.student, teacher)
+        teacher, model = model.requires_grad_(False), load_student(config.dmd.student, model)
+    else:
+        teacher = copy.deepcopy(model).requires_grad_(False) if distils else None
     encoders = DiffusionObjective(config, model, loader, device)
     if config.dreambooth.prior:  # the class images come from the base model, before any LoRA or training
         make_pipeline = lambda: training_pipeline(config, model, encoders, device)

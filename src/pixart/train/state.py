@@ -300,7 +300,8 @@ def checkpoint_transformer(folder: Path, ema: bool = False) -> torch.nn.Module:
             )
     name = "ema.safetensors" if ema else "trainable.safetensors"
     if not (folder / name).is_file():
-        raise PixArtError(f"{folder} has no EMA weights (its run had no optim.ema_decay)")
+        missing = "no EMA weights (its run had no optim.ema_decay)" if ema else f"no {name}"
+        raise PixArtError(f"{folder} has {missing}")
     model = load_model(config)
     weights = load_file(str(folder / name))
     params = dict(model.named_parameters())
