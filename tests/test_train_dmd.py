@@ -124,17 +124,22 @@ def assert_same_weights(a_run: Path, b_run: Path, *names: str) -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path):
-    """A run resumed from its step-3 checkpoint (fake score and its optimizer included) ends bit-identical."""
+def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path, capsys):
+    """A run resumed from its step-3 checkpoint (fake score and its optimizer included) ends bit-identical; making
+    the pairs shows a progress bar, reusing them does not."""
     steps = ["--schedule.max_steps=6", "--checkpoint.every=3", "--checkpoint.keep_last=2"]
-    straight = train(load_config("debug", dmd_overrides(setup, tmp_path / "straight", *steps)))
+    shown = "--logging.progress=true"  # the suite's runs hide their bars
+    straight = train(load_config("debug", dmd_overrides(setup, tmp_path / "straight", *steps, shown)))
+    made = capsys.readouterr().err
+    assert "teacher pairs: 100%" in made and "8/8" in made
     first = complete_checkpoints(straight)[0]
     assert {p.name for p in first.glob("*.safetensors")} == {
         "trainable.safetensors", "fake.safetensors", "fake_optimizer.safetensors"
     }  # fmt: skip
     assert len(load_file(str(first / "fake_optimizer.safetensors"))) > 0
-    resumed, pairs_made = resume_copy(setup, straight, first, tmp_path / "resumed", *steps)
+    resumed, pairs_made = resume_copy(setup, straight, first, tmp_path / "resumed", *steps, shown)
     assert (resumed / "dmd-pairs.safetensors").stat().st_mtime_ns == pairs_made  # the same settings: reused
+    assert "teacher pairs" not in capsys.readouterr().err
     assert_same_weights(straight, resumed, "final.safetensors", "checkpoints/step-00000006/fake.safetensors")
     teacher = load_transformer(setup[1]).state_dict()
     student = load_transformer(straight / "final.safetensors").state_dict()

@@ -241,14 +241,19 @@ def draw_pairs(seed: int, step: int, indices, num_pairs: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_pairs(teacher, batches, null, scheduler_config: dict, settings: DMDConfig, seed: int, device) -> dict:
+def make_pairs(
+    teacher, batches, null, scheduler_config: dict, settings: DMDConfig, seed: int, device, progress: bool = False
+) -> dict:
     """The teacher's noise → image pairs of the first ``settings.num_pairs`` samples of ``batches``, an iterable of
     (text features, mask, resolution, aspect ratio, latent shape), one shape throughout: dpm++ ``pair_steps`` steps at
     ``pair_guidance`` from the noise of :data:`PAIR_STREAM`. Returns the tensors of RUN/dmd-pairs.safetensors."""
+    from tqdm.auto import tqdm
+
     from pixart.sampling.samplers import Conditioning, denoise, make_scheduler
 
     out = {k: [] for k in ("noise", "latents", "text_features", "text_mask", "resolution", "aspect_ratio")}
     made, channels = 0, teacher.config.in_channels
+    bar = tqdm(total=settings.num_pairs, desc="teacher pairs", unit="pair", disable=not progress)
     for features, mask, resolution, aspect_ratio, shape in batches:
         if made >= settings.num_pairs:
             break
@@ -269,6 +274,8 @@ def make_pairs(teacher, batches, null, scheduler_config: dict, settings: DMDConf
         for key, value in zip(out, values, strict=True):
             out[key].append(value)
         made += n
+        bar.update(n)
+    bar.close()
     return {k: torch.cat(v).contiguous() for k, v in out.items()}
 
 
@@ -306,7 +313,8 @@ def open_pairs(config: TrainConfig, base: DiffusionObjective, teacher, loader, a
                  s.pair_guidance, path)  # fmt: skip
         scheduler = read_scheduler_config(config.model.pipeline or config.model.source)
         batches = pair_batches(config, base, loader)
-        pairs = make_pairs(teacher, batches, base.null, scheduler, s, config.run.seed, base.device)
+        pairs = make_pairs(teacher, batches, base.null, scheduler, s, config.run.seed, base.device,
+                           progress=config.logging.progress)  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(pairs, str(tmp), metadata={"dmd": json.dumps(settings)}))
     accelerator.wait_for_everyone()
