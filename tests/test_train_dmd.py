@@ -146,6 +146,31 @@ def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path, capsys):
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # it trained
 
 
+def test_more_pairs_extend_the_file_and_fewer_read_its_first(setup, tmp_path, capsys):
+    """Raising dmd.num_pairs makes only the new pairs, and the file is the one made whole (each pair's noise is seeded
+    by its index); lowering it reads the file's first pairs and leaves the file alone."""
+    pairs_of = lambda out, n, *extra: (
+        setup_run(  # noqa: E731
+            load_config("debug", dmd_overrides(setup, out, f"--dmd.num_pairs={n}", *extra))
+        ).state.objective.pairs
+    )
+    whole = pairs_of(tmp_path / "whole", 10)
+    first = pairs_of(tmp_path / "grown", 6)  # mid-batch (batches of 4): the next run starts inside a batch
+    capsys.readouterr()
+    grown = pairs_of(tmp_path / "grown", 10, "--logging.progress=true")
+    shown = capsys.readouterr().err
+    assert "6/10" in shown and "10/10" in shown  # the bar starts at the pairs kept
+    file = tmp_path / "grown" / "dmd-pairs.safetensors"
+    assert all(torch.equal(grown[k][:6], first[k]) for k in first)
+    assert all(torch.equal(grown[k], whole[k]) for k in whole if k != "latents")  # same captions, same noise
+    torch.testing.assert_close(grown["latents"], whole["latents"], rtol=1e-4, atol=1e-5)  # other batch splits
+    assert not torch.equal(grown["latents"][6:], grown["latents"][2:6])  # new pairs, not repeats
+    made = file.stat().st_mtime_ns
+    fewer = pairs_of(tmp_path / "grown", 4)
+    assert file.stat().st_mtime_ns == made and len(load_file(str(file))["noise"]) == 10
+    assert fewer.keys() == grown.keys() and all(torch.equal(fewer[k], grown[k][:4]) for k in grown)
+
+
 def test_extra_fake_updates_step_the_fake_score_each_time_and_resume_exactly(setup, tmp_path):
     """dmd.fake_updates=3: the fake score's optimizer steps three times per student step (DMD2's rule), which changes
     the student from its second step on; a run resumed between steps still ends bit-identical."""

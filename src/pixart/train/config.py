@@ -304,7 +304,8 @@ class DMDConfig:
 
     pairs: str = ""
     """Where the pairs are kept (a .safetensors file, made if absent or made with other settings); empty:
-    RUN/dmd-pairs.safetensors."""
+    RUN/dmd-pairs.safetensors. A file of the same settings but fewer pairs is extended (only the new pairs are made),
+    one with more is read up to num_pairs."""
 
     student: str = ""
     """Where the student starts: any transformer --transformer reads with the teacher's architecture, such as an

@@ -242,23 +242,39 @@ def draw_pairs(seed: int, step: int, indices, num_pairs: int) -> torch.Tensor:
 
 @torch.no_grad()
 def make_pairs(
-    teacher, batches, null, scheduler_config: dict, settings: DMDConfig, seed: int, device, progress: bool = False
+    teacher,
+    batches,
+    null,
+    scheduler_config: dict,
+    settings: DMDConfig,
+    seed: int,
+    device,
+    progress: bool = False,
+    start: int = 0,
 ) -> dict:
-    """The teacher's noise → image pairs of the first ``settings.num_pairs`` samples of ``batches``, an iterable of
+    """The teacher's noise → image pairs of samples ``start`` to ``settings.num_pairs`` of ``batches``, an iterable of
     (text features, mask, resolution, aspect ratio, latent shape), one shape throughout: dpm++ ``pair_steps`` steps at
-    ``pair_guidance`` from the noise of :data:`PAIR_STREAM`. Returns the tensors of RUN/dmd-pairs.safetensors."""
+    ``pair_guidance`` from the noise of :data:`PAIR_STREAM`. Returns the tensors of RUN/dmd-pairs.safetensors (with
+    ``start``, its pairs from index ``start`` on: each pair's noise is seeded by its index, so the pairs of a file
+    extended this way are those of one made whole)."""
     from tqdm.auto import tqdm
 
     from pixart.sampling.samplers import Conditioning, denoise, make_scheduler
 
     out = {k: [] for k in ("noise", "latents", "text_features", "text_mask", "resolution", "aspect_ratio")}
-    made, channels = 0, teacher.config.in_channels
-    bar = tqdm(total=settings.num_pairs, desc="teacher pairs", unit="pair", disable=not progress)
+    made, skip, channels = start, start, teacher.config.in_channels
+    bar = tqdm(total=settings.num_pairs, initial=start, desc="teacher pairs", unit="pair", disable=not progress)
     for features, mask, resolution, aspect_ratio, shape in batches:
         if made >= settings.num_pairs:
             break
-        n = min(len(features), settings.num_pairs - made)
-        features, mask, resolution, aspect_ratio = features[:n], mask[:n], resolution[:n], aspect_ratio[:n]
+        if skip >= len(features):  # made already
+            skip -= len(features)
+            continue
+        n = min(len(features) - skip, settings.num_pairs - made)
+        features, mask, resolution, aspect_ratio = (
+            v[skip : skip + n] for v in (features, mask, resolution, aspect_ratio)
+        )
+        skip = 0
         noise = torch.stack([torch.randn((channels, *shape), generator=sample_generator(seed, 0, made + i, PAIR_STREAM))
                              for i in range(n)])  # fmt: skip
         every, none = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
@@ -308,17 +324,22 @@ def open_pairs(config: TrainConfig, base: DiffusionObjective, teacher, loader, a
     settings = {"source": str(config.model.source), "data": config.data.cache or config.data.dataset,
                 "seed": config.run.seed, "num_pairs": s.num_pairs,
                 "pair_steps": s.pair_steps, "pair_guidance": s.pair_guidance}  # fmt: skip
-    if accelerator.is_main_process and _pairs_settings(path) != settings:
-        log.info("making %d teacher pairs (dpm++ %d steps, guidance %g) in %s", s.num_pairs, s.pair_steps,
-                 s.pair_guidance, path)  # fmt: skip
+    found = _pairs_settings(path)
+    # A file made with these settings but another number of pairs holds this run's first pairs (per-index seeds).
+    kept = found["num_pairs"] if found and {**found, "num_pairs": s.num_pairs} == settings else 0
+    if accelerator.is_main_process and kept < s.num_pairs:
+        log.info("making %d teacher pairs (dpm++ %d steps, guidance %g) in %s%s", s.num_pairs - kept, s.pair_steps,
+                 s.pair_guidance, path, f", after the {kept} made" if kept else "")  # fmt: skip
         scheduler = read_scheduler_config(config.model.pipeline or config.model.source)
         batches = pair_batches(config, base, loader)
         pairs = make_pairs(teacher, batches, base.null, scheduler, s, config.run.seed, base.device,
-                           progress=config.logging.progress)  # fmt: skip
+                           progress=config.logging.progress, start=kept)  # fmt: skip
+        if kept:
+            pairs = {k: torch.cat([v, pairs[k]]).contiguous() for k, v in load_file(str(path)).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(pairs, str(tmp), metadata={"dmd": json.dumps(settings)}))
     accelerator.wait_for_everyone()
-    return load_file(str(path))
+    return {k: v[: s.num_pairs] for k, v in load_file(str(path)).items()}  # a larger file: its first pairs
 
 
 def _pairs_settings(path: Path) -> dict | None:
