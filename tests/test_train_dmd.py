@@ -149,11 +149,11 @@ def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path, capsys):
 def test_more_pairs_extend_the_file_and_fewer_read_its_first(setup, tmp_path, capsys):
     """Raising dmd.num_pairs makes only the new pairs, and the file is the one made whole (each pair's noise is seeded
     by its index); lowering it reads the file's first pairs and leaves the file alone."""
-    pairs_of = lambda out, n, *extra: (
-        setup_run(  # noqa: E731
-            load_config("debug", dmd_overrides(setup, out, f"--dmd.num_pairs={n}", *extra))
-        ).state.objective.pairs
-    )
+
+    def pairs_of(out: Path, n: int, *extra: str) -> dict:
+        config = load_config("debug", dmd_overrides(setup, out, f"--dmd.num_pairs={n}", *extra))
+        return setup_run(config).state.objective.pairs
+
     whole = pairs_of(tmp_path / "whole", 10)
     first = pairs_of(tmp_path / "grown", 6)  # mid-batch (batches of 4): the next run starts inside a batch
     capsys.readouterr()
