@@ -1,7 +1,8 @@
 #!/bin/sh
 # One-step DMD distillation of the bundled demo (docs/demo.md, "One step: DMD on the demo"): the demo-dmd recipe,
 # read from a feature cache of the demo's data (the captions; DMD needs no training images), then the one-step
-# student scored on 200 held-out prompts. The 1024 teacher pairs are made first, into RUN/dmd-pairs.safetensors.
+# student scored on 200 held-out prompts. The run makes its teacher pairs (dmd.num_pairs) first, into
+# RUN/dmd-pairs.safetensors.
 #   sh scripts/train_demo_dmd.sh [WORKDIR]        # default runs/demo-lcm (shares train_demo_lcm.sh's data and cache)
 set -eu
 work=${1:-runs/demo-lcm}

@@ -25,6 +25,7 @@ from pixart.train.diffusion import GaussianDiffusion
 from pixart.train.dmd import classifier_loss, distribution_matching_loss, fake_score_loss, ssim_distance
 from pixart.train.loop import setup as setup_run
 from pixart.train.loop import train
+from pixart.train.objective import DiffusionObjective
 from pixart.train.state import complete_checkpoints
 from test_lcm import toy
 from test_train import cli, overrides, torchrun
@@ -146,18 +147,29 @@ def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path, capsys):
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # it trained
 
 
-def test_more_pairs_extend_the_file_and_fewer_read_its_first(setup, tmp_path, capsys):
+def test_more_pairs_extend_the_file_and_fewer_read_its_first(setup, tmp_path, capsys, monkeypatch):
     """Raising dmd.num_pairs makes only the new pairs, and the file is the one made whole (each pair's noise is seeded
     by its index); lowering it reads the file's first pairs and leaves the file alone."""
+    encoded = []  # the batches whose captions (and images) are encoded, by their size
+    inputs = DiffusionObjective.inputs
+
+    def counted(self, batch, *args, **kwargs):
+        encoded.append(len(batch["aspect_ratio"]))
+        return inputs(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionObjective, "inputs", counted)
 
     def pairs_of(out: Path, n: int, *extra: str) -> dict:
         config = load_config("debug", dmd_overrides(setup, out, f"--dmd.num_pairs={n}", *extra))
+        encoded.clear()
         return setup_run(config).state.objective.pairs
 
     whole = pairs_of(tmp_path / "whole", 10)
+    assert encoded == [4, 4, 4]
     first = pairs_of(tmp_path / "grown", 6)  # mid-batch (batches of 4): the next run starts inside a batch
     capsys.readouterr()
     grown = pairs_of(tmp_path / "grown", 10, "--logging.progress=true")
+    assert encoded == [4, 4]  # pairs 6-9 lie in the second and third batches: the first is not encoded again
     shown = capsys.readouterr().err
     assert "6/10" in shown and "10/10" in shown  # the bar starts at the pairs kept
     file = tmp_path / "grown" / "dmd-pairs.safetensors"

@@ -252,29 +252,24 @@ def make_pairs(
     progress: bool = False,
     start: int = 0,
 ) -> dict:
-    """The teacher's noise → image pairs of samples ``start`` to ``settings.num_pairs`` of ``batches``, an iterable of
-    (text features, mask, resolution, aspect ratio, latent shape), one shape throughout: dpm++ ``pair_steps`` steps at
-    ``pair_guidance`` from the noise of :data:`PAIR_STREAM`. Returns the tensors of RUN/dmd-pairs.safetensors (with
-    ``start``, its pairs from index ``start`` on: each pair's noise is seeded by its index, so the pairs of a file
-    extended this way are those of one made whole)."""
+    """The teacher's noise → image pairs ``start`` to ``settings.num_pairs`` of the data order, from ``batches``, an
+    iterable of (text features, mask, resolution, aspect ratio, latent shape) beginning at sample ``start`` (see
+    :func:`pair_batches`), one shape throughout: dpm++ ``pair_steps`` steps at ``pair_guidance`` from the noise of
+    :data:`PAIR_STREAM`. Returns the tensors of RUN/dmd-pairs.safetensors (with ``start``, its pairs from index
+    ``start`` on: each pair's noise is seeded by its index, so the pairs of a file extended this way are those of one
+    made whole)."""
     from tqdm.auto import tqdm
 
     from pixart.sampling.samplers import Conditioning, denoise, make_scheduler
 
     out = {k: [] for k in ("noise", "latents", "text_features", "text_mask", "resolution", "aspect_ratio")}
-    made, skip, channels = start, start, teacher.config.in_channels
+    made, channels = start, teacher.config.in_channels
     bar = tqdm(total=settings.num_pairs, initial=start, desc="teacher pairs", unit="pair", disable=not progress)
-    for features, mask, resolution, aspect_ratio, shape in batches:
-        if made >= settings.num_pairs:
-            break
-        if skip >= len(features):  # made already
-            skip -= len(features)
-            continue
-        n = min(len(features) - skip, settings.num_pairs - made)
-        features, mask, resolution, aspect_ratio = (
-            v[skip : skip + n] for v in (features, mask, resolution, aspect_ratio)
-        )
-        skip = 0
+    batches = iter(batches)
+    while made < settings.num_pairs:  # asks for no batch beyond the last pair (each is encoded when asked for)
+        features, mask, resolution, aspect_ratio, shape = next(batches)
+        n = min(len(features), settings.num_pairs - made)
+        features, mask, resolution, aspect_ratio = (v[:n] for v in (features, mask, resolution, aspect_ratio))
         noise = torch.stack([torch.randn((channels, *shape), generator=sample_generator(seed, 0, made + i, PAIR_STREAM))
                              for i in range(n)])  # fmt: skip
         every, none = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
@@ -295,9 +290,10 @@ def make_pairs(
     return {k: torch.cat(v).contiguous() for k, v in out.items()}
 
 
-def pair_batches(config: TrainConfig, base: DiffusionObjective, loader):
+def pair_batches(config: TrainConfig, base: DiffusionObjective, loader, skip: int = 0):
     """(features, mask, resolution, aspect ratio, latent shape) of the data order's square-bucket batches, for the
-    pairs: one latent shape, so the pairs stack."""
+    pairs: one latent shape, so the pairs stack. The first ``skip`` samples (pairs made already) are left out before
+    their captions or images are encoded."""
     from pixart.train.data import BatchLoader
 
     size = config.data.batch_size  # one process reading whole global batches: the same pairs on 1 or N processes
@@ -310,9 +306,15 @@ def pair_batches(config: TrainConfig, base: DiffusionObjective, loader):
     epoch = 0
     while True:  # captions repeat with other noise if the data has fewer than dmd.num_pairs
         for batch in order.epoch(epoch):
-            if float(batch["aspect_ratio"][0]) == 1.0:
-                x0, _, _, features, mask, _ = base.inputs(batch, 0, 0)
-                yield features.cpu(), mask.cpu(), batch["resolution"], batch["aspect_ratio"], tuple(x0.shape[2:])
+            if float(batch["aspect_ratio"][0]) != 1.0:
+                continue
+            if skip >= len(batch["aspect_ratio"]):
+                skip -= len(batch["aspect_ratio"])
+                continue
+            x0, _, _, features, mask, _ = base.inputs(batch, 0, 0)
+            yield (features.cpu()[skip:], mask.cpu()[skip:], batch["resolution"][skip:], batch["aspect_ratio"][skip:],
+                   tuple(x0.shape[2:]))  # fmt: skip
+            skip = 0
         epoch += 1
 
 
@@ -331,7 +333,7 @@ def open_pairs(config: TrainConfig, base: DiffusionObjective, teacher, loader, a
         log.info("making %d teacher pairs (dpm++ %d steps, guidance %g) in %s%s", s.num_pairs - kept, s.pair_steps,
                  s.pair_guidance, path, f", after the {kept} made" if kept else "")  # fmt: skip
         scheduler = read_scheduler_config(config.model.pipeline or config.model.source)
-        batches = pair_batches(config, base, loader)
+        batches = pair_batches(config, base, loader, skip=kept)
         pairs = make_pairs(teacher, batches, base.null, scheduler, s, config.run.seed, base.device,
                            progress=config.logging.progress, start=kept)  # fmt: skip
         if kept:
