@@ -22,7 +22,14 @@ from pixart.model.text import TextEncoder
 from pixart.model.transformer import PixArtTransformer
 from pixart.train.config import load_config
 from pixart.train.diffusion import GaussianDiffusion
-from pixart.train.dmd import classifier_loss, distribution_matching_loss, fake_score_loss, ssim_distance
+from pixart.train.dmd import (
+    classifier_loss,
+    dissimilarity,
+    distribution_matching_loss,
+    fake_score_loss,
+    ssim_distance,
+    ssim_map,
+)
 from pixart.train.loop import setup as setup_run
 from pixart.train.loop import train
 from pixart.train.objective import DiffusionObjective
@@ -324,11 +331,39 @@ def test_ssim_regression_compares_decoded_images_and_reaches_the_student(setup, 
     runs = {d: train(load_config("debug", dmd_overrides(setup, tmp_path / d, "--schedule.max_steps=2",
                                                         "--checkpoint.every=0", "--dmd.regression_weight=1",
                                                         f"--dmd.regression_distance={d}")))
-            for d in ("mse", "ssim")}  # fmt: skip
-    a, b = (load_file(str(run / "final.safetensors")) for run in runs.values())
-    assert any(not torch.equal(a[k], b[k]) for k in a)
+            for d in ("mse", "ssim", "detail_ssim")}  # fmt: skip
+    a, b, c = (load_file(str(run / "final.safetensors")) for run in runs.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(b[k], c[k]) for k in b)
     with pytest.raises(PixArtError, match=r"dmd.regression_distance"):
         load_config("dmd", ["--dmd.regression_distance=lpips"])
+
+
+def test_detail_ssim_counts_a_small_objects_edges_as_a_large_ones():
+    """dmd.regression_distance=detail_ssim: the SSIM map (whose plain mean is pytorch_msssim's SSIM) averaged in
+    weights of the reference's local variance. A student that leaves out a reference's only object: the plain mean
+    scores a missing 8-px square 8× lighter than a missing 32-px one (the background's area dilutes it); the
+    detail weighting within 1.5× of it. A right image scores 0 either way."""
+    import pytorch_msssim
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.rand(3, 3, 40, 40, generator=gen) * 2 - 1 for _ in range(2))
+    similarity, variance = ssim_map(x, y, data_range=2.0)
+    torch.testing.assert_close(similarity.flatten(1).mean(1), pytorch_msssim.ssim(x, y, data_range=2.0,
+                                                                                  size_average=False))  # fmt: skip
+    torch.testing.assert_close(variance.flatten(1).mean(1),
+                               ssim_map(y, y, data_range=2.0)[1].flatten(1).mean(1))  # y's, not x's  # fmt: skip
+    background = torch.full((1, 3, 64, 64), -0.2)
+
+    def square(size: int) -> torch.Tensor:
+        image = background.clone()
+        image[..., 16 : 16 + size, 16 : 16 + size] = 0.8
+        return image
+
+    small, large = square(8), square(32)
+    plain = [dissimilarity(background, ref).item() for ref in (small, large)]
+    detail = [dissimilarity(background, ref, detail=True).item() for ref in (small, large)]
+    assert plain[1] / plain[0] > 8 and detail[1] / detail[0] < 1.5
+    assert dissimilarity(small, small, detail=True).abs().max() < 1e-6
 
 
 def test_dmd_config_errors():

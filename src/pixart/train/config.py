@@ -271,7 +271,10 @@ class DMDConfig:
     regression_distance: str = "mse"
     """The regression loss's distance: "mse", of the latents; "ssim", 1 − SSIM of the decoded images (the VAE
     decoder frozen, gradients through it): a structural distance that needs no pretrained weights, in place of
-    DMD's LPIPS, which weighs a small object's edges by their structure, not by their few pixels."""
+    DMD's LPIPS, which weighs a small object's edges by their structure, not by their few pixels; "detail_ssim",
+    1 − SSIM with its map averaged in weights of the reference's local variance (plus SSIM's C2), so the edges of
+    an image whose only object is small count as much as a large object's instead of being diluted by the
+    background."""
 
     fake_lr: float = 0.0
     """The fake score's learning rate; 0: optim.lr (the official PixArt DMD's lr_fake_multiplier 1)."""
@@ -498,7 +501,7 @@ class TrainConfig:
                    "gan_head_lr")  # fmt: skip
         for name in weights:
             _in_range(f"dmd.{name}", getattr(c, name), 0.0, math.inf)
-        _choice("dmd.regression_distance", c.regression_distance, ("mse", "ssim"))
+        _choice("dmd.regression_distance", c.regression_distance, ("mse", "ssim", "detail_ssim"))
 
     def validate_dreambooth(self) -> None:
         b = self.dreambooth

@@ -14,7 +14,8 @@ latents, which needs no pretrained VGG/AlexNet weights (no download, nothing to 
 perceptual weighting for what runs on any machine. ``dmd.regression_distance=ssim`` takes 1 − SSIM of the decoded
 images instead (:func:`ssim_distance`; the VAE decoder frozen, gradients through it): structural like LPIPS, still
 without pretrained weights, it counts a small object's blurred corners by the structure they break, not by their few
-pixels.
+pixels. ``detail_ssim`` averages SSIM's map in weights of the reference's local variance, so an image's edges count as
+a whole however small its object and however large the background.
 
 One optimizer step: the student's pass over the micro-batch's captions (the distribution-matching loss; inside it
 the fake score's denoising loss is backpropagated into the fake score alone), then a second pass of as many
@@ -147,17 +148,49 @@ def distribution_matching_loss(
     return 0.5 * mean_flat((x - (x - grad).detach()) ** 2)
 
 
-def ssim_distance(vae, shift: float, scale: float, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 − SSIM (B,) of the decoded latents x and target (pixels in [-1, 1], data range 2, SSIM's 11-px Gaussian
-    window); gradients reach x through the frozen decoder."""
-    from pytorch_msssim import ssim
+def ssim_distance(vae, shift: float, scale: float, x: torch.Tensor, target: torch.Tensor, detail: bool = False
+                  ) -> torch.Tensor:  # fmt: skip
+    """:func:`dissimilarity` (B,) of the decoded latents x and target; gradients reach x through the frozen
+    decoder."""
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents.float() / scale + shift).sample.float()
 
     with torch.no_grad():
         reference = decode(target)
-    return 1 - ssim(decode(x), reference, data_range=2.0, size_average=False)
+    return dissimilarity(decode(x), reference, detail)
+
+
+def dissimilarity(image: torch.Tensor, reference: torch.Tensor, detail: bool = False) -> torch.Tensor:
+    """1 − SSIM (B,) of images against references (pixels in [-1, 1], data range 2, SSIM's 11-px Gaussian window).
+    With ``detail`` the SSIM map is averaged with weights σ² + C2, σ² the reference's local variance (its channels'
+    mean) and C2 SSIM's own constant, in the manner of variance-weighted SSIM pooling: flat areas keep a little
+    weight each and the edges carry the rest, so an image whose only object is small counts its edges as a whole,
+    as an image with a large object does, where the plain mean dilutes them by the background's area."""
+    import pytorch_msssim
+
+    if not detail:
+        return 1 - pytorch_msssim.ssim(image, reference, data_range=2.0, size_average=False)
+    similarity, variance = ssim_map(image, reference, data_range=2.0)
+    weight = variance.mean(dim=1) + (0.03 * 2.0) ** 2
+    return 1 - (similarity.mean(dim=1) * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSIM's map (B, C, H − 10, W − 10) of x against y, as pytorch_msssim computes it (11-px Gaussian window, σ
+    1.5, K = 0.01, 0.03, no padding; its mean is pytorch_msssim.ssim), and y's local variance on the same grid."""
+    from pytorch_msssim.ssim import gaussian_filter
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    coords = torch.arange(11, dtype=torch.float32, device=x.device) - 5
+    win = torch.exp(-(coords**2) / (2 * 1.5**2))
+    win = (win / win.sum()).view(1, 1, -1).repeat(x.shape[1], 1, 1).unsqueeze(1).to(x.dtype)  # (C, 1, 1, 11)
+    mu_x, mu_y = gaussian_filter(x, win), gaussian_filter(y, win)
+    var_x = gaussian_filter(x * x, win) - mu_x**2
+    var_y = gaussian_filter(y * y, win) - mu_y**2
+    cov = gaussian_filter(x * y, win) - mu_x * mu_y
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    return luminance * (2 * cov + c2) / (var_x + var_y + c2), var_y
 
 
 def fake_score_loss(
@@ -377,7 +410,7 @@ class DMDObjective(Objective):
             group["lr"] = lr
         self.pairs = open_pairs(config, base, self.teacher, loader, accelerator)
         self.vae = None
-        if self.settings.regression_distance == "ssim":
+        if self.settings.regression_distance in ("ssim", "detail_ssim"):
             from pixart.train.objective import load_frozen_encoders
 
             self.vae = base.vae
@@ -445,7 +478,8 @@ class DMDObjective(Objective):
         return (denoising + self.settings.gan_classifier_weight * classifier).mean()
 
     def regression_loss(self, model, size: int, first: int, step: int) -> torch.Tensor:
-        """Mean latent MSE of the student's one-step images of ``size`` seeded teacher pairs against the teacher's."""
+        """Mean regression distance (dmd.regression_distance) of the student's one-step images of ``size`` seeded
+        teacher pairs from the teacher's."""
         device, pairs = self.base.device, self.pairs
         index = draw_pairs(self.seed, step, range(first, first + size), len(pairs["noise"]))
         z, target = pairs["noise"][index].to(device), pairs["latents"][index].to(device)
@@ -457,7 +491,8 @@ class DMDObjective(Objective):
         x = one_step(student, self.base.diffusion, z, self.settings.start_timestep, text)
         if self.vae is None:
             return mean_flat((x - target) ** 2).mean()
-        return ssim_distance(self.vae, self.base.vae_shift, self.base.vae_scale, x, target).mean()
+        detail = self.settings.regression_distance == "detail_ssim"
+        return ssim_distance(self.vae, self.base.vae_shift, self.base.vae_scale, x, target, detail).mean()
 
     def after_step(self, model) -> None:
         """Step the fake score on its gradients of the whole global batch; then, for dmd.fake_updates > 1, train it
