@@ -154,6 +154,23 @@ def test_resume_is_exact_and_pairs_are_kept(setup, tmp_path, capsys):
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # it trained
 
 
+def test_a_finished_run_continued_to_more_steps_is_the_longer_run(setup, tmp_path):
+    """demo-dmd's constant learning rate: a run that ended at step 2, resumed with schedule.max_steps=4, ends with
+    the weights, EMA and fake score of a run set to 4 steps from the start (how the recipe's 4000 steps were run)."""
+    every = ["--optim.ema_decay=0.9", "--checkpoint.every=2", "--checkpoint.keep_last=2"]
+    straight = train(
+        load_config("debug", dmd_overrides(setup, tmp_path / "straight", "--schedule.max_steps=4", *every))
+    )
+    short = train(load_config("debug", dmd_overrides(setup, tmp_path / "short", "--schedule.max_steps=2", *every)))
+    ended = complete_checkpoints(short)[-1]
+    assert ended.name == "step-00000002"
+    a, b = (load_file(str(run / "final.safetensors")) for run in (short, straight))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # steps 3 and 4 train on
+    longer, _ = resume_copy(setup, short, ended, tmp_path / "longer", "--schedule.max_steps=4", *every)
+    assert_same_weights(straight, longer, "final.safetensors", "final-ema.safetensors",
+                        "checkpoints/step-00000004/fake.safetensors")  # fmt: skip
+
+
 def test_more_pairs_extend_the_file_and_fewer_read_its_first(setup, tmp_path, capsys, monkeypatch):
     """Raising dmd.num_pairs makes only the new pairs, and the file is the one made whole (each pair's noise is seeded
     by its index); lowering it reads the file's first pairs and leaves the file alone."""
