@@ -67,6 +67,8 @@ PAIR_STREAM = 3
 """The stream of the pairs' noise: pair i's noise is stream 3 of (seed, 0, i), whatever the run's length."""
 FAKE_STREAM = 100
 """Stream 100 + k: the draws of the fake score's extra update k (1, 2, …) of a step."""
+PIXEL_RANGE = 2.0  # decoded pixels lie in [-1, 1]
+SSIM_K = (0.01, 0.03)  # SSIM's constants: C1, C2 = (K1 · range)², (K2 · range)², as pytorch_msssim has them
 
 
 class Classifier(torch.nn.Module):
@@ -170,18 +172,18 @@ def dissimilarity(image: torch.Tensor, reference: torch.Tensor, detail: bool = F
     import pytorch_msssim
 
     if not detail:
-        return 1 - pytorch_msssim.ssim(image, reference, data_range=2.0, size_average=False)
-    similarity, variance = ssim_map(image, reference, data_range=2.0)
-    weight = variance.mean(dim=1) + (0.03 * 2.0) ** 2
+        return 1 - pytorch_msssim.ssim(image, reference, data_range=PIXEL_RANGE, K=SSIM_K, size_average=False)
+    similarity, variance = ssim_map(image, reference, data_range=PIXEL_RANGE)
+    weight = variance.mean(dim=1) + (SSIM_K[1] * PIXEL_RANGE) ** 2
     return 1 - (similarity.mean(dim=1) * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SSIM's map (B, C, H − 10, W − 10) of x against y, as pytorch_msssim computes it (11-px Gaussian window, σ
-    1.5, K = 0.01, 0.03, no padding; its mean is pytorch_msssim.ssim), and y's local variance on the same grid."""
+    1.5, K = SSIM_K, no padding; its mean is pytorch_msssim.ssim), and y's local variance on the same grid."""
     from pytorch_msssim.ssim import gaussian_filter
 
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    c1, c2 = ((k * data_range) ** 2 for k in SSIM_K)
     coords = torch.arange(11, dtype=torch.float32, device=x.device) - 5
     win = torch.exp(-(coords**2) / (2 * 1.5**2))
     win = (win / win.sum()).view(1, 1, -1).repeat(x.shape[1], 1, 1).unsqueeze(1).to(x.dtype)  # (C, 1, 1, 11)
